@@ -1,0 +1,180 @@
+"""Load and validate ``data_manifest.yaml``: datasets and model paths.
+
+Every problem is raised as one :class:`ManifestError` naming the file, the key and the fix.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FORMATS = ("synthetic", "pccd", "rpcd", "dpc2022", "ava_captions", "folder")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message says where and how to fix it."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    format: str
+    root: Path
+    splits: dict[str, str] = field(default_factory=dict)  # split -> annotation file (format default if empty)
+    image_dir: str | None = None
+    expected: dict[str, int] = field(default_factory=dict)  # split -> expected image count
+    options: dict[str, Any] = field(default_factory=dict)  # format-specific (e.g. synthetic n, seed)
+    source: str = ""
+    licence: str = ""
+
+
+@dataclass(frozen=True)
+class EatSpec:
+    variant: str = "tiny"
+    checkpoint: Path | None = None  # None: the pipeline-trained model under work/models
+    target_layer: str = "stages.2"
+    num_classes: int = 10
+
+
+@dataclass(frozen=True)
+class MllmSpec:
+    base: Path | None = None  # local HF InternVL directory; None: build the tiny demo model
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    datasets: dict[str, DatasetSpec]
+    eat: EatSpec
+    mllm: MllmSpec
+
+    def dataset(self, name: str) -> DatasetSpec:
+        if name not in self.datasets:
+            known = ", ".join(sorted(self.datasets))
+            raise ManifestError(f"{self.path}: no dataset named '{name}' (known: {known})")
+        return self.datasets[name]
+
+
+def expand_vars(text: str) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` from the environment."""
+
+    def sub(m: re.Match[str]) -> str:
+        value = os.environ.get(m.group(1))
+        if value:
+            return value
+        if m.group(2) is not None:
+            return m.group(2)
+        raise KeyError(m.group(1))
+
+    return _VAR.sub(sub, text)
+
+
+class _Reader:
+    """Typed accessors that name the file and key on every error."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, problem: str, fix: str) -> ManifestError:
+        return ManifestError(f"{self.path}: key '{key}': {problem}. Fix: {fix}")
+
+    def mapping(self, obj: Any, key: str) -> dict[str, Any]:
+        if not isinstance(obj, dict):
+            raise self.fail(key, f"expected a mapping, got {type(obj).__name__}", "write it as `key: value` lines")
+        return obj
+
+    def string(self, obj: dict[str, Any], key: str, where: str, default: str | None = None) -> str | None:
+        if key not in obj or obj[key] is None:
+            return default
+        value = obj[key]
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise self.fail(f"{where}.{key}", f"expected a string, got {type(value).__name__}", "give a plain string")
+        try:
+            return expand_vars(str(value))
+        except KeyError as e:
+            raise self.fail(
+                f"{where}.{key}", f"environment variable {e.args[0]} is not set",
+                f"export {e.args[0]}=... or write ${{{e.args[0]}:-default}}",
+            ) from None
+
+    def integer(self, obj: dict[str, Any], key: str, where: str) -> int | None:
+        value = obj.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(f"{where}.{key}", f"expected an integer, got {value!r}", "give a whole number")
+        return value
+
+    def path_of(self, value: str | None) -> Path | None:
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p)
+
+
+def _dataset(r: _Reader, name: str, raw: Any) -> DatasetSpec:
+    where = f"datasets.{name}"
+    raw = r.mapping(raw, where)
+    fmt = r.string(raw, "format", where)
+    if fmt is None:
+        raise r.fail(f"{where}.format", "missing", f"add `format:` (one of {', '.join(FORMATS)})")
+    if fmt not in FORMATS:
+        raise r.fail(f"{where}.format", f"unknown format '{fmt}'", f"use one of {', '.join(FORMATS)}")
+    root = r.string(raw, "root", where)
+    if root is None:
+        raise r.fail(f"{where}.root", "missing", "add `root:` (the dataset's directory)")
+    splits_raw = raw.get("splits") or {}
+    splits = {str(k): r.string(r.mapping(splits_raw, f"{where}.splits"), k, f"{where}.splits") or "" for k in splits_raw}
+    expected_raw = r.mapping(raw.get("expected") or {}, f"{where}.expected")
+    expected = {str(k): r.integer(expected_raw, k, f"{where}.expected") or 0 for k in expected_raw}
+    options = r.mapping(raw.get("options") or {}, f"{where}.options")
+    return DatasetSpec(
+        name=name,
+        format=fmt,
+        root=r.path_of(root) or Path(root),
+        splits=splits,
+        image_dir=r.string(raw, "image_dir", where),
+        expected=expected,
+        options=dict(options),
+        source=r.string(raw, "source", where, "") or "",
+        licence=r.string(raw, "licence", where, "") or "",
+    )
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Parse, expand and validate a manifest file."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"{path}: file not found. Fix: pass --manifest PATH or run from the repository root")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ManifestError(f"{path}: invalid YAML{line}: {problem}. Fix: correct the YAML syntax there") from None
+    r = _Reader(path)
+    raw = r.mapping(raw, "<top level>")
+    datasets_raw = r.mapping(raw.get("datasets") or {}, "datasets")
+    datasets = {str(name): _dataset(r, str(name), spec) for name, spec in datasets_raw.items()}
+    models = r.mapping(raw.get("models") or {}, "models")
+    eat_raw = r.mapping(models.get("eat") or {}, "models.eat")
+    num_classes = r.integer(eat_raw, "num_classes", "models.eat") or 10
+    eat = EatSpec(
+        variant=r.string(eat_raw, "variant", "models.eat", "tiny") or "tiny",
+        checkpoint=r.path_of(r.string(eat_raw, "checkpoint", "models.eat")),
+        target_layer=r.string(eat_raw, "target_layer", "models.eat", "stages.2") or "stages.2",
+        num_classes=num_classes,
+    )
+    mllm_raw = r.mapping(models.get("mllm") or {}, "models.mllm")
+    trust = mllm_raw.get("trust_remote_code", False)
+    if not isinstance(trust, bool):
+        raise r.fail("models.mllm.trust_remote_code", f"expected true/false, got {trust!r}", "write true or false")
+    mllm = MllmSpec(base=r.path_of(r.string(mllm_raw, "base", "models.mllm")), trust_remote_code=trust)
+    return Manifest(path=path, datasets=datasets, eat=eat, mllm=mllm)
