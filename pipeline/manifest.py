@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 FORMATS = ("synthetic", "pccd", "rpcd", "dpc2022", "ava_captions", "folder")
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^${}]*))?\}")  # innermost first
 
 
 class ManifestError(ValueError):
@@ -62,7 +62,7 @@ class Manifest:
 
 
 def expand_vars(text: str) -> str:
-    """Expand ``${VAR}`` and ``${VAR:-default}`` from the environment."""
+    """Expand ``${VAR}`` and ``${VAR:-default}`` from the environment; defaults may nest."""
 
     def sub(m: re.Match[str]) -> str:
         value = os.environ.get(m.group(1))
@@ -72,7 +72,9 @@ def expand_vars(text: str) -> str:
             return m.group(2)
         raise KeyError(m.group(1))
 
-    return _VAR.sub(sub, text)
+    while (expanded := _VAR.sub(sub, text)) != text:
+        text = expanded
+    return text
 
 
 class _Reader:
@@ -112,7 +114,7 @@ class _Reader:
         return value
 
     def path_of(self, value: str | None) -> Path | None:
-        if value is None:
+        if not value:
             return None
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.path.parent / p)

@@ -1,0 +1,46 @@
+# ASE-MLLM pipeline. Every target calls the `ase-mllm` CLI; the venv bootstraps itself.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+CLI := $(VENV)/bin/ase-mllm
+DATASET ?=
+DS := $(or $(DATASET),demo)
+RUN ?=
+RUN_ARG := $(if $(RUN),--run $(RUN),)
+
+.PHONY: setup demo test bench ingest saliency finetune report status clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(CLI) demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(CLI) bench
+
+ingest: $(STAMP)
+	$(CLI) ingest $(DS)
+
+saliency: $(STAMP)
+	$(CLI) saliency $(if $(DATASET),--dataset $(DATASET),)
+
+finetune: $(STAMP)
+	$(CLI) finetune --dataset $(DS) $(RUN_ARG)
+
+report: $(STAMP)
+	$(CLI) report --dataset $(DS) $(RUN_ARG)
+
+status: $(STAMP)
+	$(CLI) status
+
+clean:
+	rm -rf work
