@@ -27,18 +27,14 @@ def main(
 
 
 def _register_stages() -> None:
-    from pipeline import status
+    from pipeline import bench, demo, status
+    from stages.finetune import commands as finetune
     from stages.ingest import commands as ingest
+    from stages.report import commands as report
+    from stages.report import run_cli as report_runs
+    from stages.saliency import commands as saliency
 
-    for module in (status, ingest):
-        module.register(app)
-    for optional in ("stages.saliency.commands", "stages.finetune.commands", "stages.report.commands"):
-        try:
-            module = __import__(optional, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != optional:
-                raise
-            continue
+    for module in (status, ingest, saliency, finetune, report_runs, report, demo, bench):
         module.register(app)
 
 

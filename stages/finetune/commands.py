@@ -1,0 +1,47 @@
+"""CLI: ``ase-mllm finetune`` (stage 2 training; runs unchanged under torchrun)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def finetune(
+        dataset: str = typer.Option(..., "--dataset", help="Ingested dataset to train on."),
+        run: str = typer.Option("default", "--run", help="Run name: runs/<dataset>/<run>/."),
+        base: Optional[Path] = typer.Option(None, "--base", help="Local HF InternVL dir (default: manifest's)."),
+        fusion: str = typer.Option("cross_attention", "--fusion", help="cross_attention, or none (w/o IASC)."),
+        max_steps: int = typer.Option(-1, "--max-steps", help="Stop after N optimizer steps (overrides epochs)."),
+        epochs: float = typer.Option(1.0, "--epochs"),
+        lr: float = typer.Option(4e-5, "--lr", help="Peak learning rate (paper: 4e-5)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch (default per dataset)."),
+        per_device: int = typer.Option(4, "--per-device", help="Per-device batch; the rest by accumulation."),
+        trainable: str = typer.Option("cross_attention,projector,llm", "--trainable",
+                                      help="Comma list of vision, cross_attention, projector, llm."),
+        lora: bool = typer.Option(False, "--lora", help="LoRA on the LLM instead of full LLM weights."),
+        max_tiles: int = typer.Option(12, "--max-tiles"),
+        allow_missing_saliency: bool = typer.Option(False, "--allow-missing-saliency",
+                                                    help="Uniform map for images the saliency stage has not done."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Train on the first N pairs only."),
+        workers: int = typer.Option(4, "--workers", help="DataLoader workers per process."),
+        save_steps: int = typer.Option(500, "--save-steps"),
+        logging_steps: int = typer.Option(10, "--logging-steps"),
+        seed: int = typer.Option(0, "--seed"),
+        log_sample_ids: bool = typer.Option(False, "--log-sample-ids", help="Log each rank's sample ids."),
+    ) -> None:
+        """Fine-tune the saliency-enhanced MLLM on a dataset's critiques (resumes if interrupted)."""
+        from pipeline.context import manifest
+        from stages.finetune.train import TrainConfig
+        from stages.finetune.train import finetune as run_finetune
+
+        cfg = TrainConfig(
+            dataset=dataset, run=run, base=str(base) if base else None, fusion=fusion, max_steps=max_steps,
+            epochs=epochs, learning_rate=lr, global_batch_size=batch_size, per_device_batch_size=per_device,
+            trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()), lora=lora, max_tiles=max_tiles,
+            allow_missing_saliency=allow_missing_saliency, limit=limit, workers=workers, save_steps=save_steps,
+            logging_steps=logging_steps, seed=seed, log_sample_ids=log_sample_ids,
+        )
+        run_finetune(cfg, manifest())

@@ -1,0 +1,119 @@
+"""The stage-2 training stream: one example per (image, reference comment) pair.
+
+Map-style, so the HF Trainer's seeded sampler gives a deterministic shuffle and, under
+torchrun, accelerate's sharded sampler gives every rank a disjoint share. Each item opens its
+image, tiles it, reads that image's saliency map from the store by sha256 (one row, never the
+whole store) and samples it tile by tile, and tokenises the chat-formatted example.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from stages.finetune.prompting import encode_example
+from stages.finetune.tiling import Tiling, plan_tiles, saliency_tiles, tile_image
+from storage.images import open_rgb, safe_join
+from storage.tables import image_root, read_table
+
+
+class MissingSaliencyError(RuntimeError):
+    """Images of the training split have no saliency map in the store."""
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    tile_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    tokens_per_tile: int = 256  # (tile_size / patch)^2 * downsample_ratio^2
+
+
+def pairs(dataset: str, split: str) -> tuple[pa.Table, pa.Table]:
+    """Images of ``split`` and their comments, sorted by (image_id, comment_id)."""
+    images = read_table(dataset, "images")
+    images = images.filter(pc.equal(images["split"], split))
+    comments = read_table(dataset, "comments")
+    comments = comments.filter(pc.is_in(comments["image_id"], value_set=images["image_id"]))
+    comments = comments.filter(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(comments["text"])), 0))
+    comments = comments.sort_by([("image_id", "ascending"), ("comment_id", "ascending")])
+    return images, comments
+
+
+class CritiqueDataset(Dataset):
+    """``(image, comment)`` pairs of one split -> tiles, saliency tiles and tokens.
+
+    ``store`` is a SaliencyStore (``read(sha256) -> (map, category, score)``, ``has(sha256)``) or
+    None. Images without a map raise :class:`MissingSaliencyError` naming the saliency stage, or,
+    with ``allow_missing_saliency``, get a uniform map; ``missing_saliency`` counts them.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        split: str,
+        tokenizer: PreTrainedTokenizerBase,
+        tiles: TileSpec,
+        store: Any | None,
+        allow_missing_saliency: bool = False,
+        max_length: int | None = None,
+        limit: int | None = None,
+    ) -> None:
+        images, comments = pairs(dataset, split)
+        if limit is not None:
+            comments = comments.slice(0, limit)
+        if comments.num_rows == 0:
+            raise ValueError(f"dataset '{dataset}' has no comments in split '{split}': nothing to train on")
+        self.dataset, self.split = dataset, split
+        self.tokenizer, self.tiles, self.store, self.max_length = tokenizer, tiles, store, max_length
+        self.root = image_root(dataset)
+        rows = {iid: i for i, iid in enumerate(images["image_id"].to_pylist())}
+        paths, shas = images["path"].to_pylist(), images["sha256"].to_pylist()
+        self.items = [  # (image path, sha256, text)
+            (paths[rows[iid]], shas[rows[iid]], text)
+            for iid, text in zip(comments["image_id"].to_pylist(), comments["text"].to_pylist())
+        ]
+        used = sorted({sha for _, sha, _ in self.items})
+        self.missing = {sha for sha in used if store is None or not store.has(sha)}
+        self.missing_saliency = len(self.missing)  # images (not pairs) given a uniform map
+        if self.missing and not allow_missing_saliency:
+            raise MissingSaliencyError(
+                f"{len(self.missing)} of {len(used)} '{split}' images of dataset '{dataset}' have no saliency map "
+                f"(e.g. sha256 {min(self.missing)[:12]}): run the saliency stage first (`ase-mllm saliency "
+                f"--dataset {dataset}`), or pass --allow-missing-saliency to use a uniform map for them"
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def saliency_values(self, sha: str, tiling: Tiling) -> torch.Tensor:
+        """Saliency tiles [T, 1, S, S] from the image's stored map; all ones (uniform) when it has none."""
+        s = self.tiles.tile_size
+        if sha in self.missing:
+            return torch.ones(tiling.num_tiles, 1, s, s)
+        sal, _category, _score = self.store.read(sha)  # [h, w], this row only
+        return saliency_tiles(sal, tiling, s)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, sha, text = self.items[index]
+        img = open_rgb(safe_join(self.root, path))
+        t = self.tiles
+        tiling = plan_tiles(img.width, img.height, t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail)
+        pixel_values = tile_image(img, tiling, t.tile_size)  # [T, 3, S, S]
+        saliency_values = self.saliency_values(sha, tiling)  # [T, 1, S, S]
+        n_tiles = pixel_values.shape[0]
+        enc = encode_example(self.tokenizer, t.tokens_per_tile * n_tiles, text, self.max_length)
+        return {
+            "sample_id": index,
+            "input_ids": enc.input_ids,
+            "labels": enc.labels,
+            "pixel_values": pixel_values,
+            "saliency_values": saliency_values,
+        }
+

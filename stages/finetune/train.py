@@ -1,0 +1,398 @@
+"""Stage-2 fine-tuning with the HF Trainer: paper recipe, trainable parts, LoRA, crash-resume.
+
+Run dir ``runs/<dataset>/<run>/``: ``run_config.json`` (resolved config), ``tokenizer/`` (demo
+BPE), ``checkpoint-N/`` (HF Trainer: safetensors weights, optimizer, RNG, trainer_state.json),
+``metrics.jsonl`` (every Trainer log), ``final/`` (weights + tokenizer, written via temp + rename).
+Rerunning the same command resumes from the newest *complete* checkpoint: the Trainer writes
+``trainer_state.json`` last, so a checkpoint without a readable one was cut off and is removed.
+Works unchanged under ``torchrun`` (DDP; gloo on CPU).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from pipeline.manifest import Manifest
+from pipeline.paths import runs_dir
+from storage.atomic import write_json_atomic
+
+GLOBAL_BATCH = {"dpc2022": 64, "pccd": 16, "rpcd": 16}  # paper, Sec. IV-A
+DEFAULT_GLOBAL_BATCH = 16
+PARTS = ("vision", "cross_attention", "projector", "llm")
+CROSS_ATTENTION_KEYS = ("cross_attn", "cross_attention")
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass
+class TrainConfig:
+    dataset: str
+    run: str = "default"
+    base: str | None = None  # local HF InternVL dir; None: manifest's, else the tiny demo model
+    fusion: str = "cross_attention"  # or "none" (the "w/o IASC" ablation)
+    split: str = "train"
+    # paper recipe
+    learning_rate: float = 4e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    global_batch_size: int | None = None  # None: GLOBAL_BATCH[dataset] (16 when unknown)
+    per_device_batch_size: int = 4  # the rest comes from gradient accumulation
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    bf16: bool | None = None  # None: on when CUDA supports it
+    gradient_checkpointing: bool = False
+    # what trains
+    trainable: tuple[str, ...] = ("cross_attention", "projector", "llm")
+    lora: bool = False  # LoRA adapters on the LLM instead of full LLM weights
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # data
+    max_tiles: int = 12
+    min_tiles: int = 1
+    use_thumbnail: bool = True
+    max_length: int | None = 4096
+    allow_missing_saliency: bool = False
+    limit: int | None = None  # train on the first N pairs only (smoke tests)
+    workers: int = 4
+    # demo model / tokenizer (only when there is no base)
+    tiny_model: str = "tiny"
+    vocab_size: int = 2048
+    # bookkeeping
+    seed: int = 0
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    log_sample_ids: bool = False  # write each rank's sample ids to samples/rank<r>.txt
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to TrainingArguments
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.trainable if p not in PARTS]
+        if bad:
+            raise ValueError(f"unknown trainable part(s) {bad}; choose from {', '.join(PARTS)}")
+        if self.fusion not in ("cross_attention", "none"):
+            raise ValueError(f"fusion must be 'cross_attention' or 'none', got {self.fusion!r}")
+        self.trainable = tuple(self.trainable)
+
+
+@dataclass(frozen=True)
+class Summary:
+    run_dir: Path
+    global_step: int
+    start_loss: float | None
+    end_loss: float | None
+    missing_saliency: int
+    resumed_from: Path | None
+
+    def line(self) -> str:
+        fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+        resumed = f", resumed from {self.resumed_from.name}" if self.resumed_from else ""
+        missing = f", {self.missing_saliency} images with a uniform saliency map" if self.missing_saliency else ""
+        return (f"finetune {self.run_dir}: {self.global_step} steps{resumed}, "
+                f"loss {fmt(self.start_loss)} -> {fmt(self.end_loss)}{missing}")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    return int(name.split("-", 1)[1]) if name.startswith("checkpoint-") and name[11:].isdigit() else None
+
+
+def is_complete(ckpt: Path) -> bool:
+    """The Trainer writes trainer_state.json last; a readable one marks a finished checkpoint."""
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any((ckpt / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
+                                             "adapter_model.safetensors"))
+
+
+def last_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Path | None:
+    """Newest complete ``checkpoint-N``; incomplete ones are deleted when asked."""
+    if not run_dir.is_dir():
+        return None
+    ckpts = sorted((p for p in run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step)
+    complete = []
+    for ckpt in ckpts:
+        if is_complete(ckpt):
+            complete.append(ckpt)
+        elif remove_incomplete:
+            print(f"finetune: removing incomplete {ckpt} (the previous run stopped while writing it)")
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return complete[-1] if complete else None
+
+
+# ---------------------------------------------------------------- model parts
+
+
+def part_of(name: str) -> str | None:
+    """Which trainable part a parameter belongs to (None: unknown)."""
+    if any(k in name for k in CROSS_ATTENTION_KEYS):
+        return "cross_attention"
+    if "vision_tower" in name:
+        return "vision"
+    if "multi_modal_projector" in name:
+        return "projector"
+    if "language_model" in name or "lm_head" in name:
+        return "llm"
+    return None
+
+
+def set_trainable(model: nn.Module, parts: tuple[str, ...]) -> dict[str, int]:
+    """Freeze everything except ``parts``; returns trainable parameter counts per part."""
+    counts = dict.fromkeys(PARTS, 0)
+    for name, p in model.named_parameters():
+        part = part_of(name)
+        if part is None:
+            raise ValueError(f"parameter {name} belongs to no trainable part ({', '.join(PARTS)})")
+        p.requires_grad_(part in parts)
+        if part in parts:
+            counts[part] += p.numel()
+    return counts
+
+
+def apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """LoRA on the LLM's linear layers; the other chosen parts stay fully trainable (and saved)."""
+    from peft import LoraConfig, get_peft_model
+
+    full = set(cfg.trainable) - {"llm"}
+    keep = ["vision_tower"] if "vision" in full else (["cross_attention"] if "cross_attention" in full else [])
+    keep += ["multi_modal_projector"] if "projector" in full else []
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=LORA_TARGETS, modules_to_save=keep)
+    return get_peft_model(model, lora)
+
+
+def tile_size(config: Any) -> int:
+    """Tile side in pixels: the vision tower's input size."""
+    size = config.vision_config.image_size
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+# ---------------------------------------------------------------- trainer pieces
+
+
+class _MetricsLog(TrainerCallback):
+    """Append every Trainer log (loss, lr, grad norm) to ``metrics.jsonl`` (main process)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class CritiqueTrainer(Trainer):
+    """The HF Trainer, plus an optional per-rank log of the sample ids each step trained on.
+
+    Resume loads checkpoint weights through ``from_pretrained``: ``save_pretrained`` writes InternVL
+    in its original key layout (``vision_tower.*``, ``language_model.*``), which the Trainer's plain
+    ``load_state_dict`` would silently fail to match (transformers 5.x), restarting from scratch.
+    """
+
+    def __init__(self, *args: Any, sample_log: Path | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sample_log = sample_log
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        ids = inputs.pop("sample_ids", None)
+        if ids is not None and self.sample_log is not None:
+            with open(self.sample_log, "a") as fh:
+                fh.write(" ".join(str(i) for i in ids.tolist()) + "\n")
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = model if model is not None else self.model
+        ckpt = Path(resume_from_checkpoint)
+        if (ckpt / "adapter_model.safetensors").exists():
+            return _load_adapter(model, ckpt / "adapter_model.safetensors")
+        if not isinstance(model, PreTrainedModel) or not (ckpt / "config.json").exists():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        dtype = next(model.parameters()).dtype
+        loaded = type(model).from_pretrained(str(ckpt), config=model.config, dtype=dtype)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+
+
+def _load_adapter(model: nn.Module, path: Path) -> None:
+    """Load a peft adapter checkpoint (LoRA + modules_to_save) back into the live PeftModel.
+
+    peft's own loader fails on modules_to_save nested in this model (KeyError); saved keys are the
+    model's keys without the adapter name, so map them back by dropping it.
+    """
+    from safetensors.torch import load_file
+
+    def saved_name(key: str) -> str:
+        return key.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+
+    targets = {saved_name(k): k for k in model.state_dict() if ".default." in k}
+    saved = load_file(str(path))
+    missing = sorted(set(saved) - set(targets))
+    if missing:
+        raise RuntimeError(f"{path}: {len(missing)} adapter tensors match no parameter (e.g. {missing[0]})")
+    model.load_state_dict({targets[k]: v for k, v in saved.items()}, strict=False)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def resolve(cfg: TrainConfig, manifest: Manifest | None) -> TrainConfig:
+    """Fill the defaults that depend on the dataset, the manifest and the hardware."""
+    base = cfg.base if cfg.base is not None else (str(manifest.mllm.base) if manifest and manifest.mllm.base else None)
+    batch = cfg.global_batch_size or GLOBAL_BATCH.get(cfg.dataset.lower(), DEFAULT_GLOBAL_BATCH)
+    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return replace(cfg, base=base, global_batch_size=batch, bf16=bf16)
+
+
+def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = min(cfg.per_device_batch_size, max(1, cfg.global_batch_size // world))
+    accumulation = max(1, cfg.global_batch_size // (per_device * world))
+    if per_device * world * accumulation != cfg.global_batch_size:
+        print(f"finetune: global batch {per_device}x{world}x{accumulation} = {per_device * world * accumulation} "
+              f"(asked {cfg.global_batch_size})")
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=cfg.lr_scheduler,
+        optim="adamw_torch",
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        bf16=cfg.bf16,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=cfg.workers,
+        dataloader_persistent_workers=cfg.workers > 0,
+        remove_unused_columns=False,
+        report_to="none",
+        ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
+        ddp_find_unused_parameters=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    kwargs.update(cfg.extra)
+    return TrainingArguments(**kwargs)
+
+
+def build_tokenizer(cfg: TrainConfig, run_dir: Path):  # noqa: ANN201
+    from stages.finetune.dataset import pairs
+    from stages.finetune.tokenizer import dataset_tokenizer, load_tokenizer
+
+    if cfg.base:
+        return load_tokenizer(Path(cfg.base))
+    _, comments = pairs(cfg.dataset, cfg.split)
+    return dataset_tokenizer(comments["text"].to_pylist(), run_dir / "tokenizer", cfg.vocab_size)
+
+
+def build_model(cfg: TrainConfig, tokenizer) -> nn.Module:  # noqa: ANN001
+    from stages.finetune.model import build_tiny_model, load_base
+    from stages.finetune.tokenizer import IMG_CONTEXT
+
+    if cfg.base:
+        model, missing = load_base(Path(cfg.base), fusion=cfg.fusion)
+        if missing:
+            print(f"finetune: {len(missing)} new parameters initialised (not in {cfg.base})")
+    else:
+        model = build_tiny_model(cfg.tiny_model, vocab_size=len(tokenizer),
+                                 image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT), fusion=cfg.fusion)
+    if cfg.lora:
+        return apply_lora(model, cfg)
+    set_trainable(model, cfg.trainable)
+    return model
+
+
+def open_store(manifest: Manifest | None, allow_missing: bool):  # noqa: ANN201
+    """The current saliency store, or None where there is none and that is allowed."""
+    from storage.saliency_store import current_store
+
+    try:
+        return current_store(manifest)
+    except (FileNotFoundError, KeyError, LookupError) as e:
+        if allow_missing:
+            print(f"finetune: no saliency store ({e}); every image gets a uniform map")
+            return None
+        from stages.finetune.dataset import MissingSaliencyError
+
+        raise MissingSaliencyError(
+            f"no saliency store ({e}): run the saliency stage first (`ase-mllm saliency`), "
+            "or pass --allow-missing-saliency to use uniform maps"
+        ) from None
+
+
+def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[TrainerCallback, ...] = ()) -> Summary:
+    """Train (or resume) one run; returns the start / end loss summary. ``callbacks`` join the Trainer's."""
+    from stages.finetune.collate import Collator
+    from stages.finetune.dataset import CritiqueDataset, TileSpec
+    from stages.finetune.model import tokens_per_tile
+
+    cfg = resolve(cfg, manifest)
+    run_dir = runs_dir(cfg.dataset) / cfg.run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = training_arguments(cfg, run_dir)
+    set_seed(cfg.seed)
+    with args.main_process_first(desc="tokenizer + checkpoint check"):
+        tokenizer = build_tokenizer(cfg, run_dir)
+        resume = last_checkpoint(run_dir, remove_incomplete=args.process_index == 0)
+    model = build_model(cfg, tokenizer)
+    tiles = TileSpec(tile_size=tile_size(model.config), min_tiles=cfg.min_tiles, max_tiles=cfg.max_tiles,
+                     use_thumbnail=cfg.use_thumbnail, tokens_per_tile=tokens_per_tile(model.config))
+    data = CritiqueDataset(cfg.dataset, cfg.split, tokenizer, tiles, open_store(manifest, cfg.allow_missing_saliency),
+                           cfg.allow_missing_saliency, cfg.max_length, cfg.limit)
+    if args.process_index == 0:
+        write_json_atomic(run_dir / "run_config.json", {
+            **asdict(cfg), "tiles": asdict(tiles), "world_size": args.world_size,
+            "per_device_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "train_pairs": len(data),
+        })
+    sample_log = None
+    if cfg.log_sample_ids:
+        (run_dir / "samples").mkdir(exist_ok=True)
+        sample_log = run_dir / "samples" / f"rank{args.process_index}.txt"
+    trainer = CritiqueTrainer(
+        model=model, args=args, train_dataset=data,
+        data_collator=Collator(tokenizer.pad_token_id, keep_sample_ids=cfg.log_sample_ids),
+        callbacks=[_MetricsLog(run_dir / "metrics.jsonl"), *callbacks], sample_log=sample_log,
+    )
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if trainer.is_world_process_zero():
+        save_final(trainer, tokenizer, run_dir / "final")
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    summary = Summary(run_dir, trainer.state.global_step, losses[0] if losses else None,
+                      losses[-1] if losses else None, data.missing_saliency, resume)
+    if trainer.is_world_process_zero():
+        print(summary.line())
+    return summary
+
+
+def save_final(trainer: Trainer, tokenizer, target: Path) -> None:  # noqa: ANN001
+    """Final weights + tokenizer, written to a temp dir and renamed into place."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        target.replace(old)
+    tmp.replace(target)
+    shutil.rmtree(old, ignore_errors=True)

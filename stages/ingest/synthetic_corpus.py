@@ -1,0 +1,519 @@
+"""Deterministic synthetic demo corpus: photo-like images with known aesthetic attributes.
+
+Each image is a landscape scene (sky gradient with clouds, textured ground, a horizon line) with one
+salient textured subject. Six attributes are drawn per image (``ATTRIBUTES``) and change what is
+rendered *inside* the aesthetically relevant regions, while the background varies independently of
+them (sky palette, ground, brightness, horizon height), so the score is carried by the mask regions:
+
+- placement: subject centred on a rule-of-thirds point / dead centre / cut by the frame edge
+- exposure:  subject crushed dark (under) / normal / clipped highlights plus blown white patches
+- colour:    subject in two desaturated analogous hues / saturated analogous / complementary clash
+- focus:     subject texture crisp / Gaussian-blurred (sigma 8-12 % of its radius)
+- horizon:   level / tilted by 4-10 degrees
+- noise:     mild grain / strong luminance + chroma noise (the one global attribute)
+
+Score (``SCORE_BASE`` + ``SCORE_WEIGHTS`` + noise), clipped to [1, 10]::
+
+    score = 5.5 + placement{thirds +1.0, centre -0.3, edge -0.9}
+                + exposure{balanced +0.8, under -0.5, blown -0.6}
+                + colour{vivid +0.9, muted -0.2, clashing -0.7}
+                + focus{sharp +0.7, blurred -0.7}
+                + horizon{level +0.35, tilted -0.45}
+                + noise{clean +0.1, noisy -0.4}
+                + N(0, 0.4)
+
+The weights are roughly zero-mean per attribute, so scores centre near 5.5 and span ~1.5-9.5.
+
+The mask (255 = aesthetically relevant) is the union of the visible subject (with its blur halo),
+a band along the horizon line and the blown patches. Five colloquial references per image mention
+random subsets of the true attributes (``PHRASES``) and an overall verdict tied to the score.
+Same (n, seed) gives byte-identical files.
+"""
+from __future__ import annotations
+
+import colorsys
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import uniform_filter
+from tqdm import tqdm
+
+from storage.atomic import write_bytes_atomic
+
+GENERATOR_VERSION = 1
+ANNOTATIONS = "annotations.jsonl"
+JPEG_QUALITY = 92
+SPLITS = (("train", 0.7), ("validation", 0.1), ("test", 0.2))
+
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "placement": ("thirds", "centre", "edge"),
+    "exposure": ("under", "balanced", "blown"),
+    "colour": ("muted", "vivid", "clashing"),
+    "focus": ("sharp", "blurred"),
+    "horizon": ("level", "tilted"),
+    "noise": ("clean", "noisy"),
+}
+_NOISY_PROB = 0.3  # the other attributes are drawn uniformly
+
+SCORE_BASE = 5.5
+SCORE_NOISE_SD = 0.4
+SCORE_WEIGHTS: dict[str, dict[str, float]] = {
+    "placement": {"thirds": 1.0, "centre": -0.3, "edge": -0.9},
+    "exposure": {"under": -0.5, "balanced": 0.8, "blown": -0.6},
+    "colour": {"muted": -0.2, "vivid": 0.9, "clashing": -0.7},
+    "focus": {"sharp": 0.7, "blurred": -0.7},
+    "horizon": {"level": 0.35, "tilted": -0.45},
+    "noise": {"clean": 0.1, "noisy": -0.4},
+}
+
+# Colloquial phrase bank: no phrase of one value occurs inside a phrase of another value.
+PHRASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "placement": {
+        "thirds": (
+            "nice use of the rule of thirds",
+            "the subject sits nicely on a third",
+            "good off-centre placement",
+            "love where you put the subject",
+            "the composition feels balanced",
+        ),
+        "centre": (
+            "subject is dead centre, try the thirds",
+            "too centred, it feels static",
+            "bullseye composition, move it off-centre",
+            "the subject is plonked right in the middle",
+            "everything is smack in the centre",
+        ),
+        "edge": (
+            "the subject is cut off by the edge",
+            "you chopped the subject at the frame edge",
+            "give the subject some room, it's cropped too tight",
+            "the main object is clipped by the border",
+            "half the subject falls out of the frame",
+        ),
+    },
+    "exposure": {
+        "under": (
+            "way too dark",
+            "underexposed, lift the shadows",
+            "the subject is lost in shadow",
+            "needs a lot more light",
+            "it's all murky and dark",
+        ),
+        "balanced": (
+            "exposure is spot on",
+            "nicely exposed",
+            "good even exposure",
+            "the light is just right",
+            "great tonal range",
+        ),
+        "blown": (
+            "the highlights are blown",
+            "blown-out whites everywhere",
+            "overexposed patches with no detail",
+            "the bright spots are burnt out",
+            "way too bright in places, pull the highlights down",
+        ),
+    },
+    "colour": {
+        "muted": (
+            "colours are a bit flat",
+            "muted palette, feels washed out",
+            "the colours look dull",
+            "could use more saturation",
+            "rather grey and lifeless colours",
+        ),
+        "vivid": (
+            "love the colours",
+            "colours really pop",
+            "rich vivid colours",
+            "lovely saturated palette",
+            "the colour harmony works",
+        ),
+        "clashing": (
+            "the colours clash",
+            "garish colour combination",
+            "those colours fight each other",
+            "jarring colour mix",
+            "the colour scheme hurts my eyes",
+        ),
+    },
+    "focus": {
+        "sharp": (
+            "tack sharp",
+            "crisp focus on the subject",
+            "nice sharp detail",
+            "focus is nailed",
+            "the texture is beautifully crisp",
+        ),
+        "blurred": (
+            "the subject is soft",
+            "focus missed, it's blurry",
+            "out of focus subject",
+            "a bit soft, not in focus",
+            "the detail is all mushy",
+        ),
+    },
+    "horizon": {
+        "level": (
+            "horizon is nice and level",
+            "straight horizon",
+            "the level horizon keeps it calm",
+            "good job keeping the horizon straight",
+        ),
+        "tilted": (
+            "horizon is crooked",
+            "the horizon is tilted, straighten it",
+            "wonky horizon",
+            "the horizon slopes downhill",
+            "the whole scene leans",
+        ),
+    },
+    "noise": {
+        "clean": (
+            "clean image, no noise",
+            "nice smooth tones",
+            "very clean file",
+        ),
+        "noisy": (
+            "lots of noise",
+            "noisy, try a lower ISO",
+            "grainy all over",
+            "the grain is distracting",
+        ),
+    },
+}
+_MENTION_WEIGHT = {"placement": 1.0, "exposure": 1.0, "colour": 1.0, "focus": 1.0, "horizon": 0.8, "noise": 0.5}
+_OPENERS = ("Nice shot.", "Interesting scene.", "Thanks for sharing.", "A few thoughts.", "Okay.", "Hmm.", "Nice try.")
+_VERDICTS = {
+    "high": ("Overall a strong image.", "Really well done.", "One of the better ones.", "Great work overall."),
+    "mid": ("Decent overall.", "Solid, with room to improve.", "Not bad at all.", "Getting there."),
+    "low": ("Overall it doesn't work for me.", "Needs another go.", "Keep practising.", "Not a keeper, sorry."),
+}
+
+# Background palettes (RGB in [0, 1]): chroma (max - min) <= 0.35, far below a vivid subject's (>= 0.68), and
+# brightness well below 1, so only blown regions clip to white.
+_SKIES = (
+    ((0.36, 0.50, 0.70), (0.68, 0.76, 0.84)),  # clear day
+    ((0.38, 0.36, 0.52), (0.80, 0.66, 0.56)),  # dusk
+    ((0.58, 0.60, 0.64), (0.78, 0.79, 0.80)),  # overcast
+    ((0.48, 0.58, 0.68), (0.80, 0.80, 0.76)),  # hazy
+)
+_GROUNDS = (
+    (0.30, 0.42, 0.22),  # grass
+    (0.52, 0.48, 0.30),  # dry field
+    (0.70, 0.64, 0.50),  # sand
+    (0.20, 0.32, 0.42),  # sea
+    (0.40, 0.32, 0.26),  # soil
+)
+
+
+# ---------------------------------------------------------------------------------------------- annotations
+
+
+def describe(attributes: dict[str, str]) -> list[str]:
+    """All phrases that truthfully describe ``attributes`` (one list over every attribute)."""
+    return [p for key, value in attributes.items() for p in PHRASES[key][value]]
+
+
+def score_of(attributes: dict[str, str], rng: np.random.Generator) -> float:
+    """Aesthetic score in [1, 10]: the module docstring's formula."""
+    s = SCORE_BASE + sum(SCORE_WEIGHTS[k][v] for k, v in attributes.items())
+    return float(np.clip(s + rng.normal(0.0, SCORE_NOISE_SD), 1.0, 10.0))
+
+
+def sample_attributes(rng: np.random.Generator) -> dict[str, str]:
+    attrs = {k: str(rng.choice(v)) for k, v in ATTRIBUTES.items() if k != "noise"}
+    attrs["noise"] = "noisy" if rng.random() < _NOISY_PROB else "clean"
+    return attrs
+
+
+def _sentence(text: str) -> str:
+    return text[0].upper() + text[1:] + "."
+
+
+def _reference(rng: np.random.Generator, attributes: dict[str, str], score: float) -> str:
+    """1-3 sentences: optional opener, 1-3 attribute remarks, optional verdict."""
+    keys = list(attributes)
+    weights = np.array([_MENTION_WEIGHT[k] for k in keys])
+    k = int(rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2]))
+    chosen = rng.choice(len(keys), size=k, replace=False, p=weights / weights.sum())
+    remarks = [(str(rng.choice(PHRASES[keys[i]][attributes[keys[i]]])), SCORE_WEIGHTS[keys[i]][attributes[keys[i]]] >= 0)
+               for i in chosen]
+    sentences = []
+    for pair in (remarks[:2], remarks[2:]):  # at most two remarks per sentence
+        if len(pair) == 2:
+            joiner = " and " if pair[0][1] == pair[1][1] else ", but "
+            sentences.append(_sentence(pair[0][0] + joiner + pair[1][0]))
+        elif pair:
+            sentences.append(_sentence(pair[0][0]))
+    if rng.random() < 0.45 and len(sentences) < 3:
+        band = "high" if score >= 7.0 else "mid" if score >= 4.5 else "low"
+        sentences.append(str(rng.choice(_VERDICTS[band])))
+    if rng.random() < 0.3 and len(sentences) < 3:
+        sentences.insert(0, str(rng.choice(_OPENERS)))
+    return " ".join(sentences)
+
+
+def assign_splits(n: int, seed: int) -> list[str]:
+    """~70/10/20 train/validation/test, a seeded permutation of the indices."""
+    order = np.random.default_rng([seed, 7919]).permutation(n)
+    n_train, n_val = round(n * SPLITS[0][1]), round(n * SPLITS[1][1])
+    split = ["test"] * n
+    for rank, i in enumerate(order):
+        split[i] = "train" if rank < n_train else "validation" if rank < n_train + n_val else "test"
+    return split
+
+
+def image_id(index: int) -> str:
+    return f"syn{index:05d}"
+
+
+def _rngs(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """Independent streams for the annotation and the rendering of one image."""
+    ann, img = np.random.SeedSequence([seed, index]).spawn(2)
+    return np.random.default_rng(ann), np.random.default_rng(img)
+
+
+def annotation(index: int, seed: int) -> dict[str, Any]:
+    """Attributes, score and references of image ``index`` (no rendering needed)."""
+    rng, _ = _rngs(seed, index)
+    attrs = sample_attributes(rng)
+    score = score_of(attrs, rng)
+    return {"attributes": attrs, "score": round(score, 3), "references": [_reference(rng, attrs, score) for _ in range(5)]}
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def _field(rng: np.random.Generator, h: int, w: int, cells: float) -> np.ndarray:
+    """Smooth random field, ~unit std, with about ``cells`` blobs along the longer side. [h, w]"""
+    gh, gw = (max(2, math.ceil(cells * s / max(h, w)) + 1) for s in (h, w))
+    grid = rng.standard_normal((gh, gw)).astype(np.float32)
+    return np.asarray(Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BICUBIC))
+
+
+def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of the two leading axes by three box passes (fast for large sigma)."""
+    size = max(1, int(round(math.sqrt(12.0 * sigma**2 / 3.0 + 1.0))))
+    axes_size = (size, size) + (1,) * (x.ndim - 2)
+    for _ in range(3):
+        x = uniform_filter(x, size=axes_size, mode="nearest")
+    return x
+
+
+def _image_size(rng: np.random.Generator) -> tuple[int, int]:
+    """(height, width): aspect w/h log-uniform in [1/2, 5/2], both sides in [256, 1024]."""
+    aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.5)))
+    long_min = 256 * max(aspect, 1 / aspect)
+    long_side = rng.uniform(max(384.0, long_min), 1024.0)
+    w, h = (long_side, long_side / aspect) if aspect >= 1 else (long_side * aspect, long_side)
+    return int(np.clip(round(h), 256, 1024)), int(np.clip(round(w), 256, 1024))
+
+
+def _jitter(rng: np.random.Generator, colour: tuple[float, ...], amount: float = 0.04) -> np.ndarray:
+    return np.clip(np.asarray(colour, np.float32) + rng.uniform(-amount, amount, 3).astype(np.float32), 0, 1)
+
+
+def _background(rng: np.random.Generator, h: int, w: int, h0: float, angle: float) -> np.ndarray:
+    """Sky with clouds above the horizon (y = h0 at the centre, tilted by ``angle``), textured ground below.
+
+    Rendered at half resolution and upsampled bicubically (it is smooth; this saves most of its cost). [h, w, 3]
+    """
+    full = (w, h)
+    h, w, h0 = (h + 1) // 2, (w + 1) // 2, h0 / 2
+    horizon = (h0 + math.tan(angle) * (np.arange(w, dtype=np.float32) - w / 2))[None, :]  # [1, w]
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    top, bottom = (_jitter(rng, c) for c in _SKIES[rng.integers(len(_SKIES))])
+    ground = _jitter(rng, _GROUNDS[rng.integers(len(_GROUNDS))])
+    t = np.clip(yy / np.maximum(horizon, 1.0), 0, 1)[..., None]  # 0 at top, 1 at the horizon
+    sky = top * (1 - t) + bottom * t
+    clouds = np.clip(_field(rng, h, w, 5) * 0.5 + _field(rng, h, w, 14) * 0.2 - 0.1, 0, 1)[..., None]
+    sky = sky + (0.86 - sky) * clouds * rng.uniform(0.2, 0.8)
+    depth = np.clip((yy - horizon) / (h - horizon.min() + 1.0), 0, 1)[..., None]  # 0 at horizon, 1 at bottom
+    texture = 1 + 0.10 * _field(rng, h, w, 10) + 0.05 * _field(rng, h, w, 40)
+    land = ground * (0.8 + 0.25 * depth) * texture[..., None]
+    land = land + (bottom - land) * 0.35 * np.exp(-depth / 0.08)  # haze near the horizon
+    in_sky = np.clip(horizon - yy + 0.5, 0, 1)[..., None]
+    scene = (sky * in_sky + land * (1 - in_sky)) * rng.uniform(0.8, 1.05)
+    small = Image.fromarray((np.clip(scene, 0, 1) * 255 + 0.5).astype(np.uint8))
+    return np.asarray(small.resize(full, Image.Resampling.BICUBIC), dtype=np.float32) / 255
+
+
+def _blob(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, radius: float, rng: np.random.Generator,
+          lobes: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Irregular ellipse: normalised coords (u, v) and the shape's signed distance in pixels (>0 inside)."""
+    e, rot = rng.uniform(0.8, 1.25), rng.uniform(0, math.pi)
+    dx, dy = xx - cx, yy - cy
+    u = (math.cos(rot) * dx + math.sin(rot) * dy) / (radius * e)
+    v = (-math.sin(rot) * dx + math.cos(rot) * dy) * e / radius
+    rho, theta = np.hypot(u, v), np.arctan2(v, u)
+    edge = 1 + 0.06 * np.cos(2 * theta + rng.uniform(0, 2 * math.pi))
+    if lobes and rng.random() < 0.6:
+        edge = edge + rng.uniform(0.06, 0.16) * np.cos(int(rng.integers(3, 8)) * theta + rng.uniform(0, 2 * math.pi))
+    return u, v, (edge - rho) * radius
+
+
+def _subject_centre(rng: np.random.Generator, placement: str, h: int, w: int, radius: float) -> tuple[float, float]:
+    if placement == "thirds":
+        cx, cy = w * rng.choice([1 / 3, 2 / 3]), h * rng.choice([1 / 3, 2 / 3])
+        return cx + rng.uniform(-0.03, 0.03) * w, cy + rng.uniform(-0.03, 0.03) * h
+    if placement == "centre":
+        return w / 2 + rng.uniform(-0.02, 0.02) * w, h / 2 + rng.uniform(-0.02, 0.02) * h
+    side, along, inset = int(rng.integers(4)), rng.uniform(0.3, 0.7), rng.uniform(0.0, 0.35) * radius
+    return [(inset, along * h), (w - inset, along * h), (along * w, inset), (along * w, h - inset)][side]
+
+
+def _subject_colours(rng: np.random.Generator, colour: str) -> tuple[np.ndarray, np.ndarray]:
+    hue = rng.random()
+    if colour == "vivid":
+        hues, sats, vals = (hue, hue + rng.choice([-1, 1]) * rng.uniform(0.06, 0.12)), (0.85, 0.95), (0.95, 0.8)
+    elif colour == "muted":
+        hues, sats, vals = (hue, hue + rng.uniform(-0.08, 0.08)), (0.18, 0.12), (0.72, 0.5)
+    else:  # clashing: complementary, both saturated
+        hues, sats, vals = (hue, hue + 0.5 + rng.uniform(-0.04, 0.04)), (0.95, 0.95), (0.95, 0.95)
+    c1, c2 = (np.array(colorsys.hsv_to_rgb(hh % 1.0, s, v), np.float32) for hh, s, v in zip(hues, sats, vals))
+    return c1, c2
+
+
+def _subject(rng: np.random.Generator, attrs: dict[str, str], h: int, w: int) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray]:
+    """Render the subject in its crop box: (box, premultiplied rgb [ch, cw, 3], alpha [ch, cw], mask [ch, cw])."""
+    radius = min(rng.uniform(0.15, 0.2) * math.sqrt(h * w), 0.33 * min(h, w))
+    cx, cy = _subject_centre(rng, attrs["placement"], h, w, radius)
+    sigma = rng.uniform(0.08, 0.12) * radius if attrs["focus"] == "blurred" else 0.0
+    reach = 1.5 * radius + 3 * sigma + 4
+    y0, y1 = max(0, int(cy - reach)), min(h, int(cy + reach) + 1)
+    x0, x1 = max(0, int(cx - reach)), min(w, int(cx + reach) + 1)
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    u, v, dist = _blob(xx, yy, cx, cy, radius, rng)
+    alpha = np.clip(dist / 1.2 + 0.5, 0, 1)
+
+    # Two-colour pattern (stripes / rings / checks) with hard edges, fine grain, spherical shading.
+    freq, ang = rng.uniform(1.2, 2.2) * 2 * math.pi, rng.uniform(0, math.pi)
+    kind = int(rng.integers(3))
+    if kind == 0:
+        wave = np.sin(freq * (u * math.cos(ang) + v * math.sin(ang)))
+    elif kind == 1:
+        wave = np.sin(freq * np.hypot(u, v))
+    else:
+        wave = np.sin(freq * u) * np.sin(freq * v) * 2
+    p = np.clip(0.5 + 4 * wave, 0, 1)[..., None]
+    c1, c2 = _subject_colours(rng, attrs["colour"])
+    grain = 1 + 0.08 * _field(rng, y1 - y0, x1 - x0, (2 * reach) / (radius / 10))
+    light = np.array([-0.5, -0.6, 0.62], np.float32) * rng.uniform(0.8, 1.2, 3).astype(np.float32)
+    light /= np.linalg.norm(light)
+    nx, ny = (xx - cx) / radius, (yy - cy) / radius
+    nz = np.sqrt(np.clip(1 - nx**2 - ny**2, 0, 1))
+    lit = np.clip(nx * light[0] + ny * light[1] + nz * light[2], 0, 1)
+    rgb = (c1 * (1 - p) + c2 * p) * ((0.45 + 0.6 * lit) * grain)[..., None]
+    if attrs["exposure"] == "under":
+        rgb = rgb * rng.uniform(0.2, 0.3)
+    elif attrs["exposure"] == "blown":
+        rgb = rgb * 1.5 + 1.5 * (lit**3)[..., None]  # lit side clips to white
+
+    rgb = rgb * alpha[..., None]
+    if sigma > 0:
+        stack = _gaussian_blur(np.concatenate([rgb, alpha[..., None]], axis=-1), sigma)
+        rgb, alpha = stack[..., :3], stack[..., 3]
+    mask = dist > -(2 * sigma + 0.02 * radius)
+    return (slice(y0, y1), slice(x0, x1)), rgb, alpha, mask
+
+
+def _blown_patches(rng: np.random.Generator, h: int, w: int, canvas: np.ndarray, mask: np.ndarray) -> None:
+    """Paint 1-2 clipped white glare blobs with a soft bloom; mark blob + bloom in ``mask`` (in place)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for _ in range(int(rng.integers(1, 3))):
+        r = rng.uniform(0.05, 0.075) * math.sqrt(h * w)
+        cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+        _, _, dist = _blob(xx, yy, cx, cy, r, rng, lobes=False)
+        core = np.clip(dist / 1.5 + 0.5, 0, 1)
+        bloom = np.clip(1 + dist / (0.3 * r), 0, 1) ** 2
+        weight = np.maximum(core, 0.5 * bloom)[..., None]
+        canvas += (1.4 - canvas) * weight  # 1.4: stays clipped white after noise and exposure scaling
+        mask |= dist > -0.3 * r
+
+
+def render(attrs: dict[str, str], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Render one image and its relevance mask: (rgb uint8 [h, w, 3], mask uint8 [h, w] in {0, 255})."""
+    h, w = _image_size(rng)
+    angle = math.radians(rng.uniform(4, 10) * rng.choice([-1, 1])) if attrs["horizon"] == "tilted" else 0.0
+    h0 = rng.uniform(0.35, 0.65) * h
+    canvas = _background(rng, h, w, h0, angle)
+    horizon = (h0 + math.tan(angle) * (np.arange(w, dtype=np.float32) - w / 2))[None, :]  # [1, w]
+
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    mask = np.abs(yy - horizon) < max(4.0, 0.02 * h)  # band along the horizon [h, w]
+    if attrs["exposure"] == "blown":
+        _blown_patches(rng, h, w, canvas, mask)
+    box, rgb, alpha, subject_mask = _subject(rng, attrs, h, w)
+    canvas[box] = canvas[box] * (1 - alpha[..., None]) + rgb
+    mask[box] |= subject_mask
+
+    canvas *= {"under": 0.9, "balanced": 1.0, "blown": 1.05}[attrs["exposure"]]
+    sd = rng.uniform(0.06, 0.09) if attrs["noise"] == "noisy" else rng.uniform(0.0, 0.012)
+    canvas += rng.standard_normal((h, w, 1), dtype=np.float32) * sd  # luminance, per pixel
+    chroma = rng.standard_normal(((h + 1) // 2, (w + 1) // 2, 3), dtype=np.float32) * (sd * 0.5)  # blotchy chroma
+    canvas += chroma.repeat(2, axis=0).repeat(2, axis=1)[:h, :w]
+    image = (np.clip(canvas, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return image, mask.astype(np.uint8) * 255
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+
+
+def _encode(array: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        Image.fromarray(array).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        Image.fromarray(array, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _recorded_params(path: Path) -> dict[str, Any] | None:
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return json.loads(fh.readline())["generator"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def generate_corpus(root: Path, n: int = 240, seed: int = 0) -> None:
+    """Write ``n`` images, masks and ``annotations.jsonl`` under ``root``; no-op when already generated.
+
+    Every file is written atomically and ``annotations.jsonl`` last, so an interrupted run leaves no
+    annotations and simply regenerates. Each record carries ``generator`` = {n, seed, version}.
+    """
+    root = Path(root)
+    params = {"n": n, "seed": seed, "version": GENERATOR_VERSION}
+    if _recorded_params(root / ANNOTATIONS) == params:
+        return
+    start = time.perf_counter()
+    splits = assign_splits(n, seed)
+    records, mask_fraction = [], 0.0
+    for i in tqdm(range(n), desc="synthetic corpus", unit="img", leave=False):
+        iid = image_id(i)
+        record = {"image_id": iid, "split": splits[i], "file": f"images/{iid}.jpg", "mask": f"masks/{iid}.png"}
+        record.update(annotation(i, seed))
+        image, mask = render(record["attributes"], _rngs(seed, i)[1])
+        write_bytes_atomic(root / record["file"], _encode(image, "JPEG"))
+        write_bytes_atomic(root / record["mask"], _encode(mask, "PNG"))
+        record.update(width=image.shape[1], height=image.shape[0], generator=params)
+        records.append(record)
+        mask_fraction += float((mask > 0).mean()) / n
+    keep = {r["file"] for r in records} | {r["mask"] for r in records}
+    for stale in [*root.glob("images/syn*.jpg"), *root.glob("masks/syn*.png")]:
+        if stale.relative_to(root).as_posix() not in keep:
+            stale.unlink()
+    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    write_bytes_atomic(root / ANNOTATIONS, lines.encode("utf-8"))
+    counts = {s: splits.count(s) for s, _ in SPLITS}
+    tqdm.write(
+        f"synthetic corpus: {n} images (train {counts['train']} / validation {counts['validation']} / "
+        f"test {counts['test']}, mean mask {mask_fraction:.0%}) -> {root} in {time.perf_counter() - start:.1f} s"
+    )

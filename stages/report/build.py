@@ -1,0 +1,217 @@
+"""``ase-mllm report``: generate what is missing, score it beside the baselines, write the report.
+
+``reports/<dataset>/<run>/``: ``metrics.json`` (+ ``per_image.jsonl``) of the run, ``baselines/
+<row>.json`` for every other row, ``table.md`` / ``table.csv`` (Table I layout, paper rows beside
+ours), ``ablation.md`` / ``.csv`` (Table II layout, with / without fine-tuning x IASC, from every
+run of the dataset), ``predictions.parquet`` and ``index.html`` (gallery + tables).
+
+Incremental throughout: generation only for images without a prediction, scoring skipped when a
+row's metrics file already holds the scores of exactly these predictions and references
+(``metrics.score_to_file`` keys them by a hash), overlays and thumbnails written once.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.manifest import Manifest
+from pipeline.paths import reports_dir, runs_dir
+from stages.report.generate import UNTRAINED, DecodeConfig, generate_split, predictions_dir, prepare_untrained, \
+    read_predictions, run_config
+from storage.atomic import write_parquet_atomic
+
+UNTRAINED_ROW = "untrained (same model before fine-tuning)"
+
+
+@dataclass
+class ReportSummary:
+    directory: Path
+    rows: dict[str, dict[str, Any]]  # row name -> metrics
+    rescored: list[str]  # rows scored this time (the others were unchanged)
+    tables: dict[str, str]  # title -> markdown
+    index: Path | None
+    notes: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def line(self) -> str:
+        kept = len(self.rows) - len(self.rescored)
+        return (f"report: {len(self.rows)} rows ({len(self.rescored)} scored, {kept} unchanged) in {self.wall_s:.1f} s "
+                f"-> {self.directory / 'table.md'}, {self.index or 'no index.html'}")
+
+
+def references(dataset: str, split: str) -> dict[str, list[str]]:
+    """image_id -> non-empty reference critiques of the split's images."""
+    from storage.tables import read_table
+
+    ids = {r["image_id"] for r in read_table(dataset, "images").select(["image_id", "split"]).to_pylist()
+           if r["split"] == split}
+    refs: dict[str, list[str]] = {}
+    for row in read_table(dataset, "comments").select(["image_id", "text"]).to_pylist():
+        if row["image_id"] in ids and row["text"] and row["text"].strip():
+            refs.setdefault(row["image_id"], []).append(row["text"])
+    return refs
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+
+
+def condition(dataset: str, run: str) -> tuple[bool, bool]:
+    """(fine-tuned, IASC active) of a run. The untrained model's cross-attention gates are zero: no IASC."""
+    cfg = run_config(runs_dir(dataset) / run)
+    fine_tuned = cfg.get("fine_tuned", run != UNTRAINED)
+    return bool(fine_tuned), bool(fine_tuned and cfg.get("fusion", "cross_attention") == "cross_attention")
+
+
+def ablation_runs(dataset: str, run: str) -> dict[tuple[bool, bool], str]:
+    """One run per (fine-tuned, IASC) condition: ``run`` and ``untrained``, then the newest other trained run."""
+    from stages.finetune.train import last_checkpoint
+
+    chosen = {condition(dataset, run): run, (False, False): UNTRAINED}
+    others = []
+    for d in runs_dir(dataset).iterdir() if runs_dir(dataset).is_dir() else []:
+        if d.name in (run, UNTRAINED) or not d.is_dir() or not (d / "run_config.json").exists():
+            continue
+        ckpt = d / "final" if (d / "final" / "config.json").exists() else last_checkpoint(d)
+        if ckpt is not None:
+            others.append((ckpt.stat().st_mtime_ns, d.name))
+    for _, name in sorted(others, reverse=True):
+        chosen.setdefault(condition(dataset, name), name)
+    return chosen
+
+
+def build_report(
+    dataset: str,
+    run: str,
+    manifest: Manifest | None,
+    split: str = "test",
+    checkpoint: str | None = None,
+    decode: DecodeConfig = DecodeConfig(),
+    batch_size: int = 8,
+    limit: int | None = None,
+    spice_lib: Path | None = None,
+    baselines: bool = True,
+    ablation: bool = True,
+    gallery: int = 60,
+    progress: bool = True,
+) -> ReportSummary:
+    """Everything of ``reports/<dataset>/<run>/`` (see the module docstring); returns the summary."""
+    from stages.report.metrics import score_to_file
+    from stages.report.tables import write_tables
+
+    start = time.perf_counter()
+    out = reports_dir(dataset) / run
+    out.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    refs = references(dataset, split)
+
+    def predictions(name: str, ckpt: str | None = None) -> dict[str, str]:
+        g = generate_split(dataset, name, manifest, split, ckpt, decode, batch_size, limit=limit, progress=progress)
+        print(g.line())
+        if g.failed:
+            notes.append(f"{name}: {len(g.failed)} images without a prediction (e.g. {g.failed[0][0]}: {g.failed[0][1]})")
+        return {i: c for i, c in read_predictions(g.directory, split).items() if i in refs}
+
+    ours = predictions(run, checkpoint)
+    if not ours:
+        raise ValueError(f"no predictions with references for split '{split}' of '{dataset}'")
+    candidates: dict[str, dict[str, str]] = {f"ASE-MLLM ({run})": ours}
+    runs_by_condition: dict[tuple[bool, bool], str] = {}
+    if baselines or ablation:
+        prepare_untrained(dataset, run, manifest)
+        candidates[UNTRAINED_ROW] = predictions(UNTRAINED)
+    if baselines:
+        from stages.report.baselines import retrieval_baselines
+
+        for name, caps in retrieval_baselines(dataset, split).items():
+            candidates[name] = {i: caps[i] for i in ours if i in caps}
+    if ablation:
+        runs_by_condition = ablation_runs(dataset, run)
+
+    run_of_row = {f"ASE-MLLM ({run})": run, UNTRAINED_ROW: UNTRAINED}
+    for cond, name in runs_by_condition.items():
+        if name not in run_of_row.values():
+            row = f"ASE-MLLM ({name})"
+            candidates[row] = predictions(name)
+            run_of_row[row] = name
+
+    rows: dict[str, dict[str, Any]] = {}
+    rescored: list[str] = []
+    spice_notes: dict[str, str] = {}
+    for row, caps in candidates.items():
+        target = out / "metrics.json" if row == f"ASE-MLLM ({run})" else out / "baselines" / f"{_slug(row)}.json"
+        result, fresh = score_to_file(target, caps, refs, spice_lib=spice_lib, progress=progress)
+        rows[row] = result
+        spice_notes.update(result.get("notes", {}))
+        if fresh:
+            rescored.append(row)
+
+    table_rows = {r: m for r, m in rows.items() if run_of_row.get(r) in (None, run, UNTRAINED)}
+    row_of_run = {n: r for r, n in run_of_row.items()}
+    ablation_rows = {c: rows[row_of_run[n]] for c, n in runs_by_condition.items()}
+    tables = write_tables(out, dataset, table_rows, ablation_rows, spice_notes)
+    _write_predictions(out / "predictions.parquet", ours, candidates, refs)
+    index = _gallery(out, dataset, run, manifest, ours, refs, tables, gallery)
+    return ReportSummary(out, rows, rescored, tables, index, notes, time.perf_counter() - start)
+
+
+def _write_predictions(path: Path, ours: dict[str, str], candidates: dict[str, dict[str, str]],
+                       refs: dict[str, list[str]]) -> None:
+    """One row per image: our critique, every other row's caption, the references."""
+    ids = sorted(ours)
+    columns: dict[str, Any] = {"image_id": ids, "caption": [ours[i] for i in ids]}
+    for row, caps in candidates.items():
+        if caps is not ours:
+            columns[row] = [caps.get(i) for i in ids]
+    columns["references"] = [refs[i] for i in ids]
+    write_parquet_atomic(path, pa.table(columns))
+
+
+def _gallery(out: Path, dataset: str, run: str, manifest: Manifest | None, ours: dict[str, str],
+             refs: dict[str, list[str]], tables: dict[str, str], limit: int) -> Path:
+    """index.html: the tables and the first ``limit`` images (by id) with overlay, critique, references, score."""
+    from stages.report.html import GalleryItem, render_report
+    from stages.report.metrics import per_image_path
+    from stages.saliency.overlay import overlay
+    from storage.atomic import atomic_path
+    from storage.images import ImageError, open_rgb, safe_join
+    from storage.tables import image_root, read_table
+
+    try:
+        from storage.saliency_store import current_store
+
+        store = current_store(manifest)
+    except (FileNotFoundError, KeyError, LookupError, AttributeError):
+        store = None
+    per_image = {}
+    side = per_image_path(out / "metrics.json")
+    if side.exists():
+        for line in side.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                per_image[str(row.pop("image_id"))] = row
+    root = image_root(dataset)
+    meta = {r["image_id"]: r for r in read_table(dataset, "images").to_pylist() if r["image_id"] in ours}
+    items = []
+    for image_id in sorted(ours)[:limit]:
+        row = meta[image_id]
+        path = safe_join(root, row["path"])
+        overlay_path, score = None, None
+        if store is not None and store.has(row["sha256"]):
+            sal, _category, score = store.read(row["sha256"])
+            overlay_path = out / "overlays" / f"{row['sha256'][:16]}.png"
+            if not overlay_path.exists():
+                try:
+                    with atomic_path(overlay_path) as tmp:
+                        overlay(open_rgb(path), sal).save(tmp, format="PNG")
+                except ImageError:
+                    overlay_path = None
+        items.append(GalleryItem(path, overlay_path, ours[image_id], refs[image_id], score,
+                                 per_image.get(image_id), image_id))
+    return render_report(out, f"ASE-MLLM report: {dataset} / {run}", tables, items)

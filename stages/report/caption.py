@@ -1,0 +1,208 @@
+"""``ase-mllm caption PATH...``: aesthetic critiques of your own photos.
+
+Files and folders (recursively, image suffixes only) are expanded, deduplicated and sorted. Each
+image gets its saliency map from the store when the store has its sha256, else computed on the
+fly with the manifest's EAT + LayerCAM; then tiling + generation with a fine-tuned run. Writes
+``captions.jsonl`` / ``captions.csv`` (path, critique, aesthetic score, heatmap path, error),
+heatmap overlays under ``heatmaps/`` and an ``index.html`` gallery. An unreadable file becomes a
+row with its error; the others proceed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.manifest import Manifest
+from pipeline.paths import runs_dir
+from stages.report.generate import UNTRAINED, DecodeConfig, load_run
+from storage.atomic import atomic_path, write_bytes_atomic
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+CSV_FIELDS = ("path", "critique", "aesthetic_score", "heatmap", "saliency", "error")
+
+
+@dataclass
+class CaptionRow:
+    path: str
+    critique: str | None = None
+    aesthetic_score: float | None = None  # EAT's predicted score
+    heatmap: str | None = None  # overlay PNG, relative to the output dir
+    saliency: str | None = None  # "store" | "computed"
+    error: str | None = None  # why this file has no critique
+
+
+@dataclass(frozen=True)
+class CaptionSummary:
+    out: Path
+    rows: list[CaptionRow]
+    run: str
+    wall_s: float
+
+    def line(self) -> str:
+        bad = [r for r in self.rows if r.error]
+        stored = sum(r.saliency == "store" for r in self.rows)
+        return (f"caption: {len(self.rows) - len(bad)} captioned, {len(bad)} failed, {stored} saliency maps from the "
+                f"store, with {self.run} in {self.wall_s:.1f} s -> {self.out / 'captions.jsonl'}, "
+                f"{self.out / 'index.html'}")
+
+
+def expand_paths(paths: list[Path]) -> tuple[list[Path], list[CaptionRow]]:
+    """Image files named or found (recursively) in folders, sorted and unique; missing paths as error rows."""
+    files: dict[Path, None] = {}
+    errors = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                errors.append(CaptionRow(str(p), error="no_images: folder holds no image files"))
+            files.update(dict.fromkeys(found))
+        elif p.exists():
+            files[p] = None
+        else:
+            errors.append(CaptionRow(str(p), error=f"missing_image: {p} does not exist"))
+    return list(files), errors
+
+
+def resolve_run(run: str | None) -> tuple[str, str]:
+    """(dataset, run) from ``DATASET/RUN``, a unique ``RUN`` name, or (None) the newest trained run."""
+    from stages.report.generate import find_checkpoint
+
+    root = runs_dir("x").parent
+    if run and "/" in run:
+        dataset, name = run.split("/", 1)
+        return dataset, name
+    candidates = []
+    for d in sorted(root.glob("*/*")) if root.is_dir() else []:
+        if d.is_dir() and d.name != UNTRAINED and (run is None or d.name == run):
+            try:
+                candidates.append((find_checkpoint(d).stat().st_mtime_ns, d.parent.name, d.name))
+            except FileNotFoundError:
+                continue
+    if not candidates:
+        what = f"named '{run}'" if run else "at all"
+        raise FileNotFoundError(f"no fine-tuned run {what} under {root}: train one with "
+                                "`ase-mllm finetune --dataset NAME`, or pass --run DATASET/RUN")
+    if run and len(candidates) > 1:
+        raise ValueError(f"run '{run}' exists for several datasets ({', '.join(c[1] for c in candidates)}): "
+                         f"pass --run DATASET/{run}")
+    _, dataset, name = max(candidates)
+    return dataset, name
+
+
+class Saliency:
+    """Maps by sha256 from the store, else computed with the manifest's EAT (loaded on first need)."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        from storage.saliency_store import current_store
+
+        self.manifest = manifest
+        try:
+            self.store = current_store(manifest)
+        except (FileNotFoundError, KeyError, LookupError):
+            self.store = None
+        self._eat: tuple[Any, Any, Any] | None = None
+
+    def __call__(self, sha: str, img: Any) -> tuple[np.ndarray, float, str]:
+        """(map [h, w], aesthetic score, "store" | "computed")."""
+        if self.store is not None and self.store.has(sha):
+            sal, _category, score = self.store.read(sha)
+            return sal, score, "store"
+        from stages.saliency.eat import eat_score, preprocess
+        from stages.saliency.layercam import layercam
+
+        if self._eat is None:
+            from stages.saliency.job import ModelSpec, load_model
+            from storage.saliency_store import current_fingerprint
+
+            spec = self.manifest.eat
+            _, checkpoint = current_fingerprint(self.manifest)
+            self._eat = load_model(ModelSpec(spec.variant, str(checkpoint.resolve()), spec.target_layer,
+                                             spec.num_classes))
+        model, layer, device = self._eat
+        out = layercam(model, layer, preprocess(img)[None].to(device))  # maps [1, h, w]
+        return out.maps[0].cpu().numpy(), float(eat_score(out.logits)[0]), "computed"
+
+
+def caption_files(
+    paths: list[Path],
+    manifest: Manifest,
+    out: Path,
+    run: str | None = None,
+    checkpoint: str | None = None,
+    decode: DecodeConfig = DecodeConfig(),
+    batch_size: int = 4,
+    progress: bool = True,
+) -> CaptionSummary:
+    """Critique every image under ``paths`` with a fine-tuned run; write the outputs under ``out``."""
+    from tqdm import tqdm
+
+    from stages.report.html import GalleryItem, render_report
+    from stages.saliency.overlay import overlay
+    from storage.images import ImageError, open_rgb, sha256_file
+
+    start = time.perf_counter()
+    files, rows = expand_paths(paths)
+    dataset, name = resolve_run(run)
+    captioner, ckpt, _ = load_run(dataset, name, checkpoint)
+    saliency = Saliency(manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    batch: list[tuple[CaptionRow, Any]] = []
+
+    def flush() -> None:
+        if batch:
+            for (row, _), text in zip(batch, captioner.generate([p for _, p in batch], decode)):
+                row.critique = text
+            batch.clear()
+
+    for path in tqdm(files, desc=f"caption ({dataset}/{name}/{ckpt})", unit="img", disable=not progress):
+        row = CaptionRow(str(path))
+        rows.append(row)
+        try:
+            img = open_rgb(path)
+            sha = sha256_file(path)
+        except (ImageError, OSError) as e:
+            row.error = f"{e.reason}: {e.detail}" if isinstance(e, ImageError) else f"unreadable_image: {e}"
+            continue
+        sal, row.aesthetic_score, row.saliency = saliency(sha, img)
+        heatmap = Path("heatmaps") / f"{path.stem}-{sha[:12]}.png"
+        if not (out / heatmap).exists():
+            with atomic_path(out / heatmap) as tmp:
+                overlay(img, sal).save(tmp, format="PNG")
+        row.heatmap = str(heatmap)
+        batch.append((row, captioner.prepare(img, sal)))
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    rows.sort(key=lambda r: r.path)
+    _write_outputs(out, rows)
+    items = [GalleryItem(Path(r.path), out / r.heatmap, r.critique or "", [], r.aesthetic_score, None, Path(r.path).name)
+             for r in rows if not r.error]
+    render_report(out, f"ASE-MLLM critiques ({dataset}/{name}, {ckpt})", _error_table(rows), items)
+    return CaptionSummary(out, rows, f"{dataset}/{name}/{ckpt}", time.perf_counter() - start)
+
+
+def _write_outputs(out: Path, rows: list[CaptionRow]) -> None:
+    lines = [json.dumps(asdict(r), ensure_ascii=False) for r in rows]
+    write_bytes_atomic(out / "captions.jsonl", ("\n".join(lines) + "\n").encode())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in rows)
+    write_bytes_atomic(out / "captions.csv", buf.getvalue().encode())
+
+
+def _error_table(rows: list[CaptionRow]) -> dict[str, str]:
+    """A Markdown table of the files that could not be captioned (none: no section)."""
+    bad = [r for r in rows if r.error]
+    if not bad:
+        return {}
+    lines = ["| File | Error |", "|---|---|"]
+    lines += [f"| {r.path.replace('|', '/')} | {r.error.replace('|', '/')} |" for r in bad]
+    return {f"{len(bad)} file(s) not captioned": "\n".join(lines) + "\n"}

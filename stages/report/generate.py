@@ -1,0 +1,457 @@
+"""Critique generation with a run's checkpoint: batched, left-padded, KV-cached, resumable.
+
+Images are sorted by prompt length (tile count) so a batch carries little padding; prompts are
+left-padded so every sequence ends at the same position and ``model.generate`` (KV cache) appends
+to all of them at once. Image features (IAS-ViT -> pixel shuffle -> projector) are computed once
+per batch and handed to ``generate`` as ``mm_encoder_outputs``, which transformers expands
+correctly for beam search (tiles of one image stay together).
+
+Predictions live in ``runs/<dataset>/<run>/predictions/<checkpoint>[@<decoding>]/``: parquet part
+files (image_id, split, caption), each written temp + rename, plus ``generation.json`` (checkpoint
+fingerprint, decoding, tiling). A killed run loses at most the part being written; a rerun
+generates only the images without a prediction. Under torchrun rank r takes images r::world of the
+split sorted by id (no communication; independent of what is already done) and writes its own parts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from pipeline.manifest import Manifest
+from pipeline.paths import runs_dir
+from stages.finetune.dataset import TileSpec
+from storage.atomic import write_json_atomic, write_parquet_atomic
+from storage.images import ImageError
+
+UNTRAINED = "untrained"  # run name of the base model without fine-tuning (the baseline row)
+PREDICTION_SCHEMA = pa.schema([("image_id", pa.string()), ("split", pa.string()), ("caption", pa.string())])
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How critiques are decoded: greedy by default, beam search or nucleus sampling on request."""
+
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0  # sampling only: reseeded per batch
+
+    def tag(self) -> str:
+        """'' for the default (greedy), else a short stable name for the predictions directory."""
+        if self == DecodeConfig():
+            return ""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample)
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p)
+        return kw
+
+
+@dataclass
+class Prompt:
+    """One image ready for the model."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor  # [T, 3, S, S]
+    saliency_values: torch.Tensor | None  # [T, 1, S, S]; None when the model has no saliency fusion
+
+
+# ---------------------------------------------------------------- the model
+
+
+class Captioner:
+    """A loaded ASE-MLLM + tokenizer + tiling: (image, saliency map) -> critique, in batches."""
+
+    def __init__(self, model: Any, tokenizer: Any, tiles: TileSpec, device: torch.device | None = None) -> None:
+        self.device = device or default_device()
+        dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        self.model = model.to(self.device, dtype=dtype).eval().requires_grad_(False)
+        self.tokenizer, self.tiles = tokenizer, tiles
+        self.needs_saliency = getattr(model.config, "ias_fusion", "none") == "cross_attention"
+
+    def prepare(self, img: Image.Image, saliency_map: np.ndarray | None) -> Prompt:
+        """Tiles, saliency tiles (uniform when ``saliency_map`` is None) and prompt ids of one image."""
+        from stages.finetune.prompting import prompt_ids
+        from stages.finetune.tiling import plan_tiles, saliency_tiles, tile_image
+
+        t = self.tiles
+        tiling = plan_tiles(img.width, img.height, t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail)
+        pixel_values = tile_image(img, tiling, t.tile_size)  # [T, 3, S, S]
+        saliency = None
+        if self.needs_saliency:
+            saliency = (saliency_tiles(saliency_map, tiling, t.tile_size) if saliency_map is not None
+                        else torch.ones(tiling.num_tiles, 1, t.tile_size, t.tile_size))  # [T, 1, S, S]
+        ids = prompt_ids(self.tokenizer, t.tokens_per_tile * tiling.num_tiles)
+        return Prompt(ids, pixel_values, saliency)
+
+    def generate(self, prompts: list[Prompt], decode: DecodeConfig = DecodeConfig()) -> list[str]:
+        """Critiques of a batch of prompts (left-padded, one ``generate`` call)."""
+        texts = self.tokenizer.batch_decode(self.generate_ids(prompts, decode), skip_special_tokens=True)
+        return [" ".join(t.split()) for t in texts]
+
+    @torch.inference_mode()
+    def generate_ids(self, prompts: list[Prompt], decode: DecodeConfig = DecodeConfig()) -> list[list[int]]:
+        """New token ids per prompt, up to and including eos (padding after it removed)."""
+        n, length = len(prompts), max(len(p.input_ids) for p in prompts)
+        input_ids = torch.full((n, length), self.tokenizer.pad_token_id, dtype=torch.long)  # [B, L]
+        attention_mask = torch.zeros((n, length), dtype=torch.long)  # [B, L]
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at column L-1
+            input_ids[i, length - len(p.input_ids):] = torch.as_tensor(p.input_ids)
+            attention_mask[i, length - len(p.input_ids):] = 1
+        dtype = next(self.model.parameters()).dtype
+        pixel_values = torch.cat([p.pixel_values for p in prompts]).to(self.device, dtype)  # [sum T, 3, S, S]
+        saliency = (torch.cat([p.saliency_values for p in prompts]).to(self.device, dtype)  # [sum T, 1, S, S]
+                    if self.needs_saliency else None)
+        image = self.model.get_image_features(pixel_values, saliency_values=saliency, return_dict=True)
+        if decode.do_sample:
+            torch.manual_seed(decode.seed)
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            mm_encoder_outputs={"image": image},
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **decode.generate_kwargs(),
+        )  # [B, L + new]
+        eos = self.tokenizer.eos_token_id
+        ids = []
+        for row in out[:, length:].tolist():
+            ids.append(row[: row.index(eos) + 1] if eos in row else row)
+        return ids
+
+
+def default_device() -> torch.device:
+    """cuda:<LOCAL_RANK> when a GPU is present (one per torchrun rank), else CPU."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- runs and checkpoints
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "run_config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
+    """``checkpoint`` (a name in the run dir or a path), else ``final/``, else the newest complete ``checkpoint-N``."""
+    from stages.finetune.train import is_complete, last_checkpoint
+
+    if checkpoint:
+        path = Path(checkpoint) if Path(checkpoint).is_absolute() else run_dir / checkpoint
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        return path
+    final = run_dir / "final"
+    if final.is_dir() and (final / "config.json").exists():
+        return final
+    latest = last_checkpoint(run_dir)
+    if latest is None or not is_complete(latest):
+        raise FileNotFoundError(f"no checkpoint in {run_dir}: run `ase-mllm finetune --dataset "
+                                f"{run_dir.parent.name} --run {run_dir.name}` first")
+    return latest
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """Cheap identity of a checkpoint's weights (names, sizes and mtimes of its weight files)."""
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".json") and p.is_file()
+                   and ("model" in p.name or p.name == "config.json"))
+    key = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps([str(Path(path).resolve()), key]).encode()).hexdigest()[:16]
+
+
+def tile_spec(config: Any, cfg: dict[str, Any]) -> TileSpec:
+    """The run's tiling (run_config.json ``tiles``), else the model's tile size with InternVL defaults."""
+    from stages.finetune.model import tokens_per_tile
+    from stages.finetune.train import tile_size
+
+    if cfg.get("tiles"):
+        return TileSpec(**cfg["tiles"])
+    return TileSpec(tile_size=tile_size(config), tokens_per_tile=tokens_per_tile(config))
+
+
+def _tokenizer_for(ckpt: Path, run_dir: Path, cfg: dict[str, Any]) -> Any:
+    from stages.finetune.tokenizer import load_tokenizer
+
+    for directory in (ckpt, run_dir / "tokenizer", Path(cfg["base"]) if cfg.get("base") else None):
+        if directory is not None and (directory / "tokenizer_config.json").exists():
+            return load_tokenizer(directory)
+    raise FileNotFoundError(f"no tokenizer for {ckpt} (looked in the checkpoint, {run_dir / 'tokenizer'} and the base)")
+
+
+def load_checkpoint(run_dir: Path, ckpt: Path, device: torch.device | None = None) -> Captioner:
+    """A run's checkpoint as a :class:`Captioner` (full weights, or LoRA adapters on the run's base)."""
+    from stages.finetune.model import IASInternVLForConditionalGeneration, load_base
+
+    cfg = run_config(run_dir)
+    if (ckpt / "config.json").exists():
+        model = IASInternVLForConditionalGeneration.from_pretrained(str(ckpt))
+    elif (ckpt / "adapter_config.json").exists():
+        if not cfg.get("base"):
+            raise ValueError(f"{ckpt} holds LoRA adapters on a randomly initialised demo model: they cannot be "
+                             "reloaded without their base; train the demo without --lora")
+        from peft import PeftModel
+
+        base, _ = load_base(cfg["base"], fusion=cfg.get("fusion", "cross_attention"))
+        model = PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload()
+    else:
+        raise FileNotFoundError(f"{ckpt} holds no model (config.json or adapter_config.json)")
+    return Captioner(model, _tokenizer_for(ckpt, run_dir, cfg), tile_spec(model.config, cfg), device)
+
+
+def prepare_untrained(dataset: str, like: str, manifest: Manifest | None) -> Path:
+    """``runs/<dataset>/untrained/``: the model the run ``like`` started from, before any fine-tuning.
+
+    With a base checkpoint that is the base itself (nothing is copied); for the demo it is the tiny
+    model initialised exactly as ``finetune`` initialised it (same seed, tokenizer and fusion),
+    saved under ``final/``. Returns the run dir.
+    """
+    from transformers import set_seed
+
+    from stages.finetune.model import build_tiny_model
+    from stages.finetune.tokenizer import IMG_CONTEXT
+
+    run_dir = runs_dir(dataset) / UNTRAINED
+    src = runs_dir(dataset) / like
+    cfg = run_config(src)
+    base = cfg.get("base") or (str(manifest.mllm.base) if manifest and manifest.mllm.base else None)
+    fusion = cfg.get("fusion", "cross_attention")
+    info = {"fine_tuned": False, "untrained_of": like, "base": base, "fusion": fusion, "tiles": cfg.get("tiles"),
+            "allow_missing_saliency": cfg.get("allow_missing_saliency", False)}
+    if base is None and not (run_dir / "final" / "config.json").exists():
+        tokenizer = _tokenizer_for(src / "final", src, cfg)
+        set_seed(int(cfg.get("seed", 0)))
+        model = build_tiny_model(cfg.get("tiny_model", "tiny"), vocab_size=len(tokenizer),
+                                 image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT), fusion=fusion)
+        tmp = run_dir / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        tmp.replace(run_dir / "final")
+    if not (run_dir / "run_config.json").exists():
+        write_json_atomic(run_dir / "run_config.json", info)
+    return run_dir
+
+
+def load_run(dataset: str, run: str, checkpoint: str | None = None,
+             device: torch.device | None = None) -> tuple[Captioner, str, str]:
+    """(captioner, checkpoint name, checkpoint fingerprint) of a run; ``untrained`` may mean the base model."""
+    from stages.finetune.model import load_base
+    from stages.finetune.tokenizer import load_tokenizer
+
+    run_dir = runs_dir(dataset) / run
+    cfg = run_config(run_dir)
+    if run == UNTRAINED and cfg.get("base") and checkpoint is None:
+        base = Path(cfg["base"])
+        model, _ = load_base(base, fusion=cfg.get("fusion", "cross_attention"))
+        captioner = Captioner(model, load_tokenizer(base), tile_spec(model.config, cfg), device)
+        return captioner, "base", checkpoint_fingerprint(base)
+    ckpt = find_checkpoint(run_dir, checkpoint)
+    return load_checkpoint(run_dir, ckpt, device), ckpt.name, checkpoint_fingerprint(ckpt)
+
+
+# ---------------------------------------------------------------- predictions on disk
+
+
+def predictions_dir(dataset: str, run: str, checkpoint: str, decode: DecodeConfig = DecodeConfig()) -> Path:
+    tag = decode.tag()
+    return runs_dir(dataset) / run / "predictions" / (f"{checkpoint}@{tag}" if tag else checkpoint)
+
+
+def read_predictions(directory: Path, split: str | None = None) -> dict[str, str]:
+    """image_id -> caption over all committed parts (of ``split`` when given)."""
+    parts = sorted(Path(directory).glob("part-*.parquet")) if Path(directory).is_dir() else []
+    out: dict[str, str] = {}
+    for part in parts:
+        t = pq.read_table(part, schema=PREDICTION_SCHEMA)
+        for iid, s, cap in zip(t["image_id"].to_pylist(), t["split"].to_pylist(), t["caption"].to_pylist()):
+            if split is None or s == split:
+                out[iid] = cap
+    return out
+
+
+def _open_predictions(directory: Path, meta: dict[str, Any]) -> None:
+    """Create the directory; predictions of different weights / settings are discarded (stale)."""
+    path = directory / "generation.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old == meta:
+            return
+        print(f"generate: {directory} holds predictions of other weights or settings; regenerating")
+        for part in directory.glob("part-*.parquet"):
+            part.unlink(missing_ok=True)
+    write_json_atomic(path, meta)
+
+
+# ---------------------------------------------------------------- the job
+
+
+@dataclass
+class GenerateSummary:
+    directory: Path
+    generated: int  # by this process now
+    reused: int  # already had a prediction
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (image_id, reason): left for a rerun
+    wall_s: float = 0.0
+
+    def line(self) -> str:
+        rate = self.generated / self.wall_s if self.wall_s > 0 else 0.0
+        failed = f", {len(self.failed)} failed (e.g. {self.failed[0][0]}: {self.failed[0][1]})" if self.failed else ""
+        return (f"generate: {self.generated} generated, {self.reused} reused{failed} in {self.wall_s:.1f} s "
+                f"({rate:.2f} img/s) -> {self.directory}")
+
+
+def _prefetched(items: list[Any], prepare: Callable[[Any], Any], batch_size: int,
+                workers: int = 2) -> Iterator[tuple[list[Any], list[Any]]]:
+    """(items, prepared) per batch; the next batch is prepared in threads while this one runs."""
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+    def submit(pool: ThreadPoolExecutor, batch: list[Any]) -> list[Future]:
+        return [pool.submit(prepare, it) for it in batch]
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        ahead = submit(pool, batches[0]) if batches else []
+        for k, batch in enumerate(batches):
+            current = ahead
+            ahead = submit(pool, batches[k + 1]) if k + 1 < len(batches) else []
+            yield batch, [f.result() for f in current]
+
+
+def generate_split(
+    dataset: str,
+    run: str,
+    manifest: Manifest | None,
+    split: str = "test",
+    checkpoint: str | None = None,
+    decode: DecodeConfig = DecodeConfig(),
+    batch_size: int = 8,
+    part_size: int = 64,
+    limit: int | None = None,
+    allow_missing_saliency: bool | None = None,
+    rank: int | None = None,
+    world: int | None = None,
+    progress: bool = True,
+) -> GenerateSummary:
+    """Generate a critique for every image of ``split`` that has none for this checkpoint yet.
+
+    ``part_size`` images (rounded up to whole batches) are committed per part file; ``limit``
+    restricts the split to its first N images by id. Under torchrun, ``rank`` / ``world`` default
+    to RANK / WORLD_SIZE.
+    """
+    import pyarrow.compute as pc
+    from tqdm import tqdm
+
+    from stages.finetune.tiling import plan_tiles
+    from storage.images import open_rgb, safe_join
+    from storage.tables import image_root, read_table
+
+    start = time.perf_counter()
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
+    if run == UNTRAINED and not (runs_dir(dataset) / UNTRAINED / "run_config.json").exists():
+        raise FileNotFoundError(f"{runs_dir(dataset) / UNTRAINED} is not prepared: report a fine-tuned run first "
+                                "(the untrained baseline starts from that run's initialisation)")
+    captioner, ckpt_name, fingerprint = load_run(dataset, run, checkpoint)
+    directory = predictions_dir(dataset, run, ckpt_name, decode)
+    _open_predictions(directory, {"checkpoint_fingerprint": fingerprint, "decode": asdict(decode),
+                                  "tiles": asdict(captioner.tiles)})
+
+    images = read_table(dataset, "images")
+    images = images.filter(pc.equal(images["split"], split)).sort_by("image_id")
+    if limit is not None:
+        images = images.slice(0, limit)
+    done = read_predictions(directory, split)
+    mine = images.to_pylist()[rank::world]  # by position in the whole split: independent of progress
+    rows = [r for r in mine if r["image_id"] not in done]
+    reused = len(mine) - len(rows)
+    t = captioner.tiles
+    n_tiles = {r["image_id"]: plan_tiles(r["width"], r["height"], t.tile_size, t.min_tiles, t.max_tiles,
+                                         t.use_thumbnail).num_tiles for r in rows}
+    rows.sort(key=lambda r: (-n_tiles[r["image_id"]], r["image_id"]))  # equal lengths batch together, big first
+
+    store = None
+    if captioner.needs_saliency and rows:
+        cfg = run_config(runs_dir(dataset) / run)
+        allow = cfg.get("allow_missing_saliency", False) if allow_missing_saliency is None else allow_missing_saliency
+        store = _saliency_store(manifest, allow)
+    root = image_root(dataset)
+
+    def prepare(row: dict[str, Any]) -> Prompt | ImageError:
+        try:
+            img = open_rgb(safe_join(root, row["path"]))
+        except ImageError as e:
+            return e
+        sal = store.read(row["sha256"])[0] if store is not None and store.has(row["sha256"]) else None
+        if sal is None and store is not None and not store.allow_missing:
+            return ImageError("missing_saliency", f"no saliency map for {row['image_id']}: run `ase-mllm saliency`")
+        return captioner.prepare(img, sal)
+
+    summary = GenerateSummary(directory, 0, reused)
+    pending: list[dict[str, str]] = []
+
+    def commit() -> None:
+        if pending:
+            name = f"part-r{rank:03d}-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.parquet"
+            write_parquet_atomic(directory / name, pa.Table.from_pylist(pending, schema=PREDICTION_SCHEMA))
+            pending.clear()
+
+    desc = f"generate {run}/{ckpt_name}" + (f" rank {rank}/{world}" if world > 1 else "")
+    with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
+        for batch, prepared in _prefetched(rows, prepare, batch_size):
+            ok = [(r, p) for r, p in zip(batch, prepared) if isinstance(p, Prompt)]
+            summary.failed += [(r["image_id"], p.reason) for r, p in zip(batch, prepared) if isinstance(p, ImageError)]
+            if ok:
+                captions = captioner.generate([p for _, p in ok], decode)
+                pending += [{"image_id": r["image_id"], "split": split, "caption": c} for (r, _), c in zip(ok, captions)]
+                summary.generated += len(ok)
+            if len(pending) >= part_size:
+                commit()
+            bar.update(len(batch))
+    commit()
+    summary.wall_s = time.perf_counter() - start
+    return summary
+
+
+class _Store:
+    """The saliency store (or none), with the policy for images it lacks."""
+
+    def __init__(self, store: Any | None, allow_missing: bool) -> None:
+        self.store, self.allow_missing = store, allow_missing
+
+    def has(self, sha: str) -> bool:
+        return self.store is not None and self.store.has(sha)
+
+    def read(self, sha: str) -> tuple[np.ndarray, int, float]:
+        return self.store.read(sha)
+
+
+def _saliency_store(manifest: Manifest | None, allow_missing: bool) -> _Store:
+    from storage.saliency_store import current_store
+
+    try:
+        return _Store(current_store(manifest), allow_missing)
+    except (FileNotFoundError, KeyError, LookupError, AttributeError) as e:
+        if not allow_missing:
+            raise FileNotFoundError(f"no saliency store ({e}): run `ase-mllm saliency` first, or pass "
+                                    "--allow-missing-saliency to use uniform maps") from None
+        return _Store(None, True)

@@ -1,0 +1,116 @@
+"""CLI: ``ase-mllm generate``, ``ase-mllm report`` and ``ase-mllm caption`` (heavy imports inside)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+_CHECKPOINT = typer.Option(None, "--checkpoint", help="checkpoint-N / final / a path (default: final, else newest).")
+_BATCH = typer.Option(8, "--batch-size", help="Images per generate() call.")
+_MAX_NEW = typer.Option(64, "--max-new-tokens")
+_BEAMS = typer.Option(1, "--num-beams", help="Beam search with this many beams (1: greedy).")
+_SAMPLE = typer.Option(False, "--do-sample", help="Nucleus sampling instead of greedy / beam search.")
+_TEMP = typer.Option(1.0, "--temperature")
+_TOP_P = typer.Option(1.0, "--top-p")
+_SEED = typer.Option(0, "--seed", help="Sampling seed.")
+
+
+def _decode(max_new_tokens: int, num_beams: int, do_sample: bool, temperature: float, top_p: float, seed: int):  # noqa: ANN202
+    from stages.report.generate import DecodeConfig
+
+    return DecodeConfig(max_new_tokens, num_beams, do_sample, temperature, top_p, seed)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def generate(
+        dataset: str = typer.Option(..., "--dataset", help="Ingested dataset."),
+        run: str = typer.Option("default", "--run", help="Run under runs/<dataset>/ ('untrained': the base)."),
+        split: str = typer.Option("test", "--split"),
+        checkpoint: Optional[str] = _CHECKPOINT,
+        batch_size: int = _BATCH,
+        part_size: int = typer.Option(64, "--part-size", help="Predictions per committed part file."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of the split (by id)."),
+        allow_missing_saliency: Optional[bool] = typer.Option(
+            None, "--allow-missing-saliency/--require-saliency", help="Uniform map for images without one (default: as trained)."),
+        max_new_tokens: int = _MAX_NEW, num_beams: int = _BEAMS, do_sample: bool = _SAMPLE,
+        temperature: float = _TEMP, top_p: float = _TOP_P, seed: int = _SEED,
+    ) -> None:
+        """Critiques for every image of a split without one yet (resumable; torchrun ranks share the work)."""
+        from pipeline.context import manifest
+        from stages.report.generate import generate_split
+
+        try:
+            s = generate_split(dataset, run, manifest(), split, checkpoint,
+                               _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed),
+                               batch_size, part_size, limit, allow_missing_saliency)
+        except (FileNotFoundError, ValueError) as e:
+            _fail(str(e))
+            return
+        typer.echo(s.line())
+
+    @app.command()
+    def report(
+        dataset: str = typer.Option("demo", "--dataset", help="Ingested dataset."),
+        run: str = typer.Option("default", "--run", help="Run under runs/<dataset>/."),
+        split: str = typer.Option("test", "--split"),
+        checkpoint: Optional[str] = _CHECKPOINT,
+        batch_size: int = _BATCH,
+        limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images of the split (by id)."),
+        spice_lib: Optional[Path] = typer.Option(None, "--spice-lib", envvar="ASE_SPICE_LIB",
+                                                 help="Directory with the CoreNLP 3.6.0 jars (enables SPICE)."),
+        baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Untrained and retrieval rows."),
+        ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="Table II from the dataset's runs."),
+        gallery: int = typer.Option(60, "--gallery", help="Images in the index.html gallery."),
+        max_new_tokens: int = _MAX_NEW, num_beams: int = _BEAMS, do_sample: bool = _SAMPLE,
+        temperature: float = _TEMP, top_p: float = _TOP_P, seed: int = _SEED,
+    ) -> None:
+        """Generate (if needed), score against the baselines and write reports/<dataset>/<run>/."""
+        from pipeline.context import manifest
+        from stages.report.build import build_report
+        from stages.report.metrics import JavaNotFoundError
+
+        try:
+            s = build_report(dataset, run, manifest(), split, checkpoint,
+                             _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed),
+                             batch_size, limit, spice_lib, baselines, ablation, gallery)
+        except (FileNotFoundError, ValueError, JavaNotFoundError) as e:
+            _fail(str(e))
+            return
+        for markdown in s.tables.values():
+            typer.echo(markdown)
+        for note in s.notes:
+            typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+        typer.echo(s.line())
+        typer.echo(f"open {s.index}")
+
+    @app.command()
+    def caption(
+        paths: list[Path] = typer.Argument(..., help="Image files and / or folders (searched recursively)."),
+        run: Optional[str] = typer.Option(None, "--run", help="DATASET/RUN or RUN (default: the newest trained run)."),
+        out: Path = typer.Option(Path("captions"), "--out", help="Output folder."),
+        checkpoint: Optional[str] = _CHECKPOINT,
+        batch_size: int = typer.Option(4, "--batch-size"),
+        max_new_tokens: int = _MAX_NEW, num_beams: int = _BEAMS, do_sample: bool = _SAMPLE,
+        temperature: float = _TEMP, top_p: float = _TOP_P, seed: int = _SEED,
+    ) -> None:
+        """Critique your own photos: captions.jsonl / .csv, heatmaps and an index.html gallery."""
+        from pipeline.context import manifest
+        from stages.report.caption import caption_files
+
+        try:
+            s = caption_files(paths, manifest(), out, run, checkpoint,
+                              _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed), batch_size)
+        except (FileNotFoundError, ValueError) as e:
+            _fail(str(e))
+            return
+        for row in s.rows:
+            if row.error:
+                typer.secho(f"error: {row.path}: {row.error}", fg=typer.colors.RED, err=True)
+        typer.echo(s.line())

@@ -1,0 +1,129 @@
+"""Result tables in the paper's layouts, our rows beside its published ones, as Markdown and CSV.
+
+Table I: one row per method, columns B1 B2 B3 B4 M R C S S-L Pre Re. Table II (III for the
+Qwen-VL-Chat base): the ablation with / without fine-tuning (FT) and IASC. The paper's numbers
+ship as package data (``data/paper_tables.csv``, see ``data/README.md``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from storage.atomic import write_bytes_atomic
+
+COLUMNS = (  # (header in the paper's layout, metric key)
+    ("B1", "Bleu_1"), ("B2", "Bleu_2"), ("B3", "Bleu_3"), ("B4", "Bleu_4"), ("M", "METEOR"), ("R", "ROUGE_L"),
+    ("C", "CIDEr"), ("S", "SPICE"), ("S-L", "SPICE_L"), ("Pre", "Precision"), ("Re", "Recall"),
+)
+PAPER_CSV_COLUMNS = {"Bleu_1": "B1", "Bleu_2": "B2", "Bleu_3": "B3", "Bleu_4": "B4"}  # others share our key
+CITATION = ("Tao, Huang, Xu, Shao: Aesthetic Image Captioning with Saliency Enhanced MLLMs, "
+            "arXiv:2509.04378 (2025)")
+# Ablation conditions (fine-tuned, IASC) -> the paper's row labels in Tables II / III
+CONDITIONS = {
+    (False, False): "pretrained (no FT, no IASC)",
+    (False, True): "IASC, no FT",
+    (True, False): "FT, no IASC",
+    (True, True): "FT + IASC",
+}
+ABLATION_BASE = {"II": "InternVL2-8B", "III": "Qwen-VL-Chat"}
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    source: str  # "paper" or "ours"
+    values: dict[str, float | None]  # metric key -> value (None: not available)
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def paper_rows(table: str, dataset: str) -> list[Row]:
+    """The published rows of Table ``table`` ("I", "II", "III") for ``dataset`` (any spelling: pccd, DPC-2022)."""
+    text = resources.files("stages.report").joinpath("data/paper_tables.csv").read_text(encoding="utf-8")
+    rows = []
+    for rec in csv.DictReader(io.StringIO(text)):
+        if rec["table"] != table or _norm(rec["dataset"]) != _norm(dataset):
+            continue
+        values = {key: float(rec[PAPER_CSV_COLUMNS.get(key, key)]) if rec[PAPER_CSV_COLUMNS.get(key, key)] else None
+                  for _, key in COLUMNS}
+        method = rec["description"] if table == "I" else f"{rec['method']} ({rec['description']})"
+        rows.append(Row(method, "paper", values))
+    return rows
+
+
+def _ours(name: str, metrics: dict[str, float | None]) -> Row:
+    return Row(name, "ours", {key: metrics.get(key) for _, key in COLUMNS})
+
+
+def table_one(dataset: str, ours: dict[str, dict[str, float | None]]) -> list[Row]:
+    """Table I: the paper's rows for ``dataset`` then ours (run or baseline name -> metrics)."""
+    return paper_rows("I", dataset) + [_ours(name, m) for name, m in ours.items()]
+
+
+def ablation(dataset: str, runs: dict[tuple[bool, bool], dict[str, float | None]], paper_table: str = "II") -> list[Row]:
+    """Table II layout: paper rows, then ours per (fine-tuned, IASC) condition present in ``runs``."""
+    ordered = [c for c in CONDITIONS if c in runs]
+    return paper_rows(paper_table, dataset) + [_ours(CONDITIONS[c], runs[c]) for c in ordered]
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def to_markdown(rows: list[Row], title: str, dataset: str, notes: dict[str, str] | None = None) -> str:
+    """A Markdown table; "—" marks values not available, explained under the table."""
+    head = ["Method", "Source"] + [h for h, _ in COLUMNS]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([r.method.replace("|", "/"), r.source] + [_fmt(r.values[k]) for _, k in COLUMNS]) + " |"
+              for r in rows]
+    lines.append("")
+    if any(r.source == "paper" for r in rows):
+        lines.append(f"Paper rows: {CITATION}.")
+    else:
+        lines.append(f"The paper reports no results for dataset '{dataset}'.")
+    missing = sorted({k for r in rows if r.source == "ours" for _, k in COLUMNS if r.values[k] is None})
+    for reason in sorted({(notes or {}).get(k, "not computed") for k in missing}):
+        keys = ", ".join(h for h, k in COLUMNS if k in missing and (notes or {}).get(k, "not computed") == reason)
+        lines.append(f"— ({keys}): {reason}")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[Row]) -> str:
+    """CSV with the same columns; values not available are empty cells."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "source"] + [h for h, _ in COLUMNS])
+    for r in rows:
+        writer.writerow([r.method, r.source] + ["" if r.values[k] is None else repr(r.values[k]) for _, k in COLUMNS])
+    return buf.getvalue()
+
+
+def write_tables(
+    out_dir: Path,
+    dataset: str,
+    ours: dict[str, dict[str, float | None]],
+    runs: dict[tuple[bool, bool], dict[str, float | None]] | None = None,
+    notes: dict[str, str] | None = None,
+    paper_table: str = "II",
+) -> dict[str, str]:
+    """Write table.md / table.csv (Table I) and, with two or more ablation conditions, ablation.md /
+    ablation.csv (Table II). Returns {title: markdown} for the HTML report."""
+    written = {}
+    rows = table_one(dataset, ours)
+    title = f"Table I layout: {dataset} test split"
+    written[title] = to_markdown(rows, title, dataset, notes)
+    write_bytes_atomic(out_dir / "table.md", written[title].encode())
+    write_bytes_atomic(out_dir / "table.csv", to_csv(rows).encode())
+    if runs and len(runs) >= 2:
+        rows = ablation(dataset, runs, paper_table)
+        title = f"Table {paper_table} layout: ablation on {dataset} ({ABLATION_BASE[paper_table]} in the paper)"
+        written[title] = to_markdown(rows, title, dataset, notes)
+        write_bytes_atomic(out_dir / "ablation.md", written[title].encode())
+        write_bytes_atomic(out_dir / "ablation.csv", to_csv(rows).encode())
+    return written

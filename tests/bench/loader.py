@@ -1,0 +1,111 @@
+"""Stage-2 loader benchmark: cost of the saliency tiles, and loader throughput vs model step time.
+
+Prints (1) samples/s with saliency tiles / samples/s without (uniform map, no store read; aim
+>= 0.9) at the paper's tiling (448 px tiles, up to 12 + thumbnail) and at the demo model's, and
+(2) samples/s of one loader worker against the tiny model's training step, i.e. how many
+DataLoader workers keep that model fed. Run: ``.venv/bin/python tests/bench/loader.py``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+os.environ.setdefault("ASE_WORK", tempfile.mkdtemp(prefix="ase-bench-"))
+torch.set_num_threads(1)
+
+from pipeline.manifest import load_manifest  # noqa: E402
+from pipeline.paths import dataset_dir  # noqa: E402
+from storage.atomic import write_json_atomic, write_parquet_atomic  # noqa: E402
+from storage.images import sha256_file  # noqa: E402
+from storage.tables import COMMENTS_SCHEMA, IMAGES_SCHEMA  # noqa: E402
+from test_finetune_data import WORDS, make_manifest, make_store  # noqa: E402
+
+N_IMAGES = 16
+SIZES = [(1024, 768), (768, 1024), (1200, 800), (900, 900)]
+
+
+def photo_dataset(tmp: Path) -> list[str]:
+    """``N_IMAGES`` camera-sized JPEGs (smooth gradients + noise) and one comment each."""
+    root = tmp / "toy_images"
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    images, comments, shas = [], [], []
+    for i in range(N_IMAGES):
+        w, h = SIZES[i % len(SIZES)]
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], -1) * 200
+        pixels = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        path = root / f"p{i}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        shas.append(sha256_file(path))
+        images.append({"image_id": f"p{i}", "split": "train", "path": path.name, "width": w, "height": h,
+                       "sha256": shas[-1], "score": None})
+        comments.append({"image_id": f"p{i}", "comment_id": "c0", "text": WORDS[i % len(WORDS)], "aspect": None})
+    out = dataset_dir("toy")
+    write_parquet_atomic(out / "images.parquet", pa.Table.from_pylist(images, schema=IMAGES_SCHEMA))
+    write_parquet_atomic(out / "comments.parquet", pa.Table.from_pylist(comments, schema=COMMENTS_SCHEMA))
+    write_json_atomic(out / "meta.json", {"root": str(root), "format": "folder"})
+    return shas
+
+
+def rate(data, n: int) -> float:
+    """Samples/s of ``data[i]`` in this process (= one DataLoader worker)."""
+    data[0]  # warm caches (store index, zarr metadata)
+    t = time.perf_counter()
+    for i in range(n):
+        data[i % len(data)]
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    from stages.finetune.collate import Collator
+    from stages.finetune.dataset import CritiqueDataset, TileSpec
+    from stages.finetune.model import build_tiny_model, tokens_per_tile
+    from stages.finetune.tokenizer import IMG_CONTEXT, train_bpe
+    from storage.saliency_store import current_store
+
+    tmp = Path(tempfile.mkdtemp(prefix="ase-bench-data-"))
+    shas = photo_dataset(tmp)
+    manifest = load_manifest(make_manifest(tmp))
+    make_store(manifest, shas)
+    tok = train_bpe(WORDS * 4, vocab_size=300)
+    model = build_tiny_model("tiny", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
+    demo = TileSpec(tile_size=224, max_tiles=12, tokens_per_tile=tokens_per_tile(model.config))
+    paper = TileSpec(tile_size=448, max_tiles=12, tokens_per_tile=256)
+    for label, spec in (("paper tiling 448 px x <=12+1", paper), ("demo tiling 224 px x <=12+1", demo)):
+        with_sal = CritiqueDataset("toy", "train", tok, spec, current_store(manifest))
+        without = CritiqueDataset("toy", "train", tok, spec, None, allow_missing_saliency=True)
+        r_with, r_without = rate(with_sal, 2 * N_IMAGES), rate(without, 2 * N_IMAGES)
+        print(f"{label}: {r_with:.2f} samples/s with saliency tiles, {r_without:.2f} without "
+              f"-> ratio {r_with / r_without:.3f} (aim >= 0.9)")
+
+    data = CritiqueDataset("toy", "train", tok, demo, current_store(manifest))
+    per_worker = rate(data, 2 * N_IMAGES)
+    batch = Collator(tok.pad_token_id)([data[i] for i in range(4)])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for _ in range(4):
+        t = time.perf_counter()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    step = float(np.median(times[1:]))
+    model_rate = 4 / step
+    print(f"tiny model train step (batch 4, {batch['pixel_values'].shape[0]} tiles, CPU 1 thread): {step * 1000:.0f} ms "
+          f"= {model_rate:.1f} samples/s; one loader worker: {per_worker:.1f} samples/s "
+          f"-> {max(1, int(np.ceil(model_rate / per_worker)))} worker(s) keep it fed")
+
+
+if __name__ == "__main__":
+    main()
