@@ -1,0 +1,141 @@
+"""IAS-ViT: transformers' InternVL vision tower with saliency cross-attention in every layer.
+
+Each ``InternVLVisionLayer`` (layernorm_before -> attention * lambda_1 -> residual ->
+layernorm_after -> mlp * lambda_2 -> residual) gains, between its two residual branches,
+
+    h = h + gate * CrossAttn(q = saliency tokens, k = v = image tokens h)
+
+with ``gate`` zero-initialised, so at initialisation the tower equals the pretrained one exactly.
+Saliency tokens are the tower's own embeddings (patch + position, CLS slot included) of the
+saliency-weighted tile ``pixel_values * saliency_values``; they are computed once per forward and
+shared by all layers. ``fusion="none"`` builds the plain tower (the "w/o IASC" ablation).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+from transformers.models.internvl.modeling_internvl import (
+    NORM2FN,
+    InternVLVisionEmbeddings,
+    InternVLVisionEncoder,
+    InternVLVisionLayer,
+    InternVLVisionModel,
+    InternVLVisionModelOutputWithPooling,
+    InternVLVisionPreTrainedModel,
+)
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+FUSIONS = ("cross_attention", "none")
+
+
+class SaliencyCrossAttention(nn.Module):
+    """Multi-head cross-attention: queries from saliency tokens, keys/values from image tokens."""
+
+    def __init__(self, config: InternVLVisionConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = d // self.num_heads
+        self.norm_query = NORM2FN[config.norm_type](d, eps=config.layer_norm_eps)
+        self.norm_context = NORM2FN[config.norm_type](d, eps=config.layer_norm_eps)
+        self.q_proj = nn.Linear(d, d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(d, d)
+        self.gate = nn.Parameter(torch.zeros(d))  # per channel, zero at init (see IASVisionModel._init_weights)
+
+    def forward(self, image_tokens: torch.Tensor, saliency_tokens: torch.Tensor) -> torch.Tensor:
+        b, n, d = image_tokens.shape  # [B, N, D]; saliency_tokens [B, M, D]
+        m = saliency_tokens.shape[1]
+        context = self.norm_context(image_tokens)
+        q = self.q_proj(self.norm_query(saliency_tokens)).view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(context).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, N, Dh]
+        v = self.v_proj(context).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, M, Dh]
+        out = self.o_proj(out.transpose(1, 2).reshape(b, m, d))  # [B, M, D]
+        return self.gate * out
+
+
+class IASVisionLayer(InternVLVisionLayer):
+    """``InternVLVisionLayer`` with the gated saliency cross-attention between its residual branches."""
+
+    def __init__(self, config: InternVLVisionConfig) -> None:
+        super().__init__(config)
+        self.cross_attention = SaliencyCrossAttention(config)
+
+    def forward(self, hidden_states: torch.Tensor, saliency_tokens: torch.Tensor) -> torch.Tensor:
+        attention_output, _ = self.attention(self.layernorm_before(hidden_states))
+        hidden_states = self.lambda_1 * attention_output + hidden_states  # first residual
+        hidden_states = hidden_states + self.cross_attention(hidden_states, saliency_tokens)  # saliency residual
+        layer_output = self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        return self.lambda_2 * layer_output + hidden_states  # second residual
+
+
+class IASVisionEncoder(InternVLVisionEncoder):
+    """The layer stack; saliency tokens go to every layer (positionally, for gradient checkpointing)."""
+
+    def __init__(self, config: InternVLVisionConfig) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        self.layer = nn.ModuleList([IASVisionLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states: torch.Tensor, saliency_tokens: torch.Tensor) -> BaseModelOutput:
+        for layer_module in self.layer:
+            hidden_states = layer_module(hidden_states, saliency_tokens)
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
+class IASVisionModel(InternVLVisionModel):
+    """InternVL vision tower whose forward also takes per-tile saliency maps."""
+
+    def __init__(self, config: InternVLVisionConfig, fusion: str = "cross_attention") -> None:
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        InternVLVisionPreTrainedModel.__init__(self, config)
+        self.fusion = fusion
+        self.embeddings = InternVLVisionEmbeddings(config)
+        self.encoder = IASVisionEncoder(config) if fusion == "cross_attention" else InternVLVisionEncoder(config)
+        self.layernorm = (
+            nn.Identity() if config.use_mean_pooling else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        )
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SaliencyCrossAttention):
+            init.zeros_(module.gate)
+
+    def saliency_tokens(self, pixel_values: torch.Tensor, saliency_values: torch.Tensor) -> torch.Tensor:
+        """The tower's own patch + position embedding of tile x saliency tile: [T, 1+N, D]."""
+        return self.embeddings(pixel_values * saliency_values.to(pixel_values.dtype))
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        saliency_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        **kwargs,
+    ) -> InternVLVisionModelOutputWithPooling:
+        """pixel_values [T, 3, S, S]; saliency_values [T, 1, S, S] in [0, 1] (ignored when fusion is "none")."""
+        embedding_output = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)  # [T, 1+N, D]
+        if self.fusion == "cross_attention":
+            if saliency_values is None:
+                raise ValueError("IAS-ViT with cross-attention fusion needs saliency_values [T, 1, S, S]")
+            encoder_outputs = self.encoder(embedding_output, self.saliency_tokens(pixel_values, saliency_values))
+        else:
+            encoder_outputs = self.encoder(embedding_output)
+        return InternVLVisionModelOutputWithPooling(last_hidden_state=self.layernorm(encoder_outputs[0]))
+
+
+def cross_attention_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """All parameters the IAS fusion adds (what a base InternVL checkpoint lacks)."""
+    return [(n, p) for n, p in model.named_parameters() if ".cross_attention." in f".{n}"]

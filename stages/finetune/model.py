@@ -1,0 +1,222 @@
+"""ASE-MLLM model: transformers' InternVL with the IAS-ViT vision tower.
+
+IAS-ViT (stages/finetune/ias_vit.py) -> pixel shuffle (1/4 tokens) -> projector (LayerNorm, Linear,
+GELU, Linear) -> LLM, exactly as ``InternVLForConditionalGeneration``; the only additions are the
+``saliency_values`` input ([T, 1, S, S], one map per tile, aligned with ``pixel_values``) and the
+config field ``ias_fusion`` ("cross_attention" | "none": the "w/o IASC" ablation).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Qwen2Config
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.models.internvl.configuration_internvl import InternVLConfig, InternVLVisionConfig
+from transformers.models.internvl.modeling_internvl import (
+    InternVLCausalLMOutputWithPast,
+    InternVLForConditionalGeneration,
+    InternVLModel,
+    InternVLModelOutputWithPast,
+    InternVLMultiModalProjector,
+    InternVLPreTrainedModel,
+)
+
+from stages.finetune.ias_vit import FUSIONS, IASVisionModel
+
+
+@strict
+class IASInternVLConfig(InternVLConfig):
+    """``InternVLConfig`` plus the saliency fusion switch."""
+
+    model_type = "ias_internvl"
+    ias_fusion: str = "cross_attention"
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.ias_fusion not in FUSIONS:
+            raise ValueError(f"ias_fusion must be one of {FUSIONS}, got {self.ias_fusion!r}")
+        super().__post_init__(**kwargs)
+
+
+class IASInternVLModel(InternVLModel):
+    """``InternVLModel`` whose vision tower is IAS-ViT."""
+
+    config_class = IASInternVLConfig
+
+    def __init__(self, config: IASInternVLConfig) -> None:
+        InternVLPreTrainedModel.__init__(self, config)
+        self.vision_tower = IASVisionModel(config.vision_config, fusion=config.ias_fusion)
+        self.multi_modal_projector = InternVLMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        saliency_values: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs: Any,
+    ):
+        """IAS-ViT -> pixel shuffle -> projector; ``pooler_output`` is [T, tokens per tile, D_text]."""
+        return super().get_image_features(
+            pixel_values,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            saliency_values=saliency_values,  # travels through **kwargs to the vision tower
+            **kwargs,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        saliency_values: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs: Any,
+    ) -> InternVLModelOutputWithPast:
+        if pixel_values is not None:
+            if mm_encoder_outputs and mm_encoder_outputs.get("image") is not None:
+                raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
+            image = self.get_image_features(
+                pixel_values,
+                saliency_values=saliency_values,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                return_dict=True,
+            )
+            mm_encoder_outputs = {**(mm_encoder_outputs or {}), "image": image}
+        return super().forward(input_ids=input_ids, mm_encoder_outputs=mm_encoder_outputs, **kwargs)
+
+
+class IASInternVLForConditionalGeneration(InternVLForConditionalGeneration):
+    """ASE-MLLM: InternVL chat model with saliency-enhanced vision (IAS-ViT)."""
+
+    config_class = IASInternVLConfig
+
+    def __init__(self, config: IASInternVLConfig) -> None:
+        InternVLPreTrainedModel.__init__(self, config)
+        self.model = IASInternVLModel(config)
+        self.lm_head = torch.nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_image_features(self, pixel_values: torch.Tensor, saliency_values: torch.Tensor | None = None, **kwargs: Any):
+        return self.model.get_image_features(pixel_values, saliency_values=saliency_values, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        saliency_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs: Any,
+    ) -> InternVLCausalLMOutputWithPast:
+        """pixel_values [T_total, 3, S, S], saliency_values [T_total, 1, S, S]; input_ids hold
+        ``image_token_id`` x (tokens per tile x T_total); labels -100 are ignored by the loss."""
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            labels=labels,
+            mm_encoder_outputs=mm_encoder_outputs,
+            saliency_values=saliency_values,  # through **kwargs to IASInternVLModel.forward
+            **kwargs,
+        )
+
+
+# same on-disk key layout as InternVL -hf checkpoints (transformers renames InternVL keys on load / save)
+if get_checkpoint_conversion_mapping(IASInternVLConfig.model_type) is None:
+    register_checkpoint_conversion_mapping(IASInternVLConfig.model_type, get_checkpoint_conversion_mapping("internvl"))
+AutoConfig.register(IASInternVLConfig.model_type, IASInternVLConfig, exist_ok=True)
+AutoModel.register(IASInternVLConfig, IASInternVLModel, exist_ok=True)
+AutoModelForImageTextToText.register(IASInternVLConfig, IASInternVLForConditionalGeneration, exist_ok=True)
+
+
+def _qwen2_tiny(vocab_size: int) -> dict[str, Any]:
+    return dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                tie_word_embeddings=True)
+
+
+# name -> (vision config kwargs, text config kwargs given the vocab size); tiny models in the spirit of timm's registry
+TINY_CONFIGS: dict[str, tuple[dict[str, Any], Any]] = {
+    # 2 layers x 64, 224 px tiles of 16x16 patches -> 64 LLM tokens per tile
+    "tiny": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  image_size=224, patch_size=14), _qwen2_tiny),
+    # InternViT-300M's shape (24 x 1024, 16 heads, MLP 4096, qkv bias, 448 px, patch 14), tiny LLM
+    "internvit300m-shape": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                 intermediate_size=4096, attention_bias=True, image_size=448, patch_size=14),
+                            _qwen2_tiny),
+}
+
+
+def tiny_internvl_config(
+    name: str = "tiny", vocab_size: int = 1024, image_token_id: int | None = None, fusion: str = "cross_attention"
+) -> IASInternVLConfig:
+    """A registered small config; ``image_token_id`` defaults to the last vocab id (it must lie inside the vocab)."""
+    if name not in TINY_CONFIGS:
+        raise KeyError(f"unknown tiny config {name!r} (known: {', '.join(TINY_CONFIGS)})")
+    image_token_id = vocab_size - 1 if image_token_id is None else image_token_id
+    if not 0 <= image_token_id < vocab_size:
+        raise ValueError(f"image_token_id {image_token_id} must lie inside the vocab (size {vocab_size})")
+    vision_kwargs, text_fn = TINY_CONFIGS[name]
+    vision = InternVLVisionConfig(**vision_kwargs)
+    downsample_ratio = 0.5
+    grid = vision.image_size[0] // vision.patch_size[0]
+    return IASInternVLConfig(
+        vision_config=vision,
+        text_config=Qwen2Config(**text_fn(vocab_size)),
+        image_token_id=image_token_id,
+        image_seq_length=int(grid * downsample_ratio) ** 2,
+        downsample_ratio=downsample_ratio,
+        ias_fusion=fusion,
+    )
+
+
+def build_tiny_model(
+    name: str = "tiny", vocab_size: int = 1024, image_token_id: int | None = None, fusion: str = "cross_attention"
+) -> IASInternVLForConditionalGeneration:
+    """Randomly initialised ASE-MLLM of a registered tiny shape (seed torch first for determinism)."""
+    return IASInternVLForConditionalGeneration(tiny_internvl_config(name, vocab_size, image_token_id, fusion))
+
+
+def tokens_per_tile(config: InternVLConfig) -> int:
+    """LLM image tokens per tile after pixel shuffle (256 for 448 px tiles, patch 14)."""
+    grid = config.vision_config.image_size[0] // config.vision_config.patch_size[0]
+    return int(grid * config.downsample_ratio) ** 2
+
+
+_NOT_CONFIG_KEYS = ("model_type", "transformers_version", "architectures", "auto_map")
+
+
+def load_base(
+    path: Path | str, fusion: str = "cross_attention", **from_pretrained_kwargs: Any
+) -> tuple[IASInternVLForConditionalGeneration, list[str]]:
+    """Load a local InternVL ``-hf`` checkpoint dir (or an ASE-MLLM one) into the IAS model.
+
+    Returns the model and the checkpoint's missing keys: for a base InternVL checkpoint exactly the
+    new cross-attention parameters (zero-gated, so the model starts as the base model).
+    """
+    base = AutoConfig.from_pretrained(path)
+    if not isinstance(base, InternVLConfig):
+        raise ValueError(f"{path}: expected an InternVL (-hf, model_type 'internvl') checkpoint, got '{base.model_type}'")
+    fields = {k: v for k, v in base.to_dict().items() if k not in _NOT_CONFIG_KEYS}
+    config = IASInternVLConfig(**{**fields, "ias_fusion": fusion})
+    model, info = IASInternVLForConditionalGeneration.from_pretrained(
+        path, config=config, output_loading_info=True, **from_pretrained_kwargs
+    )
+    return model, sorted(info["missing_keys"])
+
+
+def configure_trainable(model: IASInternVLForConditionalGeneration, train_vision_base: bool = False) -> int:
+    """InternVL's default: freeze the ViT base, train cross-attention + projector + LLM. Returns #trainable."""
+    for name, p in model.named_parameters():
+        in_vision_base = name.startswith("model.vision_tower.") and ".cross_attention." not in name
+        p.requires_grad_(train_vision_base or not in_vision_base)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

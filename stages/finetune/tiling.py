@@ -1,0 +1,102 @@
+"""InternVL dynamic tiling of an image and of its saliency map.
+
+The grid follows transformers' ``get_optimal_tiled_canvas`` (the rule of InternVL's
+``dynamic_preprocess`` / the GotOcr2 processor's ``crop_to_patches``): the image is resized to
+``cols*S x rows*S`` (PIL bicubic), cut row-major into ``S x S`` tiles, and a thumbnail (the whole
+image resized to ``S x S``) is appended when there is more than one tile.
+
+Saliency maps live in normalised full-image coordinates, so each tile's saliency tile is the map
+sampled bilinearly over exactly that tile's region (``Tiling.boxes``) at the tile's resolution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # InternVL's processor normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_TILES = 40
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Where each tile of one image comes from."""
+
+    grid: tuple[int, int]  # (cols, rows)
+    boxes: list[Box]  # per tile (x0, y0, x1, y1) in normalised full-image coords; thumbnail last = (0, 0, 1, 1)
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.boxes)
+
+
+def plan_tiles(
+    width: int, height: int, tile_size: int = 448, min_tiles: int = 1, max_tiles: int = 12, use_thumbnail: bool = True
+) -> Tiling:
+    """Choose the tile grid for a ``width x height`` image and list every tile's region."""
+    if not 1 <= min_tiles <= max_tiles <= MAX_TILES:
+        raise ValueError(f"need 1 <= min_tiles <= max_tiles <= {MAX_TILES}, got min_tiles={min_tiles}, max_tiles={max_tiles}")
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    cols, rows = get_optimal_tiled_canvas((height, width), (tile_size, tile_size), min_tiles, max_tiles)
+    boxes: list[Box] = [
+        (c / cols, r / rows, (c + 1) / cols, (r + 1) / rows) for r in range(rows) for c in range(cols)
+    ]
+    if use_thumbnail and len(boxes) > 1:
+        boxes.append((0.0, 0.0, 1.0, 1.0))
+    return Tiling(grid=(cols, rows), boxes=boxes)
+
+
+def _normalise(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W], rescaled to [0, 1] and standardised."""
+    x = torch.from_numpy(pixels.astype(np.float64) / 255.0).float()
+    x = (x - torch.tensor(mean)) / torch.tensor(std)
+    return x.movedim(-1, -3).contiguous()
+
+
+def tile_image(
+    img: Image.Image,
+    tiling: Tiling,
+    tile_size: int,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> torch.Tensor:
+    """The image's tiles as the InternVL / GotOcr2 processor makes them: [T, 3, S, S] float32."""
+    img = img.convert("RGB")
+    cols, rows = tiling.grid
+    s = tile_size
+    canvas = np.asarray(img.resize((cols * s, rows * s), Image.Resampling.BICUBIC))  # [rows*S, cols*S, 3]
+    tiles = canvas.reshape(rows, s, cols, s, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, s, s, 3)
+    if tiling.num_tiles > rows * cols:  # thumbnail
+        thumb = np.asarray(img.resize((s, s), Image.Resampling.BICUBIC))
+        tiles = np.concatenate([tiles, thumb[None]], axis=0)  # [T, S, S, 3]
+    return _normalise(tiles, mean, std)
+
+
+def saliency_tiles(saliency_map: np.ndarray | torch.Tensor, tiling: Tiling, tile_size: int) -> torch.Tensor:
+    """Each tile's saliency tile: the map bilinearly sampled over the tile's box, [T, 1, S, S] in [0, 1].
+
+    The map ([h, w], any scale, normalised full-image coordinates) is min-max normalised per image
+    first; a constant map carries no saliency and gives all zeros.
+    """
+    m = torch.as_tensor(saliency_map, dtype=torch.float32)
+    if m.ndim != 2:
+        raise ValueError(f"saliency map must be [h, w], got shape {tuple(m.shape)}")
+    lo, hi = m.min(), m.max()
+    m = (m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m)
+    boxes = torch.tensor(tiling.boxes, dtype=torch.float32)  # [T, 4]
+    centres = (torch.arange(tile_size, dtype=torch.float32) + 0.5) / tile_size  # [S] pixel centres in the tile
+    xs = boxes[:, 0:1] + centres * (boxes[:, 2:3] - boxes[:, 0:1])  # [T, S] normalised image x
+    ys = boxes[:, 1:2] + centres * (boxes[:, 3:4] - boxes[:, 1:2])  # [T, S]
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # [T, S, S, 2] (x, y)
+    # align_corners=False: grid value 2u-1 is normalised coordinate u (map pixel k has centre (k+0.5)/w)
+    src = m[None, None].expand(len(boxes), 1, *m.shape)  # [T, 1, h, w]
+    out = F.grid_sample(src, grid * 2 - 1, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.clamp_(0.0, 1.0)  # [T, 1, S, S]

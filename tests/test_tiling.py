@@ -1,0 +1,123 @@
+"""Tiling: pixel tiles against transformers' GotOcr2 processors; saliency tiles by geometry."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+from stages.finetune.tiling import IMAGENET_MEAN, IMAGENET_STD, plan_tiles, saliency_tiles, tile_image
+
+# odd sizes and aspect ratios x (tile size, min tiles, max tiles), including max_tiles = 40
+CASES = [
+    ((333, 517), (448, 1, 12)),
+    ((1001, 97), (448, 1, 12)),
+    ((333, 517), (224, 1, 40)),
+    ((97, 1001), (112, 1, 40)),
+    ((448, 448), (448, 1, 12)),
+    ((60, 59), (112, 2, 6)),
+    ((1203, 801), (112, 4, 9)),
+]
+
+
+def _image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _processor_kwargs(tile: int, lo: int, hi: int) -> dict:
+    return dict(size={"height": tile, "width": tile}, crop_to_patches=True, min_patches=lo, max_patches=hi,
+                image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+
+
+@pytest.mark.parametrize(("size", "setting"), CASES)
+def test_tiles_equal_gotocr2_pil_processor(size: tuple[int, int], setting: tuple[int, int, int]) -> None:
+    tile, lo, hi = setting
+    img = _image(*size)
+    ref = GotOcr2ImageProcessorPil(**_processor_kwargs(tile, lo, hi))(img, return_tensors="pt")["pixel_values"]
+    tiling = plan_tiles(*size, tile_size=tile, min_tiles=lo, max_tiles=hi)
+    ours = tile_image(img, tiling, tile)
+    assert ours.shape == ref.shape == (tiling.num_tiles, 3, tile, tile)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("size", "setting"), CASES[:4])
+def test_tiles_match_gotocr2_torchvision_processor(size: tuple[int, int], setting: tuple[int, int, int]) -> None:
+    """Same grid and tiles as the torchvision backend; pixels differ only by its bicubic kernel."""
+    tile, lo, hi = setting
+    img = _image(*size, seed=1)
+    ref = GotOcr2ImageProcessor(**_processor_kwargs(tile, lo, hi))(img, return_tensors="pt")["pixel_values"]
+    ours = tile_image(img, plan_tiles(*size, tile_size=tile, min_tiles=lo, max_tiles=hi), tile)
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().mean() < 2e-3
+
+
+def test_tile_count_matches_processor_and_boxes_cover_image() -> None:
+    proc = GotOcr2ImageProcessorPil(**_processor_kwargs(448, 1, 40))
+    for w, h in [(100, 4000), (4000, 100), (1920, 1080), (500, 501), (2000, 300)]:
+        tiling = plan_tiles(w, h, 448, 1, 40)
+        cols, rows = tiling.grid
+        expected = proc.get_number_of_image_patches(h, w, {"crop_to_patches": True, "max_patches": 40})
+        assert tiling.num_tiles == expected
+        grid_boxes = tiling.boxes[: cols * rows]
+        assert sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in grid_boxes) == pytest.approx(1.0)
+        if cols * rows > 1:
+            assert tiling.boxes[-1] == (0.0, 0.0, 1.0, 1.0)
+    assert plan_tiles(448, 448, 448, 1, 1).boxes == [(0.0, 0.0, 1.0, 1.0)]
+    assert plan_tiles(900, 448, 448, 1, 12, use_thumbnail=False).num_tiles == 2
+    with pytest.raises(ValueError):
+        plan_tiles(100, 100, max_tiles=41)
+
+
+@pytest.mark.parametrize(("size", "spot"), [((1000, 600), (0.71, 0.38)), ((517, 333), (0.12, 0.83)), ((300, 900), (0.55, 0.07))])
+def test_saliency_hot_spot_lands_where_image_hot_spot_is(size: tuple[int, int], spot: tuple[float, float]) -> None:
+    """A bright pixel in the image and a hot spot in the map at the same normalised point end up
+    in the same tile and (within a pixel) the same place in it."""
+    w, h = size
+    u, v = spot
+    tile = 112
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[int(v * h) - 3 : int(v * h) + 3, int(u * w) - 3 : int(u * w) + 3] = 255  # 6x6 bright block around the spot
+    img = Image.fromarray(arr)
+    sal = np.zeros((56, 72), dtype=np.float32)  # map resolution unrelated to the image's
+    sal[int(v * 56), int(u * 72)] = 5.0
+    tiling = plan_tiles(w, h, tile, 1, 12, use_thumbnail=False)
+    assert tiling.num_tiles > 1
+
+    bright = tile_image(img, tiling, tile).mean(1)  # [T, S, S]
+    maps = saliency_tiles(sal, tiling, tile)  # [T, 1, S, S]
+    assert maps.shape == (tiling.num_tiles, 1, tile, tile)
+    assert maps.min() >= 0 and maps.max() <= 1
+    t_img, y_img, x_img = np.unravel_index(int(bright.argmax()), bright.shape)
+    t_map, _, y_map, x_map = np.unravel_index(int(maps.argmax()), maps.shape)
+    assert t_img == t_map
+    # the map's hot pixel is 1/72 x 1/56 of the image wide: its centre may sit half a map pixel off the spot
+    cols, rows = tiling.grid
+    tol_x = tile * cols / 72 / 2 + 2
+    tol_y = tile * rows / 56 / 2 + 2
+    assert abs(int(x_img) - int(x_map)) <= tol_x and abs(int(y_img) - int(y_map)) <= tol_y
+
+
+def test_saliency_tile_values_against_direct_resize() -> None:
+    """The 1x1-grid tile equals the whole map resized bilinearly (torch interpolate, no align corners)."""
+    rng = np.random.default_rng(3)
+    sal = rng.random((14, 14)).astype(np.float32) * 7
+    tiling = plan_tiles(448, 448, 448, 1, 1)
+    ours = saliency_tiles(sal, tiling, 448)
+    m = torch.from_numpy(sal)
+    m = (m - m.min()) / (m.max() - m.min())
+    ref = torch.nn.functional.interpolate(m[None, None], size=(448, 448), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    # a 2x1 grid: the left tile is the left half of the map resized to the tile's resolution
+    tiling = plan_tiles(896, 448, 224, 2, 2, use_thumbnail=True)
+    assert tiling.grid == (2, 1)
+    big = torch.nn.functional.interpolate(m[None, None], size=(224, 448), mode="bilinear", align_corners=False)
+    tiles = saliency_tiles(sal, tiling, 224)
+    torch.testing.assert_close(tiles[0], big[0, :, :, :224], rtol=0, atol=1e-5)
+    torch.testing.assert_close(tiles[1], big[0, :, :, 224:], rtol=0, atol=1e-5)
+
+
+def test_constant_map_gives_zeros() -> None:
+    assert saliency_tiles(np.full((7, 7), 3.0), plan_tiles(50, 50, 56), 56).abs().max() == 0
