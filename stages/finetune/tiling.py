@@ -91,12 +91,14 @@ def saliency_tiles(saliency_map: np.ndarray | torch.Tensor, tiling: Tiling, tile
         raise ValueError(f"saliency map must be [h, w], got shape {tuple(m.shape)}")
     lo, hi = m.min(), m.max()
     m = (m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m)
-    boxes = torch.tensor(tiling.boxes, dtype=torch.float32)  # [T, 4]
-    centres = (torch.arange(tile_size, dtype=torch.float32) + 0.5) / tile_size  # [S] pixel centres in the tile
-    xs = boxes[:, 0:1] + centres * (boxes[:, 2:3] - boxes[:, 0:1])  # [T, S] normalised image x
-    ys = boxes[:, 1:2] + centres * (boxes[:, 3:4] - boxes[:, 1:2])  # [T, S]
-    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # [T, S, S, 2] (x, y)
-    # align_corners=False: grid value 2u-1 is normalised coordinate u (map pixel k has centre (k+0.5)/w)
-    src = m[None, None].expand(len(boxes), 1, *m.shape)  # [T, 1, h, w]
-    out = F.grid_sample(src, grid * 2 - 1, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.clamp_(0.0, 1.0)  # [T, 1, S, S]
+    # The grid tiles partition the image, so sampling each box at its pixel centres is one bilinear resize of
+    # the map to the whole canvas (align_corners=False: output pixel k samples (k+0.5)/size), then a cut.
+    cols, rows = tiling.grid
+    canvas = F.interpolate(m[None, None], size=(rows * tile_size, cols * tile_size), mode="bilinear",
+                           align_corners=False)[0, 0]  # [rows*S, cols*S]
+    tiles = canvas.unflatten(0, (rows, tile_size)).unflatten(2, (cols, tile_size))  # [rows, S, cols, S]
+    tiles = tiles.permute(0, 2, 1, 3).reshape(rows * cols, 1, tile_size, tile_size)  # [rows*cols, 1, S, S], row-major
+    if len(tiling.boxes) > rows * cols:  # the thumbnail: the whole map at tile size
+        thumb = F.interpolate(m[None, None], size=(tile_size, tile_size), mode="bilinear", align_corners=False)
+        tiles = torch.cat([tiles, thumb])
+    return tiles.clamp_(0.0, 1.0)  # [T, 1, S, S]
