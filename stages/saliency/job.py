@@ -1,0 +1,359 @@
+"""The distributed saliency job: LayerCAM maps for every ingested image not yet in the store.
+
+The driver lists images (sha256, path), deduplicates by content, plans rows for the new ones
+in whole shards (persisted first), and hands each shard to one dask task. A task computes its
+images, writes the shard in one assignment and then its ledger entry. A killed worker's task is
+retried by dask; a killed job resumes its planned shards with the same rows and batches, so the
+result is bit-identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.manifest import EatSpec, Manifest
+from pipeline.paths import saliency_root
+from storage.images import ImageError, open_rgb, sha256_file
+from storage.saliency_store import DEFAULT_SHARD_ROWS, LEDGER_SCHEMA, PlannedRow, SaliencyStore, current_fingerprint
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to rebuild the EAT (hashable: the per-process model cache key)."""
+
+    variant: str
+    checkpoint: str
+    target_layer: str
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    store: SaliencyStore
+    shard: int
+    rows: tuple[PlannedRow, ...]
+    model: ModelSpec
+    batch_size: int
+    threads: int | None  # torch intra-op threads in the worker; None: leave torch's default
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    shard: int
+    computed: int
+    quarantined: int
+    started: float  # time.time() when the task began (model already loaded) and ended
+    finished: float
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    computed: int  # maps computed by this run
+    reused: int  # requested images that already had a map
+    quarantined: int  # requested images rejected (this run or before); see quarantine.parquet
+    wall_s: float
+    compute_s: float  # from the first shard's start to the last shard's end (no start-up, model loading)
+    store: Path
+
+
+# ---- worker side ---------------------------------------------------------------------------
+
+_MODELS: dict[ModelSpec, tuple[Any, Any, Any]] = {}  # per process: spec -> (model, target layer, device)
+
+
+def _device() -> Any:
+    """cuda:<worker index mod GPUs> in a dask worker on a GPU machine, else CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+        index = int(name) if str(name).isdigit() else 0
+    except ValueError:  # not inside a dask worker
+        index = 0
+    return torch.device(f"cuda:{index % torch.cuda.device_count()}")
+
+
+def load_model(spec: ModelSpec) -> tuple[Any, Any, Any]:
+    """The EAT, its LayerCAM target layer and device; built once per process."""
+    if spec not in _MODELS:
+        from stages.saliency.eat import build_eat, load_eat_weights, target_layer
+
+        model = build_eat(spec.variant, spec.num_classes)
+        load_eat_weights(model, Path(spec.checkpoint))
+        device = _device()
+        model = model.to(device).eval().requires_grad_(False)
+        _MODELS[spec] = (model, target_layer(model, spec.target_layer), device)
+    return _MODELS[spec]
+
+
+def _load(row: PlannedRow) -> Any:
+    """The image's model input [3,224,224]; ImageError when unreadable or changed since ingest."""
+    from stages.saliency.eat import preprocess
+
+    path = Path(row.source)
+    try:
+        actual = sha256_file(path)
+    except OSError as e:
+        raise ImageError("missing_image" if isinstance(e, FileNotFoundError) else "unreadable_image", str(e)) from None
+    if actual != row.sha256:
+        raise ImageError("changed_since_ingest", f"{path}: sha256 {actual} != ingested {row.sha256}; re-run ingest")
+    return preprocess(open_rgb(path))
+
+
+def _try_load(row: PlannedRow) -> Any:
+    try:
+        return _load(row)
+    except ImageError as e:
+        return e
+
+
+def _prefetched(rows: tuple[PlannedRow, ...], ahead: int) -> Iterator[tuple[PlannedRow, Any]]:
+    """(row, input or ImageError) in row order; one thread decodes up to ``ahead`` images in advance."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        window: deque[tuple[PlannedRow, Future]] = deque()
+        for row in rows:
+            window.append((row, pool.submit(_try_load, row)))
+            if len(window) > ahead:
+                first, future = window.popleft()
+                yield first, future.result()
+        while window:
+            first, future = window.popleft()
+            yield first, future.result()
+
+
+def _batches(rows: tuple[PlannedRow, ...], size: int, errors: dict[int, ImageError]) -> Iterator[tuple[list[int], Any]]:
+    """(rows, inputs [B,3,224,224]) over the readable images, in row order; unreadable ones go to ``errors``."""
+    import torch
+
+    batch_rows: list[int] = []
+    inputs: list[Any] = []
+    for row, loaded in _prefetched(rows, ahead=size):
+        if isinstance(loaded, ImageError):
+            errors[row.row] = loaded
+            continue
+        inputs.append(loaded)
+        batch_rows.append(row.row)
+        if len(inputs) == size:
+            yield batch_rows, torch.stack(inputs)
+            batch_rows, inputs = [], []
+    if inputs:
+        yield batch_rows, torch.stack(inputs)
+
+
+def compute_shard(task: ShardTask) -> ShardResult:
+    """Compute, write and commit one whole shard (the unit of work and of crash safety)."""
+    import torch
+
+    from stages.saliency.eat import eat_score
+    from stages.saliency.layercam import layercam
+
+    if task.threads and torch.get_num_threads() != task.threads:
+        torch.set_num_threads(task.threads)
+    model, layer, device = load_model(task.model)
+    started = time.time()
+    store, s = task.store, task.store.shard_rows
+    base = task.shard * s
+    maps = np.zeros((s, *store.map_shape), np.float32)  # [S,h,w]
+    category = np.full(s, -1, np.int32)
+    score = np.full(s, np.nan, np.float32)
+    errors: dict[int, ImageError] = {}
+    for rows, x in _batches(task.rows, task.batch_size, errors):
+        out = layercam(model, layer, x.to(device))
+        local = np.asarray(rows) - base
+        maps[local] = out.maps.detach().float().cpu().numpy()
+        category[local] = out.category.cpu().numpy()
+        score[local] = eat_score(out.logits.detach()).float().cpu().numpy()
+    store.write_shard(task.shard, maps, category, score)
+    entries = pa.table(
+        {
+            "shard": [task.shard] * len(task.rows),
+            "row": [r.row for r in task.rows],
+            "sha256": [r.sha256 for r in task.rows],
+            "source": [r.source for r in task.rows],
+            "reason": [errors[r.row].reason if r.row in errors else None for r in task.rows],
+            "detail": [errors[r.row].detail if r.row in errors else None for r in task.rows],
+        },
+        schema=LEDGER_SCHEMA,
+    )
+    store.commit_shard(task.shard, entries)
+    return ShardResult(task.shard, len(task.rows) - len(errors), len(errors), started, time.time())
+
+
+# ---- driver side ---------------------------------------------------------------------------
+
+
+def requested_images(manifest: Manifest, datasets: list[str] | None) -> dict[str, str]:
+    """sha256 -> absolute image path over the ingested datasets (all ingested ones when None)."""
+    from storage.tables import image_root, read_table, table_path
+
+    names = datasets or sorted(n for n in manifest.datasets if table_path(n, "images").exists())
+    if not names:
+        raise FileNotFoundError("no ingested dataset: run `ase-mllm ingest NAME` first")
+    images: dict[str, str] = {}
+    for name in names:
+        table = read_table(name, "images")
+        root = image_root(name).resolve()
+        for sha, rel in zip(table["sha256"].to_pylist(), table["path"].to_pylist()):
+            images.setdefault(sha, str(root / rel))
+    return images
+
+
+def map_shape(spec: ModelSpec) -> tuple[int, int]:
+    """(h, w) of the target layer's maps, from one forward of an untrained model of this shape."""
+    import torch
+
+    from stages.saliency.eat import INPUT_SIZE, build_eat, target_layer
+    from stages.saliency.layercam import layercam
+
+    model = build_eat(spec.variant, spec.num_classes).requires_grad_(False)
+    out = layercam(model, target_layer(model, spec.target_layer), torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE))
+    return tuple(out.maps.shape[1:])
+
+
+def default_workers() -> int:
+    """One worker per GPU; on CPU one per core, as many as memory allows (~2 GiB each)."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return max(1, min(os.cpu_count() or 1, int(psutil.virtual_memory().available // 2**31)))
+
+
+def auto_shard_rows(n_images: int, workers: int) -> int:
+    """About four shards per worker (load balance, resume granularity), a power of two in 16..1024."""
+    target = max(1, n_images // (4 * max(1, workers)))
+    return min(DEFAULT_SHARD_ROWS, max(16, 1 << (target - 1).bit_length()))
+
+
+def model_spec(spec: EatSpec, checkpoint: Path) -> ModelSpec:
+    return ModelSpec(spec.variant, str(checkpoint.resolve()), spec.target_layer, spec.num_classes)
+
+
+def open_store(manifest: Manifest, shard_rows: int) -> tuple[SaliencyStore, ModelSpec]:
+    """The store of the manifest's EAT (created on first use) and the model spec the workers load."""
+    from stages.saliency.eat import INPUT_SIZE
+
+    spec = manifest.eat
+    fingerprint, checkpoint = current_fingerprint(manifest)
+    model = model_spec(spec, checkpoint)
+    root = saliency_root().resolve()
+    if (root / fingerprint / "store.zarr").exists():
+        return SaliencyStore.open(root, fingerprint), model
+    attrs = {"variant": spec.variant, "checkpoint": str(checkpoint), "target_layer": spec.target_layer,
+             "num_classes": spec.num_classes, "input_size": INPUT_SIZE}
+    return SaliencyStore.open(root, fingerprint, map_shape(model), shard_rows, attrs), model
+
+
+@contextmanager
+def _cluster(workers: int, scheduler: str | None) -> Iterator[Any]:
+    """A dask Client (local cluster of ``workers`` processes, or ``scheduler``); None: run in this process."""
+    if workers == 0 and scheduler is None:
+        yield None
+        return
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+    client = Client(scheduler or cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _results(client: Any, tasks: list[ShardTask]) -> Iterator[ShardResult]:
+    """Shard results as they finish; dask retries a task whose worker died."""
+    if client is None:
+        yield from map(compute_shard, tasks)
+        return
+    from distributed import as_completed
+
+    futures = [client.submit(compute_shard, t, key=f"saliency-{t.store.fingerprint}-shard-{t.shard}", pure=False)
+               for t in tasks]
+    for future in as_completed(futures):
+        yield future.result()
+
+
+def run_saliency(
+    manifest: Manifest,
+    datasets: list[str] | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    batch_size: int = 8,
+    shard_rows: int | None = None,
+) -> JobSummary:
+    """Compute every requested image's map that the store lacks; resume unfinished shards first.
+
+    ``workers`` 0 computes in this process; ``shard_rows`` applies when the store is created (None: auto).
+    """
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    images = requested_images(manifest, datasets)
+    workers = default_workers() if workers is None else workers
+    store, model = open_store(manifest, shard_rows or auto_shard_rows(len(images), workers))
+    with store.writer_lock():
+        plan = store.planned()
+        pending = store.pending_shards(plan)
+        known = set(plan["sha256"].to_pylist())
+        new = store.plan(sorted((sha, path) for sha, path in images.items() if sha not in known))
+        shards = {**pending, **new}
+        fresh = {r.sha256 for rows in shards.values() for r in rows}
+        cores = os.cpu_count() or 1
+        threads = None if scheduler or workers == 0 else max(1, cores // workers)
+        tasks = [ShardTask(store, k, tuple(rows), model, batch_size, threads) for k, rows in sorted(shards.items())]
+        total = sum(len(t.rows) for t in tasks)
+        computed, spans = 0, []
+        if tasks:
+            where = scheduler or (f"{workers} local workers" if workers else "this process")
+            with _cluster(workers, scheduler) as client, tqdm(total=total, unit="img", desc=f"saliency ({where})") as bar:
+                for result in _results(client, tasks):
+                    computed += result.computed
+                    spans.append((result.started, result.finished))
+                    bar.update(result.computed + result.quarantined)
+        store.compact()
+    stored = store.index
+    reused = sum(1 for sha in images if sha in stored and sha not in fresh)
+    quarantined = sum(1 for sha in images if sha not in stored)
+    compute_s = max(f for _, f in spans) - min(s for s, _ in spans) if spans else 0.0
+    return JobSummary(computed, reused, quarantined, time.perf_counter() - start, compute_s, store.path)
+
+
+def saliency_of(manifest: Manifest, path: Path, img: Any) -> tuple[np.ndarray, int, float, str]:
+    """(map [h,w], category, score, "from the store" | "computed") of one image under the manifest's EAT."""
+    from stages.saliency.eat import eat_score, preprocess
+    from stages.saliency.layercam import layercam
+    from storage.saliency_store import current_store
+
+    sha = sha256_file(path)
+    try:
+        return (*current_store(manifest).read(sha), "from the store")
+    except (FileNotFoundError, KeyError):
+        pass
+    _, checkpoint = current_fingerprint(manifest)
+    model, layer, device = load_model(model_spec(manifest.eat, checkpoint))
+    out = layercam(model, layer, preprocess(img)[None].to(device))
+    score = eat_score(out.logits)
+    return out.maps[0].cpu().numpy(), int(out.category[0]), float(score[0]), "computed"

@@ -1,0 +1,285 @@
+"""The saliency feature store: raw LayerCAM maps per image, one store per EAT fingerprint.
+
+Layout of ``saliency_root()/<fingerprint>/`` (DESIGN.md sections 3-4)::
+
+    store.zarr/          Zarr v3 group; rows allocated in whole shards of ``shard_rows``
+      maps/              [N, h, w] float32 raw M^c (chunk = 1 map, shard = shard_rows maps, zstd: lossless)
+      category/          [N] int32 argmax class (-1: row holds no map)
+      score/             [N] float32 predicted aesthetic score (NaN: row holds no map)
+    plan/plan-<first shard>.parquet   rows given to new shards, written before any task runs
+    ledger/shard-<id>.parquet         one per finished shard, written (temp + rename) after its data
+    index.parquet                     the ledger compacted: sha256 -> row (+ quarantined rows)
+    quarantine.parquet                images this stage rejected (QUARANTINE_SCHEMA)
+
+A shard is done exactly when its ledger entry exists; a shard is written by one task in one
+assignment; done shards are never rewritten, so readers never race the job.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import zarr
+
+from pipeline.paths import models_dir, saliency_root
+from storage.atomic import write_parquet_atomic
+from storage.images import sha256_file
+from storage.tables import QUARANTINE_SCHEMA
+
+if TYPE_CHECKING:
+    from pipeline.manifest import EatSpec, Manifest
+
+DEFAULT_SHARD_ROWS = 1024
+PLAN_SCHEMA = pa.schema([("shard", pa.int64()), ("row", pa.int64()), ("sha256", pa.string()), ("source", pa.string())])
+LEDGER_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int64()),
+        ("row", pa.int64()),
+        ("sha256", pa.string()),
+        ("source", pa.string()),  # image path the map was computed from
+        ("reason", pa.string()),  # null: map stored; else why the image was quarantined
+        ("detail", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class PlannedRow:
+    row: int
+    sha256: str
+    source: str
+
+
+def resolve_checkpoint(spec: EatSpec) -> Path:
+    """The EAT weights to use: the manifest's, else the pipeline-trained ``models/eat_<variant>.safetensors``."""
+    path = spec.checkpoint or models_dir() / f"eat_{spec.variant}.safetensors"
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"EAT checkpoint {path} not found: run `ase-mllm train-eat` or set models.eat.checkpoint in the manifest"
+        )
+    return Path(path)
+
+
+def eat_fingerprint(spec: EatSpec, checkpoint_path: Path, input_size: int = 224) -> str:
+    """Store name: ``<variant>-<hash of checkpoint sha256, variant, target layer, classes, input size>``."""
+    key = {
+        "checkpoint_sha256": sha256_file(checkpoint_path),
+        "variant": spec.variant,
+        "target_layer": spec.target_layer,
+        "num_classes": spec.num_classes,
+        "input_size": input_size,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return f"{spec.variant}-{digest[:16]}"
+
+
+class SaliencyStore:
+    """Read maps by image sha256; the saliency job also plans, writes and commits shards through it.
+
+    Cheap to pickle: arrays and the index are (re)opened lazily in each process.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, map_shape: tuple[int, int], shard_rows: int) -> None:
+        self.path, self.fingerprint = Path(path), fingerprint
+        self.map_shape, self.shard_rows = map_shape, shard_rows
+        self._arrays: dict[str, Any] | None = None
+        self._writable = False
+        self._index: dict[str, int] | None = None
+        self._labels: tuple[np.ndarray, np.ndarray] | None = None  # category, score of all rows
+
+    @classmethod
+    def open(
+        cls,
+        root: Path,
+        fingerprint: str,
+        map_shape: tuple[int, int] = (14, 14),
+        shard_rows: int = DEFAULT_SHARD_ROWS,
+        attributes: dict[str, Any] | None = None,
+    ) -> SaliencyStore:
+        """Open the store ``root/fingerprint``, creating it when absent (``map_shape``/``shard_rows`` apply then only)."""
+        path = Path(root).resolve() / fingerprint
+        zpath = path / "store.zarr"
+        if not (zpath / "zarr.json").exists():  # build beside, then rename: a killed creation leaves no half store
+            tmp = path / f".store.zarr.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            attrs = {**(attributes or {}), "fingerprint": fingerprint, "map_shape": list(map_shape), "shard_rows": shard_rows}
+            group = zarr.open_group(tmp, mode="w", attributes=attrs)
+            h, w = map_shape
+            cfg = {"write_empty_chunks": True}
+            group.create_array(
+                "maps", shape=(0, h, w), chunks=(1, h, w), shards=(shard_rows, h, w), dtype="float32",
+                fill_value=0.0, config=cfg,
+            )
+            group.create_array("category", shape=(0,), chunks=(shard_rows,), dtype="int32", fill_value=-1, config=cfg)
+            group.create_array("score", shape=(0,), chunks=(shard_rows,), dtype="float32", fill_value=np.nan, config=cfg)
+            os.replace(tmp, zpath)
+        attrs = dict(zarr.open_group(zpath, mode="r").attrs)
+        return cls(path, fingerprint, tuple(attrs["map_shape"]), int(attrs["shard_rows"]))
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": None}
+
+    def _array(self, name: str, write: bool = False) -> Any:
+        if self._arrays is None or (write and not self._writable):
+            group = zarr.open_group(self.path / "store.zarr", mode="r+" if write else "r")
+            arrays = {k: group[k] for k in ("maps", "category", "score")}
+            if write:  # the array config is not persisted: an all-zero map must still be written
+                arrays = {k: a.with_config({"write_empty_chunks": True}) for k, a in arrays.items()}
+            self._arrays, self._writable = arrays, write
+        return self._arrays[name]
+
+    @property
+    def index(self) -> dict[str, int]:
+        """sha256 -> row of every stored map (loaded once)."""
+        if self._index is None:
+            ledger = self.ledger()
+            ok = ledger.filter(pc.is_null(ledger["reason"]))
+            self._index = dict(zip(ok["sha256"].to_pylist(), ok["row"].to_pylist()))
+        return self._index
+
+    def lookup(self, sha256: str) -> int | None:
+        return self.index.get(sha256)
+
+    def has(self, sha256: str) -> bool:
+        return sha256 in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def read(self, sha256: str) -> tuple[np.ndarray, int, float]:
+        """(map [h, w] float32, category, score) of one image; KeyError if it has no map."""
+        row = self.lookup(sha256)
+        if row is None:
+            raise KeyError(f"no saliency map for image sha256 {sha256} in {self.path}")
+        if self._labels is None:
+            self._labels = (self._array("category")[:], self._array("score")[:])
+        return self._array("maps")[row], int(self._labels[0][row]), float(self._labels[1][row])
+
+    # ---- ledger ----------------------------------------------------------------------------
+
+    def _ledger_file(self, shard: int) -> Path:
+        return self.path / "ledger" / f"shard-{shard:08d}.parquet"
+
+    def ledger(self) -> pa.Table:
+        """Every done shard's rows: the compacted index plus entries written since."""
+        parts = []
+        index_path = self.path / "index.parquet"
+        compacted: set[int] = set()
+        if index_path.exists():
+            parts.append(pq.read_table(index_path, schema=LEDGER_SCHEMA))
+            compacted = set(pc.unique(parts[0]["shard"]).to_pylist())
+        ledger_dir = self.path / "ledger"
+        names = sorted(os.listdir(ledger_dir)) if ledger_dir.is_dir() else []
+        for name in names:
+            if name.startswith("shard-") and name.endswith(".parquet") and int(name[6:14]) not in compacted:
+                parts.append(pq.read_table(ledger_dir / name, schema=LEDGER_SCHEMA))
+        return pa.concat_tables(parts) if parts else LEDGER_SCHEMA.empty_table()
+
+    def compact(self) -> None:
+        """Rewrite ``index.parquet`` and ``quarantine.parquet`` from the ledger."""
+        ledger = self.ledger().sort_by("row")
+        write_parquet_atomic(self.path / "index.parquet", ledger)
+        bad = ledger.filter(pc.is_valid(ledger["reason"]))
+        quarantine = pa.table(
+            {"source": bad["source"], "image_id": bad["sha256"], "reason": bad["reason"], "detail": bad["detail"]},
+            schema=QUARANTINE_SCHEMA,
+        )
+        write_parquet_atomic(self.path / "quarantine.parquet", quarantine)
+        self._index = self._labels = None
+
+    # ---- writing (the saliency job) --------------------------------------------------------
+
+    @contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """One job per store at a time; the OS drops the lock when the holder dies."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".writer.lock", "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RuntimeError(f"another saliency job is writing {self.path}") from None
+            yield
+
+    def planned(self) -> pa.Table:
+        plan_dir = self.path / "plan"
+        parts = [pq.read_table(plan_dir / n, schema=PLAN_SCHEMA) for n in sorted(os.listdir(plan_dir))
+                 if n.endswith(".parquet")] if plan_dir.is_dir() else []
+        return pa.concat_tables(parts) if parts else PLAN_SCHEMA.empty_table()
+
+    def done_shards(self) -> set[int]:
+        return set(pc.unique(self.ledger()["shard"]).to_pylist())
+
+    def pending_shards(self, plan: pa.Table | None = None) -> dict[int, list[PlannedRow]]:
+        """Planned shards without a ledger entry, with their rows (in plan order)."""
+        plan = self.planned() if plan is None else plan
+        done = self.done_shards()
+        pending: dict[int, list[PlannedRow]] = {}
+        for shard, row, sha, source in zip(*(plan[c].to_pylist() for c in PLAN_SCHEMA.names)):
+            if shard not in done:
+                pending.setdefault(shard, []).append(PlannedRow(row, sha, source))
+        return pending
+
+    def plan(self, items: list[tuple[str, str]]) -> dict[int, list[PlannedRow]]:
+        """Give ``(sha256, source)`` items rows in fresh shards; persist the plan before returning it."""
+        if not items:
+            return {}
+        s = self.shard_rows
+        first = self._array("maps", write=True).shape[0] // s
+        n_shards = -(-len(items) // s)
+        for name in ("maps", "category", "score"):
+            arr = self._array(name, write=True)
+            arr.resize(((first + n_shards) * s, *arr.shape[1:]))
+        rows = np.arange(len(items)) + first * s
+        table = pa.table(
+            {"shard": rows // s, "row": rows, "sha256": [i[0] for i in items], "source": [i[1] for i in items]},
+            schema=PLAN_SCHEMA,
+        )
+        write_parquet_atomic(self.path / "plan" / f"plan-{first:08d}.parquet", table)
+        out: dict[int, list[PlannedRow]] = {}
+        for row, (sha, source) in zip(rows.tolist(), items):
+            out.setdefault(row // s, []).append(PlannedRow(row, sha, source))
+        return out
+
+    def write_shard(self, shard: int, maps: np.ndarray, category: np.ndarray, score: np.ndarray) -> None:
+        """Write one whole shard in one assignment per array: maps [S,h,w], category [S], score [S]."""
+        s = self.shard_rows
+        assert maps.shape == (s, *self.map_shape) and category.shape == score.shape == (s,)
+        window = slice(shard * s, (shard + 1) * s)
+        self._array("maps", write=True)[window] = maps.astype(np.float32, copy=False)
+        self._array("category", write=True)[window] = category.astype(np.int32, copy=False)
+        self._array("score", write=True)[window] = score.astype(np.float32, copy=False)
+
+    def commit_shard(self, shard: int, entries: pa.Table) -> None:
+        """Mark a written shard done: its ledger entry (LEDGER_SCHEMA rows), atomically."""
+        write_parquet_atomic(self._ledger_file(shard), entries.cast(LEDGER_SCHEMA))
+
+
+def current_fingerprint(manifest: Manifest) -> tuple[str, Path]:
+    """(fingerprint, checkpoint path) of the manifest's EAT."""
+    from stages.saliency.eat import INPUT_SIZE
+
+    checkpoint = resolve_checkpoint(manifest.eat)
+    return eat_fingerprint(manifest.eat, checkpoint, INPUT_SIZE), checkpoint
+
+
+def current_store(manifest: Manifest) -> SaliencyStore:
+    """The store for the manifest's EAT, for the stages that read maps."""
+    fingerprint, _ = current_fingerprint(manifest)
+    if not (saliency_root() / fingerprint / "store.zarr" / "zarr.json").exists():
+        raise FileNotFoundError(
+            f"no saliency maps for this EAT ({saliency_root() / fingerprint}): run `ase-mllm saliency` first"
+        )
+    return SaliencyStore.open(saliency_root(), fingerprint)

@@ -1,0 +1,118 @@
+"""Saliency job benchmark: distribution overhead and store read latency / size, on the demo corpus.
+
+    .venv/bin/python tests/bench/saliency_job.py [--n 240] [--variant tiny] [--dir work/bench/saliency]
+
+Prints, in one run:
+  - throughput of the dask job (2 single-thread workers) / a plain in-process loop with 2 threads (aim >= 0.9),
+    while computing (first shard start to last shard end) and end to end (whole runs from a fresh store:
+    planning, cluster start-up, model loading included)
+  - random single-map read latency p50 / p99 (aim p50 <= 2 ms) and bytes on disk per map
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def prepare(base: Path, n: int, variant: str) -> Path:
+    """Demo corpus + images.parquet + a seeded EAT checkpoint + manifest; returns the manifest path."""
+    from safetensors.torch import save_file
+
+    from stages.ingest.synthetic_corpus import ANNOTATIONS, generate_corpus
+    from stages.saliency.eat import build_eat
+    from storage.images import sha256_file
+    from storage.tables import IMAGES_SCHEMA
+
+    root = base / "corpus"
+    generate_corpus(root, n=n, seed=0)
+    records = [json.loads(line) for line in (root / ANNOTATIONS).read_text().splitlines()]
+    rows = [{"image_id": r["image_id"], "split": r["split"], "path": r["file"], "width": r["width"],
+             "height": r["height"], "sha256": sha256_file(root / r["file"]), "score": None} for r in records]
+    tables = base / "datasets" / "demo"
+    tables.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), tables / "images.parquet")
+    (tables / "meta.json").write_text(json.dumps({"root": str(root.resolve())}))
+    torch.manual_seed(0)
+    save_file(build_eat(variant).state_dict(), str(base / f"eat_{variant}.safetensors"))
+    manifest = base / "manifest.yaml"
+    manifest.write_text(
+        f"datasets:\n  demo: {{format: synthetic, root: {root.resolve()}}}\n"
+        f"models:\n  eat: {{variant: {variant}, checkpoint: {(base / f'eat_{variant}.safetensors').resolve()}}}\n"
+    )
+    return manifest
+
+
+def timed_run(base: Path, name: str, manifest_path: Path, workers: int, shard_rows: int) -> tuple[float, float, Path]:
+    """One full job into a fresh work dir: (wall seconds, compute-span seconds, store path)."""
+    from pipeline.manifest import load_manifest
+    from stages.saliency.job import run_saliency
+
+    work = base / name
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(base / "datasets", work / "datasets")
+    os.environ["ASE_WORK"] = str(work)
+    start = time.perf_counter()
+    s = run_saliency(load_manifest(manifest_path), ["demo"], workers=workers, shard_rows=shard_rows)
+    wall = time.perf_counter() - start
+    print(f"  {name}: {s.computed} maps, wall {wall:.2f} s ({s.computed / wall:.1f} img/s), "
+          f"first shard start to last shard end {s.compute_s:.2f} s ({s.computed / s.compute_s:.1f} img/s)")
+    return wall, s.compute_s, s.store
+
+
+def read_latency(store_path: Path, reads: int = 2000) -> tuple[float, float, int, tuple[int, ...]]:
+    """p50 / p99 seconds of store.read(sha) for random images (fresh reader, index loaded first)."""
+    from storage.saliency_store import SaliencyStore
+
+    store = SaliencyStore.open(store_path.parent, store_path.name)
+    shas = list(store.index)
+    store.read(shas[0])  # open arrays and labels once, as a long-lived reader does
+    rng = np.random.default_rng(0)
+    times = []
+    for i in rng.integers(0, len(shas), reads):
+        t = time.perf_counter()
+        store.read(shas[i])
+        times.append(time.perf_counter() - t)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99)), len(shas), store.map_shape
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=240, help="demo corpus size")
+    parser.add_argument("--variant", default="tiny", help="EAT variant (the demo trains 'tiny')")
+    parser.add_argument("--dir", type=Path, default=Path("work/bench/saliency"))
+    args = parser.parse_args()
+    from stages.saliency.job import auto_shard_rows
+
+    base = args.dir.resolve()
+    manifest = prepare(base, args.n, args.variant)
+    shard_rows = auto_shard_rows(args.n, 2)
+    print(f"saliency job bench: {args.n} demo images, EAT {args.variant}, shards of {shard_rows}, {os.cpu_count()} cores")
+    torch.set_num_threads(2)
+    loop_wall, loop_compute, _ = timed_run(base, "loop_2_threads", manifest, workers=0, shard_rows=shard_rows)
+    dask_wall, dask_compute, store_path = timed_run(base, "dask_2_workers", manifest, workers=2, shard_rows=shard_rows)
+    p50, p99, n_maps, map_shape = read_latency(store_path)
+    maps_bytes = _dir_bytes(store_path / "store.zarr" / "maps")
+    print(f"distribution overhead: dask / loop throughput = {loop_compute / dask_compute:.3f} while computing "
+          f"(aim >= 0.9), {loop_wall / dask_wall:.3f} end to end (incl. {dask_wall - dask_compute:.1f} s vs "
+          f"{loop_wall - loop_compute:.1f} s of start-up: cluster, imports, model loading)")
+    print(f"store: single-map read p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms (aim p50 <= 2 ms)")
+    print(f"store: {maps_bytes / n_maps:.0f} B/map on disk for maps, {_dir_bytes(store_path) / n_maps:.0f} B/map "
+          f"for the whole store (index, ledger, category, score); raw float32 map = "
+          f"{4 * int(np.prod(map_shape))} B")
+
+
+if __name__ == "__main__":
+    main()
