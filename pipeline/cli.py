@@ -1,12 +1,13 @@
 """The ``ase-mllm`` command line: global options, then each stage's commands."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 
 from pipeline import context
-from pipeline.manifest import ManifestError
+from pipeline.errors import PipelineError
 
 app = typer.Typer(
     help="ASE-MLLM: aesthetic saliency maps, saliency-guided MLLM fine-tuning, critique generation and scoring.",
@@ -42,9 +43,11 @@ _register_stages()
 
 
 def run() -> None:
-    """Console entry point: manifest problems become one clear line, not a traceback."""
+    """Console entry point: problems the user can fix become one clear line, not a traceback."""
     try:
         app()
-    except ManifestError as e:
+    except (PipelineError, FileNotFoundError) as e:
+        if os.environ.get("ASE_DEBUG"):
+            raise
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None

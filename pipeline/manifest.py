@@ -12,11 +12,13 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import PipelineError
+
 FORMATS = ("synthetic", "pccd", "rpcd", "dpc2022", "ava_captions", "folder")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^${}]*))?\}")  # innermost first
 
 
-class ManifestError(ValueError):
+class ManifestError(PipelineError, ValueError):
     """A manifest that cannot be used; the message says where and how to fix it."""
 
 

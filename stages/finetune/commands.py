@@ -31,6 +31,8 @@ def register(app: typer.Typer) -> None:
         logging_steps: int = typer.Option(10, "--logging-steps"),
         seed: int = typer.Option(0, "--seed"),
         log_sample_ids: bool = typer.Option(False, "--log-sample-ids", help="Log each rank's sample ids."),
+        tiny_model: str = typer.Option("tiny", "--tiny-model",
+                                       help="Registered small model to build when there is no base (tiny, demo)."),
     ) -> None:
         """Fine-tune the saliency-enhanced MLLM on a dataset's critiques (resumes if interrupted)."""
         from pipeline.context import manifest
@@ -42,6 +44,6 @@ def register(app: typer.Typer) -> None:
             epochs=epochs, learning_rate=lr, global_batch_size=batch_size, per_device_batch_size=per_device,
             trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()), lora=lora, max_tiles=max_tiles,
             allow_missing_saliency=allow_missing_saliency, limit=limit, workers=workers, save_steps=save_steps,
-            logging_steps=logging_steps, seed=seed, log_sample_ids=log_sample_ids,
+            logging_steps=logging_steps, seed=seed, log_sample_ids=log_sample_ids, tiny_model=tiny_model,
         )
         run_finetune(cfg, manifest())

@@ -16,13 +16,14 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from pipeline.errors import PipelineError
 from stages.finetune.prompting import encode_example
 from stages.finetune.tiling import Tiling, plan_tiles, saliency_tiles, tile_image
 from storage.images import open_rgb, safe_join
 from storage.tables import image_root, read_table
 
 
-class MissingSaliencyError(RuntimeError):
+class MissingSaliencyError(PipelineError):
     """Images of the training split have no saliency map in the store."""
 
 

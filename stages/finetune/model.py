@@ -144,11 +144,18 @@ def _qwen2_tiny(vocab_size: int) -> dict[str, Any]:
                 tie_word_embeddings=True)
 
 
+def _qwen2_demo(vocab_size: int) -> dict[str, Any]:
+    return {**_qwen2_tiny(vocab_size), "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3}
+
+
 # name -> (vision config kwargs, text config kwargs given the vocab size); tiny models in the spirit of timm's registry
 TINY_CONFIGS: dict[str, tuple[dict[str, Any], Any]] = {
     # 2 layers x 64, 224 px tiles of 16x16 patches -> 64 LLM tokens per tile
     "tiny": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                   image_size=224, patch_size=14), _qwen2_tiny),
+    # the demo's model (`make demo`): the tiny vision tower, a 3 x 128 LLM that can learn the critiques' language
+    "demo": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  image_size=224, patch_size=14), _qwen2_demo),
     # InternViT-300M's shape (24 x 1024, 16 heads, MLP 4096, qkv bias, 448 px, patch 14), tiny LLM
     "internvit300m-shape": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                                  intermediate_size=4096, attention_bias=True, image_size=448, patch_size=14),

@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import PipelineError
 from pipeline.manifest import DatasetSpec
 from pipeline.paths import dataset_dir
 from stages.ingest.formats import SPLITS, Converted, Rejection, converter
@@ -32,7 +33,7 @@ from storage.tables import COMMENTS_SCHEMA, IMAGES_SCHEMA, QUARANTINE_SCHEMA, TA
 INGEST_VERSION = 1
 
 
-class IngestError(RuntimeError):
+class IngestError(PipelineError):
     """A dataset that cannot be ingested at all (e.g. its root does not exist)."""
 
 

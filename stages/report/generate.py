@@ -51,6 +51,7 @@ class DecodeConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0  # sampling only: reseeded per batch
+    no_repeat_ngram_size: int = 0  # > 0: an n-gram of this size never repeats within a critique
 
     def tag(self) -> str:
         """'' for the default (greedy), else a short stable name for the predictions directory."""
@@ -62,6 +63,8 @@ class DecodeConfig:
         kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample)
         if self.do_sample:
             kw.update(temperature=self.temperature, top_p=self.top_p)
+        if self.no_repeat_ngram_size:
+            kw.update(no_repeat_ngram_size=self.no_repeat_ngram_size)
         return kw
 
 

@@ -117,6 +117,7 @@ def render_report(out_dir: Path, title: str, tables: dict[str, str], items: list
 
     sections = []
     for heading, body in tables.items():
+        body = body.removeprefix(f"### {heading}\n")  # the section heading already says it
         content = body if body.lstrip().startswith("<") else markdown_to_html(body)
         sections.append(f"<section><h2>{html.escape(heading)}</h2>\n{content}</section>")
     cards = [_item_html(item, out_dir) for item in tqdm(items, desc="gallery", unit="img", disable=len(items) < 50)]

@@ -16,6 +16,7 @@ from typing import Any, Hashable
 
 from tqdm import tqdm
 
+from pipeline.errors import PipelineError
 from pipeline.paths import work_dir
 from stages.report import spice
 from storage.atomic import write_bytes_atomic, write_json_atomic
@@ -35,7 +36,7 @@ JAVA_HELP = (
 Scores = dict[str, float | None]
 
 
-class JavaNotFoundError(RuntimeError):
+class JavaNotFoundError(PipelineError):
     """No ``java`` executable: the message says how to install one."""
 
 

@@ -14,12 +14,14 @@ _SAMPLE = typer.Option(False, "--do-sample", help="Nucleus sampling instead of g
 _TEMP = typer.Option(1.0, "--temperature")
 _TOP_P = typer.Option(1.0, "--top-p")
 _SEED = typer.Option(0, "--seed", help="Sampling seed.")
+_NO_REPEAT = typer.Option(0, "--no-repeat-ngram", help="Never repeat an n-gram of this size (0: off).")
 
 
-def _decode(max_new_tokens: int, num_beams: int, do_sample: bool, temperature: float, top_p: float, seed: int):  # noqa: ANN202
+def _decode(max_new_tokens: int, num_beams: int, do_sample: bool, temperature: float, top_p: float, seed: int,
+            no_repeat: int):  # noqa: ANN202
     from stages.report.generate import DecodeConfig
 
-    return DecodeConfig(max_new_tokens, num_beams, do_sample, temperature, top_p, seed)
+    return DecodeConfig(max_new_tokens, num_beams, do_sample, temperature, top_p, seed, no_repeat)
 
 
 def _fail(message: str) -> None:
@@ -40,7 +42,7 @@ def register(app: typer.Typer) -> None:
         allow_missing_saliency: Optional[bool] = typer.Option(
             None, "--allow-missing-saliency/--require-saliency", help="Uniform map for images without one (default: as trained)."),
         max_new_tokens: int = _MAX_NEW, num_beams: int = _BEAMS, do_sample: bool = _SAMPLE,
-        temperature: float = _TEMP, top_p: float = _TOP_P, seed: int = _SEED,
+        temperature: float = _TEMP, top_p: float = _TOP_P, seed: int = _SEED, no_repeat: int = _NO_REPEAT,
     ) -> None:
         """Critiques for every image of a split without one yet (resumable; torchrun ranks share the work)."""
         from pipeline.context import manifest
@@ -48,7 +50,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             s = generate_split(dataset, run, manifest(), split, checkpoint,
-                               _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed),
+                               _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed, no_repeat),
                                batch_size, part_size, limit, allow_missing_saliency)
         except (FileNotFoundError, ValueError) as e:
             _fail(str(e))
@@ -69,7 +71,7 @@ def register(app: typer.Typer) -> None:
         ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="Table II from the dataset's runs."),
         gallery: int = typer.Option(60, "--gallery", help="Images in the index.html gallery."),
         max_new_tokens: int = _MAX_NEW, num_beams: int = _BEAMS, do_sample: bool = _SAMPLE,
-        temperature: float = _TEMP, top_p: float = _TOP_P, seed: int = _SEED,
+        temperature: float = _TEMP, top_p: float = _TOP_P, seed: int = _SEED, no_repeat: int = _NO_REPEAT,
     ) -> None:
         """Generate (if needed), score against the baselines and write reports/<dataset>/<run>/."""
         from pipeline.context import manifest
@@ -78,7 +80,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             s = build_report(dataset, run, manifest(), split, checkpoint,
-                             _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed),
+                             _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed, no_repeat),
                              batch_size, limit, spice_lib, baselines, ablation, gallery)
         except (FileNotFoundError, ValueError, JavaNotFoundError) as e:
             _fail(str(e))
@@ -98,7 +100,7 @@ def register(app: typer.Typer) -> None:
         checkpoint: Optional[str] = _CHECKPOINT,
         batch_size: int = typer.Option(4, "--batch-size"),
         max_new_tokens: int = _MAX_NEW, num_beams: int = _BEAMS, do_sample: bool = _SAMPLE,
-        temperature: float = _TEMP, top_p: float = _TOP_P, seed: int = _SEED,
+        temperature: float = _TEMP, top_p: float = _TOP_P, seed: int = _SEED, no_repeat: int = _NO_REPEAT,
     ) -> None:
         """Critique your own photos: captions.jsonl / .csv, heatmaps and an index.html gallery."""
         from pipeline.context import manifest
@@ -106,7 +108,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             s = caption_files(paths, manifest(), out, run, checkpoint,
-                              _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed), batch_size)
+                              _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed, no_repeat), batch_size)
         except (FileNotFoundError, ValueError) as e:
             _fail(str(e))
             return
