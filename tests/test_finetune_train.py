@@ -114,6 +114,13 @@ def test_finetune_learns_saves_and_resumes(toy_run: Path) -> None:
     resumed = load_file(run / "final" / "model.safetensors")
     for k in uninterrupted:
         torch.testing.assert_close(resumed[k], uninterrupted[k], rtol=1e-4, atol=1e-6, msg=k)
+    # rerunning a completed run that ended mid-epoch (5 steps an epoch) trains nothing more
+    done = finetune(_cfg(run="mid", max_steps=7, save_steps=7), manifest)
+    before = load_file(done.run_dir / "final" / "model.safetensors")
+    again = finetune(_cfg(run="mid", max_steps=7, save_steps=7), manifest)
+    assert again.global_step == 7 and not (done.run_dir / "checkpoint-8").exists()
+    after = load_file(done.run_dir / "final" / "model.safetensors")
+    assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 @pytest.mark.slow

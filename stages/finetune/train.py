@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
@@ -374,9 +374,15 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
         data_collator=Collator(tokenizer.pad_token_id, keep_sample_ids=cfg.log_sample_ids),
         callbacks=[_MetricsLog(run_dir / "metrics.jsonl"), *callbacks], sample_log=sample_log,
     )
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if trainer.is_world_process_zero():
-        save_final(trainer, tokenizer, run_dir / "final")
+    state = TrainerState.load_from_json(str(resume / "trainer_state.json")) if resume else None
+    finished = state is not None and (run_dir / "final" / "config.json").exists() and (
+        state.global_step >= cfg.max_steps if cfg.max_steps > 0 else (state.epoch or 0) >= cfg.epochs)
+    if finished:  # a rerun of a completed run: resuming would take one more step past the end
+        trainer.state = state
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if trainer.is_world_process_zero():
+            save_final(trainer, tokenizer, run_dir / "final")
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     summary = Summary(run_dir, trainer.state.global_step, losses[0] if losses else None,
                       losses[-1] if losses else None, data.missing_saliency, resume)

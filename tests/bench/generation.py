@@ -5,7 +5,7 @@ and one image at a time, and their ratio (aim >= 4x). The demo model is the tiny
 ``make demo`` (random init; a trained run via --run DATASET/RUN); images of mixed aspect ratios
 (1 to 3 tiles) so the batches carry real padding. Both sides decode greedily to the same outputs
 (checked), timed alternately after a warm-up.
-Usage: python tests/bench/generation.py [--images 32] [--batch-size 16] [--tokens 32] [--max-tiles 12]
+Usage: python tests/bench/generation.py [--images 32] [--batch-size 16] [--tokens 32] [--max-tiles 4]
        [--device cpu] [--run D/R]
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def demo_captioner(device: torch.device, max_tiles: int) -> Captioner:
              "sharp focus on the eyes", "crop tighter", "nice leading lines", "too much noise"]
     tok = train_bpe([f"{a}, {b}." for a in words for b in words] * 4, vocab_size=2048)
     torch.manual_seed(0)
-    model = build_tiny_model("tiny", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
+    model = build_tiny_model("demo", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
     tiles = TileSpec(tile_size=224, max_tiles=max_tiles, tokens_per_tile=tokens_per_tile(model.config))
     return Captioner(model, tok, tiles, device)
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32, help="max new tokens per critique")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--max-tiles", type=int, default=12, help="demo model's tiling (make demo: 12)")
+    parser.add_argument("--max-tiles", type=int, default=4, help="tiling of the demo runs (make demo: 4)")
     parser.add_argument("--run", default=None, help="DATASET/RUN: bench that run's checkpoint instead")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -5,7 +5,7 @@ whole set, sequentially (DESIGN.md's 37 s anchor), and (b) pycocoevalcap called 
 (tokenizer + four scorers, a new METEOR JVM each time), whose cost is extrapolated from a
 sample of ``--sample`` images. Sentences are real PCCD critiques from ../shared.
 
-    .venv/bin/python -m tests.bench.metrics [--n 10000] [--sample 50]
+    .venv/bin/python -m tests.bench.metrics [--n 10000] [--sample 10]
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def pycocoevalcap_whole(cands: dict[str, str], refs: dict[str, list[str]]) -> fl
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--sample", type=int, default=50)
+    ap.add_argument("--sample", type=int, default=10)
     args = ap.parse_args()
     cands, refs = make_set(args.n)
 
