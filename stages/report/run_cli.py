@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from pipeline.errors import fail
+
 _CHECKPOINT = typer.Option(None, "--checkpoint", help="checkpoint-N / final / a path (default: final, else newest).")
 _BATCH = typer.Option(8, "--batch-size", help="Images per generate() call.")
 _MAX_NEW = typer.Option(64, "--max-new-tokens")
@@ -22,11 +24,6 @@ def _decode(max_new_tokens: int, num_beams: int, do_sample: bool, temperature: f
     from stages.report.generate import DecodeConfig
 
     return DecodeConfig(max_new_tokens, num_beams, do_sample, temperature, top_p, seed, no_repeat)
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
@@ -53,8 +50,7 @@ def register(app: typer.Typer) -> None:
                                _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed, no_repeat),
                                batch_size, part_size, limit, allow_missing_saliency)
         except (FileNotFoundError, ValueError) as e:
-            _fail(str(e))
-            return
+            fail(str(e))
         typer.echo(s.line())
 
     @app.command()
@@ -83,8 +79,7 @@ def register(app: typer.Typer) -> None:
                              _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed, no_repeat),
                              batch_size, limit, spice_lib, baselines, ablation, gallery)
         except (FileNotFoundError, ValueError, JavaNotFoundError) as e:
-            _fail(str(e))
-            return
+            fail(str(e))
         for markdown in s.tables.values():
             typer.echo(markdown)
         for note in s.notes:
@@ -110,8 +105,7 @@ def register(app: typer.Typer) -> None:
             s = caption_files(paths, manifest(), out, run, checkpoint,
                               _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed, no_repeat), batch_size)
         except (FileNotFoundError, ValueError) as e:
-            _fail(str(e))
-            return
+            fail(str(e))
         for row in s.rows:
             if row.error:
                 typer.secho(f"error: {row.path}: {row.error}", fg=typer.colors.RED, err=True)

@@ -7,11 +7,8 @@ from typing import Optional
 import typer
 
 from pipeline import context
+from pipeline.errors import fail
 
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
 
 
 def _find_image(image: str, datasets: list[str] | None) -> tuple[Path, str]:
@@ -51,7 +48,7 @@ def register(app: typer.Typer) -> None:
         try:
             s = run_saliency(context.manifest(), dataset or None, workers, scheduler, batch_size, shard_rows)
         except (FileNotFoundError, RuntimeError) as e:
-            _fail(str(e))
+            fail(str(e))
             return
         rate = s.computed / s.wall_s if s.wall_s > 0 else 0.0
         typer.echo(
@@ -77,7 +74,7 @@ def register(app: typer.Typer) -> None:
             img = open_rgb(path)
             saliency_map, category, score, source = saliency_of(context.manifest(), path, img)
         except (FileNotFoundError, ImageError) as e:
-            _fail(str(e))
+            fail(str(e))
             return
         target = out or saliency_root() / "show" / f"{name}.png"
         with atomic_path(target) as tmp:
