@@ -6,9 +6,8 @@ from pathlib import Path
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.manifest import ManifestError
-
 from pipeline.cli import app
+from pipeline.manifest import ManifestError
 
 
 def _manifest(tmp_path: Path) -> Path:
@@ -38,3 +37,25 @@ def test_unknown_dataset_is_a_manifest_error(tmp_path: Path) -> None:
 def test_no_dataset_named(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["--manifest", str(_manifest(tmp_path)), "ingest"])
     assert result.exit_code != 0 and "--all" in result.output
+
+
+def test_status_follows_ingest_and_notices_changed_inputs(tmp_path: Path) -> None:
+    manifest = str(_manifest(tmp_path))
+    runner = CliRunner()
+
+    def states() -> dict[str, list[str]]:
+        out = runner.invoke(app, ["--manifest", manifest, "status"]).output.splitlines()
+        rows: dict[str, list[str]] = {}
+        for line in out:
+            if not line.startswith(" "):
+                current = line.split()[0]
+            else:
+                rows.setdefault(current, []).append(" ".join(line.split()[:2]))
+        return rows
+
+    assert states()["mine"][0] == "ingest missing"
+    runner.invoke(app, ["--manifest", manifest, "ingest", "mine"])
+    assert states()["mine"] == ["ingest done", "saliency missing", "finetune missing", "report missing"]
+    Image.new("RGB", (12, 10)).save(tmp_path / "photos" / "b.jpg")  # a new photo: the tables are stale
+    assert states()["mine"][0] == "ingest stale"
+    assert states()["gone"][0] == "ingest missing"
