@@ -10,7 +10,7 @@ import time
 
 import typer
 
-from pipeline.paths import models_dir, reports_dir
+from pipeline.paths import models_dir, reports_dir, runs_dir
 
 DATASET = "demo"
 RUNS = {"demo-ias": "cross_attention", "demo-noiasc": "none"}  # run name -> fusion
@@ -21,14 +21,13 @@ FINETUNE_ARGS = ["--tiny-model", "demo", "--max-tiles", "4", "--lr", "3e-3", "--
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def demo(
-        variant: str = typer.Option("tiny", "--variant", help="EAT variant to train for the demo."),
-    ) -> None:
-        """Run all stages on the synthetic demo corpus (CPU, about 10 minutes) and print the results."""
+    def demo() -> None:
+        """Run all stages on the synthetic demo corpus (CPU, about 7 minutes) and print the results."""
         from pipeline import context
 
         command = typer.main.get_command(app)
         manifest = context.manifest()
+        variant = manifest.eat.variant  # the EAT the saliency stage will look for
 
         def step(*args: str) -> None:
             typer.secho(f"\n$ ase-mllm {' '.join(args)}", bold=True)
@@ -61,8 +60,6 @@ def register(app: typer.Typer) -> None:
 
 def _loss_range(run: str) -> tuple[float, float]:
     """First and last logged training loss of a run (from its metrics log, so reruns report too)."""
-    from pipeline.paths import runs_dir
-
     logs = [json.loads(line) for line in (runs_dir(DATASET) / run / "metrics.jsonl").read_text().splitlines() if line]
     losses = {int(e["step"]): float(e["loss"]) for e in logs if "loss" in e and "step" in e}
     return losses[min(losses)], losses[max(losses)]
