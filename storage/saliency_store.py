@@ -123,7 +123,12 @@ class SaliencyStore:
             )
             group.create_array("category", shape=(0,), chunks=(shard_rows,), dtype="int32", fill_value=-1, config=cfg)
             group.create_array("score", shape=(0,), chunks=(shard_rows,), dtype="float32", fill_value=np.nan, config=cfg)
-            os.replace(tmp, zpath)
+            try:
+                os.replace(tmp, zpath)
+            except OSError:  # another process created the store meanwhile: use theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not (zpath / "zarr.json").exists():
+                    raise
         attrs = dict(zarr.open_group(zpath, mode="r").attrs)
         return cls(path, fingerprint, tuple(attrs["map_shape"]), int(attrs["shard_rows"]))
 

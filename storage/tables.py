@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,6 +47,11 @@ TABLES = {"images": IMAGES_SCHEMA, "comments": COMMENTS_SCHEMA, "quarantine": QU
 
 def table_path(dataset: str, name: str) -> Path:
     return dataset_dir(dataset) / f"{name}.parquet"
+
+
+def ingested(datasets: Iterable[str]) -> list[str]:
+    """The names among ``datasets`` that have been ingested (have an ``images.parquet``), sorted."""
+    return sorted(n for n in datasets if table_path(n, "images").exists())
 
 
 def read_table(dataset: str, name: str) -> pa.Table:

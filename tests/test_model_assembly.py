@@ -14,7 +14,6 @@ from stages.finetune.model import (
     IASInternVLConfig,
     IASInternVLForConditionalGeneration,
     build_tiny_model,
-    configure_trainable,
     load_base,
     tiny_internvl_config,
     tokens_per_tile,
@@ -185,16 +184,18 @@ def test_load_base_reports_only_cross_attention_keys_missing(tmp_path: Path) -> 
     assert missing == [] and not cross_attention_parameters(ablation)
 
 
-def test_configure_trainable_freezes_only_the_vision_base() -> None:
+def test_default_trainable_parts_freeze_only_the_vision_base() -> None:
+    from stages.finetune.train import PARTS, set_trainable
+
     model = _model()
-    n = configure_trainable(model)
+    n = sum(set_trainable(model, ("cross_attention", "projector", "llm")).values())
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert {name for name, _ in cross_attention_parameters(model)} <= trainable
     assert any(name.startswith("model.multi_modal_projector.") for name in trainable)
     assert any(name.startswith("model.language_model.") for name in trainable)
     assert not any(name.startswith("model.vision_tower.") and ".cross_attention." not in name for name in trainable)
-    configure_trainable(model, train_vision_base=True)
+    set_trainable(model, PARTS)
     assert all(p.requires_grad for p in model.parameters())
 
 

@@ -219,11 +219,3 @@ def load_base(
         path, config=config, output_loading_info=True, **from_pretrained_kwargs
     )
     return model, sorted(info["missing_keys"])
-
-
-def configure_trainable(model: IASInternVLForConditionalGeneration, train_vision_base: bool = False) -> int:
-    """InternVL's default: freeze the ViT base, train cross-attention + projector + LLM. Returns #trainable."""
-    for name, p in model.named_parameters():
-        in_vision_base = name.startswith("model.vision_tower.") and ".cross_attention." not in name
-        p.requires_grad_(train_vision_base or not in_vision_base)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

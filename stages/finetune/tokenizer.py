@@ -6,6 +6,7 @@ so the rest of stage 2 treats it exactly like a real InternVL ``-hf`` tokenizer.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -55,10 +56,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
     """Write the tokenizer into ``directory`` (HF format) via a temp dir + rename."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save_pretrained(str(tmp))
     tmp.replace(directory)
 

@@ -22,12 +22,12 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState
 
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
+from stages.finetune.ias_vit import FUSIONS
 from storage.atomic import write_json_atomic
 
 GLOBAL_BATCH = {"dpc2022": 64, "pccd": 16, "rpcd": 16}  # paper, Sec. IV-A
 DEFAULT_GLOBAL_BATCH = 16
 PARTS = ("vision", "cross_attention", "projector", "llm")
-CROSS_ATTENTION_KEYS = ("cross_attn", "cross_attention")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -78,8 +78,8 @@ class TrainConfig:
         bad = [p for p in self.trainable if p not in PARTS]
         if bad:
             raise ValueError(f"unknown trainable part(s) {bad}; choose from {', '.join(PARTS)}")
-        if self.fusion not in ("cross_attention", "none"):
-            raise ValueError(f"fusion must be 'cross_attention' or 'none', got {self.fusion!r}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         self.trainable = tuple(self.trainable)
 
 
@@ -138,7 +138,7 @@ def last_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Path | No
 
 def part_of(name: str) -> str | None:
     """Which trainable part a parameter belongs to (None: unknown)."""
-    if any(k in name for k in CROSS_ATTENTION_KEYS):
+    if ".cross_attention." in f".{name}":  # the parameters IAS-ViT adds (ias_vit.cross_attention_parameters)
         return "cross_attention"
     if "vision_tower" in name:
         return "vision"
@@ -328,7 +328,7 @@ def open_store(manifest: Manifest | None, allow_missing: bool):  # noqa: ANN201
 
     try:
         return current_store(manifest)
-    except (FileNotFoundError, KeyError, LookupError) as e:
+    except (FileNotFoundError, LookupError) as e:  # LookupError covers KeyError
         if allow_missing:
             print(f"finetune: no saliency store ({e}); every image gets a uniform map")
             return None
@@ -398,6 +398,7 @@ def save_final(trainer: Trainer, tokenizer, target: Path) -> None:  # noqa: ANN0
     trainer.save_model(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames below
     if target.exists():
         target.replace(old)
     tmp.replace(target)

@@ -28,7 +28,7 @@ from stages.ingest.formats import SPLITS, Converted, Rejection, converter
 from stages.ingest.validate import MAX_ASPECT_RATIO, check_images, file_stat
 from storage.atomic import atomic_path, write_json_atomic
 from storage.images import DEFAULT_MAX_PIXELS
-from storage.tables import COMMENTS_SCHEMA, IMAGES_SCHEMA, QUARANTINE_SCHEMA, TABLES
+from storage.tables import COMMENTS_SCHEMA, IMAGES_SCHEMA, QUARANTINE_SCHEMA, TABLES, read_meta
 
 INGEST_VERSION = 1
 
@@ -68,9 +68,9 @@ def current_fingerprint(spec: DatasetSpec, module: Any, max_pixels: int = DEFAUL
 
 
 def _read_meta(dataset: str) -> dict[str, Any] | None:
-    path = dataset_dir(dataset) / "meta.json"
+    """The last ingest's ``meta.json``, or None when absent or unreadable (then everything is redone)."""
     try:
-        return json.loads(path.read_text())
+        return read_meta(dataset)
     except (OSError, ValueError):
         return None
 
@@ -121,7 +121,7 @@ def _write_tables(out: Path, tables: dict[str, pa.Table]) -> None:
 
 def _summary(name: str, counts: dict[str, Any], seconds: float) -> str:
     splits = counts["splits"]
-    shown = [s for s in SPLITS] + sorted(s for s in splits if s not in SPLITS)
+    shown = list(SPLITS) + sorted(s for s in splits if s not in SPLITS)
     split_text = ", ".join(f"{s} {splits.get(s, 0):,}" for s in shown)
     reasons = counts["reasons"]
     why = f" ({', '.join(f'{r} {n:,}' for r, n in reasons.items())})" if reasons else ""

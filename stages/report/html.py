@@ -13,7 +13,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from storage.atomic import write_bytes_atomic
 
@@ -56,6 +56,10 @@ def _thumbnail(src: Path, out_dir: Path, fmt: str) -> str:
     if not (out_dir / rel).exists():
         with Image.open(src) as img:
             img.draft("RGB", (THUMB_SIZE, THUMB_SIZE))  # JPEG: decode at reduced size
+            try:  # upright, as open_rgb gives the model and the overlay
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # malformed EXIF: keep the stored orientation (as open_rgb does)
+                pass
             img = img.convert("RGB")
             img.thumbnail((THUMB_SIZE, THUMB_SIZE))
             buf = io.BytesIO()

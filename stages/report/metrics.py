@@ -100,11 +100,6 @@ def score(
     values are ``None`` when SPICE cannot run; ``notes`` then gives the reason and the fix.
     References of images without a candidate are ignored.
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
-
     _check_inputs(candidates, references)
     if shutil.which("java") is None:
         raise JavaNotFoundError(JAVA_HELP)
@@ -118,10 +113,33 @@ def score(
     else:
         notes.update({k: lib.reason for k in SPICE_KEYS})
 
+    try:
+        corpus, per_image = _score_all(candidates, references, spice_run, progress)
+    except BaseException:
+        if spice_run is not None:
+            spice_run.close()  # no orphaned JVM or temp files when another metric fails
+        raise
+    return corpus, per_image, notes
+
+
+def _score_all(
+    candidates: dict[Hashable, str], references: dict[Hashable, list[str]], spice_run: spice.SpiceRun | None,
+    progress: bool,
+) -> tuple[Scores, dict[Hashable, Scores]]:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+
     bar = tqdm(total=6, desc="scoring", unit="step", disable=not progress)
     meteor = Meteor()  # the JVM loads its paraphrase table while we tokenise
     bar.set_postfix_str("tokenize")
-    gts, res = _tokenize(candidates, references)
+    try:
+        gts, res = _tokenize(candidates, references)
+    except BaseException:
+        meteor.meteor_p.stdin.close()  # the thread that would close it never starts
+        meteor.meteor_p.wait()
+        raise
     bar.update()
     meteor_thread = _MeteorThread(meteor, gts, res)
     meteor_thread.start()
@@ -160,7 +178,7 @@ def score(
             per_image[image_id].update(values)
     bar.update()
     bar.close()
-    return corpus, per_image, notes
+    return corpus, per_image
 
 
 def fingerprint(candidates: dict[Hashable, str], references: dict[Hashable, list[str]], spice_lib: Path | None) -> str:

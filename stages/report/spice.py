@@ -109,6 +109,14 @@ class SpiceRun:
         finally:
             self._tmp.cleanup()
 
+    def close(self) -> None:
+        """Stop the JVM (when still running) and remove its files: for when scoring fails elsewhere."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc.stderr.close()
+        self._tmp.cleanup()
+
 
 def _num(value: Any) -> float:
     """SPICE writes NaN (no tuples) or null for undefined ratios: those count as 0."""

@@ -10,19 +10,19 @@ from pipeline import context
 from pipeline.errors import fail
 
 
-
 def _find_image(image: str, datasets: list[str] | None) -> tuple[Path, str]:
     """(path, display name) of IMAGE: a file, or an image_id / sha256 in an ingested dataset."""
     if Path(image).is_file():
         return Path(image), Path(image).stem
-    from storage.tables import image_root, read_table, table_path
+    from storage.images import safe_join
+    from storage.tables import image_root, ingested, read_table
 
-    names = datasets or sorted(n for n in context.manifest().datasets if table_path(n, "images").exists())
+    names = datasets or ingested(context.manifest().datasets)
     for name in names:
         table = read_table(name, "images")
         for image_id, sha, rel in zip(*(table[c].to_pylist() for c in ("image_id", "sha256", "path"))):
             if image in (image_id, sha):
-                return image_root(name) / rel, image_id.replace("/", "_")
+                return safe_join(image_root(name), rel), image_id.replace("/", "_")
     raise FileNotFoundError(f"{image} is neither a file nor an image_id / sha256 in {', '.join(names) or 'any ingested dataset'}")
 
 

@@ -197,9 +197,9 @@ def compute_shard(task: ShardTask) -> ShardResult:
 
 def requested_images(manifest: Manifest, datasets: list[str] | None) -> dict[str, str]:
     """sha256 -> absolute image path over the ingested datasets (all ingested ones when None)."""
-    from storage.tables import image_root, read_table, table_path
+    from storage.tables import image_root, ingested, read_table
 
-    names = datasets or sorted(n for n in manifest.datasets if table_path(n, "images").exists())
+    names = datasets or ingested(manifest.datasets)
     if not names:
         raise FileNotFoundError("no ingested dataset: run `ase-mllm ingest NAME` first")
     images: dict[str, str] = {}

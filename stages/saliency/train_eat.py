@@ -32,18 +32,12 @@ from tqdm import tqdm
 
 from stages.saliency.eat import EAT, INPUT_SIZE, build_eat, eat_score, preprocess, target_layer
 from stages.saliency.layercam import layercam
+from storage.images import open_rgb
 
 NUM_BINS = 10
 RECIPE_VERSION = 2  # bump when the training recipe changes (train-eat then retrains)
 TARGET_SD = 1.0
 SCORE_WEIGHT = 0.05  # weight of the expected-score MSE next to the EMD
-
-
-def open_rgb(path: Path) -> Image.Image:
-    """The project's single image opener (EXIF rotation, RGB, clear errors)."""
-    from storage.images import open_rgb as _open_rgb
-
-    return _open_rgb(Path(path))
 
 
 def score_distribution(scores: Tensor, bins: int = NUM_BINS, sd: float = TARGET_SD) -> Tensor:
@@ -185,7 +179,8 @@ def _mask_ratio(cam: Tensor, mask: Tensor) -> float:
 
 def load_mask(path: Path) -> Tensor:
     """[224,224] bool: the whole mask resized like its image (nearest), 255 = relevant."""
-    img = Image.open(path).convert("L").resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.NEAREST)
+    with Image.open(path) as mask:
+        img = mask.convert("L").resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.NEAREST)
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(INPUT_SIZE, INPUT_SIZE) > 127
 
 

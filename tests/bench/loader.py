@@ -8,6 +8,7 @@ DataLoader workers keep that model fed. Run: ``.venv/bin/python tests/bench/load
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -20,7 +21,10 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-os.environ.setdefault("ASE_WORK", tempfile.mkdtemp(prefix="ase-bench-"))
+_SCRATCH: list[str] = []  # temp dirs this bench made, removed at exit
+if "ASE_WORK" not in os.environ:
+    _SCRATCH.append(tempfile.mkdtemp(prefix="ase-bench-"))
+    os.environ["ASE_WORK"] = _SCRATCH[0]
 torch.set_num_threads(1)
 
 from pipeline.manifest import load_manifest  # noqa: E402
@@ -75,6 +79,7 @@ def main() -> None:
     from storage.saliency_store import current_store
 
     tmp = Path(tempfile.mkdtemp(prefix="ase-bench-data-"))
+    _SCRATCH.append(str(tmp))
     shas = photo_dataset(tmp)
     manifest = load_manifest(make_manifest(tmp))
     make_store(manifest, shas)
@@ -108,4 +113,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        for d in _SCRATCH:
+            shutil.rmtree(d, ignore_errors=True)

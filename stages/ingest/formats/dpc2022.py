@@ -36,9 +36,12 @@ def _ids(path: Path, out: Converted) -> list[str]:
 def _comments(ann: dict) -> list[tuple[str, str | None]]:
     scored = ann.get("score_comments")
     if isinstance(scored, list) and scored:
-        texts = [(c.get("comment") or {}).get("comment") if isinstance(c, dict) else None for c in scored]
+        inner = [c.get("comment") if isinstance(c, dict) else None for c in scored]
+        texts = [c.get("comment") if isinstance(c, dict) else None for c in inner]
     else:
         texts = ann.get("clean_comments") or []
+        if not isinstance(texts, list):
+            texts = [texts]
     return [(t if isinstance(t, str) else "", None) for t in texts]
 
 

@@ -78,11 +78,12 @@ def convert(spec: DatasetSpec) -> Converted:
             continue
         out.inputs.append(path)
         if path.suffix != ".csv":
-            rows = _records(read_json(path, out))
-            if rows is None:
-                out.reject(str(path), None, "bad_annotation", f"{path.name} is not a list of records")
-            else:
+            data = read_json(path, out)  # None: already quarantined as unparseable
+            rows = _records(data)
+            if rows is not None:
                 _append(out, split, rows, path.name, None)
+            elif data is not None:
+                out.reject(str(path), None, "bad_annotation", f"{path.name} is not a list of records")
             continue
         raw_path = spec.root / spec.options.get("comments_file", RAW_COMMENTS)
         if not raw_path.is_file():
