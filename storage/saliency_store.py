@@ -288,3 +288,13 @@ def current_store(manifest: Manifest) -> SaliencyStore:
             f"no saliency maps for this EAT ({saliency_root() / fingerprint}): run `ase-mllm saliency` first"
         )
     return SaliencyStore.open(saliency_root(), fingerprint)
+
+
+def find_store(manifest: Manifest | None) -> tuple[SaliencyStore | None, str]:
+    """(the current store, "") or (None, why there is none) for the stages that can do without."""
+    if manifest is None:
+        return None, "no manifest"
+    try:
+        return current_store(manifest), ""
+    except (FileNotFoundError, LookupError) as e:
+        return None, str(e)

@@ -59,3 +59,14 @@ def test_status_follows_ingest_and_notices_changed_inputs(tmp_path: Path) -> Non
     Image.new("RGB", (12, 10)).save(tmp_path / "photos" / "b.jpg")  # a new photo: the tables are stale
     assert states()["mine"][0] == "ingest stale"
     assert states()["gone"][0] == "ingest missing"
+
+
+def test_folder_extensions_option_ignores_case_and_dot(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (10, 10)).save(photos / "a.jpg")
+    Image.new("RGB", (10, 10)).save(photos / "b.PNG")
+    path = tmp_path / "m.yaml"
+    path.write_text(f"datasets:\n  mine: {{format: folder, root: {photos}, options: {{extensions: [PNG]}}}}\n")
+    result = CliRunner().invoke(app, ["--manifest", str(path), "ingest", "mine"])
+    assert "ingest mine: 1 images" in result.output, result.output

@@ -324,20 +324,16 @@ def build_model(cfg: TrainConfig, tokenizer) -> nn.Module:  # noqa: ANN001
 
 def open_store(manifest: Manifest | None, allow_missing: bool):  # noqa: ANN201
     """The current saliency store, or None where there is none and that is allowed."""
-    from storage.saliency_store import current_store
+    from stages.finetune.dataset import MissingSaliencyError
+    from storage.saliency_store import find_store
 
-    try:
-        return current_store(manifest)
-    except (FileNotFoundError, LookupError) as e:  # LookupError covers KeyError
-        if allow_missing:
-            print(f"finetune: no saliency store ({e}); every image gets a uniform map")
-            return None
-        from stages.finetune.dataset import MissingSaliencyError
-
-        raise MissingSaliencyError(
-            f"no saliency store ({e}): run the saliency stage first (`ase-mllm saliency`), "
-            "or pass --allow-missing-saliency to use uniform maps"
-        ) from None
+    store, why = find_store(manifest)
+    if store is None:
+        if not allow_missing:
+            raise MissingSaliencyError(f"no saliency store ({why}): run the saliency stage first "
+                                       "(`ase-mllm saliency`), or pass --allow-missing-saliency to use uniform maps")
+        print(f"finetune: no saliency store ({why}); every image gets a uniform map")
+    return store
 
 
 def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[TrainerCallback, ...] = ()) -> Summary:

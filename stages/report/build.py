@@ -183,12 +183,9 @@ def _gallery(out: Path, dataset: str, run: str, manifest: Manifest | None, ours:
     from storage.images import ImageError, open_rgb, safe_join
     from storage.tables import image_root, read_table
 
-    try:
-        from storage.saliency_store import current_store
+    from storage.saliency_store import find_store
 
-        store = current_store(manifest)
-    except (FileNotFoundError, KeyError, LookupError, AttributeError):
-        store = None
+    store, _ = find_store(manifest)
     per_image = {}
     side = per_image_path(out / "metrics.json")
     if side.exists():

@@ -100,13 +100,10 @@ class Saliency:
     """Maps by sha256 from the store, else computed with the manifest's EAT (loaded on first need)."""
 
     def __init__(self, manifest: Manifest) -> None:
-        from storage.saliency_store import current_store
+        from storage.saliency_store import find_store
 
         self.manifest = manifest
-        try:
-            self.store = current_store(manifest)
-        except (FileNotFoundError, KeyError, LookupError):
-            self.store = None
+        self.store, _ = find_store(manifest)
         self._eat: tuple[Any, Any, Any] | None = None
 
     def __call__(self, sha: str, img: Any) -> tuple[np.ndarray, float, str]:

@@ -449,12 +449,10 @@ class _Store:
 
 
 def _saliency_store(manifest: Manifest | None, allow_missing: bool) -> _Store:
-    from storage.saliency_store import current_store
+    from storage.saliency_store import find_store
 
-    try:
-        return _Store(current_store(manifest), allow_missing)
-    except (FileNotFoundError, KeyError, LookupError, AttributeError) as e:
-        if not allow_missing:
-            raise FileNotFoundError(f"no saliency store ({e}): run `ase-mllm saliency` first, or pass "
-                                    "--allow-missing-saliency to use uniform maps") from None
-        return _Store(None, True)
+    store, why = find_store(manifest)
+    if store is None and not allow_missing:
+        raise FileNotFoundError(f"no saliency store ({why}): run `ase-mllm saliency` first, or pass "
+                                "--allow-missing-saliency to use uniform maps")
+    return _Store(store, allow_missing)

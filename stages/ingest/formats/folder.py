@@ -16,7 +16,7 @@ VERSION = 1
 
 def convert(spec: DatasetSpec) -> Converted:
     out = Converted(image_root=image_root(spec))
-    exts = set(spec.options.get("extensions", IMAGE_EXTS))
+    exts = {"." + e.lower().lstrip(".") for e in spec.options.get("extensions", IMAGE_EXTS)}  # "JPG" -> ".jpg"
     ignored = 0
     for dirpath, dirnames, filenames in os.walk(out.image_root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
