@@ -111,20 +111,12 @@ class Saliency:
         if self.store is not None and self.store.has(sha):
             sal, _category, score = self.store.read(sha)
             return sal, score, "store"
-        from stages.saliency.eat import eat_score, preprocess
-        from stages.saliency.layercam import layercam
+        from stages.saliency.job import compute_map, load_manifest_model
 
         if self._eat is None:
-            from stages.saliency.job import ModelSpec, load_model
-            from storage.saliency_store import current_fingerprint
-
-            spec = self.manifest.eat
-            _, checkpoint = current_fingerprint(self.manifest)
-            self._eat = load_model(ModelSpec(spec.variant, str(checkpoint.resolve()), spec.target_layer,
-                                             spec.num_classes))
-        model, layer, device = self._eat
-        out = layercam(model, layer, preprocess(img)[None].to(device))  # maps [1, h, w]
-        return out.maps[0].cpu().numpy(), float(eat_score(out.logits)[0]), "computed"
+            self._eat = load_manifest_model(self.manifest)
+        sal, _category, score = compute_map(self._eat, img)
+        return sal, score, "computed"
 
 
 def caption_files(

@@ -23,7 +23,8 @@ import pyarrow as pa
 from pipeline.manifest import EatSpec, Manifest
 from pipeline.paths import saliency_root
 from storage.images import ImageError, open_rgb, sha256_file
-from storage.saliency_store import DEFAULT_SHARD_ROWS, LEDGER_SCHEMA, PlannedRow, SaliencyStore, current_fingerprint
+from storage.saliency_store import (DEFAULT_SHARD_ROWS, LEDGER_SCHEMA, PlannedRow, SaliencyStore, current_fingerprint,
+                                    resolve_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -341,19 +342,27 @@ def run_saliency(
     return JobSummary(computed, reused, quarantined, time.perf_counter() - start, compute_s, store.path)
 
 
-def saliency_of(manifest: Manifest, path: Path, img: Any) -> tuple[np.ndarray, int, float, str]:
-    """(map [h,w], category, score, "from the store" | "computed") of one image under the manifest's EAT."""
+def load_manifest_model(manifest: Manifest) -> tuple[Any, Any, Any]:
+    """(model, target layer, device) of the manifest's EAT, for maps of single images."""
+    return load_model(model_spec(manifest.eat, resolve_checkpoint(manifest.eat)))
+
+
+def compute_map(loaded: tuple[Any, Any, Any], img: Any) -> tuple[np.ndarray, int, float]:
+    """(raw map [h,w], category, score) of one RGB image with a ``load_manifest_model`` result."""
     from stages.saliency.eat import eat_score, preprocess
     from stages.saliency.layercam import layercam
-    from storage.saliency_store import current_store
 
+    model, layer, device = loaded
+    out = layercam(model, layer, preprocess(img)[None].to(device))  # maps [1, h, w]
+    return out.maps[0].cpu().numpy(), int(out.category[0]), float(eat_score(out.logits)[0])
+
+
+def saliency_of(manifest: Manifest, path: Path, img: Any) -> tuple[np.ndarray, int, float, str]:
+    """(map [h,w], category, score, "from the store" | "computed") of one image under the manifest's EAT."""
+    from storage.saliency_store import find_store
+
+    store, _ = find_store(manifest)
     sha = sha256_file(path)
-    try:
-        return (*current_store(manifest).read(sha), "from the store")
-    except (FileNotFoundError, KeyError):
-        pass
-    _, checkpoint = current_fingerprint(manifest)
-    model, layer, device = load_model(model_spec(manifest.eat, checkpoint))
-    out = layercam(model, layer, preprocess(img)[None].to(device))
-    score = eat_score(out.logits)
-    return out.maps[0].cpu().numpy(), int(out.category[0]), float(score[0]), "computed"
+    if store is not None and store.has(sha):
+        return (*store.read(sha), "from the store")
+    return (*compute_map(load_manifest_model(manifest), img), "computed")
