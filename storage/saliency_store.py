@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,21 @@ def eat_fingerprint(spec: EatSpec, checkpoint_path: Path, input_size: int = 224)
     return f"{spec.variant}-{digest[:16]}"
 
 
+_TEMP_PREFIX = ".store.zarr.tmp-"
+
+
+def _remove_dead_temps(path: Path) -> None:
+    """Delete store temp dirs that processes of this host were killed while creating."""
+    for tmp in path.glob(f"{_TEMP_PREFIX}{socket.gethostname()}-*"):
+        pid = int(tmp.name.rsplit("-", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 class SaliencyStore:
     """Read maps by image sha256; the saliency job also plans, writes and commits shards through it.
 
@@ -111,7 +127,8 @@ class SaliencyStore:
         path = Path(root).resolve() / fingerprint
         zpath = path / "store.zarr"
         if not (zpath / "zarr.json").exists():  # build beside, then rename: a killed creation leaves no half store
-            tmp = path / f".store.zarr.tmp-{os.getpid()}"
+            _remove_dead_temps(path)
+            tmp = path / f"{_TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             attrs = {**(attributes or {}), "fingerprint": fingerprint, "map_shape": list(map_shape), "shard_rows": shard_rows}
             group = zarr.open_group(tmp, mode="w", attributes=attrs)

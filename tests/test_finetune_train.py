@@ -121,6 +121,15 @@ def test_finetune_learns_saves_and_resumes(toy_run: Path) -> None:
     assert again.global_step == 7 and not (done.run_dir / "checkpoint-8").exists()
     after = load_file(done.run_dir / "final" / "model.safetensors")
     assert all(torch.equal(after[k], before[k]) for k in before)
+    # killed inside save_final between its two renames: final/ moved aside, the complete temp dir not yet in place
+    final = done.run_dir / "final"
+    shutil.copytree(final, final.with_name(".final.tmp"))
+    final.replace(final.with_name(".final.old"))
+    again = finetune(_cfg(run="mid", max_steps=7, save_steps=7), manifest)
+    assert again.global_step == 7 and not (done.run_dir / "checkpoint-8").exists()
+    assert not final.with_name(".final.old").exists() and not final.with_name(".final.tmp").exists()
+    after = load_file(final / "model.safetensors")
+    assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 @pytest.mark.slow

@@ -177,3 +177,27 @@ def test_new_weights_discard_old_predictions(toy_runs: Path) -> None:
     make_run("toy", "r", seed=5)  # training again rewrote final/
     second = generate_split("toy", "r", manifest, split="test", decode=_short(), progress=False)
     assert second.generated == 1 and second.reused == 0
+
+
+def test_a_slow_rank_never_deletes_fresh_parts_of_new_weights(tmp_path: Path) -> None:
+    """Ranks open the predictions directory independently: a rank that still finds the old settings must
+    delete only the old weights' parts, not the parts a faster rank already wrote for the new weights."""
+    import pyarrow as pa
+
+    from stages.report.generate import PREDICTION_SCHEMA, _open_predictions, _settings_key, read_predictions
+    from storage.atomic import write_json_atomic, write_parquet_atomic
+
+    old, new = {"checkpoint_fingerprint": "a"}, {"checkpoint_fingerprint": "b"}
+    write_json_atomic(tmp_path / "generation.json", old)
+
+    def part(meta: dict, rank: int, image_id: str, caption: str) -> None:
+        rows = [{"image_id": image_id, "split": "test", "caption": caption}]
+        write_parquet_atomic(tmp_path / f"part-{_settings_key(meta)}-r{rank:03d}-0.parquet",
+                             pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA))
+
+    part(old, 1, "img1", "old caption")
+    part(new, 0, "img0", "fresh caption")  # the fast rank 0 already works under the new weights
+    assert read_predictions(tmp_path) == {"img1": "old caption"}  # generation.json still names the old settings
+    _open_predictions(tmp_path, new)  # the slow rank 1 arrives
+    assert read_predictions(tmp_path) == {"img0": "fresh caption"}
+    assert sorted(p.name.split("-")[1] for p in tmp_path.glob("part-*")) == [_settings_key(new)]

@@ -168,3 +168,28 @@ def test_missing_checkpoint_names_the_fix(isolated_work: Path) -> None:
     with pytest.raises(FileNotFoundError, match="train-eat") as e:
         resolve_checkpoint(EatSpec(variant="tiny"))
     assert str(isolated_work / "models" / "eat_tiny.safetensors") in str(e.value)
+
+
+def test_creation_removes_temps_of_killed_creators_only(tmp_path: Path) -> None:
+    """A creator SIGKILLed mid-creation leaves its temp dir; the next creation deletes it, not a live one's."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        root = tmp_path / "fp"
+        dead_tmp = root / f".store.zarr.tmp-{socket.gethostname()}-{victim.pid}"
+        live_tmp = root / f".store.zarr.tmp-{socket.gethostname()}-{alive.pid}"
+        for d in (dead_tmp, live_tmp):
+            (d / "maps").mkdir(parents=True)
+        SaliencyStore.open(tmp_path, "fp", (4, 4), 16)
+        assert not dead_tmp.exists() and live_tmp.exists()
+        assert sorted(p.name for p in root.iterdir()) == sorted([live_tmp.name, "store.zarr"])
+    finally:
+        alive.kill()
+        alive.wait()

@@ -371,6 +371,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
         callbacks=[_MetricsLog(run_dir / "metrics.jsonl"), *callbacks], sample_log=sample_log,
     )
     state = TrainerState.load_from_json(str(resume / "trainer_state.json")) if resume else None
+    recover_final(run_dir / "final")
     finished = state is not None and (run_dir / "final" / "config.json").exists() and (
         state.global_step >= cfg.max_steps if cfg.max_steps > 0 else (state.epoch or 0) >= cfg.epochs)
     if finished:  # a rerun of a completed run: resuming would take one more step past the end
@@ -387,15 +388,35 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
     return summary
 
 
+def _final_siblings(target: Path) -> tuple[Path, Path]:
+    """(temp dir being written, previous final being replaced) of ``target``."""
+    return target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+
+
 def save_final(trainer: Trainer, tokenizer, target: Path) -> None:  # noqa: ANN001
-    """Final weights + tokenizer, written to a temp dir and renamed into place."""
-    tmp = target.with_name(f".{target.name}.tmp")
+    """Final weights + tokenizer, written to a temp dir and renamed into place (see ``recover_final``)."""
+    tmp, old = _final_siblings(target)
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames below
+    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.replace(old)
     tmp.replace(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_final(target: Path) -> None:
+    """Finish a ``save_final`` killed between its two renames.
+
+    ``.final.old`` without ``final/`` means the temp dir was complete (it is written before the first
+    rename), so it becomes ``final/``. Safe when every torchrun rank calls it at once.
+    """
+    tmp, old = _final_siblings(target)
+    if not target.exists() and old.exists():
+        try:
+            tmp.replace(target)
+        except FileNotFoundError:  # another rank renamed it first
+            pass
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,8 @@ correctly for beam search (tiles of one image stay together).
 
 Predictions live in ``runs/<dataset>/<run>/predictions/<checkpoint>[@<decoding>]/``: parquet part
 files (image_id, split, caption), each written temp + rename, plus ``generation.json`` (checkpoint
-fingerprint, decoding, tiling). A killed run loses at most the part being written; a rerun
+fingerprint, decoding, tiling); each part's name carries a hash of those settings, so parts of
+other weights or settings are never read and are deleted as stale. A killed run loses at most the part being written; a rerun
 generates only the images without a prediction. Under torchrun rank r takes images r::world of the
 split sorted by id (no communication; independent of what is already done) and writes its own parts.
 """
@@ -281,9 +282,20 @@ def predictions_dir(dataset: str, run: str, checkpoint: str, decode: DecodeConfi
     return runs_dir(dataset) / run / "predictions" / (f"{checkpoint}@{tag}" if tag else checkpoint)
 
 
+def _settings_key(meta: dict[str, Any]) -> str:
+    """Short hash of the generation settings; every part file name carries the key it was made under."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _current_key(directory: Path) -> str | None:
+    path = Path(directory) / "generation.json"
+    return _settings_key(json.loads(path.read_text())) if path.exists() else None
+
+
 def read_predictions(directory: Path, split: str | None = None) -> dict[str, str]:
-    """image_id -> caption over all committed parts (of ``split`` when given)."""
-    parts = sorted(Path(directory).glob("part-*.parquet")) if Path(directory).is_dir() else []
+    """image_id -> caption over the committed parts of the current settings (of ``split`` when given)."""
+    key = _current_key(directory)
+    parts = sorted(Path(directory).glob(f"part-{key}-*.parquet")) if key else []
     out: dict[str, str] = {}
     for part in parts:
         t = pq.read_table(part, schema=PREDICTION_SCHEMA)
@@ -293,17 +305,21 @@ def read_predictions(directory: Path, split: str | None = None) -> dict[str, str
     return out
 
 
-def _open_predictions(directory: Path, meta: dict[str, Any]) -> None:
-    """Create the directory; predictions of different weights / settings are discarded (stale)."""
-    path = directory / "generation.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old == meta:
-            return
-        print(f"generate: {directory} holds predictions of other weights or settings; regenerating")
-        for part in directory.glob("part-*.parquet"):
-            part.unlink(missing_ok=True)
-    write_json_atomic(path, meta)
+def _open_predictions(directory: Path, meta: dict[str, Any]) -> str:
+    """Create the directory for ``meta``'s settings and return their key.
+
+    Parts made under other weights or settings (another key) are stale and deleted. Every torchrun
+    rank may do this at once: a rank only ever deletes other keys' parts, never fresh ones.
+    """
+    key = _settings_key(meta)
+    if _current_key(directory) != key:
+        write_json_atomic(directory / "generation.json", meta)
+    stale = [p for p in directory.glob("part-*.parquet") if not p.name.startswith(f"part-{key}-")]
+    if stale:
+        print(f"generate: {directory} held {len(stale)} prediction parts of other weights or settings; regenerating")
+    for part in stale:
+        part.unlink(missing_ok=True)
+    return key
 
 
 # ---------------------------------------------------------------- the job
@@ -376,7 +392,7 @@ def generate_split(
                                 "(the untrained baseline starts from that run's initialisation)")
     captioner, ckpt_name, fingerprint = load_run(dataset, run, checkpoint)
     directory = predictions_dir(dataset, run, ckpt_name, decode)
-    _open_predictions(directory, {"checkpoint_fingerprint": fingerprint, "decode": asdict(decode),
+    key = _open_predictions(directory, {"checkpoint_fingerprint": fingerprint, "decode": asdict(decode),
                                   "tiles": asdict(captioner.tiles)})
 
     images = read_table(dataset, "images")
@@ -414,7 +430,7 @@ def generate_split(
 
     def commit() -> None:
         if pending:
-            name = f"part-r{rank:03d}-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.parquet"
+            name = f"part-{key}-r{rank:03d}-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.parquet"
             write_parquet_atomic(directory / name, pa.Table.from_pylist(pending, schema=PREDICTION_SCHEMA))
             pending.clear()
 
