@@ -282,3 +282,12 @@ def test_overlay_against_matplotlib_jet_and_torch_bilinear() -> None:
     expected = 0.5 * np.asarray(img, dtype=np.float64) / 255.0 + 0.5 * matplotlib.colormaps["jet"](heat)[..., :3]
     # interior (PIL and torch treat the outermost half pixel differently); 8-bit LUT and rounding
     np.testing.assert_allclose(got[4:-4, 4:-4], expected[4:-4, 4:-4], atol=6 / 255)
+
+
+def test_local_workers_keep_glibc_malloc_defaults() -> None:
+    """dask's nanny would export MALLOC_TRIM_THRESHOLD_=65536 (every freed activation buffer goes back
+    to the OS and is refaulted next batch); our local workers run without it unless the user sets it."""
+    expected = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    with job._cluster(1, None) as client:
+        seen = client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
+    assert list(seen.values()) == [expected]

@@ -267,14 +267,18 @@ def _cluster(workers: int, scheduler: str | None) -> Iterator[Any]:
         return
     import logging
 
+    import dask
     from distributed import Client, LocalCluster
 
     cluster = None
     if scheduler is None:
-        cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
+        # dask's nanny exports MALLOC_TRIM_THRESHOLD_=65536 to its workers: glibc then returns every freed
+        # activation buffer to the OS and refaults it next batch (dat_base: 4.6 -> 3.2 img/s measured here).
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
     client = Client(scheduler or cluster)
     try:
         yield client
