@@ -9,9 +9,10 @@ correctly for beam search (tiles of one image stay together).
 Predictions live in ``runs/<dataset>/<run>/predictions/<checkpoint>[@<decoding>]/``: parquet part
 files (image_id, split, caption), each written temp + rename, plus ``generation.json`` (checkpoint
 fingerprint, decoding, tiling); each part's name carries a hash of those settings, so parts of
-other weights or settings are never read and are deleted as stale. A killed run loses at most the part being written; a rerun
-generates only the images without a prediction. Under torchrun rank r takes images r::world of the
-split sorted by id (no communication; independent of what is already done) and writes its own parts.
+other weights or settings are never read and are deleted as stale. A killed run loses at most
+the part being written; a rerun generates only the images without a prediction. Under torchrun
+rank r takes images r::world of the split sorted by id (no communication; independent of what is
+already done) and writes its own parts.
 """
 from __future__ import annotations
 
@@ -393,7 +394,7 @@ def generate_split(
     captioner, ckpt_name, fingerprint = load_run(dataset, run, checkpoint)
     directory = predictions_dir(dataset, run, ckpt_name, decode)
     key = _open_predictions(directory, {"checkpoint_fingerprint": fingerprint, "decode": asdict(decode),
-                                  "tiles": asdict(captioner.tiles)})
+                                        "tiles": asdict(captioner.tiles)})
 
     images = read_table(dataset, "images")
     images = images.filter(pc.equal(images["split"], split)).sort_by("image_id")
