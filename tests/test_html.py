@@ -75,7 +75,7 @@ def test_tables_are_embedded(report: Path):
     parsed.feed(report.read_text())
     cells = [t for t, _ in parsed.tags if t == "td"]
     rows = len(tables.paper_rows("I", "pccd")) + 1
-    assert len(cells) == rows * (2 + len(tables.COLUMNS))
+    assert len(cells) == rows * (2 + len(tables.TABLE_COLUMNS))
     assert any(a.get("class") == "ours" for t, a in parsed.tags if t == "tr")
 
 

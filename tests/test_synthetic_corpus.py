@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stages.ingest import synthetic_attributes as sa
 from stages.ingest import synthetic_corpus as sc
 
 
@@ -66,7 +67,7 @@ def test_counts_and_splits(corpus: Path) -> None:
     for r in records:
         assert set(r) >= {"image_id", "split", "file", "score", "references", "attributes", "mask"}
         assert r["file"] == f"images/{r['image_id']}.jpg" and r["mask"] == f"masks/{r['image_id']}.png"
-        assert {k: v in sc.ATTRIBUTES[k] for k, v in r["attributes"].items()} == {k: True for k in sc.ATTRIBUTES}
+        assert {k: v in sa.ATTRIBUTES[k] for k, v in r["attributes"].items()} == {k: True for k in sa.ATTRIBUTES}
         assert 1.0 <= r["score"] <= 10.0 and len(r["references"]) == 5
 
 
@@ -100,7 +101,7 @@ def test_mask_covers_saturated_subject(corpus: Path) -> None:
             chromatic = _chromatic(image)
             assert (chromatic & (mask == 0)).sum() <= 0.002 * chromatic.sum() + 5, r["image_id"]
     for seed, colour in enumerate(("vivid", "clashing") * 3):
-        attrs = {"placement": sc.ATTRIBUTES["placement"][seed % 3], "exposure": "balanced", "colour": colour,
+        attrs = {"placement": sa.ATTRIBUTES["placement"][seed % 3], "exposure": "balanced", "colour": colour,
                  "focus": "sharp", "horizon": ("level", "tilted")[seed % 2], "noise": "clean"}
         pixels, mask = sc.render(attrs, np.random.default_rng(seed))
         decoded = np.asarray(Image.open(io.BytesIO(sc._encode(pixels, "JPEG"))), dtype=np.float32) / 255
@@ -144,8 +145,8 @@ def test_score_monotone_in_attributes(annotations: list[dict]) -> None:
 
 
 def test_phrase_bank_is_unambiguous() -> None:
-    for key, values in sc.PHRASES.items():
-        assert set(values) == set(sc.ATTRIBUTES[key])
+    for key, values in sa.PHRASES.items():
+        assert set(values) == set(sa.ATTRIBUTES[key])
         for value, phrases in values.items():
             assert len(phrases) >= 3
             others = [p for v, ps in values.items() if v != value for p in ps]
@@ -156,16 +157,16 @@ def test_references_mention_true_attributes_only(annotations: list[dict]) -> Non
     all_refs = []
     for a in annotations:
         attrs = a["attributes"]
-        true = [p.lower() for p in sc.describe(attrs)]
-        false = [p.lower() for k, vs in sc.PHRASES.items() for v, ps in vs.items() if v != attrs[k] for p in ps]
+        true = [p.lower() for p in sa.describe(attrs)]
+        false = [p.lower() for k, vs in sa.PHRASES.items() for v, ps in vs.items() if v != attrs[k] for p in ps]
         for ref in a["references"]:
             low = ref.lower()
             assert 1 <= len(re.findall(r"[.!?](?:\s|$)", ref)) <= 3, ref
             assert any(p in low for p in true), ref
             assert not any(p in low for p in false), (ref, attrs)
-            if any(v in ref for v in sc._VERDICTS["high"]):
+            if any(v in ref for v in sa.VERDICTS["high"]):
                 assert a["score"] >= 7.0
-            if any(v in ref for v in sc._VERDICTS["low"]):
+            if any(v in ref for v in sa.VERDICTS["low"]):
                 assert a["score"] < 4.5
         all_refs += a["references"]
     assert len(set(all_refs)) > 0.8 * len(all_refs)  # varied phrasing

@@ -10,7 +10,8 @@ import pytest
 from stages.report import tables
 
 OURS = {"Bleu_1": 0.5, "Bleu_2": 0.25, "Bleu_3": 0.125, "Bleu_4": 0.0625, "METEOR": 0.1, "ROUGE_L": 0.3,
-        "CIDEr": 0.02, "SPICE": None, "SPICE_L": None, "Precision": None, "Recall": None}
+        "CIDEr": 0.02, "SPICE": None, "SPICE_L": None, "Precision": None, "Recall": None,
+        "distinct": 0.75, "distinct_1": 0.2, "distinct_2": 0.4, "mean_length": 12.25}
 NOTES = {k: "SPICE needs the CoreNLP jars" for k in ("SPICE", "SPICE_L", "Precision", "Recall")}
 
 
@@ -46,9 +47,12 @@ def test_table_one_markdown_and_csv(tmp_path):
     md = (tmp_path / "table.md").read_text()
     assert list(written.values()) == [md] and not (tmp_path / "ablation.md").exists()
     grid = parse_markdown_table(md)
-    assert grid[0] == ["Method", "Source", "B1", "B2", "B3", "B4", "M", "R", "C", "S", "S-L", "Pre", "Re"]
+    assert grid[0] == ["Method", "Source", "B1", "B2", "B3", "B4", "M", "R", "C", "S", "S-L", "Pre", "Re",
+                       "Distinct", "D-1", "D-2", "Len"]
     assert len(grid) == 1 + len(tables.paper_rows("I", "PCCD")) + 2
-    assert grid[-2][:4] == ["ours-run", "ours", "0.500", "0.250"] and grid[-2][-4:] == ["—"] * 4
+    assert grid[-2][:4] == ["ours-run", "ours", "0.500", "0.250"] and grid[-2][-8:-4] == ["—"] * 4
+    assert grid[-2][-4:] == ["0.750", "0.200", "0.400", "12.2"]  # diversity of ours
+    assert all(r[-4:] == ["—"] * 4 for r in grid[1:] if r[1] == "paper")  # the paper reports none
     assert "— (S, S-L, Pre, Re): SPICE needs the CoreNLP jars" in md and "arXiv:2509.04378" in md
     rows = list(csv.DictReader(io.StringIO((tmp_path / "table.csv").read_text())))
     assert rows[-1]["method"] == "retrieval: consensus" and rows[-1]["S"] == ""

@@ -26,7 +26,7 @@ The weights are roughly zero-mean per attribute, so scores centre near 5.5 and s
 
 The mask (255 = aesthetically relevant) is the union of the visible subject (with its blur halo),
 a band along the horizon line and the blown patches. Five colloquial references per image mention
-random subsets of the true attributes (``PHRASES``) and an overall verdict tied to the score.
+random subsets of the true attributes (``synthetic_attributes.PHRASES``) and an overall verdict tied to the score.
 Same (n, seed) gives byte-identical files.
 """
 from __future__ import annotations
@@ -44,6 +44,7 @@ from PIL import Image
 from scipy.ndimage import uniform_filter
 from tqdm import tqdm
 
+from stages.ingest.synthetic_attributes import ATTRIBUTES, SCORE_WEIGHTS, reference
 from storage.atomic import write_bytes_atomic
 
 GENERATOR_VERSION = 1
@@ -51,150 +52,11 @@ ANNOTATIONS = "annotations.jsonl"
 JPEG_QUALITY = 92
 SPLITS = (("train", 0.7), ("validation", 0.1), ("test", 0.2))
 
-ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "placement": ("thirds", "centre", "edge"),
-    "exposure": ("under", "balanced", "blown"),
-    "colour": ("muted", "vivid", "clashing"),
-    "focus": ("sharp", "blurred"),
-    "horizon": ("level", "tilted"),
-    "noise": ("clean", "noisy"),
-}
 _NOISY_PROB = 0.3  # the other attributes are drawn uniformly
 
 SCORE_BASE = 5.5
 SCORE_NOISE_SD = 0.4
-SCORE_WEIGHTS: dict[str, dict[str, float]] = {
-    "placement": {"thirds": 1.0, "centre": -0.3, "edge": -0.9},
-    "exposure": {"under": -0.5, "balanced": 0.8, "blown": -0.6},
-    "colour": {"muted": -0.2, "vivid": 0.9, "clashing": -0.7},
-    "focus": {"sharp": 0.7, "blurred": -0.7},
-    "horizon": {"level": 0.35, "tilted": -0.45},
-    "noise": {"clean": 0.1, "noisy": -0.4},
-}
 
-# Colloquial phrase bank: no phrase of one value occurs inside a phrase of another value.
-PHRASES: dict[str, dict[str, tuple[str, ...]]] = {
-    "placement": {
-        "thirds": (
-            "nice use of the rule of thirds",
-            "the subject sits nicely on a third",
-            "good off-centre placement",
-            "love where you put the subject",
-            "the composition feels balanced",
-        ),
-        "centre": (
-            "subject is dead centre, try the thirds",
-            "too centred, it feels static",
-            "bullseye composition, move it off-centre",
-            "the subject is plonked right in the middle",
-            "everything is smack in the centre",
-        ),
-        "edge": (
-            "the subject is cut off by the edge",
-            "you chopped the subject at the frame edge",
-            "give the subject some room, it's cropped too tight",
-            "the main object is clipped by the border",
-            "half the subject falls out of the frame",
-        ),
-    },
-    "exposure": {
-        "under": (
-            "way too dark",
-            "underexposed, lift the shadows",
-            "the subject is lost in shadow",
-            "needs a lot more light",
-            "it's all murky and dark",
-        ),
-        "balanced": (
-            "exposure is spot on",
-            "nicely exposed",
-            "good even exposure",
-            "the light is just right",
-            "great tonal range",
-        ),
-        "blown": (
-            "the highlights are blown",
-            "blown-out whites everywhere",
-            "overexposed patches with no detail",
-            "the bright spots are burnt out",
-            "way too bright in places, pull the highlights down",
-        ),
-    },
-    "colour": {
-        "muted": (
-            "colours are a bit flat",
-            "muted palette, feels washed out",
-            "the colours look dull",
-            "could use more saturation",
-            "rather grey and lifeless colours",
-        ),
-        "vivid": (
-            "love the colours",
-            "colours really pop",
-            "rich vivid colours",
-            "lovely saturated palette",
-            "the colour harmony works",
-        ),
-        "clashing": (
-            "the colours clash",
-            "garish colour combination",
-            "those colours fight each other",
-            "jarring colour mix",
-            "the colour scheme hurts my eyes",
-        ),
-    },
-    "focus": {
-        "sharp": (
-            "tack sharp",
-            "crisp focus on the subject",
-            "nice sharp detail",
-            "focus is nailed",
-            "the texture is beautifully crisp",
-        ),
-        "blurred": (
-            "the subject is soft",
-            "focus missed, it's blurry",
-            "out of focus subject",
-            "a bit soft, not in focus",
-            "the detail is all mushy",
-        ),
-    },
-    "horizon": {
-        "level": (
-            "horizon is nice and level",
-            "straight horizon",
-            "the level horizon keeps it calm",
-            "good job keeping the horizon straight",
-        ),
-        "tilted": (
-            "horizon is crooked",
-            "the horizon is tilted, straighten it",
-            "wonky horizon",
-            "the horizon slopes downhill",
-            "the whole scene leans",
-        ),
-    },
-    "noise": {
-        "clean": (
-            "clean image, no noise",
-            "nice smooth tones",
-            "very clean file",
-        ),
-        "noisy": (
-            "lots of noise",
-            "noisy, try a lower ISO",
-            "grainy all over",
-            "the grain is distracting",
-        ),
-    },
-}
-_MENTION_WEIGHT = {"placement": 1.0, "exposure": 1.0, "colour": 1.0, "focus": 1.0, "horizon": 0.8, "noise": 0.5}
-_OPENERS = ("Nice shot.", "Interesting scene.", "Thanks for sharing.", "A few thoughts.", "Okay.", "Hmm.", "Nice try.")
-_VERDICTS = {
-    "high": ("Overall a strong image.", "Really well done.", "One of the better ones.", "Great work overall."),
-    "mid": ("Decent overall.", "Solid, with room to improve.", "Not bad at all.", "Getting there."),
-    "low": ("Overall it doesn't work for me.", "Needs another go.", "Keep practising.", "Not a keeper, sorry."),
-}
 
 # Background palettes (RGB in [0, 1]): chroma (max - min) <= 0.35, far below a vivid subject's (>= 0.68), and
 # brightness well below 1, so only blown regions clip to white.
@@ -216,11 +78,6 @@ _GROUNDS = (
 # ---------------------------------------------------------------------------------------------- annotations
 
 
-def describe(attributes: dict[str, str]) -> list[str]:
-    """All phrases that truthfully describe ``attributes`` (one list over every attribute)."""
-    return [p for key, value in attributes.items() for p in PHRASES[key][value]]
-
-
 def score_of(attributes: dict[str, str], rng: np.random.Generator) -> float:
     """Aesthetic score in [1, 10]: the module docstring's formula."""
     s = SCORE_BASE + sum(SCORE_WEIGHTS[k][v] for k, v in attributes.items())
@@ -231,33 +88,6 @@ def sample_attributes(rng: np.random.Generator) -> dict[str, str]:
     attrs = {k: str(rng.choice(v)) for k, v in ATTRIBUTES.items() if k != "noise"}
     attrs["noise"] = "noisy" if rng.random() < _NOISY_PROB else "clean"
     return attrs
-
-
-def _sentence(text: str) -> str:
-    return text[0].upper() + text[1:] + "."
-
-
-def _reference(rng: np.random.Generator, attributes: dict[str, str], score: float) -> str:
-    """1-3 sentences: optional opener, 1-3 attribute remarks, optional verdict."""
-    keys = list(attributes)
-    weights = np.array([_MENTION_WEIGHT[k] for k in keys])
-    k = int(rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2]))
-    chosen = rng.choice(len(keys), size=k, replace=False, p=weights / weights.sum())
-    remarks = [(str(rng.choice(PHRASES[keys[i]][attributes[keys[i]]])), SCORE_WEIGHTS[keys[i]][attributes[keys[i]]] >= 0)
-               for i in chosen]
-    sentences = []
-    for pair in (remarks[:2], remarks[2:]):  # at most two remarks per sentence
-        if len(pair) == 2:
-            joiner = " and " if pair[0][1] == pair[1][1] else ", but "
-            sentences.append(_sentence(pair[0][0] + joiner + pair[1][0]))
-        elif pair:
-            sentences.append(_sentence(pair[0][0]))
-    if rng.random() < 0.45 and len(sentences) < 3:
-        band = "high" if score >= 7.0 else "mid" if score >= 4.5 else "low"
-        sentences.append(str(rng.choice(_VERDICTS[band])))
-    if rng.random() < 0.3 and len(sentences) < 3:
-        sentences.insert(0, str(rng.choice(_OPENERS)))
-    return " ".join(sentences)
 
 
 def assign_splits(n: int, seed: int) -> list[str]:
@@ -285,7 +115,7 @@ def annotation(index: int, seed: int) -> dict[str, Any]:
     rng, _ = _rngs(seed, index)
     attrs = sample_attributes(rng)
     score = score_of(attrs, rng)
-    return {"attributes": attrs, "score": round(score, 3), "references": [_reference(rng, attrs, score) for _ in range(5)]}
+    return {"attributes": attrs, "score": round(score, 3), "references": [reference(rng, attrs, score) for _ in range(5)]}
 
 
 # ---------------------------------------------------------------------------------------------- rendering

@@ -24,9 +24,11 @@ from pipeline.manifest import Manifest
 from pipeline.paths import reports_dir, runs_dir
 from stages.report.generate import UNTRAINED, DecodeConfig, generate_split, predictions_dir, prepare_untrained, \
     read_predictions, run_config
-from storage.atomic import write_parquet_atomic
+from storage.atomic import write_json_atomic, write_parquet_atomic
 
 UNTRAINED_ROW = "untrained (same model before fine-tuning)"
+CONSTANT_ROW = "constant: best critique"
+REFERENCE_ROW = "reference critique (ground truth)"
 
 
 @dataclass
@@ -102,8 +104,10 @@ def build_report(
     progress: bool = True,
 ) -> ReportSummary:
     """Everything of ``reports/<dataset>/<run>/`` (see the module docstring); returns the summary."""
+    from stages.report.attributes import attribute_scores
+    from stages.report.diversity import diversity
     from stages.report.metrics import score_to_file
-    from stages.report.tables import write_tables
+    from stages.report.tables import write_attribute_table, write_tables
 
     start = time.perf_counter()
     out = reports_dir(dataset) / run
@@ -133,6 +137,9 @@ def build_report(
             candidates[name] = {i: caps[i] for i in ours if i in caps}
     if ablation:
         runs_by_condition = ablation_runs(dataset, run)
+    truth = _attribute_truth(dataset, split)
+    if truth is not None and baselines:
+        candidates[CONSTANT_ROW] = {i: truth.constant for i in ours}
 
     run_of_row = {f"ASE-MLLM ({run})": run, UNTRAINED_ROW: UNTRAINED}
     for cond, name in runs_by_condition.items():
@@ -147,7 +154,7 @@ def build_report(
     for row, caps in candidates.items():
         target = out / "metrics.json" if row == f"ASE-MLLM ({run})" else out / "baselines" / f"{_slug(row)}.json"
         result, fresh = score_to_file(target, caps, refs, spice_lib=spice_lib, progress=progress)
-        rows[row] = result
+        rows[row] = {**result, **diversity(caps)}
         spice_notes.update(result.get("notes", {}))
         if fresh:
             rescored.append(row)
@@ -156,9 +163,39 @@ def build_report(
     row_of_run = {n: r for r, n in run_of_row.items()}
     ablation_rows = {c: rows[row_of_run[n]] for c, n in runs_by_condition.items()}
     tables = write_tables(out, dataset, table_rows, ablation_rows, spice_notes)
+    if truth is not None:
+        attribute_rows = {row: {**attribute_scores(caps, truth.values), "distinct": rows[row]["distinct"]}
+                          for row, caps in candidates.items()}
+        first_reference = {i: refs[i][0] for i in ours}
+        attribute_rows[REFERENCE_ROW] = {**attribute_scores(first_reference, truth.values),
+                                         **diversity(first_reference)}
+        write_json_atomic(out / "attributes.json", attribute_rows)
+        markdown = write_attribute_table(out, dataset, attribute_rows, split)
+        tables = {markdown.splitlines()[0][4:]: markdown, **tables}
     _write_predictions(out / "predictions.parquet", ours, candidates, refs)
     index = _gallery(out, dataset, run, manifest, ours, refs, tables, gallery)
     return ReportSummary(out, rows, rescored, tables, index, notes, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class AttributeTruth:
+    values: dict[str, dict[str, str]]  # image_id -> attribute -> true value, of the split
+    constant: str  # the best constant critique (chosen on the training split)
+
+
+def _attribute_truth(dataset: str, split: str) -> AttributeTruth | None:
+    """Ground-truth attributes of a synthetic dataset's split and its best constant critique; None for real data."""
+    from stages.ingest.formats.synthetic import ground_truth
+    from stages.report.attributes import best_constant_critique
+
+    truth = ground_truth(dataset)
+    if truth is None:
+        return None
+    train_refs = references(dataset, "train")
+    train = {i: truth[i]["attributes"] for i in train_refs}
+    constant = best_constant_critique(train, [r for i in sorted(train_refs) for r in train_refs[i]])
+    ids = references(dataset, split)
+    return AttributeTruth({i: truth[i]["attributes"] for i in ids}, constant)
 
 
 def _write_predictions(path: Path, ours: dict[str, str], candidates: dict[str, dict[str, str]],

@@ -19,6 +19,11 @@ COLUMNS = (  # (header in the paper's layout, metric key)
     ("B1", "Bleu_1"), ("B2", "Bleu_2"), ("B3", "Bleu_3"), ("B4", "Bleu_4"), ("M", "METEOR"), ("R", "ROUGE_L"),
     ("C", "CIDEr"), ("S", "SPICE"), ("S-L", "SPICE_L"), ("Pre", "Precision"), ("Re", "Recall"),
 )
+# Output diversity (stages/report/diversity.py) beside every row of ours; the paper reports none.
+DIVERSITY_COLUMNS = (("Distinct", "distinct"), ("D-1", "distinct_1"), ("D-2", "distinct_2"), ("Len", "mean_length"))
+TABLE_COLUMNS = COLUMNS + DIVERSITY_COLUMNS
+DIVERSITY_NOTE = ("Distinct: share of images with a critique no other image got; D-1 / D-2: distinct unigrams / "
+                  "bigrams over all; Len: mean words. A constant output has Distinct = 1/N. The paper reports none.")
 PAPER_CSV_COLUMNS = {"Bleu_1": "B1", "Bleu_2": "B2", "Bleu_3": "B3", "Bleu_4": "B4"}  # others share our key
 CITATION = ("Tao, Huang, Xu, Shao: Aesthetic Image Captioning with Saliency Enhanced MLLMs, "
             "arXiv:2509.04378 (2025)")
@@ -52,13 +57,14 @@ def paper_rows(table: str, dataset: str) -> list[Row]:
             continue
         values = {key: float(rec[PAPER_CSV_COLUMNS.get(key, key)]) if rec[PAPER_CSV_COLUMNS.get(key, key)] else None
                   for _, key in COLUMNS}
+        values.update({key: None for _, key in DIVERSITY_COLUMNS})
         method = rec["description"] if table == "I" else f"{rec['method']} ({rec['description']})"
         rows.append(Row(method, "paper", values))
     return rows
 
 
 def _ours(name: str, metrics: dict[str, float | None]) -> Row:
-    return Row(name, "ours", {key: metrics.get(key) for _, key in COLUMNS})
+    return Row(name, "ours", {key: metrics.get(key) for _, key in TABLE_COLUMNS})
 
 
 def table_one(dataset: str, ours: dict[str, dict[str, float | None]]) -> list[Row]:
@@ -72,21 +78,24 @@ def ablation(dataset: str, runs: dict[tuple[bool, bool], dict[str, float | None]
     return paper_rows(paper_table, dataset) + [_ours(CONDITIONS[c], runs[c]) for c in ordered]
 
 
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
+def _fmt(value: float | None, key: str = "") -> str:
+    if value is None:
+        return "—"
+    return f"{value:.1f}" if key == "mean_length" else f"{value:.3f}"
 
 
 def to_markdown(rows: list[Row], title: str, dataset: str, notes: dict[str, str] | None = None) -> str:
     """A Markdown table; "—" marks values not available, explained under the table."""
-    head = ["Method", "Source"] + [h for h, _ in COLUMNS]
+    head = ["Method", "Source"] + [h for h, _ in TABLE_COLUMNS]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([r.method.replace("|", "/"), r.source] + [_fmt(r.values[k]) for _, k in COLUMNS]) + " |"
-              for r in rows]
+    lines += ["| " + " | ".join([r.method.replace("|", "/"), r.source] + [_fmt(r.values[k], k) for _, k in TABLE_COLUMNS])
+              + " |" for r in rows]
     lines.append("")
     if any(r.source == "paper" for r in rows):
         lines.append(f"Paper rows: {CITATION}.")
     else:
         lines.append(f"The paper reports no results for dataset '{dataset}'.")
+    lines.append(DIVERSITY_NOTE)
     missing = sorted({k for r in rows if r.source == "ours" for _, k in COLUMNS if r.values[k] is None})
     for reason in sorted({(notes or {}).get(k, "not computed") for k in missing}):
         keys = ", ".join(h for h, k in COLUMNS if k in missing and (notes or {}).get(k, "not computed") == reason)
@@ -98,9 +107,9 @@ def to_csv(rows: list[Row]) -> str:
     """CSV with the same columns; values not available are empty cells."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["method", "source"] + [h for h, _ in COLUMNS])
+    writer.writerow(["method", "source"] + [h for h, _ in TABLE_COLUMNS])
     for r in rows:
-        writer.writerow([r.method, r.source] + ["" if r.values[k] is None else repr(r.values[k]) for _, k in COLUMNS])
+        writer.writerow([r.method, r.source] + ["" if r.values[k] is None else repr(r.values[k]) for _, k in TABLE_COLUMNS])
     return buf.getvalue()
 
 
@@ -127,3 +136,39 @@ def write_tables(
         write_bytes_atomic(out_dir / "ablation.md", written[title].encode())
         write_bytes_atomic(out_dir / "ablation.csv", to_csv(rows).encode())
     return written
+
+
+def attribute_columns() -> list[tuple[str, str]]:
+    """(header, key) of the ground-truth attribute table: macro precision / recall, then per attribute."""
+    from stages.ingest.synthetic_attributes import ATTRIBUTES
+
+    per = [(f"{name} {h}", f"{k}_{name}") for name in ATTRIBUTES for h, k in (("P", "precision"), ("R", "recall"))]
+    return [("Macro P", "macro_precision"), ("Macro R", "macro_recall"), *per, ("Distinct", "distinct")]
+
+
+ATTRIBUTE_NOTE = ("Attribute values each critique asserts, read with the corpus generator's phrase bank, against the "
+                  "image's true attributes. P: correct assertions / assertions about that attribute (0 if never "
+                  "mentioned); R: images whose true value is asserted / images. Best constant critique: chosen on the "
+                  "training split, the same text for every image. Reference critique: each image's first reference "
+                  "(written from the truth, so its precision is 1 by construction; its recall is what one human-"
+                  "style critique covers).")
+
+
+def write_attribute_table(out_dir: Path, dataset: str, rows: dict[str, dict[str, float]], split: str = "test") -> str:
+    """attributes.md / attributes.csv: the ground-truth attribute scores of every row; returns the Markdown."""
+    columns = attribute_columns()
+    title = f"Ground truth: attribute precision / recall on the {dataset} {split} split"
+    head = ["Method"] + [h for h, _ in columns]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([name.replace("|", "/")] + [_fmt(m.get(k)) for _, k in columns]) + " |"
+              for name, m in rows.items()]
+    lines += ["", ATTRIBUTE_NOTE]
+    markdown = "\n".join(lines) + "\n"
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method"] + [h for h, _ in columns])
+    for name, m in rows.items():
+        writer.writerow([name] + ["" if m.get(k) is None else repr(m[k]) for _, k in columns])
+    write_bytes_atomic(out_dir / "attributes.md", markdown.encode())
+    write_bytes_atomic(out_dir / "attributes.csv", buf.getvalue().encode())
+    return markdown

@@ -1,0 +1,258 @@
+"""The six aesthetic attributes of the synthetic corpus: values, score weights, and how critics talk about them.
+
+One place for the corpus's language: the colloquial phrase bank (``PHRASES``), the reference critiques
+the generator writes from it (``reference``), and the reverse, reading which attribute values a
+critique asserts (``asserted_values``), which the report uses to score generated critiques against an
+image's true attributes. Phrases are matched whole (case, spacing and punctuation around them
+ignored); no phrase occurs inside another one, so a critique asserts exactly what its phrases say.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "placement": ("thirds", "centre", "edge"),
+    "exposure": ("under", "balanced", "blown"),
+    "colour": ("muted", "vivid", "clashing"),
+    "focus": ("sharp", "blurred"),
+    "horizon": ("level", "tilted"),
+    "noise": ("clean", "noisy"),
+}
+
+SCORE_WEIGHTS: dict[str, dict[str, float]] = {
+    "placement": {"thirds": 1.0, "centre": -0.3, "edge": -0.9},
+    "exposure": {"under": -0.5, "balanced": 0.8, "blown": -0.6},
+    "colour": {"muted": -0.2, "vivid": 0.9, "clashing": -0.7},
+    "focus": {"sharp": 0.7, "blurred": -0.7},
+    "horizon": {"level": 0.35, "tilted": -0.45},
+    "noise": {"clean": 0.1, "noisy": -0.4},
+}
+
+# Colloquial phrase bank: no phrase of one value occurs inside a phrase of another value.
+PHRASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "placement": {
+        "thirds": (
+            "nice use of the rule of thirds",
+            "the subject sits nicely on a third",
+            "good off-centre placement",
+            "love where you put the subject",
+            "the composition feels balanced",
+        ),
+        "centre": (
+            "subject is dead centre, try the thirds",
+            "too centred, it feels static",
+            "bullseye composition, move it off-centre",
+            "the subject is plonked right in the middle",
+            "everything is smack in the centre",
+        ),
+        "edge": (
+            "the subject is cut off by the edge",
+            "you chopped the subject at the frame edge",
+            "give the subject some room, it's cropped too tight",
+            "the main object is clipped by the border",
+            "half the subject falls out of the frame",
+        ),
+    },
+    "exposure": {
+        "under": (
+            "way too dark",
+            "underexposed, lift the shadows",
+            "the subject is lost in shadow",
+            "needs a lot more light",
+            "it's all murky and dark",
+        ),
+        "balanced": (
+            "exposure is spot on",
+            "nicely exposed",
+            "good even exposure",
+            "the light is just right",
+            "great tonal range",
+        ),
+        "blown": (
+            "the highlights are blown",
+            "blown-out whites everywhere",
+            "overexposed patches with no detail",
+            "the bright spots are burnt out",
+            "way too bright in places, pull the highlights down",
+        ),
+    },
+    "colour": {
+        "muted": (
+            "colours are a bit flat",
+            "muted palette, feels washed out",
+            "the colours look dull",
+            "could use more saturation",
+            "rather grey and lifeless colours",
+        ),
+        "vivid": (
+            "love the colours",
+            "colours really pop",
+            "rich vivid colours",
+            "lovely saturated palette",
+            "the colour harmony works",
+        ),
+        "clashing": (
+            "the colours clash",
+            "garish colour combination",
+            "those colours fight each other",
+            "jarring colour mix",
+            "the colour scheme hurts my eyes",
+        ),
+    },
+    "focus": {
+        "sharp": (
+            "tack sharp",
+            "crisp focus on the subject",
+            "nice sharp detail",
+            "focus is nailed",
+            "the texture is beautifully crisp",
+        ),
+        "blurred": (
+            "the subject is soft",
+            "focus missed, it's blurry",
+            "out of focus subject",
+            "a bit soft, not in focus",
+            "the detail is all mushy",
+        ),
+    },
+    "horizon": {
+        "level": (
+            "horizon is nice and level",
+            "straight horizon",
+            "the level horizon keeps it calm",
+            "good job keeping the horizon straight",
+        ),
+        "tilted": (
+            "horizon is crooked",
+            "the horizon is tilted, straighten it",
+            "wonky horizon",
+            "the horizon slopes downhill",
+            "the whole scene leans",
+        ),
+    },
+    "noise": {
+        "clean": (
+            "clean image, no noise",
+            "nice smooth tones",
+            "very clean file",
+        ),
+        "noisy": (
+            "lots of noise",
+            "noisy, try a lower ISO",
+            "grainy all over",
+            "the grain is distracting",
+        ),
+    },
+}
+MENTION_WEIGHT = {"placement": 1.0, "exposure": 1.0, "colour": 1.0, "focus": 1.0, "horizon": 0.8, "noise": 0.5}
+OPENERS = ("Nice shot.", "Interesting scene.", "Thanks for sharing.", "A few thoughts.", "Okay.", "Hmm.", "Nice try.")
+VERDICTS = {
+    "high": ("Overall a strong image.", "Really well done.", "One of the better ones.", "Great work overall."),
+    "mid": ("Decent overall.", "Solid, with room to improve.", "Not bad at all.", "Getting there."),
+    "low": ("Overall it doesn't work for me.", "Needs another go.", "Keep practising.", "Not a keeper, sorry."),
+}
+
+
+def describe(attributes: dict[str, str]) -> list[str]:
+    """All phrases that truthfully describe ``attributes`` (one list over every attribute)."""
+    return [p for key, value in attributes.items() for p in PHRASES[key][value]]
+
+
+def is_positive(key: str, value: str) -> bool:
+    """Whether ``value`` of attribute ``key`` raises the score (a strength rather than a flaw)."""
+    return SCORE_WEIGHTS[key][value] >= 0
+
+
+def verdict_band(score: float) -> str:
+    return "high" if score >= 7.0 else "mid" if score >= 4.5 else "low"
+
+
+def _sentence(text: str) -> str:
+    return text[0].upper() + text[1:] + "."
+
+
+def reference(rng: np.random.Generator, attributes: dict[str, str], score: float) -> str:
+    """1-3 sentences: optional opener, 1-3 attribute remarks, optional verdict."""
+    keys = list(attributes)
+    weights = np.array([MENTION_WEIGHT[k] for k in keys])
+    k = int(rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2]))
+    chosen = rng.choice(len(keys), size=k, replace=False, p=weights / weights.sum())
+    remarks = [(str(rng.choice(PHRASES[keys[i]][attributes[keys[i]]])), is_positive(keys[i], attributes[keys[i]]))
+               for i in chosen]
+    sentences = []
+    for pair in (remarks[:2], remarks[2:]):  # at most two remarks per sentence
+        if len(pair) == 2:
+            joiner = " and " if pair[0][1] == pair[1][1] else ", but "
+            sentences.append(_sentence(pair[0][0] + joiner + pair[1][0]))
+        elif pair:
+            sentences.append(_sentence(pair[0][0]))
+    if rng.random() < 0.45 and len(sentences) < 3:
+        sentences.append(str(rng.choice(VERDICTS[verdict_band(score)])))
+    if rng.random() < 0.3 and len(sentences) < 3:
+        sentences.insert(0, str(rng.choice(OPENERS)))
+    return " ".join(sentences)
+
+
+def critique_of(attributes: dict[str, str]) -> str:
+    """A critique asserting every given attribute value (the first phrase of each), one sentence per value."""
+    return " ".join(_sentence(PHRASES[key][value][0]) for key, value in attributes.items())
+
+
+# ---------------------------------------------------------------------------------------------- reading back
+
+
+def _normalise(text: str) -> str:
+    """Lower case, typographic apostrophes made plain, every run of non-word characters one space."""
+    text = text.lower().replace("\u2019", "'")
+    return " " + " ".join(re.findall(r"[a-z0-9']+", text)) + " "
+
+
+_MATCHERS: list[tuple[str, str, str]] = sorted(  # (normalised phrase, attribute, value), longest first
+    ((_normalise(p), key, value) for key, values in PHRASES.items() for value, ps in values.items() for p in ps),
+    key=lambda m: -len(m[0]),
+)
+
+
+def asserted_values(critique: str) -> dict[str, set[str]]:
+    """attribute -> the values ``critique`` asserts (by whole phrases of the bank); absent when none."""
+    text = _normalise(critique)
+    found: dict[str, set[str]] = {}
+    for phrase, key, value in _MATCHERS:
+        if phrase in text:
+            found.setdefault(key, set()).add(value)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- plain descriptions
+
+# What a captioner pretrained on scene descriptions says (plain, judgement-free words, unlike the critiques'
+# phrase bank): the demo base model learns these first, then fine-tuning teaches it the critics' language.
+DESCRIPTIONS: dict[str, dict[str, str]] = {
+    "placement": {"thirds": "the subject on a third line", "centre": "the subject in the middle",
+                  "edge": "the subject at the frame border"},
+    "exposure": {"under": "a dark exposure", "balanced": "an even exposure", "blown": "clipped white highlights"},
+    "colour": {"muted": "desaturated colours", "vivid": "saturated neighbouring hues",
+               "clashing": "saturated opposite hues"},
+    "focus": {"sharp": "a crisp subject texture", "blurred": "a blurred subject texture"},
+    "horizon": {"level": "a horizontal horizon", "tilted": "a slanted horizon"},
+    "noise": {"clean": "no grain", "noisy": "heavy grain"},
+}
+
+
+def description(attributes: dict[str, str]) -> str:
+    """A plain scene description naming every attribute value, in ``ATTRIBUTES`` order."""
+    parts = [DESCRIPTIONS[key][attributes[key]] for key in ATTRIBUTES]
+    return f"A photo with {', '.join(parts[:-1])} and {parts[-1]}."
+
+
+def described_values(text: str) -> dict[str, set[str]]:
+    """attribute -> the values a plain description names (the reverse of ``description``)."""
+    norm = _normalise(text)
+    found: dict[str, set[str]] = {}
+    for key, values in DESCRIPTIONS.items():
+        for value, phrase in values.items():
+            if _normalise(phrase) in norm:
+                found.setdefault(key, set()).add(value)
+    return found

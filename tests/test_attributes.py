@@ -1,0 +1,99 @@
+"""Ground-truth attribute scoring and output diversity, checked against the generator's known attributes."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from stages.ingest import synthetic_attributes as sa
+from stages.ingest.synthetic_corpus import annotation
+from stages.report.attributes import attribute_scores, best_constant_critique, majority_critique
+from stages.report.diversity import diversity
+
+TRUTH = {f"i{n}": annotation(n, seed=0)["attributes"] for n in range(120)}
+
+
+def _wrong(attrs: dict[str, str]) -> dict[str, str]:
+    """Every attribute set to a value it does not have."""
+    return {k: next(v for v in sa.ATTRIBUTES[k] if v != attrs[k]) for k in attrs}
+
+
+def test_no_phrase_hides_inside_another_after_normalisation() -> None:
+    phrases = [(sa._normalise(p), k, v) for k, vs in sa.PHRASES.items() for v, ps in vs.items() for p in ps]
+    for p, k, v in phrases:
+        for q, k2, v2 in phrases:
+            if (k, v) != (k2, v2):
+                assert p not in q, (p, q)
+
+
+def test_generated_references_assert_only_true_values() -> None:
+    """The generator writes references from the truth: read back, each asserts 1-3 true values and nothing false."""
+    mentioned = Counter()
+    for n in range(200):
+        ann = annotation(n, seed=0)
+        for ref in ann["references"]:
+            said = sa.asserted_values(ref)
+            assert 1 <= len(said) <= 3, ref
+            assert all(values == {ann["attributes"][k]} for k, values in said.items()), (ref, ann["attributes"])
+            mentioned.update(said.keys())
+    assert set(mentioned) == set(sa.ATTRIBUTES)  # every attribute gets talked about
+
+
+def test_reader_ignores_case_spacing_and_punctuation() -> None:
+    assert sa.asserted_values("TACK   SHARP!! and the colours  clash…") == {"focus": {"sharp"}, "colour": {"clashing"}}
+    assert sa.asserted_values("Give the subject some room, it’s cropped too tight.") == {"placement": {"edge"}}
+    assert sa.asserted_values("A lovely photo.") == {}
+
+
+def test_true_critiques_score_one_and_wrong_ones_zero() -> None:
+    right = {i: sa.critique_of(t) for i, t in TRUTH.items()}
+    wrong = {i: sa.critique_of(_wrong(t)) for i, t in TRUTH.items()}
+    assert attribute_scores(right, TRUTH)["macro_precision"] == 1.0
+    assert attribute_scores(right, TRUTH)["macro_recall"] == 1.0
+    scores = attribute_scores(wrong, TRUTH)
+    assert all(scores[f"{m}_{k}"] == 0.0 for k in sa.ATTRIBUTES for m in ("precision", "recall"))
+
+
+def test_partial_and_conflicting_assertions() -> None:
+    truth = {"a": TRUTH["i0"], "b": TRUTH["i1"]}
+    wrong_exposure = {k: v for k, v in _wrong(truth["a"]).items() if k == "exposure"}
+    critique = f"{sa.PHRASES['placement'][truth['a']['placement']][1]}. {sa.critique_of(wrong_exposure)}"
+    both_focus = " ".join(sa.PHRASES["focus"][v][0] for v in sa.ATTRIBUTES["focus"])  # sharp AND blurred
+    scores = attribute_scores({"a": critique, "b": both_focus}, truth)
+    assert scores["precision_placement"] == 1.0 and scores["recall_placement"] == 0.5
+    assert scores["precision_exposure"] == 0.0 and scores["recall_exposure"] == 0.0
+    assert scores["precision_focus"] == 0.5 and scores["recall_focus"] == 0.5  # one of two claims right
+    assert scores["precision_colour"] == 0.0  # never mentioned: no credit
+    assert scores["macro_precision"] == pytest.approx((1.0 + 0.5) / 6)
+
+
+def test_constant_critique_precision_is_the_value_frequency() -> None:
+    values = {"placement": "edge", "exposure": "under", "colour": "vivid", "focus": "sharp", "horizon": "level",
+              "noise": "clean"}
+    scores = attribute_scores({i: sa.critique_of(values) for i in TRUTH}, TRUTH)
+    for key, value in values.items():
+        share = sum(t[key] == value for t in TRUTH.values()) / len(TRUTH)
+        assert scores[f"precision_{key}"] == pytest.approx(share)
+        assert scores[f"recall_{key}"] == pytest.approx(share)
+
+
+def test_best_constant_is_the_majority_critique_unless_a_reference_does_better() -> None:
+    majority = {k: Counter(t[k] for t in TRUTH.values()).most_common(1)[0][0] for k in sa.ATTRIBUTES}
+    assert sa.asserted_values(majority_critique(list(TRUTH.values()))) == {k: {v} for k, v in majority.items()}
+    refs = [r for n in range(120) for r in annotation(n, seed=0)["references"]]
+    best = best_constant_critique(TRUTH, refs)
+    assert best == majority_critique(list(TRUTH.values()))  # a 1-3 attribute reference cannot beat all six
+    precision = lambda text: attribute_scores({i: text for i in TRUTH}, TRUTH)["macro_precision"]  # noqa: E731
+    assert precision(best) >= max(precision(r) for r in refs[:200])
+
+
+def test_diversity_of_constant_and_varied_outputs() -> None:
+    constant = diversity({i: "Tack sharp. Love the colours." for i in range(10)})
+    assert constant["distinct"] == pytest.approx(0.1)
+    assert constant["distinct_1"] == pytest.approx(5 / 50)  # 5 distinct words of 50
+    assert constant["distinct_2"] == pytest.approx(4 / 40)
+    assert constant["mean_length"] == 5
+    varied = diversity({1: "a b c", 2: "a b d", 3: "A  b c!"})  # case and punctuation do not make it new
+    assert varied["distinct"] == pytest.approx(2 / 3)
+    assert varied["distinct_1"] == pytest.approx(4 / 9)
+    assert varied["distinct_2"] == pytest.approx(3 / 6)  # (a b), (b c), (b d)
