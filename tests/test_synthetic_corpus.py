@@ -50,7 +50,7 @@ def test_same_seed_gives_byte_identical_files(tmp_path: Path) -> None:
     sc.generate_corpus(b, n=6, seed=11)
     sc.generate_corpus(c, n=6, seed=12)
     ha, hb, hc = _hashes(a), _hashes(b), _hashes(c)
-    assert len(ha) == 13  # 6 images, 6 masks, annotations
+    assert len(ha) == 14  # 6 images, 6 masks, annotations, generator parameters
     assert ha == hb
     assert ha.keys() == hc.keys() and all(ha[k] != hc[k] for k in ha)
 
@@ -191,3 +191,28 @@ def test_idempotent_and_resumes_after_kill(tmp_path: Path) -> None:
     sc.generate_corpus(root, n=3, seed=2)  # different parameters: regenerated, stale files removed
     assert len(_records(root)) == 3
     assert sorted(p.name for p in (root / "images").iterdir()) == ["syn00000.jpg", "syn00001.jpg", "syn00002.jpg"]
+
+
+def test_parallel_generation_killed_midway_resumes_identically(tmp_path: Path) -> None:
+    """Real SIGKILL of a 2-process generation; the rerun keeps what was done and matches a clean serial run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    sc.generate_corpus(clean, n=40, seed=5, workers=1)
+    code = f"from stages.ingest.synthetic_corpus import generate_corpus; generate_corpus({str(killed)!r}, n=40, seed=5, workers=2)"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.time() + 120
+    while len(list((killed / "images").glob("syn*.jpg"))) < 10 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / sc.ANNOTATIONS).exists()
+    done = {p.name: p.stat().st_mtime_ns for p in (killed / "images").glob("syn*.jpg")}
+    sc.generate_corpus(killed, n=40, seed=5, workers=2)
+    assert _hashes(killed) == _hashes(clean)
+    kept = {p.name: p.stat().st_mtime_ns for p in (killed / "images").glob("syn*.jpg") if p.name in done}
+    assert kept == done  # finished images were not rendered again

@@ -35,6 +35,7 @@ import colorsys
 import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -307,43 +308,93 @@ def _encode(array: np.ndarray, fmt: str) -> bytes:
 
 def _recorded_params(path: Path) -> dict[str, Any] | None:
     try:
-        with path.open(encoding="utf-8") as fh:
-            return json.loads(fh.readline())["generator"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return json.loads(path.read_text(encoding="utf-8").splitlines()[0])["generator"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
 
 
-def generate_corpus(root: Path, n: int = 240, seed: int = 0) -> None:
+def _intact(path: Path) -> bool:
+    """The file decodes completely (a kill can only leave a temp file behind, but trust nothing)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def _make_image(root: Path, seed: int, index: int) -> tuple[int, int, float]:
+    """Render image ``index`` unless an intact copy exists; (width, height, mask fraction)."""
+    iid = image_id(index)
+    image_path, mask_path = root / f"images/{iid}.jpg", root / f"masks/{iid}.png"
+    if _intact(image_path) and _intact(mask_path):
+        with Image.open(image_path) as img, Image.open(mask_path) as m:
+            return img.width, img.height, float((np.asarray(m) > 0).mean())
+    image, mask = render(annotation(index, seed)["attributes"], _rngs(seed, index)[1])
+    write_bytes_atomic(image_path, _encode(image, "JPEG"))
+    write_bytes_atomic(mask_path, _encode(mask, "PNG"))
+    return image.shape[1], image.shape[0], float((mask > 0).mean())
+
+
+def generate_corpus(root: Path, n: int = 240, seed: int = 0, workers: int | None = None) -> None:
     """Write ``n`` images, masks and ``annotations.jsonl`` under ``root``; no-op when already generated.
 
-    Every file is written atomically and ``annotations.jsonl`` last, so an interrupted run leaves no
-    annotations and simply regenerates. Each record carries ``generator`` = {n, seed, version}.
+    Resumable: ``generator.json`` records the parameters first; a rerun with the same parameters keeps every
+    intact image and mask (each is written atomically and is deterministic) and renders the rest, in
+    ``workers`` processes (default: one per core, at most 4). ``annotations.jsonl`` is written last, so its
+    presence means a complete corpus. Other parameters: everything is removed and regenerated.
     """
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from storage.atomic import write_json_atomic
+
     root = Path(root)
     params = {"n": n, "seed": seed, "version": GENERATOR_VERSION}
     if _recorded_params(root / ANNOTATIONS) == params:
         return
     start = time.perf_counter()
-    splits = assign_splits(n, seed)
-    records, mask_fraction = [], 0.0
-    for i in tqdm(range(n), desc="synthetic corpus", unit="img", leave=False):
-        iid = image_id(i)
-        record = {"image_id": iid, "split": splits[i], "file": f"images/{iid}.jpg", "mask": f"masks/{iid}.png"}
-        record.update(annotation(i, seed))
-        image, mask = render(record["attributes"], _rngs(seed, i)[1])
-        write_bytes_atomic(root / record["file"], _encode(image, "JPEG"))
-        write_bytes_atomic(root / record["mask"], _encode(mask, "PNG"))
-        record.update(width=image.shape[1], height=image.shape[0], generator=params)
-        records.append(record)
-        mask_fraction += float((mask > 0).mean()) / n
-    keep = {r["file"] for r in records} | {r["mask"] for r in records}
+    try:
+        previous = json.loads((root / "generator.json").read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous != params:  # nothing here belongs to these parameters
+        for stale in [root / ANNOTATIONS, *root.glob("images/syn*.jpg"), *root.glob("masks/syn*.png")]:
+            stale.unlink(missing_ok=True)
+        write_json_atomic(root / "generator.json", params)
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 and n > 32 else _Serial() as pool:
+        made = list(tqdm(pool.map(_make_image, [root] * n, [seed] * n, range(n), chunksize=8), total=n,
+                         desc="synthetic corpus", unit="img", leave=False))
+    keep = {f"images/{image_id(i)}.jpg" for i in range(n)} | {f"masks/{image_id(i)}.png" for i in range(n)}
     for stale in [*root.glob("images/syn*.jpg"), *root.glob("masks/syn*.png")]:
         if stale.relative_to(root).as_posix() not in keep:
             stale.unlink()
+    splits = assign_splits(n, seed)
+    records = []
+    for i, (width, height, _) in enumerate(made):
+        iid = image_id(i)
+        records.append({"image_id": iid, "split": splits[i], "file": f"images/{iid}.jpg", "mask": f"masks/{iid}.png",
+                        **annotation(i, seed), "width": width, "height": height, "generator": params})
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
     write_bytes_atomic(root / ANNOTATIONS, lines.encode("utf-8"))
     counts = {s: splits.count(s) for s, _ in SPLITS}
+    mask_fraction = sum(m for _, _, m in made) / max(1, n)
     tqdm.write(
         f"synthetic corpus: {n} images (train {counts['train']} / validation {counts['validation']} / "
         f"test {counts['test']}, mean mask {mask_fraction:.0%}) -> {root} in {time.perf_counter() - start:.1f} s"
     )
+
+
+class _Serial:
+    """``pool.map`` in this process (small corpora: no worker start-up)."""
+
+    def __enter__(self) -> "_Serial":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    @staticmethod
+    def map(fn: Any, *iterables: Any, chunksize: int = 1) -> Any:
+        return map(fn, *iterables)
