@@ -8,7 +8,7 @@ DS := $(or $(DATASET),demo)
 RUN ?=
 RUN_ARG := $(if $(RUN),--run $(RUN),)
 
-.PHONY: setup demo test bench ingest saliency finetune report status clean
+.PHONY: setup demo study test bench ingest saliency finetune report status clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(CLI) demo
+
+study: $(STAMP)
+	$(CLI) study --dataset $(DS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

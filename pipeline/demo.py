@@ -25,15 +25,11 @@ def register(app: typer.Typer) -> None:
         """Run all stages on the synthetic demo corpus (CPU, about 7 minutes) and print the results."""
         from pipeline import context
 
-        command = typer.main.get_command(app)
         manifest = context.manifest()
         variant = manifest.eat.variant  # the EAT the saliency stage will look for
 
         def step(*args: str) -> None:
-            typer.secho(f"\n$ ase-mllm {' '.join(args)}", bold=True)
-            code = command.main(["--manifest", str(manifest.path), *args], standalone_mode=False)
-            if code:  # a step that failed has printed why; the later ones would only fail too
-                raise typer.Exit(code)
+            run_step(app, *args)
 
         t0 = time.perf_counter()
         step("ingest", DATASET)
@@ -56,6 +52,16 @@ def register(app: typer.Typer) -> None:
         typer.echo((report / "table.md").read_text())
         typer.echo(f"report: {report / 'index.html'}")
         typer.echo(f"demo finished in {time.perf_counter() - t0:.0f} s")
+
+
+def run_step(app: typer.Typer, *args: str) -> None:
+    """Run one ``ase-mllm`` command in this process (same manifest), echoing it; stop the caller if it fails."""
+    from pipeline import context
+
+    typer.secho(f"\n$ ase-mllm {' '.join(args)}", bold=True)
+    code = typer.main.get_command(app).main(["--manifest", str(context.manifest().path), *args], standalone_mode=False)
+    if code:  # a step that failed has printed why; the later ones would only fail too
+        raise typer.Exit(code)
 
 
 def _loss_range(run: str) -> tuple[float, float]:

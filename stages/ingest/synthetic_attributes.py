@@ -256,3 +256,35 @@ def described_values(text: str) -> dict[str, set[str]]:
             if _normalise(phrase) in norm:
                 found.setdefault(key, set()).add(value)
     return found
+
+
+_HUES = ("red", "orange", "yellow", "lime", "green", "spring green", "cyan", "azure", "blue", "violet", "magenta",
+         "rose")  # 12 names around the colour wheel, red at hue 0
+
+
+def hue_name(hue: float) -> str:
+    """The nearest of 12 colour-wheel names for a hue in [0, 1)."""
+    return _HUES[round(hue * len(_HUES)) % len(_HUES)]
+
+
+def _side(value: float, low: str, mid: str, high: str) -> str:
+    return low if value < 0.42 else high if value > 0.58 else mid
+
+
+def scene_description(attributes: dict[str, str], scene: dict) -> str:
+    """A plain two-sentence description of a rendered scene: what is where (from ``render``'s ``scene``),
+    then every attribute value (``description``). What the demo base model is pretrained on."""
+    x, y = scene["subject_x"], scene["subject_y"]
+    if min(x, y, 1 - x, 1 - y) < 0.1:
+        where = "at the " + ("left" if x < 0.1 else "right" if x > 0.9 else "top" if y < 0.1 else "bottom") + " border"
+    else:
+        vertical, horizontal = _side(y, "upper", "middle", "lower"), _side(x, "left", "centre", "right")
+        where = "at the centre" if (vertical, horizontal) == ("middle", "centre") else f"in the {vertical} {horizontal}"
+    hues = " and ".join(dict.fromkeys(hue_name(h) for h in scene["hues"]))
+    tone = "pale " if attributes["colour"] == "muted" else ""
+    angle = scene["horizon_angle"]
+    slope = "" if angle == 0 else f" sloping down to the {'right' if angle > 0 else 'left'}"
+    height = _side(scene["horizon_height"], "high", "halfway", "low")
+    content = (f"A {tone}{hues} {scene['pattern']} subject {where}, under a {scene['sky']} sky over "
+               f"{scene['ground']}, the horizon {height}{slope}.")
+    return f"{content} {description(attributes)}"

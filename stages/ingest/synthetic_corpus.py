@@ -67,6 +67,9 @@ _SKIES = (
     ((0.58, 0.60, 0.64), (0.78, 0.79, 0.80)),  # overcast
     ((0.48, 0.58, 0.68), (0.80, 0.80, 0.76)),  # hazy
 )
+SKY_NAMES = ("clear", "dusk", "overcast", "hazy")  # in _SKIES order
+GROUND_NAMES = ("grass", "a dry field", "sand", "the sea", "soil")  # in _GROUNDS order
+PATTERN_NAMES = ("striped", "ringed", "checked")
 _GROUNDS = (
     (0.30, 0.42, 0.22),  # grass
     (0.52, 0.48, 0.30),  # dry field
@@ -151,7 +154,7 @@ def _jitter(rng: np.random.Generator, colour: tuple[float, ...], amount: float =
     return np.clip(np.asarray(colour, np.float32) + rng.uniform(-amount, amount, 3).astype(np.float32), 0, 1)
 
 
-def _background(rng: np.random.Generator, h: int, w: int, h0: float, angle: float) -> np.ndarray:
+def _background(rng: np.random.Generator, h: int, w: int, h0: float, angle: float, scene: dict[str, Any]) -> np.ndarray:
     """Sky with clouds above the horizon (y = h0 at the centre, tilted by ``angle``), textured ground below.
 
     Rendered at half resolution and upsampled bicubically (it is smooth; this saves most of its cost). [h, w, 3]
@@ -160,8 +163,11 @@ def _background(rng: np.random.Generator, h: int, w: int, h0: float, angle: floa
     h, w, h0 = (h + 1) // 2, (w + 1) // 2, h0 / 2
     horizon = (h0 + math.tan(angle) * (np.arange(w, dtype=np.float32) - w / 2))[None, :]  # [1, w]
     yy = np.arange(h, dtype=np.float32)[:, None]
-    top, bottom = (_jitter(rng, c) for c in _SKIES[rng.integers(len(_SKIES))])
-    ground = _jitter(rng, _GROUNDS[rng.integers(len(_GROUNDS))])
+    sky_kind = int(rng.integers(len(_SKIES)))
+    top, bottom = (_jitter(rng, c) for c in _SKIES[sky_kind])
+    ground_kind = int(rng.integers(len(_GROUNDS)))
+    ground = _jitter(rng, _GROUNDS[ground_kind])
+    scene.update(sky=SKY_NAMES[sky_kind], ground=GROUND_NAMES[ground_kind])
     t = np.clip(yy / np.maximum(horizon, 1.0), 0, 1)[..., None]  # 0 at top, 1 at the horizon
     sky = top * (1 - t) + bottom * t
     clouds = np.clip(_field(rng, h, w, 5) * 0.5 + _field(rng, h, w, 14) * 0.2 - 0.1, 0, 1)[..., None]
@@ -200,7 +206,7 @@ def _subject_centre(rng: np.random.Generator, placement: str, h: int, w: int, ra
     return [(inset, along * h), (w - inset, along * h), (along * w, inset), (along * w, h - inset)][side]
 
 
-def _subject_colours(rng: np.random.Generator, colour: str) -> tuple[np.ndarray, np.ndarray]:
+def _subject_colours(rng: np.random.Generator, colour: str, scene: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     hue = rng.random()
     if colour == "vivid":
         hues, sats, vals = (hue, hue + rng.choice([-1, 1]) * rng.uniform(0.06, 0.12)), (0.85, 0.95), (0.95, 0.8)
@@ -208,14 +214,18 @@ def _subject_colours(rng: np.random.Generator, colour: str) -> tuple[np.ndarray,
         hues, sats, vals = (hue, hue + rng.uniform(-0.08, 0.08)), (0.18, 0.12), (0.72, 0.5)
     else:  # clashing: complementary, both saturated
         hues, sats, vals = (hue, hue + 0.5 + rng.uniform(-0.04, 0.04)), (0.95, 0.95), (0.95, 0.95)
+    scene["hues"] = [round(float(hh % 1.0), 4) for hh in hues]
     c1, c2 = (np.array(colorsys.hsv_to_rgb(hh % 1.0, s, v), np.float32) for hh, s, v in zip(hues, sats, vals))
     return c1, c2
 
 
-def _subject(rng: np.random.Generator, attrs: dict[str, str], h: int, w: int) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray]:
+def _subject(rng: np.random.Generator, attrs: dict[str, str], h: int, w: int,
+             scene: dict[str, Any]) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray]:
     """Render the subject in its crop box: (box, premultiplied rgb [ch, cw, 3], alpha [ch, cw], mask [ch, cw])."""
     radius = min(rng.uniform(0.15, 0.2) * math.sqrt(h * w), 0.33 * min(h, w))
     cx, cy = _subject_centre(rng, attrs["placement"], h, w, radius)
+    scene.update(subject_x=round(float(cx / w), 4), subject_y=round(float(cy / h), 4),
+                 subject_size=round(radius / math.sqrt(h * w), 4))
     sigma = rng.uniform(0.08, 0.12) * radius if attrs["focus"] == "blurred" else 0.0
     reach = 1.5 * radius + 3 * sigma + 4
     y0, y1 = max(0, int(cy - reach)), min(h, int(cy + reach) + 1)
@@ -227,6 +237,7 @@ def _subject(rng: np.random.Generator, attrs: dict[str, str], h: int, w: int) ->
     # Two-colour pattern (stripes / rings / checks) with hard edges, fine grain, spherical shading.
     freq, ang = rng.uniform(1.2, 2.2) * 2 * math.pi, rng.uniform(0, math.pi)
     kind = int(rng.integers(3))
+    scene["pattern"] = PATTERN_NAMES[kind]
     if kind == 0:
         wave = np.sin(freq * (u * math.cos(ang) + v * math.sin(ang)))
     elif kind == 1:
@@ -234,7 +245,7 @@ def _subject(rng: np.random.Generator, attrs: dict[str, str], h: int, w: int) ->
     else:
         wave = np.sin(freq * u) * np.sin(freq * v) * 2
     p = np.clip(0.5 + 4 * wave, 0, 1)[..., None]
-    c1, c2 = _subject_colours(rng, attrs["colour"])
+    c1, c2 = _subject_colours(rng, attrs["colour"], scene)
     grain = 1 + 0.08 * _field(rng, y1 - y0, x1 - x0, (2 * reach) / (radius / 10))
     light = np.array([-0.5, -0.6, 0.62], np.float32) * rng.uniform(0.8, 1.2, 3).astype(np.float32)
     light /= np.linalg.norm(light)
@@ -269,19 +280,27 @@ def _blown_patches(rng: np.random.Generator, h: int, w: int, canvas: np.ndarray,
         mask |= dist > -0.3 * r
 
 
-def render(attrs: dict[str, str], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Render one image and its relevance mask: (rgb uint8 [h, w, 3], mask uint8 [h, w] in {0, 255})."""
+def render(attrs: dict[str, str], rng: np.random.Generator,
+           scene: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Render one image and its relevance mask: (rgb uint8 [h, w, 3], mask uint8 [h, w] in {0, 255}).
+
+    ``scene``, when given, receives what was drawn besides the attributes (``describe_scene`` reads it):
+    sky, ground, horizon height (0 top .. 1 bottom) and angle (degrees, > 0: lower on the right), subject
+    centre (fractions of width / height), size, pattern and hues.
+    """
+    scene = {} if scene is None else scene
     h, w = _image_size(rng)
     angle = math.radians(rng.uniform(4, 10) * rng.choice([-1, 1])) if attrs["horizon"] == "tilted" else 0.0
     h0 = rng.uniform(0.35, 0.65) * h
-    canvas = _background(rng, h, w, h0, angle)
+    scene.update(horizon_height=round(h0 / h, 4), horizon_angle=round(math.degrees(angle), 3))
+    canvas = _background(rng, h, w, h0, angle, scene)
     horizon = (h0 + math.tan(angle) * (np.arange(w, dtype=np.float32) - w / 2))[None, :]  # [1, w]
 
     yy = np.arange(h, dtype=np.float32)[:, None]
     mask = np.abs(yy - horizon) < max(4.0, 0.02 * h)  # band along the horizon [h, w]
     if attrs["exposure"] == "blown":
         _blown_patches(rng, h, w, canvas, mask)
-    box, rgb, alpha, subject_mask = _subject(rng, attrs, h, w)
+    box, rgb, alpha, subject_mask = _subject(rng, attrs, h, w, scene)
     canvas[box] = canvas[box] * (1 - alpha[..., None]) + rgb
     mask[box] |= subject_mask
 

@@ -30,7 +30,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from stages.saliency.eat import EAT, INPUT_SIZE, build_eat, eat_score, preprocess, target_layer
+from stages.saliency.eat import EAT, INPUT_SIZE, build_eat, eat_score, load_eat_weights, preprocess, target_layer
 from stages.saliency.layercam import layercam
 from storage.images import open_rgb
 
@@ -81,8 +81,9 @@ def init_weights(model: EAT) -> None:
 def train_eat(samples: list[tuple[Path, float]], variant: str, out_path: Path, epochs: int = 40, seed: int = 0,
               val_samples: list[tuple[Path, float]] | None = None, batch_size: int = 8, lr: float = 1e-3,
               weight_decay: float = 0.05, drop_path_rate: float = 0.0, clip_norm: float = 1.0,
-              score_weight: float = SCORE_WEIGHT, threads: int = 1) -> dict:
-    """Train ``variant`` from scratch on (image path, score) pairs; save .safetensors atomically.
+              score_weight: float = SCORE_WEIGHT, threads: int = 1, init: Path | None = None) -> dict:
+    """Train ``variant`` on (image path, score) pairs, from scratch or fine-tuning the weights at ``init``;
+    save .safetensors atomically.
 
     Recipe in the module docstring. Runs on ``threads`` intra-op threads (restored after): the
     tiny variants gain little from more, and on a shared, oversubscribed CPU two spinning
@@ -94,14 +95,14 @@ def train_eat(samples: list[tuple[Path, float]], variant: str, out_path: Path, e
     torch.set_num_threads(threads)
     try:
         return _train(samples, variant, Path(out_path), epochs, seed, val_samples, batch_size, lr, weight_decay,
-                      drop_path_rate, clip_norm, score_weight, start)
+                      drop_path_rate, clip_norm, score_weight, start, init)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _train(samples: list[tuple[Path, float]], variant: str, out_path: Path, epochs: int, seed: int,
            val_samples: list[tuple[Path, float]] | None, batch_size: int, lr: float, weight_decay: float,
-           drop_path_rate: float, clip_norm: float, score_weight: float, start: float) -> dict:
+           drop_path_rate: float, clip_norm: float, score_weight: float, start: float, init: Path | None) -> dict:
     from safetensors.torch import save_file
 
     from storage.atomic import atomic_path
@@ -116,10 +117,13 @@ def _train(samples: list[tuple[Path, float]], variant: str, out_path: Path, epoc
                torch.tensor([s for _, s in val_samples], dtype=torch.float32))
 
     model = build_eat(variant, num_classes=NUM_BINS, drop_path_rate=drop_path_rate)
-    init_weights(model)
-    nn.init.zeros_(model.cls_head.weight)
-    with torch.no_grad():
-        model.cls_head.bias.copy_(targets.mean(dim=0))  # start at the mean distribution (raw outputs)
+    if init is not None:  # fine-tune pretrained weights, as the official EAT fine-tunes ImageNet ones
+        load_eat_weights(model, init)
+    else:
+        init_weights(model)
+        nn.init.zeros_(model.cls_head.weight)
+        with torch.no_grad():
+            model.cls_head.bias.copy_(targets.mean(dim=0))  # start at the mean distribution (raw outputs)
     matrices = [p for p in model.parameters() if p.ndim > 1]
     vectors = [p for p in model.parameters() if p.ndim <= 1]  # biases, norms, offset scales: no decay
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
@@ -157,7 +161,7 @@ def _train(samples: list[tuple[Path, float]], variant: str, out_path: Path, epoc
 
     model.eval()
     metrics = {
-        "variant": variant, "epochs": epochs, "seed": seed, "n_train": len(images),
+        "variant": variant, "epochs": epochs, "seed": seed, "n_train": len(images), "init": str(init) if init else None,
         "train_loss": history[-1]["loss"], "train_srcc": srcc(predict(model, images), scores),
         "history": history, "train_seconds": round(time.perf_counter() - start, 1),
     }

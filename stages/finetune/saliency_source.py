@@ -1,0 +1,55 @@
+"""Where each image's saliency map comes from, for training and generation alike.
+
+- ``eat``: the saliency store of the manifest's EAT (stage 1), the pipeline's normal path
+- ``uniform``: no map for any image, i.e. the uniform map (the "IASC without saliency" control)
+- ``truth``: the synthetic corpus's ground-truth aesthetic masks (an upper bound; synthetic datasets only)
+
+Every source is store-like (``has(sha256)``, ``read(sha256) -> (map, category, score)``) or None (uniform).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+SOURCES = ("eat", "uniform", "truth")
+TRUTH_MAP_SIZE = 56  # masks are area-averaged to this grid: finer than EAT's 14 x 14, still small
+
+
+class TruthMaps:
+    """Ground-truth masks of a synthetic dataset as saliency maps, keyed by image sha256."""
+
+    def __init__(self, dataset: str) -> None:
+        from stages.ingest.formats.synthetic import ground_truth
+        from storage.tables import read_table
+
+        truth = ground_truth(dataset)
+        if truth is None:
+            raise ValueError(f"--saliency truth needs a synthetic dataset with ground-truth masks; '{dataset}' has none")
+        images = read_table(dataset, "images")
+        self.mask_of = {sha: Path(truth[iid]["mask"]) for iid, sha in
+                        zip(images["image_id"].to_pylist(), images["sha256"].to_pylist()) if iid in truth}
+
+    def has(self, sha256: str) -> bool:
+        return sha256 in self.mask_of
+
+    def read(self, sha256: str) -> tuple[np.ndarray, int, float]:
+        """(mask area-averaged to TRUTH_MAP_SIZE^2 in [0, 1], no category, no score)."""
+        with Image.open(self.mask_of[sha256]) as mask:
+            small = mask.convert("L").resize((TRUTH_MAP_SIZE, TRUTH_MAP_SIZE), Image.Resampling.BOX)
+        return np.asarray(small, dtype=np.float32) / 255.0, -1, float("nan")
+
+
+def open_source(source: str, dataset: str, manifest: Any) -> tuple[Any | None, str]:
+    """(store-like source or None, why None) for ``source``; None means every image gets the uniform map."""
+    if source not in SOURCES:
+        raise ValueError(f"saliency source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "uniform":
+        return None, "saliency source 'uniform'"
+    if source == "truth":
+        return TruthMaps(dataset), ""
+    from storage.saliency_store import find_store
+
+    return find_store(manifest)

@@ -1,0 +1,108 @@
+"""The pretraining corpus of the demo models: the synthetic generator's unbounded stream, materialised small.
+
+Images are rendered exactly as the demo corpus's (same generator, another seed), JPEG-encoded at the
+corpus's quality and decoded again (the demo models see JPEGs), then resized to the models' 224 x 224 input
+(whole image, PIL bicubic: EAT's preprocessing and InternVL's one-tile canvas). Stored under
+``work/pretrain/corpus-s<seed>-v<generator version>/``:
+
+- ``images.u8`` [N, 224, 224, 3] uint8, a raw memory-mapped array (150 KB per image)
+- ``records.jsonl``: per image {index, attributes, score, scene} (``scene``: what ``render`` drew)
+- ``done/<chunk>.json``: one ledger entry per finished chunk of ``CHUNK`` images (temp + rename)
+
+Chunks render in parallel processes, each writing its own byte range; a killed build resumes from the
+ledger and ends byte-identical to an uninterrupted one. Growing N keeps the chunks already done.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.paths import work_dir
+from stages.ingest.synthetic_corpus import GENERATOR_VERSION, JPEG_QUALITY, _rngs, annotation, render
+from storage.atomic import write_json_atomic
+
+SIZE = 224
+CHUNK = 256
+
+
+@dataclass(frozen=True)
+class PretrainCorpus:
+    images: np.ndarray  # [N, 224, 224, 3] uint8 (memory-mapped)
+    records: list[dict[str, Any]]  # per image: attributes, score, scene
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def corpus_dir(seed: int) -> Path:
+    return work_dir() / "pretrain" / f"corpus-s{seed}-v{GENERATOR_VERSION}"
+
+
+def _open(path: Path, n: int, mode: str) -> np.memmap:
+    return np.memmap(path, dtype=np.uint8, mode=mode, shape=(n, SIZE, SIZE, 3))
+
+
+def render_small(index: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """One image as the demo models see it ([224, 224, 3] uint8) and its record."""
+    ann = annotation(index, seed)
+    scene: dict[str, Any] = {}
+    image, _mask = render(ann["attributes"], _rngs(seed, index)[1], scene)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    with Image.open(io.BytesIO(buf.getvalue())) as jpeg:
+        small = np.asarray(jpeg.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+    return small, {"index": index, "attributes": ann["attributes"], "score": ann["score"], "scene": scene}
+
+
+def _build_chunk(root: Path, capacity: int, seed: int, chunk: int, n: int) -> None:
+    images = _open(root / "images.u8", capacity, "r+")
+    records = []
+    for index in range(chunk * CHUNK, min(n, (chunk + 1) * CHUNK)):
+        images[index], record = render_small(index, seed)
+        records.append(record)
+    images.flush()
+    write_json_atomic(root / "done" / f"{chunk:05d}.json", records)
+
+
+def build_corpus(n: int, seed: int = 1, workers: int = 2) -> PretrainCorpus:
+    """Render (what is missing of) the first ``n`` images of seed ``seed``; returns the corpus."""
+    root = corpus_dir(seed)
+    (root / "done").mkdir(parents=True, exist_ok=True)
+    capacity = -(-n // CHUNK) * CHUNK
+    path = root / "images.u8"
+    have = path.stat().st_size // (SIZE * SIZE * 3) if path.exists() else 0
+    if have < capacity:  # grow the array; finished chunks keep their bytes
+        with open(path, "ab") as fh:
+            fh.truncate(capacity * SIZE * SIZE * 3)
+    capacity = max(capacity, have)
+    chunks = range(-(-n // CHUNK))
+    todo = [c for c in chunks if not _chunk_done(root, c, n)]
+    start = time.perf_counter()
+    if todo:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            jobs = [pool.submit(_build_chunk, root, capacity, seed, c, n) for c in todo]
+            for job in tqdm(jobs, desc=f"pretraining corpus (seed {seed})", unit="chunk"):
+                job.result()
+        tqdm.write(f"pretraining corpus: {len(todo)} chunks of {CHUNK} rendered in {time.perf_counter() - start:.0f} s "
+                   f"-> {root}")
+    records = [r for c in chunks for r in json.loads((root / "done" / f"{c:05d}.json").read_text())][:n]
+    return PretrainCorpus(_open(path, capacity, "r")[:n], records)
+
+
+def _chunk_done(root: Path, chunk: int, n: int) -> bool:
+    """A ledger entry holding every image of the chunk that ``n`` asks for."""
+    try:
+        records = json.loads((root / "done" / f"{chunk:05d}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return len(records) >= min(CHUNK, n - chunk * CHUNK)
