@@ -70,7 +70,7 @@ def named_config(name: str, fusion: str = "cross_attention") -> Any:
     text_config = AutoConfig.for_model(text.pop("model_type"), **text)
     return IASInternVLConfig(vision_config=InternVLVisionConfig(**spec["vision"]), text_config=text_config,
                              image_token_id=text_config.vocab_size - 1, image_seq_length=256, downsample_ratio=0.5,
-                             ias_fusion=fusion)
+                             ias_fusion=fusion, tie_word_embeddings=text_config.tie_word_embeddings)
 
 
 def load_config(base: str | Path, fusion: str = "cross_attention") -> Any:
