@@ -127,13 +127,26 @@ class Counts:
     vision_layer_trainable: int = 0  # of one IAS-ViT layer (its cross-attention when the ViT base is frozen)
 
 
+def meta_model(config: Any) -> Any:
+    """The model of ``config`` on the meta device (no memory, no weights). Outside ZeRO-3's ``zero.Init``,
+    which transformers would otherwise enter (a collective) once a ZeRO-3 TrainingArguments exists."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from stages.finetune.model import IASInternVLForConditionalGeneration
+
+    saved, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
+    try:
+        with torch.device("meta"):
+            return IASInternVLForConditionalGeneration(config)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def count_parameters(config: Any, setting: Setting, persistence_threshold: float = 1e7) -> Counts:
     """Exact parameter counts from the config (meta device)."""
-    from stages.finetune.model import IASInternVLForConditionalGeneration
     from stages.finetune.train import LORA_TARGETS, part_of
 
-    with torch.device("meta"):
-        model = IASInternVLForConditionalGeneration(config)
+    model = meta_model(config)
     by_part: dict[str, int] = {}
     trainable = total = persistent = 0
     lora_parts = set(setting.trainable) - {"llm"} if setting.lora else set(setting.trainable)
@@ -287,6 +300,9 @@ class Plan:
         return self.weights + self.optimizer + self.buffers + self.peak_live
 
     def line(self) -> str:
+        def gb(x: float) -> str:
+            return f"{x / GiB:.1f}" if x >= GiB / 10 else f"{x / GiB:.4f}"
+
         st = self.setting
         fit = ""
         if self.gpu_memory:
@@ -294,9 +310,9 @@ class Plan:
                    if self.max_batch else f" of {self.gpu_memory / GiB:.0f} GB: does NOT fit even at per-device batch 1")
         return (f"plan: {st.strategy} x{st.gpus}, {st.max_tiles} tiles ({self.seq} tokens/sample), per-device batch "
                 f"{st.per_device}, checkpointing {'on' if st.gradient_checkpointing else 'off'}: per GPU "
-                f"{self.total / GiB:.1f} GB (weights {self.weights / GiB:.1f}, grads {self.gradients / GiB:.1f}, "
-                f"optimizer {self.optimizer / GiB:.1f}, buffers {self.buffers / GiB:.1f}, activations "
-                f"{self.activations / GiB:.1f}; grads and activations overlap){fit}")
+                f"{gb(self.total)} GB (weights {gb(self.weights)}, grads {gb(self.gradients)}, optimizer "
+                f"{gb(self.optimizer)}, buffers {gb(self.buffers)}, activations {gb(self.activations)}; "
+                f"grads and activations overlap){fit}")
 
     def table(self) -> str:
         st, c = self.setting, self.counts
@@ -377,3 +393,25 @@ def plan(config: Any, setting: Setting, gpu_memory_gb: float | None = None, name
                 counts, Setting(**{**setting.__dict__, "per_device": result.max_batch + 1}), acts, grads) <= budget:
             result.max_batch += 1
     return result
+
+
+def training_flops(config: Any, setting: Setting) -> float:
+    """Model FLOPs of one training example (matmuls, forward + backward; recomputation not counted).
+
+    Trainable matmuls cost 3x their forward (input and weight gradients), frozen ones that gradients
+    pass through 2x; attention scores and values count 2 x 2 x n^2 x d per layer (causal: half).
+    """
+    s = Shapes.of(config, setting)
+    parts = set(setting.trainable)
+    cross = config.ias_fusion == "cross_attention"
+    n = s.vision_tokens
+    vit = 2 * n * (4 * s.d * s.d + 2 * s.d * s.vision_mlp) + 4 * n * n * s.d
+    xattn = (2 * n * 4 * s.d * s.d + 4 * n * n * s.d) if cross else 0
+    vision_grad = (cross and "cross_attention" in parts) or "vision" in parts
+    vision = s.tiles * s.vision_layers * (vit * (3 if "vision" in parts else 2 if vision_grad else 1)
+                                          + xattn * (3 if "cross_attention" in parts else 2))
+    projector = 3 * 2 * s.image_tokens * (4 * s.d * s.h + s.h * s.h)
+    llm_token = 2 * (2 * s.h * s.h + 2 * s.h * s.kv + 3 * s.h * s.mlp) + 2 * s.seq * s.h
+    llm = s.layers * s.seq * llm_token * (3 if "llm" in parts and not setting.lora else 2)
+    head = 3 * 2 * s.labelled * s.h * s.vocab
+    return float(vision + projector + llm + head)

@@ -30,10 +30,9 @@ def load_config(strategy: str) -> dict[str, Any]:
 
 def wrap_classes(config: Any) -> list[str]:
     """Class names of the IAS-ViT layer and the LLM decoder layer of ``config`` (built on the meta device)."""
-    from stages.finetune.model import IASInternVLForConditionalGeneration
+    from stages.finetune.plan import meta_model
 
-    with torch.device("meta"):
-        model = IASInternVLForConditionalGeneration(config)
+    model = meta_model(config)
     return [type(model.model.vision_tower.encoder.layer[0]).__name__, type(model.model.language_model.layers[0]).__name__]
 
 
