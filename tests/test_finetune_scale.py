@@ -123,6 +123,29 @@ def test_bf16_base_first_step_moves_weights_like_fp32_adamw(toy_run: Path, tmp_p
     assert checked > 100_000
 
 
+def test_bf16_autocast_policy_trains_with_frozen_matrices_in_bf16(toy_run: Path, capsys: pytest.CaptureFixture) -> None:
+    """The GPU policy (bf16 autocast, frozen weight matrices stored in bf16) on CPU's bf16 autocast,
+    with gradient checkpointing: it trains, saves fp32 trainable + bf16 frozen weights, and reloads."""
+    import math
+
+    from stages.finetune.train import TrainConfig, finetune
+    from stages.report.generate import load_run
+
+    cfg = TrainConfig(dataset="toy", run="bf16", precision="bf16", gradient_checkpointing=True, learning_rate=2e-3,
+                      global_batch_size=2, per_device_batch_size=2, max_tiles=2, workers=0, max_steps=3,
+                      save_steps=2, logging_steps=1, vocab_size=300)
+    summary = finetune(cfg, load_manifest(toy_run))
+    assert "compute bf16 autocast; frozen weights bf16" in capsys.readouterr().out
+    assert math.isfinite(summary.end_loss) and summary.global_step == 3
+    saved = load_file(summary.run_dir / "final" / "model.safetensors")
+    frozen = saved["vision_tower.encoder.layer.0.attention.q_proj.weight"]
+    assert frozen.dtype == torch.bfloat16
+    assert saved["vision_tower.encoder.layer.0.cross_attention.q_proj.weight"].dtype == torch.float32
+    assert saved["vision_tower.encoder.layer.0.layernorm_before.weight"].dtype == torch.float32
+    captioner, _, _ = load_run("toy", "bf16")
+    assert captioner.model is not None
+
+
 # ---------------------------------------------------------------- gradient checkpointing
 
 

@@ -5,8 +5,8 @@
   below bf16's resolution (2^-8 relative), so bf16 master weights would mostly not move at all.
 - Compute runs under autocast: bf16 on GPUs that support it, fp16 with loss scaling on older
   GPUs, fp32 on CPU (``--precision`` overrides; bf16 autocast also runs on CPU).
-- Frozen parameters get no update, so under DDP they are stored in the compute dtype (half the
-  memory of a frozen 8B LLM under LoRA). Under FSDP and ZeRO-3 every parameter stays fp32: the
+- Frozen weight matrices get no update, so under DDP they are stored in the compute dtype (half
+  the memory of a frozen 8B LLM under LoRA). Under FSDP and ZeRO-3 every parameter stays fp32: the
   sharding engine casts a gathered layer to the compute dtype itself (FSDP2 needs one dtype per
   sharded group; DeepSpeed keeps bf16 weights plus its own fp32 optimizer copy).
 """
@@ -57,10 +57,14 @@ def choose(precision: str = "auto", strategy: str = "ddp", cuda: bool | None = N
 
 
 def apply(model: nn.Module, policy: Precision) -> dict[str, int]:
-    """Cast trainable parameters to fp32 and frozen ones to ``policy.frozen``; returns counts per dtype."""
+    """Cast trainable parameters to fp32 and frozen weight matrices to ``policy.frozen``; returns counts per dtype.
+
+    Frozen 1-D parameters (norm weights, biases, layer scales: a negligible share) stay fp32, so
+    normalisations see fp32 weights whatever dtype their input has.
+    """
     counts: dict[str, int] = {}
     for p in model.parameters():
-        dtype = torch.float32 if p.requires_grad else DTYPES[policy.frozen]
+        dtype = torch.float32 if p.requires_grad or p.ndim < 2 else DTYPES[policy.frozen]
         if p.dtype != dtype and p.is_floating_point():
             p.data = p.data.to(dtype)
         counts[str(p.dtype).removeprefix("torch.")] = counts.get(str(p.dtype).removeprefix("torch."), 0) + p.numel()

@@ -43,10 +43,11 @@ def training_kwargs(strategy: str, config: Any, gradient_checkpointing: bool) ->
                      "activation_checkpointing_kwargs": {"use_reentrant": False}}
     if strategy == "ddp":
         return checkpointing
-    if strategy == "fsdp":  # FSDP's own (non-reentrant) checkpoint wrapper on the wrapped layers
-        settings = {**settings, "transformer_layer_cls_to_wrap": wrap_classes(config),
-                    "activation_checkpointing": gradient_checkpointing}
-        return {"fsdp": True, "fsdp_config": settings, "activation_checkpointing": False}
+    if strategy == "fsdp":
+        # the model's own non-reentrant checkpointing: FSDP's checkpoint wrapper on top of transformers'
+        # checkpointing layers recomputes decoder layers with wrong shapes here (measured, transformers 5.24)
+        settings = {**settings, "transformer_layer_cls_to_wrap": wrap_classes(config), "activation_checkpointing": False}
+        return {"fsdp": True, "fsdp_config": settings, **checkpointing}
     return {"deepspeed": settings, **checkpointing}
 
 
