@@ -117,11 +117,20 @@ def test_loss_is_cross_entropy_on_critique_tokens_only() -> None:
     lengths = batch["attention_mask"].sum(1)
     for i, n in enumerate(lengths.tolist()):
         labels[i, n - 3 : n] = batch["input_ids"][i, n - 3 : n]  # the last 3 tokens are the "critique"
-    out = model(**batch, labels=labels)
-    shifted_logits, shifted_labels = out.logits[:, :-1], labels[:, 1:]
+    full = model(**batch).logits  # [B, L, V]: no labels, every position
+    shifted_logits, shifted_labels = full[:, :-1], labels[:, 1:]
     ref = F.cross_entropy(shifted_logits.reshape(-1, VOCAB).float(), shifted_labels.reshape(-1), ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, [p for p in model.parameters()], allow_unused=True)
+    # with labels the model projects only the labelled positions onto the vocab: same loss, same gradients
+    out = model(**batch, labels=labels)
+    keep = shifted_labels != -100
+    assert out.logits.shape == (int(keep.sum()), VOCAB)
+    torch.testing.assert_close(out.logits, shifted_logits[keep])
     torch.testing.assert_close(out.loss, ref)
     out.loss.backward()
+    for (name, p), g in zip(model.named_parameters(), ref_grads):
+        if g is not None:
+            torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6, msg=name)
     gates = [p for n, p in cross_attention_parameters(model) if n.endswith(".gate")]
     assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gates)
 

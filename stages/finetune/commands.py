@@ -1,4 +1,4 @@
-"""CLI: ``ase-mllm finetune`` (stage 2 training; runs unchanged under torchrun)."""
+"""CLI: ``ase-mllm finetune`` (stage 2 training; runs unchanged under torchrun) and ``ase-mllm plan``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,7 +22,16 @@ def register(app: typer.Typer) -> None:
         trainable: str = typer.Option("cross_attention,projector,llm", "--trainable",
                                       help="Comma list of vision, cross_attention, projector, llm."),
         lora: bool = typer.Option(False, "--lora", help="LoRA on the LLM instead of full LLM weights."),
-        max_tiles: int = typer.Option(12, "--max-tiles"),
+        max_tiles: int = typer.Option(12, "--max-tiles", help="Up to this many 448 px tiles per image (paper: 40)."),
+        max_length: Optional[int] = typer.Option(None, "--max-length",
+                                                 help="Cap on tokens per example (default: the data's longest); "
+                                                      "longer critiques are truncated and counted."),
+        strategy: str = typer.Option("ddp", "--strategy", help="Multi-GPU strategy: ddp, fsdp (FSDP2) or zero3 "
+                                                                "(DeepSpeed ZeRO-3)."),
+        gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                     help="Recompute each layer in backward (far less memory)."),
+        precision: str = typer.Option("auto", "--precision", help="auto (bf16 GPUs: bf16, older GPUs: fp16 + "
+                                                                  "loss scaling, CPU: fp32), bf16, fp16 or fp32."),
         allow_missing_saliency: bool = typer.Option(False, "--allow-missing-saliency",
                                                     help="Uniform map for images the saliency stage has not done."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Train on the first N pairs only."),
@@ -43,7 +52,40 @@ def register(app: typer.Typer) -> None:
             dataset=dataset, run=run, base=str(base) if base else None, fusion=fusion, max_steps=max_steps,
             epochs=epochs, learning_rate=lr, global_batch_size=batch_size, per_device_batch_size=per_device,
             trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()), lora=lora, max_tiles=max_tiles,
+            max_length=max_length, strategy=strategy, gradient_checkpointing=gradient_checkpointing,
+            precision=precision,
             allow_missing_saliency=allow_missing_saliency, limit=limit, workers=workers, save_steps=save_steps,
             logging_steps=logging_steps, seed=seed, log_sample_ids=log_sample_ids, tiny_model=tiny_model,
         )
         run_finetune(cfg, manifest())
+
+    @app.command()
+    def plan(
+        base: str = typer.Option(..., "--base", help="Checkpoint dir, its config.json, or a registered config: "
+                                                     "internvl2-8b, internvl3-8b, internvit300m-qwen2-0.5b, tiny, demo."),
+        max_tiles: int = typer.Option(12, "--max-tiles"),
+        per_device: int = typer.Option(1, "--per-device", help="Per-device batch."),
+        gpus: int = typer.Option(1, "--gpus"),
+        strategy: str = typer.Option("ddp", "--strategy", help="ddp, fsdp or zero3."),
+        gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GB per GPU: also report the largest "
+                                                                              "per-device batch that fits."),
+        gradient_checkpointing: bool = typer.Option(True, "--gradient-checkpointing/--no-gradient-checkpointing"),
+        lora: bool = typer.Option(False, "--lora", help="LoRA on the LLM instead of full LLM weights."),
+        trainable: str = typer.Option("cross_attention,projector,llm", "--trainable"),
+        text_tokens: int = typer.Option(256, "--text-tokens", help="Prompt + critique tokens per example."),
+        precision: str = typer.Option("bf16", "--precision", help="Compute dtype: bf16, fp16 or fp32."),
+    ) -> None:
+        """Per-GPU memory of a fine-tuning setting (weights, gradients, optimizer, activations); reads no weights."""
+        from stages.finetune.plan import Setting, load_config
+        from stages.finetune.plan import plan as make_plan
+        from stages.finetune.sharding import STRATEGIES
+
+        if strategy not in STRATEGIES:
+            raise typer.BadParameter(f"--strategy must be one of {', '.join(STRATEGIES)}")
+        setting = Setting(max_tiles=max_tiles, per_device=per_device, gpus=gpus, strategy=strategy,
+                          gradient_checkpointing=gradient_checkpointing, lora=lora,
+                          trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
+                          text_tokens=text_tokens, compute=precision)
+        result = make_plan(load_config(base), setting, gpu_memory, name=Path(base).name)
+        typer.echo(result.table())
+        typer.echo(result.line())

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
-from stages.finetune.prompting import encode_example
+from stages.finetune.prompting import encode_example, prompt_ids
 from stages.finetune.tiling import Tiling, plan_tiles, saliency_tiles, tile_image
 from storage.images import open_rgb, safe_join
 from storage.tables import image_root, read_table
@@ -25,6 +25,10 @@ from storage.tables import image_root, read_table
 
 class MissingSaliencyError(PipelineError):
     """Images of the training split have no saliency map in the store."""
+
+
+class SequenceLengthError(PipelineError):
+    """``max_length`` cannot hold an image's tokens and the prompt."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,11 @@ class CritiqueDataset(Dataset):
     ``store`` is a SaliencyStore (``read(sha256) -> (map, category, score)``, ``has(sha256)``) or
     None. Images without a map raise :class:`MissingSaliencyError` naming the saliency stage, or,
     with ``allow_missing_saliency``, get a uniform map; ``missing_saliency`` counts them.
+
+    Sequence length comes from the data: every example's length (prompt + its image's tiles x
+    tokens per tile + critique + eos) is known up front, ``max_length`` is the longest, or the
+    ``max_length`` given as a cap, in which case longer critiques are cut and counted in
+    ``truncated``; a cap that cannot hold some image's tokens fails here, before training.
     """
 
     def __init__(
@@ -72,14 +81,18 @@ class CritiqueDataset(Dataset):
         if comments.num_rows == 0:
             raise ValueError(f"dataset '{dataset}' has no comments in split '{split}': nothing to train on")
         self.dataset, self.split = dataset, split
-        self.tokenizer, self.tiles, self.store, self.max_length = tokenizer, tiles, store, max_length
+        self.tokenizer, self.tiles, self.store = tokenizer, tiles, store
         self.root = image_root(dataset)
         rows = {iid: i for i, iid in enumerate(images["image_id"].to_pylist())}
         paths, shas = images["path"].to_pylist(), images["sha256"].to_pylist()
+        image_ids = comments["image_id"].to_pylist()
         self.items = [  # (image path, sha256, text)
-            (paths[rows[iid]], shas[rows[iid]], text)
-            for iid, text in zip(comments["image_id"].to_pylist(), comments["text"].to_pylist())
+            (paths[rows[iid]], shas[rows[iid]], text) for iid, text in zip(image_ids, comments["text"].to_pylist())
         ]
+        widths, heights = images["width"].to_pylist(), images["height"].to_pylist()
+        tiles_of = {iid: plan_tiles(widths[i], heights[i], tiles.tile_size, tiles.min_tiles, tiles.max_tiles,
+                                    tiles.use_thumbnail).num_tiles for iid, i in rows.items()}
+        self.max_length, self.truncated = self._sequence_length([tiles_of[iid] for iid in image_ids], max_length)
         used = sorted({sha for _, sha, _ in self.items})
         self.missing = {sha for sha in used if store is None or not store.has(sha)}
         self.missing_saliency = len(self.missing)  # images (not pairs) given a uniform map
@@ -92,6 +105,28 @@ class CritiqueDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def _sequence_length(self, n_tiles: list[int], cap: int | None, chunk: int = 8192) -> tuple[int, int]:
+        """(max_length, critiques that must be truncated) from every example's exact token count."""
+        prompt = len(prompt_ids(self.tokenizer, 0))  # the chat prompt around the image's context tokens
+        heads = [prompt + n * self.tiles.tokens_per_tile for n in n_tiles]
+        texts = [text.strip() for _, _, text in self.items]
+        critiques: list[int] = []
+        for i in range(0, len(texts), chunk):
+            critiques += [len(ids) for ids in self.tokenizer(texts[i:i + chunk], add_special_tokens=False)["input_ids"]]
+        needed = [head + n + 1 for head, n in zip(heads, critiques)]  # + eos
+        self.text_tokens = prompt + max(critiques) + 1  # longest prompt + critique + eos
+        if cap is None:
+            return max(needed), 0
+        longest_head = max(heads)
+        if cap < longest_head + 2:
+            t = n_tiles[heads.index(longest_head)]
+            raise SequenceLengthError(
+                f"max_length {cap} cannot hold the largest image of '{self.dataset}' split '{self.split}': {t} tiles x "
+                f"{self.tiles.tokens_per_tile} tokens + {prompt} prompt tokens = {longest_head}, plus at least one "
+                f"critique token and eos; raise --max-length to at least {longest_head + 2} or lower --max-tiles")
+        self.text_tokens = min(self.text_tokens, cap - longest_head)
+        return min(cap, max(needed)), sum(n > cap for n in needed)
 
     def saliency_values(self, sha: str, tiling: Tiling) -> torch.Tensor:
         """Saliency tiles [T, 1, S, S] from the image's stored map; all ones (uniform) when it has none."""

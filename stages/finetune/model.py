@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Qwen2Config
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -25,6 +26,8 @@ from transformers.models.internvl.modeling_internvl import (
 )
 
 from stages.finetune.ias_vit import FUSIONS, IASVisionModel
+
+IGNORE_INDEX = -100  # label of positions without loss (prompting.IGNORE)
 
 
 @strict
@@ -118,16 +121,36 @@ class IASInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         **kwargs: Any,
     ) -> InternVLCausalLMOutputWithPast:
         """pixel_values [T_total, 3, S, S], saliency_values [T_total, 1, S, S]; input_ids hold
-        ``image_token_id`` x (tokens per tile x T_total); labels -100 are ignored by the loss."""
-        return super().forward(
+        ``image_token_id`` x (tokens per tile x T_total); labels -100 are ignored by the loss.
+
+        With labels, logits are computed only where a label is predicted (the critique tokens; not the
+        thousands of image tokens): ``logits`` is then [N_labelled, V] and the loss is the causal-LM
+        loss over exactly those positions, as transformers computes it over the full [B, L, V].
+        """
+        if labels is None or "logits_to_keep" in kwargs:
+            return super().forward(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                labels=labels,
+                mm_encoder_outputs=mm_encoder_outputs,
+                saliency_values=saliency_values,  # through **kwargs to IASInternVLModel.forward
+                **kwargs,
+            )
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # [B, L]: the token each position predicts
+        keep = shift_labels != IGNORE_INDEX  # [B, L]
+        out = super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
-            labels=labels,
             mm_encoder_outputs=mm_encoder_outputs,
-            saliency_values=saliency_values,  # through **kwargs to IASInternVLModel.forward
+            saliency_values=saliency_values,
+            logits_to_keep=keep,
             **kwargs,
-        )
+        )  # logits [N_labelled, V]
+        out.loss = self.loss_function(logits=out.logits, labels=None, shift_labels=shift_labels[keep],
+                                      vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return out
 
 
 # same on-disk key layout as InternVL -hf checkpoints (transformers renames InternVL keys on load / save)
@@ -208,8 +231,11 @@ def load_base(
     """Load a local InternVL ``-hf`` checkpoint dir (or an ASE-MLLM one) into the IAS model.
 
     Returns the model and the checkpoint's missing keys: for a base InternVL checkpoint exactly the
-    new cross-attention parameters (zero-gated, so the model starts as the base model).
+    new cross-attention parameters (zero-gated, so the model starts as the base model). Weights load
+    as fp32 unless ``dtype`` says otherwise (the training master weights; see precision.py), whatever
+    dtype the checkpoint was saved in.
     """
+    from_pretrained_kwargs.setdefault("dtype", torch.float32)
     base = AutoConfig.from_pretrained(path)
     if not isinstance(base, InternVLConfig):
         raise ValueError(f"{path}: expected an InternVL (-hf, model_type 'internvl') checkpoint, got '{base.model_type}'")

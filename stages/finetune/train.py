@@ -5,7 +5,9 @@ BPE), ``checkpoint-N/`` (HF Trainer: safetensors weights, optimizer, RNG, traine
 ``metrics.jsonl`` (every Trainer log), ``final/`` (weights + tokenizer, written via temp + rename).
 Rerunning the same command resumes from the newest *complete* checkpoint: the Trainer writes
 ``trainer_state.json`` last, so a checkpoint without a readable one was cut off and is removed.
-Works unchanged under ``torchrun`` (DDP; gloo on CPU).
+Works unchanged under ``torchrun``: ``strategy`` ddp (replicated), fsdp (FSDP2) or zero3 (DeepSpeed
+ZeRO-3), see sharding.py; gloo on CPU. The precision policy (precision.py) and the memory plan
+(plan.py) are printed before training starts.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
 from stages.finetune.ias_vit import FUSIONS
+from stages.finetune.precision import PRECISIONS
+from stages.finetune.sharding import STRATEGIES, training_kwargs
 from storage.atomic import write_json_atomic
 
 GLOBAL_BATCH = {"dpc2022": 64, "pccd": 16, "rpcd": 16}  # paper, Sec. IV-A
@@ -47,7 +51,8 @@ class TrainConfig:
     per_device_batch_size: int = 4  # the rest comes from gradient accumulation
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
-    bf16: bool | None = None  # None: on when CUDA supports it
+    precision: str = "auto"  # auto: bf16 autocast on bf16 GPUs, fp16 + loss scaling on older GPUs, fp32 on CPU
+    strategy: str = "ddp"  # ddp | fsdp | zero3 (sharding.py)
     gradient_checkpointing: bool = False
     # what trains
     trainable: tuple[str, ...] = ("cross_attention", "projector", "llm")
@@ -59,7 +64,7 @@ class TrainConfig:
     max_tiles: int = 12
     min_tiles: int = 1
     use_thumbnail: bool = True
-    max_length: int | None = 4096
+    max_length: int | None = None  # cap on tokens per example; None: the longest example of the data
     allow_missing_saliency: bool = False
     limit: int | None = None  # train on the first N pairs only (smoke tests)
     workers: int = 4
@@ -80,6 +85,10 @@ class TrainConfig:
             raise ValueError(f"unknown trainable part(s) {bad}; choose from {', '.join(PARTS)}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         self.trainable = tuple(self.trainable)
 
 
@@ -91,13 +100,16 @@ class Summary:
     end_loss: float | None
     missing_saliency: int
     resumed_from: Path | None
+    max_length: int | None = None
+    truncated: int = 0  # critiques cut to fit max_length
 
     def line(self) -> str:
         fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
         resumed = f", resumed from {self.resumed_from.name}" if self.resumed_from else ""
         missing = f", {self.missing_saliency} images with a uniform saliency map" if self.missing_saliency else ""
+        truncated = f", {self.truncated} critiques truncated to max_length {self.max_length}" if self.truncated else ""
         return (f"finetune {self.run_dir}: {self.global_step} steps{resumed}, "
-                f"loss {fmt(self.start_loss)} -> {fmt(self.end_loss)}{missing}")
+                f"loss {fmt(self.start_loss)} -> {fmt(self.end_loss)}{missing}{truncated}")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -158,7 +170,7 @@ def set_trainable(model: nn.Module, parts: tuple[str, ...]) -> dict[str, int]:
             raise ValueError(f"parameter {name} belongs to no trainable part ({', '.join(PARTS)})")
         p.requires_grad_(part in parts)
         if part in parts:
-            counts[part] += p.numel()
+            counts[part] += getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitioned parameters report 0 elements
     return counts
 
 
@@ -207,6 +219,12 @@ class CritiqueTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.sample_log = sample_log
 
+    def create_accelerator_and_postprocess(self) -> None:
+        from stages.finetune.sharding import enable_fsdp_on_cpu
+
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         ids = inputs.pop("sample_ids", None)
         if ids is not None and self.sample_log is not None:
@@ -219,10 +237,10 @@ class CritiqueTrainer(Trainer):
         ckpt = Path(resume_from_checkpoint)
         if (ckpt / "adapter_model.safetensors").exists():
             return _load_adapter(model, ckpt / "adapter_model.safetensors")
-        if not isinstance(model, PreTrainedModel) or not (ckpt / "config.json").exists():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        dtype = next(model.parameters()).dtype
-        loaded = type(model).from_pretrained(str(ckpt), config=model.config, dtype=dtype)
+        if self.is_fsdp_enabled or not isinstance(model, PreTrainedModel) or not (ckpt / "config.json").exists():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # FSDP: its own sharded files
+        # fp32 holds both the fp32 trainable and the compute-dtype frozen weights exactly; copy_ keeps each dtype
+        loaded = type(model).from_pretrained(str(ckpt), config=model.config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict(), strict=True)
 
 
@@ -250,13 +268,25 @@ def _load_adapter(model: nn.Module, path: Path) -> None:
 
 def resolve(cfg: TrainConfig, manifest: Manifest | None) -> TrainConfig:
     """Fill the defaults that depend on the dataset, the manifest and the hardware."""
+    from stages.finetune import precision
+
     base = cfg.base if cfg.base is not None else (str(manifest.mllm.base) if manifest and manifest.mllm.base else None)
     batch = cfg.global_batch_size or GLOBAL_BATCH.get(cfg.dataset.lower(), DEFAULT_GLOBAL_BATCH)
-    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    return replace(cfg, base=base, global_batch_size=batch, bf16=bf16)
+    compute = precision.choose(cfg.precision, cfg.strategy).compute
+    return replace(cfg, base=base, global_batch_size=batch, precision=compute)
 
 
-def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
+def model_config(cfg: TrainConfig) -> Any:
+    """The model's config before the model exists (the base's config.json, or the tiny config)."""
+    from stages.finetune.plan import load_config
+    from stages.finetune.model import tiny_internvl_config
+
+    if cfg.base:
+        return load_config(cfg.base, cfg.fusion)
+    return tiny_internvl_config(cfg.tiny_model, vocab_size=cfg.vocab_size, fusion=cfg.fusion)
+
+
+def training_arguments(cfg: TrainConfig, run_dir: Path, config: Any = None) -> TrainingArguments:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = min(cfg.per_device_batch_size, max(1, cfg.global_batch_size // world))
     accumulation = max(1, cfg.global_batch_size // (per_device * world))
@@ -271,11 +301,11 @@ def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type=cfg.lr_scheduler,
-        optim="adamw_torch",
+        optim="adamw_torch_fused" if torch.cuda.is_available() and cfg.strategy != "fsdp" else "adamw_torch",
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        bf16=cfg.bf16,
-        activation_checkpointing=cfg.gradient_checkpointing,
+        bf16=cfg.precision == "bf16",
+        fp16=cfg.precision == "fp16",
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -291,6 +321,8 @@ def training_arguments(cfg: TrainConfig, run_dir: Path) -> TrainingArguments:
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
     )
+    kwargs.update(training_kwargs(cfg.strategy, config if config is not None else model_config(cfg),
+                                  cfg.gradient_checkpointing))
     kwargs.update(cfg.extra)
     return TrainingArguments(**kwargs)
 
@@ -305,20 +337,25 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path):  # noqa: ANN201
     return dataset_tokenizer(comments["text"].to_pylist(), run_dir / "tokenizer", cfg.vocab_size)
 
 
-def build_model(cfg: TrainConfig, tokenizer) -> nn.Module:  # noqa: ANN001
+def build_model(cfg: TrainConfig, tokenizer, policy: Any = None) -> nn.Module:  # noqa: ANN001
+    """The base (fp32 master weights) or the tiny demo model, parts frozen, cast by the precision policy."""
+    from stages.finetune import precision
     from stages.finetune.model import build_tiny_model, load_base
     from stages.finetune.tokenizer import IMG_CONTEXT
 
     if cfg.base:
-        model, missing = load_base(Path(cfg.base), fusion=cfg.fusion)
+        model, missing = load_base(Path(cfg.base), fusion=cfg.fusion, dtype=torch.float32)
         if missing:
             print(f"finetune: {len(missing)} new parameters initialised (not in {cfg.base})")
     else:
         model = build_tiny_model(cfg.tiny_model, vocab_size=len(tokenizer),
                                  image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT), fusion=cfg.fusion)
     if cfg.lora:
-        return apply_lora(model, cfg)
-    set_trainable(model, cfg.trainable)
+        model = apply_lora(model, cfg)
+    else:
+        set_trainable(model, cfg.trainable)
+    if policy is not None and cfg.strategy != "zero3":  # DeepSpeed casts and partitions weights itself
+        precision.apply(model, policy)
     return model
 
 
@@ -342,24 +379,37 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
     from stages.finetune.dataset import CritiqueDataset, TileSpec
     from stages.finetune.model import tokens_per_tile
 
+    from stages.finetune import precision
+    from stages.finetune.sharding import init_deepspeed_on_cpu
+
     cfg = resolve(cfg, manifest)
     run_dir = runs_dir(cfg.dataset) / cfg.run
     run_dir.mkdir(parents=True, exist_ok=True)
-    args = training_arguments(cfg, run_dir)
+    config = model_config(cfg)
+    args = training_arguments(cfg, run_dir, config)
+    if cfg.strategy == "zero3":
+        init_deepspeed_on_cpu()  # before the model: ZeRO-3 partitions it as it is built
+    policy = precision.choose(cfg.precision, cfg.strategy)
+    main = args.process_index == 0
+    if main:
+        print(policy.line())
     set_seed(cfg.seed)
     with args.main_process_first(desc="tokenizer + checkpoint check"):
         tokenizer = build_tokenizer(cfg, run_dir)
-        resume = last_checkpoint(run_dir, remove_incomplete=args.process_index == 0)
-    model = build_model(cfg, tokenizer)
-    tiles = TileSpec(tile_size=tile_size(model.config), min_tiles=cfg.min_tiles, max_tiles=cfg.max_tiles,
-                     use_thumbnail=cfg.use_thumbnail, tokens_per_tile=tokens_per_tile(model.config))
+        resume = last_checkpoint(run_dir, remove_incomplete=main)
+    tiles = TileSpec(tile_size=tile_size(config), min_tiles=cfg.min_tiles, max_tiles=cfg.max_tiles,
+                     use_thumbnail=cfg.use_thumbnail, tokens_per_tile=tokens_per_tile(config))
     data = CritiqueDataset(cfg.dataset, cfg.split, tokenizer, tiles, open_store(manifest, cfg.allow_missing_saliency),
                            cfg.allow_missing_saliency, cfg.max_length, cfg.limit)
-    if args.process_index == 0:
+    if main:
+        print(memory_plan(cfg, config, args, data).line())
+    model = build_model(cfg, tokenizer, policy)
+    if main:
         write_json_atomic(run_dir / "run_config.json", {
             **asdict(cfg), "tiles": asdict(tiles), "world_size": args.world_size,
             "per_device_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "train_pairs": len(data),
+            "max_length_used": data.max_length, "truncated": data.truncated,
         })
     sample_log = None
     if cfg.log_sample_ids:
@@ -378,14 +428,26 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
         trainer.state = state
     else:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if trainer.is_world_process_zero():
-            save_final(trainer, tokenizer, run_dir / "final")
+        save_final(trainer, tokenizer, run_dir / "final")
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     summary = Summary(run_dir, trainer.state.global_step, losses[0] if losses else None,
-                      losses[-1] if losses else None, data.missing_saliency, resume)
+                      losses[-1] if losses else None, data.missing_saliency, resume, data.max_length, data.truncated)
     if trainer.is_world_process_zero():
         print(summary.line())
     return summary
+
+
+def memory_plan(cfg: TrainConfig, config: Any, args: TrainingArguments, data: Any) -> Any:
+    """The plan (plan.py) of this run: its shapes, batch, strategy and longest example."""
+    from stages.finetune.plan import Setting, plan
+
+    setting = Setting(max_tiles=cfg.max_tiles, per_device=args.per_device_train_batch_size, gpus=args.world_size,
+                      strategy=cfg.strategy, gradient_checkpointing=cfg.gradient_checkpointing,
+                      trainable=cfg.trainable, lora=cfg.lora, lora_r=cfg.lora_r, text_tokens=data.text_tokens,
+                      labelled_tokens=data.text_tokens, compute=cfg.precision,
+                      accumulation=args.gradient_accumulation_steps)
+    gpu = torch.cuda.get_device_properties(args.device).total_memory / 1024**3 if torch.cuda.is_available() else None
+    return plan(config, setting, gpu, name=Path(cfg.base).name if cfg.base else cfg.tiny_model)
 
 
 def _final_siblings(target: Path) -> tuple[Path, Path]:
@@ -394,10 +456,17 @@ def _final_siblings(target: Path) -> tuple[Path, Path]:
 
 
 def save_final(trainer: Trainer, tokenizer, target: Path) -> None:  # noqa: ANN001
-    """Final weights + tokenizer, written to a temp dir and renamed into place (see ``recover_final``)."""
+    """Final weights + tokenizer, written to a temp dir and renamed into place (see ``recover_final``).
+
+    Every rank calls it: FSDP and ZeRO-3 gather the full weights collectively; rank 0 writes.
+    """
     tmp, old = _final_siblings(target)
-    shutil.rmtree(tmp, ignore_errors=True)
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(str(tmp))
+    if not main:
+        return
     tokenizer.save_pretrained(str(tmp))
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():

@@ -1,0 +1,78 @@
+"""Multi-GPU strategies for stage 2: ``ddp`` (replicated), ``fsdp`` (FSDP2) and ``zero3`` (DeepSpeed).
+
+All three run through the HF Trainer under ``torchrun``; the two sharded ones read their settings
+from ``configs/fsdp.yaml`` and ``configs/zero3.yaml``. FSDP wraps the IAS-ViT layer (its saliency
+cross-attention inside it) and the LLM's decoder layer. accelerate only turns FSDP on for GPU
+processes and transformers only starts DeepSpeed's process group on GPUs, so on CPU (gloo: the
+test suite's 2-process runs) :func:`enable_fsdp_on_cpu` and :func:`init_deepspeed_on_cpu` do
+those two steps themselves; everything else is the libraries' own sharded path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+STRATEGIES = ("ddp", "fsdp", "zero3")
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+def load_config(strategy: str) -> dict[str, Any]:
+    """The strategy's YAML config as a dict (``ddp`` has none)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "ddp":
+        return {}
+    return yaml.safe_load((CONFIG_DIR / f"{strategy}.yaml").read_text())
+
+
+def wrap_classes(config: Any) -> list[str]:
+    """Class names of the IAS-ViT layer and the LLM decoder layer of ``config`` (built on the meta device)."""
+    from stages.finetune.plan import meta_model
+
+    model = meta_model(config)
+    return [type(model.model.vision_tower.encoder.layer[0]).__name__, type(model.model.language_model.layers[0]).__name__]
+
+
+def training_kwargs(strategy: str, config: Any, gradient_checkpointing: bool) -> dict[str, Any]:
+    """TrainingArguments entries for ``strategy`` (FSDP / DeepSpeed settings and checkpointing switches)."""
+    settings = load_config(strategy)
+    checkpointing = {"activation_checkpointing": gradient_checkpointing,
+                     "activation_checkpointing_kwargs": {"use_reentrant": False}}
+    if strategy == "ddp":
+        return checkpointing
+    if strategy == "fsdp":
+        # the model's own non-reentrant checkpointing: FSDP's checkpoint wrapper on top of transformers'
+        # checkpointing layers recomputes decoder layers with wrong shapes here (measured, transformers 5.24)
+        settings = {**settings, "transformer_layer_cls_to_wrap": wrap_classes(config), "activation_checkpointing": False}
+        return {"fsdp": True, "fsdp_config": settings, **checkpointing}
+    return {"deepspeed": settings, **checkpointing}
+
+
+def enable_fsdp_on_cpu(trainer: Any) -> None:
+    """Switch a CPU (gloo) Trainer's accelerator to FSDP, which accelerate enables on GPUs only.
+
+    Both the accelerator state and the process state are set: accelerate re-reads the latter
+    whenever a fresh ``AcceleratorState()`` is made (e.g. when saving a checkpoint).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if trainer.args.fsdp_plugin_args is None or trainer.is_fsdp_enabled or torch.cuda.is_available():
+        return
+    state = trainer.accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
+def init_deepspeed_on_cpu() -> None:
+    """Start DeepSpeed's communication on the existing gloo group (on GPUs the Trainer does it)."""
+    if torch.cuda.is_available():
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")

@@ -1,0 +1,271 @@
+"""GPU check: stage 1, stage 2 and generation speed on one GPU (``tests/gpu/run.sh``; ``--tiny`` on CPU).
+
+(a) stage 1 (the saliency job, one worker per GPU) with dat_base (random weights) on synthetic photos at
+    real sizes: img/s, beside JPEG decode + preprocess alone on the same single decode thread (the bound
+    a worker's CPU side sets) and on all cores;
+(b) stage 2 training steps of InternViT-300M + a Qwen2-0.5B-shaped LLM, random weights, through
+    ``finetune`` (bf16 autocast, fp32 master weights): tokens/s, peak GPU memory, MFU against the GPU's
+    dense bf16 peak;
+(c) batched generation with the trained weights: new tokens/s.
+Numbers go to ``$OUT/gpu_check.json`` (``work/gpu_check.json`` without $OUT) and a short table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+# dense bf16 peak TFLOPS by GPU name (vendor data sheets; SXM parts unless named)
+PEAK_BF16 = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+             ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("A10G", 70.0), ("A10", 125.0), ("L4", 121.0),
+             ("RTX 4090", 165.0), ("RTX 6000 Ada", 364.0), ("A6000", 155.0), ("V100", 125.0), ("T4", 65.0)]
+SIZES = [(1600, 1067), (1067, 1600), (2048, 1365), (1024, 768), (1200, 1200)]  # typical critique-site photos
+WORDS = ["lovely light", "strong composition", "the horizon is tilted", "colours feel muted",
+         "sharp focus on the eyes", "crop tighter on the subject", "nice leading lines", "too much noise"]
+
+
+def peak_tflops(name: str) -> float | None:
+    return next((tf for key, tf in PEAK_BF16 if key in name), None)
+
+
+def make_photo(args: tuple[Path, int, int, int]) -> tuple[str, int, int]:
+    """A smooth random photo-like JPEG (gradients + blobs + grain), quality 90."""
+    from PIL import Image
+
+    path, w, h, seed = args
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for c in range(3):
+        img[..., c] = rng.uniform(40, 200) + rng.uniform(-60, 60) * xx / w + rng.uniform(-60, 60) * yy / h
+    for _ in range(4):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.05, 0.3) * min(w, h)
+        img += (np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None] * rng.uniform(-80, 80, 3))
+    img += rng.normal(0, 6, img.shape).astype(np.float32)
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    return path.name, w, h
+
+
+def prepare(base: Path, n: int, tiny: bool, variant: str) -> Path:
+    """Photos + images/comments tables of dataset 'gpu' + a random EAT checkpoint + manifest."""
+    import pyarrow as pa
+    import torch
+    from safetensors.torch import save_file
+
+    from stages.saliency.eat import build_eat
+    from storage.atomic import write_json_atomic, write_parquet_atomic
+    from storage.images import sha256_file
+    from storage.tables import COMMENTS_SCHEMA, IMAGES_SCHEMA
+
+    root = base / "photos"
+    root.mkdir(parents=True, exist_ok=True)
+    sizes = [(320, 240), (240, 320), (300, 300)] if tiny else SIZES
+    jobs = [(root / f"p{i:05d}.jpg", *sizes[i % len(sizes)], i) for i in range(n)]
+    todo = [j for j in jobs if not j[0].exists()]
+    with ProcessPoolExecutor(max(1, min(16, os.cpu_count() or 1))) as pool:
+        list(pool.map(make_photo, todo, chunksize=8))
+    images, comments = [], []
+    for i, (path, w, h, _) in enumerate(jobs):
+        images.append({"image_id": f"p{i:05d}", "split": "train", "path": path.name, "width": w, "height": h,
+                       "sha256": sha256_file(path), "score": None})
+        comments.append({"image_id": f"p{i:05d}", "comment_id": "c0", "aspect": None,
+                         "text": f"{WORDS[i % 8].capitalize()}, {WORDS[(3 * i + 1) % 8]}; {WORDS[(5 * i + 2) % 8]}."})
+    tables = base / "work" / "datasets" / "gpu"
+    write_parquet_atomic(tables / "images.parquet", pa.Table.from_pylist(images, schema=IMAGES_SCHEMA))
+    write_parquet_atomic(tables / "comments.parquet", pa.Table.from_pylist(comments, schema=COMMENTS_SCHEMA))
+    write_json_atomic(tables / "meta.json", {"root": str(root), "format": "folder"})
+    torch.manual_seed(0)
+    ckpt = base / f"eat_{variant}.safetensors"
+    if not ckpt.exists():
+        save_file(build_eat(variant).state_dict(), str(ckpt))
+    manifest = base / "manifest.yaml"
+    manifest.write_text(f"datasets:\n  gpu: {{format: folder, root: {root}}}\n"
+                        f"models:\n  eat: {{variant: {variant}, checkpoint: {ckpt}}}\n")
+    return manifest
+
+
+def decode_rate(paths: list[Path], threads: int) -> float:
+    """img/s of what a saliency worker does on the CPU per image: sha256, JPEG decode, EAT preprocess."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stages.saliency.eat import preprocess
+    from storage.images import open_rgb, sha256_file
+
+    def one(p: Path) -> None:
+        sha256_file(p)
+        preprocess(open_rgb(p))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, paths))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def stage1(manifest: Path, base: Path, n: int, cuda: bool) -> dict:
+    import torch
+
+    from pipeline.manifest import load_manifest
+    from stages.saliency.job import run_saliency
+
+    workers = torch.cuda.device_count() if cuda else 0
+    summary = run_saliency(load_manifest(manifest), ["gpu"], workers=workers, batch_size=32 if cuda else 4)
+    paths = sorted((base / "photos").glob("*.jpg"))[:n]
+    sample = paths[: min(len(paths), 400)]
+    return {"images": summary.computed, "workers": workers, "img_s": summary.computed / max(summary.compute_s, 1e-9),
+            "wall_s": summary.wall_s, "decode_img_s_1_thread": decode_rate(sample, 1),
+            "decode_img_s_all_cores": decode_rate(sample, os.cpu_count() or 1)}
+
+
+def save_base(base: Path, tiny: bool) -> Path:
+    """A random-weight base: InternViT-300M + Qwen2-0.5B shape (tiny: the tiny config), with a BPE tokenizer."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from stages.finetune.model import IASInternVLForConditionalGeneration, tiny_internvl_config
+    from stages.finetune.plan import named_config
+    from stages.finetune.tokenizer import IMG_CONTEXT, train_bpe
+
+    out = base / ("base-tiny" if tiny else "base-internvit300m-qwen2-0.5b")
+    if (out / "config.json").exists():
+        return out
+    texts = pq.read_table(base / "work" / "datasets" / "gpu" / "comments.parquet")["text"].to_pylist()
+    tok = train_bpe(texts, vocab_size=512)
+    config = tiny_internvl_config("tiny", vocab_size=len(tok)) if tiny else named_config("internvit300m-qwen2-0.5b")
+    config.image_token_id = tok.convert_tokens_to_ids(IMG_CONTEXT)
+    torch.manual_seed(0)
+    model = IASInternVLForConditionalGeneration(config)
+    model.to(torch.bfloat16).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def stage2(base_dir: Path, manifest: Path, tiny: bool, cuda: bool) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from pipeline.manifest import load_manifest
+    from stages.finetune.plan import Setting, load_config, training_flops
+    from stages.finetune.train import TrainConfig, finetune
+
+    steps, warmup = (3, 1) if tiny else (30, 5)
+    max_tiles, per_device = (4, 2) if tiny else (12, 4)
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    timer = Timer()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    cfg = TrainConfig(dataset="gpu", run="gpu-check", base=str(base_dir), max_tiles=max_tiles, max_steps=steps,
+                      per_device_batch_size=per_device, global_batch_size=per_device, workers=0 if tiny else 8,
+                      save_steps=10**6, logging_steps=5, gradient_checkpointing=not tiny, log_sample_ids=True,
+                      extra={"save_strategy": "no"})
+    summary = finetune(cfg, load_manifest(manifest), callbacks=(timer,))
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    # tokens per step from the examples each step trained on (sample log), over the timed steps
+    from stages.finetune.dataset import CritiqueDataset, TileSpec
+    from stages.finetune.tokenizer import load_tokenizer
+    from stages.finetune.model import tokens_per_tile
+    from stages.finetune.train import tile_size
+
+    config = load_config(base_dir)
+    tok = load_tokenizer(base_dir)
+    tiles = TileSpec(tile_size=tile_size(config), max_tiles=max_tiles, tokens_per_tile=tokens_per_tile(config))
+    data = CritiqueDataset("gpu", "train", tok, tiles, None, allow_missing_saliency=True)
+    log = (summary.run_dir / "samples" / "rank0.txt").read_text().splitlines()
+    timed = [[int(i) for i in line.split()] for line in log[warmup:steps]]
+    lengths = {i: len(data[i]["input_ids"]) for step in timed for i in step}
+    tokens = sum(lengths[i] for step in timed for i in step)
+    seconds = timer.times[steps - 1] - timer.times[warmup - 1]
+    setting = Setting(max_tiles=max_tiles, per_device=per_device, text_tokens=data.text_tokens,
+                      labelled_tokens=data.text_tokens)
+    flops = training_flops(config, setting) * sum(len(step) for step in timed) / seconds
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak_tf = peak_tflops(name) if cuda else None
+    return {"steps_timed": len(timed), "per_device": per_device, "max_tiles": max_tiles,
+            "tokens_per_step": tokens / len(timed), "tokens_s": tokens / seconds, "step_s": seconds / len(timed),
+            "peak_memory_gb": peak / 1024**3 if peak is not None else None, "model_tflops_s": flops / 1e12,
+            "mfu": flops / (peak_tf * 1e12) if peak_tf else None, "gpu_peak_bf16_tflops": peak_tf,
+            "loss": [summary.start_loss, summary.end_loss]}
+
+
+def generation(tiny: bool) -> dict:
+    import torch
+    from PIL import Image
+
+    from stages.report.generate import DecodeConfig, load_run
+    from storage.tables import image_root, read_table
+
+    captioner, _, _ = load_run("gpu", "gpu-check")
+    batch, new = (2, 8) if tiny else (8, 64)
+    rows = read_table("gpu", "images").to_pylist()[: 3 * batch]
+    root = image_root("gpu")
+    prompts = [captioner.prepare(Image.open(root / r["path"]).convert("RGB"), None) for r in rows]
+    decode = DecodeConfig(max_new_tokens=new)
+    captioner.generate_ids(prompts[:batch], decode)  # warm-up
+    cuda = captioner.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start, produced = time.perf_counter(), 0
+    for i in range(batch, len(prompts), batch):
+        produced += sum(len(ids) for ids in captioner.generate_ids(prompts[i:i + batch], decode))
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"batch": batch, "max_new_tokens": new, "new_tokens": produced, "tokens_s": produced / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes and a few images (CPU, seconds)")
+    parser.add_argument("--images", type=int, default=None, help="stage-1 photos (default 2000; --tiny 8)")
+    args = parser.parse_args()
+    import torch
+
+    out = Path(os.environ.get("OUT") or REPO / "work")
+    base = out / ("gpu_check_tiny" if args.tiny else "gpu_check")
+    base.mkdir(parents=True, exist_ok=True)
+    os.environ["ASE_WORK"] = str(base / "work")
+    cuda = torch.cuda.is_available()
+    n = args.images or (8 if args.tiny else 2000)
+    variant = "tiny" if args.tiny else "dat_base"
+    result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": args.tiny,
+                    "cpu_cores": os.cpu_count(), "torch": torch.__version__}
+    t0 = time.perf_counter()
+    manifest = prepare(base, n, args.tiny, variant)
+    result["prepare_s"] = time.perf_counter() - t0
+    result["stage1"] = {"eat": variant, **stage1(manifest, base, n, cuda)}
+    base_dir = save_base(base, args.tiny)
+    result["stage2"] = {"model": "tiny" if args.tiny else "internvit300m-qwen2-0.5b",
+                        **stage2(base_dir, manifest, args.tiny, cuda)}
+    result["generation"] = generation(args.tiny)
+    result["total_s"] = time.perf_counter() - t0
+    path = out / ("gpu_check_tiny.json" if args.tiny else "gpu_check.json")
+    path.write_text(json.dumps(result, indent=2))
+    s1, s2, g = result["stage1"], result["stage2"], result["generation"]
+    fmt = lambda x, f="{:.1f}": "n/a" if x is None else f.format(x)  # noqa: E731
+    print(f"\nGPU check on {result['device']} ({result['cpu_cores']} cores), {result['total_s']:.0f} s -> {path}")
+    print(f"  stage 1  {s1['images']} photos, EAT {s1['eat']}: {s1['img_s']:.1f} img/s; decode-only "
+          f"{s1['decode_img_s_1_thread']:.1f} img/s on 1 thread, {s1['decode_img_s_all_cores']:.1f} on all cores")
+    print(f"  stage 2  {s2['model']}, {s2['max_tiles']} tiles, batch {s2['per_device']}: {s2['tokens_s']:.0f} tokens/s, "
+          f"{s2['step_s']:.3f} s/step, peak {fmt(s2['peak_memory_gb'])} GB, MFU {fmt(s2['mfu'], '{:.1%}')}")
+    print(f"  generate batch {g['batch']}: {g['tokens_s']:.1f} new tokens/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Measure the peak memory of real CPU training steps (test helper, run in a fresh process).
+
+Peak resident memory (VmHWM) minus the resident memory before the model exists, with glibc's
+malloc returning every block of 64 KiB or more to the OS on free, so the resident size follows the
+live tensors. Usage: python tests/memory_probe.py '<json list of cases>' -> one JSON line per case.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def build(case: dict):
+    from transformers import Qwen2Config
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+    from stages.finetune.model import IASInternVLConfig, IASInternVLForConditionalGeneration
+
+    v, t = case["vision"], case["text"]
+    vision = InternVLVisionConfig(**v)
+    grid = vision.image_size[0] // vision.patch_size[0]
+    config = IASInternVLConfig(vision_config=vision, text_config=Qwen2Config(**t), image_token_id=t["vocab_size"] - 1,
+                               image_seq_length=(grid // 2) ** 2, downsample_ratio=0.5)
+    return config, IASInternVLForConditionalGeneration
+
+
+def batch(config, case: dict) -> dict:
+    from stages.finetune.model import tokens_per_tile
+
+    g = torch.Generator().manual_seed(0)
+    b, tiles, text, labelled = case["per_device"], case["tiles"], case["text_tokens"], case["labelled_tokens"]
+    n_img = tiles * tokens_per_tile(config)
+    vocab = config.text_config.vocab_size
+    ids = torch.randint(0, vocab - 1, (b, n_img + text), generator=g)
+    ids[:, 4:4 + n_img] = config.image_token_id
+    labels = torch.full_like(ids, -100)
+    labels[:, -labelled:] = ids[:, -labelled:]
+    s = config.vision_config.image_size[0]
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
+                pixel_values=torch.randn(b * tiles, 3, s, s, generator=g),
+                saliency_values=torch.rand(b * tiles, 1, s, s, generator=g))
+
+
+def measure(case: dict) -> dict:
+    from stages.finetune.train import set_trainable
+
+    config, cls = build(case)
+    inputs = batch(config, case)
+    gc.collect()
+    base = rss("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
+    torch.manual_seed(0)
+    model = cls(config)
+    set_trainable(model, tuple(case["trainable"]))
+    if case["gradient_checkpointing"]:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=False)
+    for _ in range(2):  # the second step runs with the AdamW states allocated
+        loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = rss("VmHWM") - base
+    del model, opt, loss
+    gc.collect()
+    return {"name": case["name"], "peak": peak}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for case in json.loads(sys.argv[1]):
+        print(json.dumps(measure(case)), flush=True)
