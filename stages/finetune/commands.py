@@ -34,6 +34,8 @@ def register(app: typer.Typer) -> None:
                                                                   "loss scaling, CPU: fp32), bf16, fp16 or fp32."),
         allow_missing_saliency: bool = typer.Option(False, "--allow-missing-saliency",
                                                     help="Uniform map for images the saliency stage has not done."),
+        saliency: str = typer.Option("eat", "--saliency",
+                                     help="Maps from: eat (the saliency store), uniform (none), truth (synthetic masks)."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Train on the first N pairs only."),
         workers: int = typer.Option(4, "--workers", help="DataLoader workers per process."),
         save_steps: int = typer.Option(500, "--save-steps"),
@@ -54,7 +56,7 @@ def register(app: typer.Typer) -> None:
             trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()), lora=lora, max_tiles=max_tiles,
             max_length=max_length, strategy=strategy, gradient_checkpointing=gradient_checkpointing,
             precision=precision,
-            allow_missing_saliency=allow_missing_saliency, limit=limit, workers=workers, save_steps=save_steps,
+            allow_missing_saliency=allow_missing_saliency, saliency=saliency, limit=limit, workers=workers, save_steps=save_steps,
             logging_steps=logging_steps, seed=seed, log_sample_ids=log_sample_ids, tiny_model=tiny_model,
         )
         run_finetune(cfg, manifest())

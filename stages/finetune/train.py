@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
 from stages.finetune.ias_vit import FUSIONS
+from stages.finetune.saliency_source import SOURCES
 from stages.finetune.precision import PRECISIONS
 from stages.finetune.sharding import STRATEGIES, training_kwargs
 from storage.atomic import write_json_atomic
@@ -66,6 +67,7 @@ class TrainConfig:
     use_thumbnail: bool = True
     max_length: int | None = None  # cap on tokens per example; None: the longest example of the data
     allow_missing_saliency: bool = False
+    saliency: str = "eat"  # where maps come from: eat | uniform | truth (stages/finetune/saliency_source.py)
     limit: int | None = None  # train on the first N pairs only (smoke tests)
     workers: int = 4
     # demo model / tokenizer (only when there is no base)
@@ -85,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"unknown trainable part(s) {bad}; choose from {', '.join(PARTS)}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.saliency not in SOURCES:
+            raise ValueError(f"saliency must be one of {SOURCES}, got {self.saliency!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.strategy not in STRATEGIES:
@@ -359,17 +363,17 @@ def build_model(cfg: TrainConfig, tokenizer, policy: Any = None) -> nn.Module:  
     return model
 
 
-def open_store(manifest: Manifest | None, allow_missing: bool):  # noqa: ANN201
-    """The current saliency store, or None where there is none and that is allowed."""
+def open_store(cfg: TrainConfig, manifest: Manifest | None):  # noqa: ANN201
+    """The run's saliency source (store-like), or None for uniform maps where that is allowed."""
     from stages.finetune.dataset import MissingSaliencyError
-    from storage.saliency_store import find_store
+    from stages.finetune.saliency_source import open_source
 
-    store, why = find_store(manifest)
+    store, why = open_source(cfg.saliency, cfg.dataset, manifest)
     if store is None:
-        if not allow_missing:
+        if not cfg.allow_missing_saliency and cfg.saliency != "uniform":
             raise MissingSaliencyError(f"no saliency store ({why}): run the saliency stage first "
                                        "(`ase-mllm saliency`), or pass --allow-missing-saliency to use uniform maps")
-        print(f"finetune: no saliency store ({why}); every image gets a uniform map")
+        print(f"finetune: no saliency maps ({why}); every image gets the uniform map")
     return store
 
 
@@ -399,8 +403,8 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
         resume = last_checkpoint(run_dir, remove_incomplete=main)
     tiles = TileSpec(tile_size=tile_size(config), min_tiles=cfg.min_tiles, max_tiles=cfg.max_tiles,
                      use_thumbnail=cfg.use_thumbnail, tokens_per_tile=tokens_per_tile(config))
-    data = CritiqueDataset(cfg.dataset, cfg.split, tokenizer, tiles, open_store(manifest, cfg.allow_missing_saliency),
-                           cfg.allow_missing_saliency, cfg.max_length, cfg.limit)
+    data = CritiqueDataset(cfg.dataset, cfg.split, tokenizer, tiles, open_store(cfg, manifest),
+                           cfg.allow_missing_saliency or cfg.saliency == "uniform", cfg.max_length, cfg.limit)
     if main:
         print(memory_plan(cfg, config, args, data).line())
     model = build_model(cfg, tokenizer, policy)

@@ -413,7 +413,7 @@ def generate_split(
     if captioner.needs_saliency and rows:
         cfg = run_config(runs_dir(dataset) / run)
         allow = cfg.get("allow_missing_saliency", False) if allow_missing_saliency is None else allow_missing_saliency
-        store = _saliency_store(manifest, allow)
+        store = _saliency_store(manifest, allow or cfg.get("saliency") == "uniform", cfg.get("saliency", "eat"), dataset)
     root = image_root(dataset)
 
     def prepare(row: dict[str, Any]) -> Prompt | ImageError:
@@ -465,10 +465,11 @@ class _Store:
         return self.store.read(sha)
 
 
-def _saliency_store(manifest: Manifest | None, allow_missing: bool) -> _Store:
-    from storage.saliency_store import find_store
+def _saliency_store(manifest: Manifest | None, allow_missing: bool, source: str = "eat", dataset: str = "") -> _Store:
+    """The run's saliency source (stages/finetune/saliency_source.py), with its policy for images it lacks."""
+    from stages.finetune.saliency_source import open_source
 
-    store, why = find_store(manifest)
+    store, why = open_source(source, dataset, manifest)
     if store is None and not allow_missing:
         raise FileNotFoundError(f"no saliency store ({why}): run `ase-mllm saliency` first, or pass "
                                 "--allow-missing-saliency to use uniform maps")

@@ -1,0 +1,71 @@
+"""Saliency sources: the synthetic corpus's true masks as maps, the uniform control, and runs that use them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.manifest import load_manifest
+from stages.finetune.saliency_source import TruthMaps, open_source
+from stages.ingest.run import ingest_dataset
+
+
+@pytest.fixture
+def synthetic(tmp_path: Path) -> Path:
+    """A 12-image synthetic dataset, ingested; returns the manifest path."""
+    path = tmp_path / "manifest.yaml"
+    path.write_text(f"datasets:\n  syn:\n    format: synthetic\n    root: {tmp_path / 'corpus'}\n"
+                    f"    options: {{n: 12, seed: 4}}\n")
+    ingest_dataset(load_manifest(path).datasets["syn"], echo=lambda _: None)
+    return path
+
+
+def test_truth_maps_are_the_masks_area_averaged(synthetic: Path) -> None:
+    from storage.tables import read_table
+
+    source = TruthMaps("syn")
+    rows = read_table("syn", "images").to_pylist()
+    root = synthetic.parent / "corpus"
+    for row in rows:
+        m, category, _ = source.read(row["sha256"])
+        with Image.open(root / "masks" / f"{row['image_id']}.png") as img:
+            mask = np.asarray(img, dtype=np.float32) / 255  # [H, W] in {0, 1}
+        assert m.shape == (56, 56) and m.min() >= 0 and m.max() <= 1 and category == -1
+        assert m.mean() == pytest.approx(mask.mean(), abs=0.01)  # area averaging keeps the covered share
+        up = F.interpolate(torch.from_numpy(m)[None, None], size=mask.shape, mode="bilinear")[0, 0].numpy()
+        assert np.corrcoef(up.ravel(), mask.ravel())[0, 1] > 0.9
+
+
+def test_uniform_source_and_truth_on_real_data(synthetic: Path, tmp_path: Path) -> None:
+    store, why = open_source("uniform", "syn", load_manifest(synthetic))
+    assert store is None and "uniform" in why
+    from test_finetune_data import make_toy
+
+    make_toy(tmp_path)
+    with pytest.raises(ValueError, match="synthetic dataset"):
+        TruthMaps("toy")
+    with pytest.raises(ValueError, match="must be one of"):
+        open_source("gaze", "syn", None)
+
+
+@pytest.mark.slow
+def test_runs_train_and_generate_with_true_and_uniform_maps(synthetic: Path) -> None:
+    """A run on true masks reads them in training and generation; a uniform run needs no store at all."""
+    from stages.finetune.train import TrainConfig, finetune
+    from stages.report.generate import DecodeConfig, generate_split, read_predictions
+    from storage.tables import read_table
+
+    manifest = load_manifest(synthetic)
+    n_train = sum(s == "train" for s in read_table("syn", "images")["split"].to_pylist())
+    for source in ("truth", "uniform"):
+        cfg = TrainConfig(dataset="syn", run=source, saliency=source, max_steps=2, global_batch_size=2,
+                          per_device_batch_size=2, max_tiles=1, workers=0, vocab_size=300, save_steps=10)
+        summary = finetune(cfg, manifest)
+        assert summary.global_step == 2
+        assert summary.missing_saliency == (0 if source == "truth" else n_train)  # images given the uniform map
+        g = generate_split("syn", source, manifest, "test", decode=DecodeConfig(max_new_tokens=4), progress=False)
+        assert g.generated > 0 and not g.failed and len(read_predictions(g.directory, "test")) == g.generated
