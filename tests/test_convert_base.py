@@ -132,6 +132,51 @@ def test_converted_fixture_reproduces_the_official_model(shared_dir: Path, tmp_p
     assert torch.equal(generated[:, ids.shape[1]:], expected["generated_ids"])  # official: new tokens only
 
 
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "LlamaForCausalLM"])
+def test_qwen2_and_llama_llms_convert_faithfully(shared_dir: Path, tmp_path: Path, arch: str) -> None:
+    """An InternVL2.5-style checkpoint: the fixture's InternViT + mlp1 with a transformers Qwen2 / Llama LLM.
+    Oracle: the official ``vit_embeds`` placed into that LLM's own forward (inputs_embeds)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from stages.finetune.convert import convert
+    from stages.finetune.tokenizer import train_bpe
+
+    llm_config = {"architectures": [arch], "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+                  "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None,
+                  "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+                  "bad_words_ids": None, "max_length": 20}  # v4 configs carry generation leftovers
+    config_cls = Qwen2Config if arch == "Qwen2ForCausalLM" else LlamaConfig
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_config(config_cls(**{k: v for k, v in llm_config.items()
+                                                          if k not in ("architectures", "torch_dtype", "bad_words_ids",
+                                                                       "max_length", "rope_scaling")})).eval()
+    src = tmp_path / "src"
+    src.mkdir()
+    fixture = load_file(shared_dir / FIXTURE / "model.safetensors")
+    weights = {k: v for k, v in fixture.items() if not k.startswith("language_model.")}
+    save_file({**weights, **{f"language_model.{k}": v.contiguous() for k, v in llm.state_dict().items()}},
+              src / "model.safetensors")
+    config = json.loads((shared_dir / FIXTURE / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "llm_config": llm_config, "template": "internvl2_5"}))
+    tokenizer = train_bpe(_corpus(200), vocab_size=300)  # ChatML + InternVL image tokens, a native class
+    tokenizer.save_pretrained(str(src))
+    image_token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+
+    assert convert(src, tmp_path / "out", show_progress=False).image_token_id == image_token
+    model = _load_native(tmp_path / "out")
+    inputs = load_file(shared_dir / FIXTURE / "inputs.safetensors")
+    expected = load_file(shared_dir / FIXTURE / "expected.safetensors")
+    ids = inputs["input_ids"].masked_fill(inputs["input_ids"] == image_token, 7)  # text ids != the image token
+    ids = ids.masked_fill(ids == 250, image_token)  # [1, 30] with 16 image tokens
+    with torch.no_grad():
+        embeds = llm.get_input_embeddings()(ids)
+        embeds[ids == image_token] = expected["vit_embeds"].reshape(-1, 64)
+        oracle = llm(inputs_embeds=embeds).logits
+        logits = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits
+    torch.testing.assert_close(logits, oracle, rtol=0, atol=1e-5)
+
+
 def test_load_base_on_the_converted_fixture_misses_only_cross_attention(shared_dir: Path, tmp_path: Path) -> None:
     """The ASE-MLLM model built from the conversion starts as the official model (zero gates)."""
     from stages.finetune.convert import convert
@@ -159,6 +204,36 @@ def test_load_base_points_an_original_checkpoint_at_convert_base(shared_dir: Pat
         load_base(src)
 
 
+def test_finetune_and_generation_run_unchanged_on_a_converted_base(shared_dir: Path, tmp_path: Path) -> None:
+    """The README's InternVL2-8B commands on the tiny fixture: convert-base, finetune --base, then generation."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.manifest import load_manifest
+    from stages.report.generate import DecodeConfig, generate_split, read_predictions
+    from test_finetune_data import make_manifest, make_store, make_toy
+
+    shas = make_toy(tmp_path)
+    manifest = make_manifest(tmp_path)
+    make_store(load_manifest(manifest), shas)
+    base = tmp_path / "internvl2-native"
+    converted = CliRunner().invoke(app, ["convert-base", str(fixture_checkpoint(shared_dir, tmp_path / "src")), str(base)])
+    assert converted.exit_code == 0, converted.output
+    trained = CliRunner().invoke(app, [
+        "--manifest", str(manifest), "finetune", "--dataset", "toy", "--run", "converted", "--base", str(base),
+        "--max-steps", "6", "--lr", "2e-3", "--batch-size", "2", "--per-device", "2", "--max-tiles", "2",
+        "--workers", "0", "--logging-steps", "1", "--save-steps", "6"])
+    assert trained.exit_code == 0, trained.output
+    assert re.search(r"new parameters initialised", trained.output)  # only the cross-attention is new
+    losses = [json.loads(line)["loss"] for line in (Path(os.environ["ASE_WORK"]) / "runs/toy/converted/metrics.jsonl")
+              .read_text().splitlines() if '"loss"' in line]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    run = generate_split("toy", "converted", load_manifest(manifest), decode=DecodeConfig(max_new_tokens=6),
+                         batch_size=2, progress=False)
+    assert run.generated == 1 and not run.failed
+    assert len(read_predictions(run.directory, "test")) == 1
+
+
 # ---------------------------------------------------------------- tokenizer and chat template
 
 
@@ -178,11 +253,12 @@ def test_tokenizer_encodes_like_sentencepiece_and_loads_without_remote_code(tmp_
     assert {t: loaded.convert_tokens_to_ids(t) for t in ids} == ids
     assert loaded.eos_token == "<|im_end|>" and loaded.pad_token == "</s>" and loaded.bos_token_id == 1
     sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
-    specials = [t for t in ids if t != "<unk>"]  # the slow tokenizer's added tokens (<unk> is sentencepiece's)
+    specials = list(ids)  # the slow tokenizer never splits its added tokens (incl. <unk> <s> </s>)
     texts = _corpus(300, seed=1) + [
         "", " ", "  two leading spaces", "trailing  ", "a\n\nb", "naïve café 😀 ünïcödé", "構圖很好", "x" * 60,
         "<s><|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nComment on this image.<|im_end|>",
         "<|im_start|>assistant\nLovely light<|im_end|></s>", "12345.678 tokens, digits split", "\t\ttabs\t",
+        "an <unk> in the text, <s> too",
     ]
     for text in texts:
         expected = [ids["<s>"]]
@@ -296,13 +372,15 @@ def original_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"vision_model.embeddings.class_embedding": (1, 1, c), "vision_model.embeddings.position_embedding": (1, n, c),
               "vision_model.embeddings.patch_embedding.weight": (c, 3, 14, 14),
               "vision_model.embeddings.patch_embedding.bias": (c,)}
+    rms = v["norm_type"] == "rms_norm"
     for i in range(v["num_hidden_layers"]):
         layer = f"vision_model.encoder.layers.{i}."
-        shapes |= {layer + "attn.qkv.weight": (3 * c, c), layer + "attn.qkv.bias": (3 * c,),
-                   layer + "attn.proj.weight": (c, c), layer + "attn.proj.bias": (c,),
-                   layer + "mlp.fc1.weight": (f, c), layer + "mlp.fc1.bias": (f,), layer + "mlp.fc2.weight": (c, f),
-                   layer + "mlp.fc2.bias": (c,), layer + "ls1": (c,), layer + "ls2": (c,)}
-        shapes |= {layer + f"{norm}.{p}": (c,) for norm in ("norm1", "norm2") for p in ("weight", "bias")}
+        shapes |= {layer + "attn.qkv.weight": (3 * c, c), layer + "attn.proj.weight": (c, c),
+                   layer + "attn.proj.bias": (c,), layer + "mlp.fc1.weight": (f, c), layer + "mlp.fc1.bias": (f,),
+                   layer + "mlp.fc2.weight": (c, f), layer + "mlp.fc2.bias": (c,), layer + "ls1": (c,), layer + "ls2": (c,)}
+        shapes |= {layer + "attn.qkv.bias": (3 * c,)} if v["qkv_bias"] else {}
+        shapes |= {layer + f"attn.{qk}.weight": (c,) for qk in ("q_norm", "k_norm")} if v["qk_normalization"] else {}
+        shapes |= {layer + f"{norm}.{p}": (c,) for norm in ("norm1", "norm2") for p in ("weight",) + ("bias",) * (not rms)}
     h, d, ffn, vocab = t["hidden_size"], t["hidden_size"] // t["num_attention_heads"], t["intermediate_size"], t["vocab_size"]
     shapes |= {"mlp1.0.weight": (4 * c,), "mlp1.0.bias": (4 * c,), "mlp1.1.weight": (h, 4 * c), "mlp1.1.bias": (h,),
                "mlp1.3.weight": (h, h), "mlp1.3.bias": (h,), "language_model.model.tok_embeddings.weight": (vocab, h),
@@ -341,6 +419,24 @@ def make_original_checkpoint(dest: Path, config: dict, shard_bytes: int = 1 << 3
     (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}))
     return total
+
+
+def test_internvit_6b_style_vision_tower_maps_completely(tmp_path: Path) -> None:
+    """InternViT-6B's variant (InternVL2-26B and up): RMSNorm, q/k normalisation, no qkv bias; every tensor lands
+    in the native model (nothing missing or left over) with its values."""
+    from stages.finetune.convert import convert
+
+    config = internvl2_config(llm_layers=1, vit_layers=2, vocab=512, vit_hidden=64, llm_hidden=64, llm_ffn=128,
+                              heads=4, kv_heads=2)
+    config["vision_config"] |= {"norm_type": "rms_norm", "qk_normalization": True, "qkv_bias": False}
+    make_original_checkpoint(tmp_path / "src", config)
+    convert(tmp_path / "src", tmp_path / "out", show_progress=False)
+    model = _load_native(tmp_path / "out")
+    source = load_file(tmp_path / "src" / "model-00001-of-00001.safetensors")
+    layer = model.model.vision_tower.encoder.layer[1]
+    assert torch.equal(layer.attention.q_norm.weight, source["vision_model.encoder.layers.1.attn.q_norm.weight"])
+    assert torch.equal(layer.layernorm_after.weight, source["vision_model.encoder.layers.1.norm2.weight"])
+    assert layer.attention.q_proj.bias is None and type(layer.layernorm_before).__name__ == "InternVLVisionRMSNorm"
 
 
 CONVERT = """

@@ -292,31 +292,76 @@ class Converted:
                 f"{self.bytes / 2**20:,.1f} MiB in {self.shards} shard(s), <IMG_CONTEXT> id {self.image_token_id}")
 
 
+def _previous(out: Path, record: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The finished conversion in ``out`` of this very source (None: convert); refuses to clobber anything else."""
+    done = out / "conversion.json"
+    if overwrite or not out.exists():
+        return None
+    if not done.exists():
+        raise ConversionError(f"{out} exists and is not a conversion output; choose another OUT_DIR or pass --overwrite")
+    previous = json.loads(done.read_text())
+    if {k: previous.get(k) for k in record} != json.loads(json.dumps(record)):
+        raise ConversionError(f"{out} exists and holds another conversion; remove it or pass --overwrite")
+    return previous
+
+
+def _notes(orig: dict[str, Any], config: InternVLConfig) -> list[str]:
+    """Official behaviour the native classes do not share (none of it changes a fresh model's outputs)."""
+    notes = []
+    if drop_path := orig["vision_config"].get("drop_path_rate", 0.0):
+        notes.append(f"the native vision tower has no stochastic depth (source drop_path_rate {drop_path})")
+    rope = config.text_config.rope_parameters or {}
+    if rope.get("rope_type") == "dynamic":
+        notes.append(f"dynamic NTK rope beyond {config.text_config.max_position_embeddings} positions matches the "
+                     "official model per sequence; the official module also keeps its enlarged base for later, "
+                     "shorter sequences, the native one resets it")
+    return notes
+
+
+def _write_weights(tmp: Path, outputs: list[Output], specs: list[TensorSpec],
+                   sources: dict[str, tuple[Path, torch.dtype, tuple[int, ...]]], max_shard_bytes: int,
+                   show_progress: bool) -> int:
+    """The safetensors shards (+ index when more than one); returns the shard count."""
+    from tqdm.auto import tqdm
+
+    shards = plan_shards(specs, max_shard_bytes)
+    names = shard_file_names(len(shards))
+    with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="convert-base",
+              disable=not show_progress) as bar:
+        tensors = _produce(outputs, sources, bar)
+        for shard, name in zip(shards, names):
+            write_shard(tmp / name, shard, islice(tensors, len(shard)))
+    if len(shards) > 1:
+        write_index(tmp, shards, names)
+    return len(shards)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out`` (an old ``out`` is set aside first and removed after)."""
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.replace(old)
+    tmp.replace(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def convert(src: Path | str, out: Path | str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
             overwrite: bool = False, show_progress: bool = True) -> Converted:
     """Convert the original checkpoint in ``src`` into a native InternVL directory ``out`` (atomically)."""
-    from tqdm.auto import tqdm
-
     from stages.finetune.convert_tokenizer import convert_tokenizer
 
     src, out = Path(src), Path(out)
-    config_path = src / "config.json"
-    if not config_path.exists():
+    if not (src / "config.json").exists():
         raise ConversionError(f"{src}: no config.json")
-    orig = json.loads(config_path.read_text())
+    orig = json.loads((src / "config.json").read_text())
     if orig.get("model_type") != "internvl_chat":
         raise ConversionError(f"{src}: model_type {orig.get('model_type')!r} is not an original InternVL checkpoint "
                               "('internvl_chat'); native -hf checkpoints need no conversion")
     arch = llm_architecture(orig)
     record = {"converter_version": CONVERTER_VERSION, "source": str(src.resolve()), "files": source_signature(src)}
-    done = out / "conversion.json"
-    if done.exists() and not overwrite:
-        previous = json.loads(done.read_text())
-        if {k: previous.get(k) for k in record} == json.loads(json.dumps(record)):
-            return Converted(out, arch, 0, 0, 0, previous.get("image_token_id", -1), skipped=True)
-        raise ConversionError(f"{out} exists and holds another conversion; remove it or pass --overwrite")
-    if out.exists() and not done.exists() and not overwrite:
-        raise ConversionError(f"{out} exists and is not a conversion output; choose another OUT_DIR or pass --overwrite")
+    if (previous := _previous(out, record, overwrite)) is not None:
+        return Converted(out, arch, 0, 0, 0, previous["image_token_id"], skipped=True)
 
     template = orig.get("template") or "internlm2-chat"
     tokenizer = convert_tokenizer(src, template, orig.get("system_message"))
@@ -329,22 +374,13 @@ def convert(src: Path | str, out: Path | str, max_shard_bytes: int = DEFAULT_MAX
         _, dtype, shape = sources[o.source]
         specs.append(TensorSpec(o.name, dtype, tuple(o.pick(torch.empty(shape, dtype=dtype, device="meta")).shape)))
     _check_against_native(config, specs)
-    drop_path = orig["vision_config"].get("drop_path_rate", 0.0)
-    if drop_path:
-        print(f"convert-base: note: the native vision tower has no stochastic depth (source drop_path_rate {drop_path})")
+    for note in _notes(orig, config):
+        print(f"convert-base: note: {note}")
 
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed conversion
     tmp.mkdir(parents=True)
-    shards = plan_shards(specs, max_shard_bytes)
-    names = shard_file_names(len(shards))
-    total = sum(s.nbytes for s in specs)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="convert-base", disable=not show_progress) as bar:
-        tensors = _produce(outputs, sources, bar)
-        for shard, name in zip(shards, names):
-            write_shard(tmp / name, shard, islice(tensors, len(shard)))
-    if len(shards) > 1:
-        write_index(tmp, shards, names)
+    shards = _write_weights(tmp, outputs, specs, sources, max_shard_bytes, show_progress)
     config.architectures = ["InternVLForConditionalGeneration"]
     config.save_pretrained(tmp)
     llm_eos = config.text_config.eos_token_id
@@ -354,10 +390,5 @@ def convert(src: Path | str, out: Path | str, max_shard_bytes: int = DEFAULT_MAX
     tokenizer.save_pretrained(str(tmp))
     (tmp / "conversion.json").write_text(json.dumps({**record, "image_token_id": image_token_id, "llm": arch,
                                                      "template": template}, indent=2, ensure_ascii=False) + "\n")
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.replace(old)
-    tmp.replace(out)
-    shutil.rmtree(old, ignore_errors=True)
-    return Converted(out, arch, len(specs), len(shards), total, image_token_id)
+    _replace(tmp, out)
+    return Converted(out, arch, len(specs), shards, sum(s.nbytes for s in specs), image_token_id)
