@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import random
 import re
@@ -28,7 +29,7 @@ from test_finetune_data import WORDS
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = "fixtures/internvl2"
-REMOTE_CODE_TRAP = "raise RuntimeError('the checkpoint's remote code must never run')\n"
+REMOTE_CODE_TRAP = "raise RuntimeError('remote code of the checkpoint must never run')\n"
 PROMPT = "Comment on this image from an aesthetic perspective."
 
 
@@ -400,22 +401,23 @@ def make_original_checkpoint(dest: Path, config: dict, shard_bytes: int = 1 << 3
     (dest / "config.json").write_text(json.dumps(config, indent=2))
     vocab = config["llm_config"]["vocab_size"]
     write_internlm2_tokenizer(dest, image_ids=(vocab - 9, vocab - 8, vocab - 7))
-    g = torch.Generator().manual_seed(seed)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = total = 0
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]  # planned first: only one shard is ever in memory
+    size = 0
     for name, shape in original_shapes(config).items():
         if size >= shard_bytes:
-            shards.append({})
+            groups.append([])
             size = 0
-        shards[-1][name] = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-        size += shards[-1][name].numel() * 2
-        total += shards[-1][name].numel() * 2
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, dest / name, metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(shard, name)
-        shard.clear()
+        groups[-1].append((name, shape))
+        size += 2 * math.prod(shape)
+    g = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = {name: (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16) for name, shape in group}
+        save_file(shard, dest / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, file)
+        total += sum(2 * t.numel() for t in shard.values())
+        del shard
     (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                    "weight_map": weight_map}))
     return total
