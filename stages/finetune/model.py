@@ -214,8 +214,10 @@ def load_base(
     """
     config_file = Path(path) / "config.json"
     if config_file.exists() and json.loads(config_file.read_text()).get("model_type") == "internvl_chat":
-        raise ValueError(f"{path}: an original InternVL checkpoint (remote code, never run here): convert it once with "
-                         f"`ase-mllm convert-base {path} OUT_DIR` and pass OUT_DIR as the base")
+        from stages.finetune.convert import ConversionError
+
+        raise ConversionError(f"{path}: an original InternVL checkpoint (remote code, never run here): convert it "
+                              f"once with `ase-mllm convert-base {path} OUT_DIR` and pass OUT_DIR as the base")
     base = AutoConfig.from_pretrained(path)
     if not isinstance(base, InternVLConfig):
         raise ValueError(f"{path}: expected an InternVL (-hf, model_type 'internvl') checkpoint, got '{base.model_type}'")
