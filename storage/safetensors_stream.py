@@ -79,7 +79,8 @@ def write_shard(path: Path, specs: list[TensorSpec], tensors: Iterable[torch.Ten
         fh.write(raw)
         for spec, tensor in zip(specs, tensors, strict=True):
             if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                raise ValueError(f"{spec.name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} {spec.shape}")
+                raise ValueError(f"{spec.name}: got {tensor.dtype} {tuple(tensor.shape)}, "
+                                 f"planned {spec.dtype} {spec.shape}")
             fh.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
         fh.flush()
         os.fsync(fh.fileno())

@@ -128,7 +128,8 @@ def test_converted_fixture_reproduces_the_official_model(shared_dir: Path, tmp_p
         generated = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8,
                                    do_sample=False, eos_token_id=255, pad_token_id=0)
     torch.testing.assert_close(vision, expected["vision_last_hidden_state"], rtol=0, atol=1e-5)
-    torch.testing.assert_close(features.reshape(expected["vit_embeds"].shape), expected["vit_embeds"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(features.reshape(expected["vit_embeds"].shape), expected["vit_embeds"], rtol=0,
+                               atol=1e-5)
     torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-5)
     assert torch.equal(generated[:, ids.shape[1]:], expected["generated_ids"])  # official: new tokens only
 
@@ -220,7 +221,8 @@ def test_finetune_and_generation_run_unchanged_on_a_converted_base(shared_dir: P
     manifest = make_manifest(tmp_path)
     make_store(load_manifest(manifest), shas)
     base = tmp_path / "internvl2-native"
-    converted = CliRunner().invoke(app, ["convert-base", str(fixture_checkpoint(shared_dir, tmp_path / "src")), str(base)])
+    src = fixture_checkpoint(shared_dir, tmp_path / "src")
+    converted = CliRunner().invoke(app, ["convert-base", str(src), str(base)])
     assert converted.exit_code == 0, converted.output
     trained = CliRunner().invoke(app, [
         "--manifest", str(manifest), "finetune", "--dataset", "toy", "--run", "converted", "--base", str(base),
@@ -258,7 +260,8 @@ def test_tokenizer_encodes_like_sentencepiece_and_loads_without_remote_code(tmp_
     sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
     specials = list(ids)  # the slow tokenizer never splits its added tokens (incl. <unk> <s> </s>)
     texts = _corpus(300, seed=1) + [
-        "", " ", "  two leading spaces", "trailing  ", "a\n\nb", "naïve café 😀 ünïcödé", "構圖很好", "x" * 60,
+        "", " ", "  two leading spaces", "trailing  ", "a\n\nb", "naïve café 😀 ünïcödé", "構圖很好",
+        "x" * 60,
         "<s><|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\nComment on this image.<|im_end|>",
         "<|im_start|>assistant\nLovely light<|im_end|></s>", "12345.678 tokens, digits split", "\t\ttabs\t",
         "an <unk> in the text, <s> too",
@@ -343,7 +346,8 @@ def test_cli_converts_and_a_rerun_is_a_no_op(shared_dir: Path, tmp_path: Path) -
     again = CliRunner().invoke(app, ["convert-base", str(src), str(out)])
     assert again.exit_code == 0 and "up to date" in again.output
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
-    (src / "config.json").write_text((src / "config.json").read_text().replace('"select_layer": -1', '"select_layer": -1 '))
+    config = src / "config.json"
+    config.write_text(config.read_text().replace('"select_layer": -1', '"select_layer": -1 '))  # a changed source
     changed = CliRunner().invoke(app, ["convert-base", str(src), str(out)])
     assert changed.exit_code != 0 and "--overwrite" in str(changed.exception)
     assert CliRunner().invoke(app, ["convert-base", str(src), str(out), "--overwrite"]).exit_code == 0
@@ -356,10 +360,11 @@ def internvl2_config(llm_layers: int, vit_layers: int = 24, vocab: int = 92553, 
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "internlm2-chat",
         "downsample_ratio": 0.5, "force_image_size": 448, "ps_version": "v2", "select_layer": -1,
         "dynamic_image_size": True, "use_thumbnail": True, "max_dynamic_patch": 12, "torch_dtype": "bfloat16",
-        "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": vit_hidden,
-                          "num_hidden_layers": vit_layers, "num_attention_heads": vit_hidden // 64,
-                          "intermediate_size": 4 * vit_hidden, "image_size": 448, "patch_size": 14, "qkv_bias": True,
-                          "qk_normalization": False, "norm_type": "layer_norm", "layer_norm_eps": 1e-6},
+        "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+                          "hidden_size": vit_hidden, "num_hidden_layers": vit_layers,
+                          "num_attention_heads": vit_hidden // 64, "intermediate_size": 4 * vit_hidden,
+                          "image_size": 448, "patch_size": 14, "qkv_bias": True, "qk_normalization": False,
+                          "norm_type": "layer_norm", "layer_norm_eps": 1e-6},
         "llm_config": {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "vocab_size": vocab,
                        "hidden_size": llm_hidden, "intermediate_size": llm_ffn, "num_hidden_layers": llm_layers,
                        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "bias": False,
@@ -372,7 +377,8 @@ def original_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Key -> shape of an original InternVL2 (InternLM2) state dict for ``config``."""
     v, t = config["vision_config"], config["llm_config"]
     c, f, n = v["hidden_size"], v["intermediate_size"], (v["image_size"] // v["patch_size"]) ** 2 + 1
-    shapes = {"vision_model.embeddings.class_embedding": (1, 1, c), "vision_model.embeddings.position_embedding": (1, n, c),
+    shapes = {"vision_model.embeddings.class_embedding": (1, 1, c),
+              "vision_model.embeddings.position_embedding": (1, n, c),
               "vision_model.embeddings.patch_embedding.weight": (c, 3, 14, 14),
               "vision_model.embeddings.patch_embedding.bias": (c,)}
     rms = v["norm_type"] == "rms_norm"
@@ -380,11 +386,14 @@ def original_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         layer = f"vision_model.encoder.layers.{i}."
         shapes |= {layer + "attn.qkv.weight": (3 * c, c), layer + "attn.proj.weight": (c, c),
                    layer + "attn.proj.bias": (c,), layer + "mlp.fc1.weight": (f, c), layer + "mlp.fc1.bias": (f,),
-                   layer + "mlp.fc2.weight": (c, f), layer + "mlp.fc2.bias": (c,), layer + "ls1": (c,), layer + "ls2": (c,)}
+                   layer + "mlp.fc2.weight": (c, f), layer + "mlp.fc2.bias": (c,), layer + "ls1": (c,),
+                   layer + "ls2": (c,)}
         shapes |= {layer + "attn.qkv.bias": (3 * c,)} if v["qkv_bias"] else {}
         shapes |= {layer + f"attn.{qk}.weight": (c,) for qk in ("q_norm", "k_norm")} if v["qk_normalization"] else {}
-        shapes |= {layer + f"{norm}.{p}": (c,) for norm in ("norm1", "norm2") for p in ("weight",) + ("bias",) * (not rms)}
-    h, d, ffn, vocab = t["hidden_size"], t["hidden_size"] // t["num_attention_heads"], t["intermediate_size"], t["vocab_size"]
+        params = ("weight",) if rms else ("weight", "bias")
+        shapes |= {layer + f"{norm}.{p}": (c,) for norm in ("norm1", "norm2") for p in params}
+    h, ffn, vocab = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
+    d = h // t["num_attention_heads"]
     shapes |= {"mlp1.0.weight": (4 * c,), "mlp1.0.bias": (4 * c,), "mlp1.1.weight": (h, 4 * c), "mlp1.1.bias": (h,),
                "mlp1.3.weight": (h, h), "mlp1.3.bias": (h,), "language_model.model.tok_embeddings.weight": (vocab, h),
                "language_model.model.norm.weight": (h,), "language_model.output.weight": (vocab, h)}
@@ -452,7 +461,8 @@ print(convert(sys.argv[1], sys.argv[2], max_shard_bytes=int(sys.argv[3]), show_p
 
 @pytest.mark.slow
 def test_a_killed_conversion_leaves_nothing_and_the_rerun_matches(tmp_path: Path) -> None:
-    """SIGKILL while shards are being written: no OUT_DIR; the rerun equals an uninterrupted conversion byte for byte."""
+    """SIGKILL while shards are being written: no OUT_DIR; the rerun equals an uninterrupted conversion, byte for
+    byte."""
     from stages.finetune.convert import convert
 
     config = internvl2_config(llm_layers=4, vit_layers=2, vocab=8000, vit_hidden=64, llm_hidden=256, llm_ffn=512,

@@ -23,8 +23,9 @@ def test_shards_read_back_exactly_with_the_safetensors_library(tmp_path: Path) -
     tensors = _tensors()
     specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
     shards = plan_shards(specs, max_bytes=40)
-    assert [[s.name for s in shard] for shard in shards] == [  # 30 B | 28 + 2 B | 88 B (over the limit, alone) | 3 + 0 B
-        ["a.weight"], ["b", "c.scalar"], ["d.ids"], ["e.mask", "f.empty"]]
+    # 30 B | 28 + 2 B | 88 B (over the limit: alone) | 3 + 0 B
+    assert [[s.name for s in shard] for shard in shards] == [["a.weight"], ["b", "c.scalar"], ["d.ids"],
+                                                             ["e.mask", "f.empty"]]
     names = shard_file_names(len(shards))
     assert names[0] == "model-00001-of-00004.safetensors" and shard_file_names(1) == ["model.safetensors"]
     for shard, name in zip(shards, names):

@@ -62,7 +62,8 @@ class ConversionError(PipelineError, ValueError):
 def _vision_config(orig: dict[str, Any]) -> InternVLVisionConfig:
     v = {**INTERN_VIT_DEFAULTS, **orig["vision_config"]}
     if v["qk_normalization"] and v["layer_norm_eps"] != 1e-6:  # the native q/k RMSNorms have a fixed eps 1e-6
-        raise ConversionError(f"InternViT with qk_normalization and layer_norm_eps {v['layer_norm_eps']} (native: 1e-6)")
+        raise ConversionError(f"InternViT with qk_normalization and layer_norm_eps {v['layer_norm_eps']} "
+                              "(the native q/k norms use 1e-6)")
     if v["norm_type"] not in ("layer_norm", "rms_norm"):
         raise ConversionError(f"InternViT norm_type {v['norm_type']!r} is not supported")
     return InternVLVisionConfig(
@@ -161,18 +162,20 @@ class Output:
     pick: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
 
 
-_LAYER = r"(\d+)"
+# (original key regex, native name); in a layer, \1 is its index
+_VIT, _VIT_OUT = r"^vision_model\.encoder\.layers\.(\d+)\.", r"model.vision_tower.encoder.layer.\1."
+_LM, _LM_OUT = r"^language_model\.model\.layers\.(\d+)\.", r"model.language_model.layers.\1."
 VISION_RENAMES = [
     (r"^vision_model\.embeddings\.class_embedding$", "model.vision_tower.embeddings.cls_token"),
     (r"^vision_model\.embeddings\.position_embedding$", "model.vision_tower.embeddings.position_embeddings"),
     (r"^vision_model\.embeddings\.patch_embedding\.", "model.vision_tower.embeddings.patch_embeddings.projection."),
-    (rf"^vision_model\.encoder\.layers\.{_LAYER}\.norm1\.", r"model.vision_tower.encoder.layer.\1.layernorm_before."),
-    (rf"^vision_model\.encoder\.layers\.{_LAYER}\.norm2\.", r"model.vision_tower.encoder.layer.\1.layernorm_after."),
-    (rf"^vision_model\.encoder\.layers\.{_LAYER}\.ls1$", r"model.vision_tower.encoder.layer.\1.lambda_1"),
-    (rf"^vision_model\.encoder\.layers\.{_LAYER}\.ls2$", r"model.vision_tower.encoder.layer.\1.lambda_2"),
-    (rf"^vision_model\.encoder\.layers\.{_LAYER}\.attn\.proj\.", r"model.vision_tower.encoder.layer.\1.attention.projection_layer."),
-    (rf"^vision_model\.encoder\.layers\.{_LAYER}\.attn\.(q_norm|k_norm)\.", r"model.vision_tower.encoder.layer.\1.attention.\2."),
-    (rf"^vision_model\.encoder\.layers\.{_LAYER}\.mlp\.(fc1|fc2)\.", r"model.vision_tower.encoder.layer.\1.mlp.\2."),
+    (_VIT + r"norm1\.", _VIT_OUT + "layernorm_before."),
+    (_VIT + r"norm2\.", _VIT_OUT + "layernorm_after."),
+    (_VIT + r"ls1$", _VIT_OUT + "lambda_1"),
+    (_VIT + r"ls2$", _VIT_OUT + "lambda_2"),
+    (_VIT + r"attn\.proj\.", _VIT_OUT + "attention.projection_layer."),
+    (_VIT + r"attn\.(q_norm|k_norm)\.", _VIT_OUT + r"attention.\2."),
+    (_VIT + r"mlp\.(fc1|fc2)\.", _VIT_OUT + r"mlp.\2."),
     (r"^mlp1\.0\.", "model.multi_modal_projector.layer_norm."),
     (r"^mlp1\.1\.", "model.multi_modal_projector.linear_1."),
     (r"^mlp1\.3\.", "model.multi_modal_projector.linear_2."),
@@ -180,17 +183,17 @@ VISION_RENAMES = [
 INTERNLM2_RENAMES = [
     (r"^language_model\.model\.tok_embeddings\.", "model.language_model.embed_tokens."),
     (r"^language_model\.model\.norm\.", "model.language_model.norm."),
-    (rf"^language_model\.model\.layers\.{_LAYER}\.attention_norm\.", r"model.language_model.layers.\1.input_layernorm."),
-    (rf"^language_model\.model\.layers\.{_LAYER}\.ffn_norm\.", r"model.language_model.layers.\1.post_attention_layernorm."),
-    (rf"^language_model\.model\.layers\.{_LAYER}\.attention\.wo\.", r"model.language_model.layers.\1.self_attn.o_proj."),
-    (rf"^language_model\.model\.layers\.{_LAYER}\.feed_forward\.w1\.", r"model.language_model.layers.\1.mlp.gate_proj."),
-    (rf"^language_model\.model\.layers\.{_LAYER}\.feed_forward\.w3\.", r"model.language_model.layers.\1.mlp.up_proj."),
-    (rf"^language_model\.model\.layers\.{_LAYER}\.feed_forward\.w2\.", r"model.language_model.layers.\1.mlp.down_proj."),
+    (_LM + r"attention_norm\.", _LM_OUT + "input_layernorm."),
+    (_LM + r"ffn_norm\.", _LM_OUT + "post_attention_layernorm."),
+    (_LM + r"attention\.wo\.", _LM_OUT + "self_attn.o_proj."),
+    (_LM + r"feed_forward\.w1\.", _LM_OUT + "mlp.gate_proj."),
+    (_LM + r"feed_forward\.w3\.", _LM_OUT + "mlp.up_proj."),
+    (_LM + r"feed_forward\.w2\.", _LM_OUT + "mlp.down_proj."),
     (r"^language_model\.output\.", "lm_head."),
 ]
 HF_LLM_RENAMES = [(r"^language_model\.model\.", "model.language_model."), (r"^language_model\.lm_head\.", "lm_head.")]
-_VIT_QKV = re.compile(rf"^vision_model\.encoder\.layers\.{_LAYER}\.attn\.qkv\.(weight|bias)$")
-_WQKV = re.compile(rf"^language_model\.model\.layers\.{_LAYER}\.attention\.wqkv\.(weight|bias)$")
+_VIT_QKV = re.compile(_VIT + r"attn\.qkv\.(weight|bias)$")
+_WQKV = re.compile(_LM + r"attention\.wqkv\.(weight|bias)$")
 
 
 def plan_outputs(keys: list[str], arch: str, text: PreTrainedConfig) -> list[Output]:
@@ -298,7 +301,8 @@ def _previous(out: Path, record: dict[str, Any], overwrite: bool) -> dict[str, A
     if overwrite or not out.exists():
         return None
     if not done.exists():
-        raise ConversionError(f"{out} exists and is not a conversion output; choose another OUT_DIR or pass --overwrite")
+        raise ConversionError(f"{out} exists and is not a conversion output; choose another OUT_DIR or pass "
+                              "--overwrite")
     previous = json.loads(done.read_text())
     if {k: previous.get(k) for k in record} != json.loads(json.dumps(record)):
         raise ConversionError(f"{out} exists and holds another conversion; remove it or pass --overwrite")

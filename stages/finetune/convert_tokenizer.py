@@ -48,7 +48,8 @@ def _jinja(text: str) -> str:
 def chat_template(template: str, system_message: str | None = None, bos_token: str | None = None) -> str:
     """InternVL's conversation template as a Jinja chat template (a leading system message replaces the default)."""
     if template not in CHAT_TEMPLATES:
-        raise TokenizerConversionError(f"chat template {template!r} is not supported (known: {', '.join(CHAT_TEMPLATES)})")
+        raise TokenizerConversionError(
+            f"chat template {template!r} is not supported (known: {', '.join(CHAT_TEMPLATES)})")
     sep, default_system = CHAT_TEMPLATES[template]
     system = default_system if system_message is None else system_message
     return (
@@ -76,10 +77,10 @@ def tokenizer_class(config: dict[str, Any]) -> str:
     return name or "unknown"
 
 
-def sentencepiece_bpe(model_file: Path, added: dict[int, AddedToken]) -> tuple[Tokenizer, bool]:
-    """A ``tokenizers`` BPE that encodes like ``sp_model.encode`` on each text piece; returns it and whether
-    the model adds a dummy prefix. ``added``: id -> token; they replace the sentencepiece piece at their id
-    (InternLM2 names ``<|im_start|>`` ``[UNUSED_TOKEN_146]`` in the sentencepiece model)."""
+def sentencepiece_bpe(model_file: Path, added: dict[int, AddedToken]) -> Tokenizer:
+    """A ``tokenizers`` BPE that encodes like ``sp_model.encode`` on each text piece. ``added``: id -> token;
+    they replace the sentencepiece piece at their id (InternLM2 names ``<|im_start|>`` ``[UNUSED_TOKEN_146]``
+    in the sentencepiece model)."""
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
@@ -105,14 +106,14 @@ def sentencepiece_bpe(model_file: Path, added: dict[int, AddedToken]) -> tuple[T
         ([normalizers.Prepend("▁")] if dummy_prefix else []) + [normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
                                     + ([decoders.Strip(" ", 1, 0)] if dummy_prefix else []))
-    user_defined = [AddedToken(p.piece, normalized=True, special=False) for p in proto.pieces if p.type == _SP_USER_DEFINED]
-    tok.add_tokens(user_defined)
+    tok.add_tokens([AddedToken(p.piece, normalized=True, special=False)
+                    for p in proto.pieces if p.type == _SP_USER_DEFINED])
     tok.add_special_tokens([t for _, t in sorted(added.items()) if t.special])
     tok.add_tokens([t for _, t in sorted(added.items()) if not t.special])
     wrong = {t.content: (i, tok.token_to_id(t.content)) for i, t in added.items() if tok.token_to_id(t.content) != i}
     if wrong:
-        raise TokenizerConversionError(f"{model_file}: added tokens did not keep their ids (token: (expected, got)): {wrong}")
-    return tok, dummy_prefix
+        raise TokenizerConversionError(f"{model_file}: added tokens did not keep their ids (token: (id, got)): {wrong}")
+    return tok
 
 
 def internlm2_tokenizer(src: Path, config: dict[str, Any]) -> PreTrainedTokenizerFast:
@@ -123,7 +124,7 @@ def internlm2_tokenizer(src: Path, config: dict[str, Any]) -> PreTrainedTokenize
     added = {int(i): AddedToken(**{k: v for k, v in spec.items() if k in ("content", "single_word", "lstrip", "rstrip",
                                                                           "normalized", "special")})
              for i, spec in (config.get("added_tokens_decoder") or {}).items()}
-    tok, _ = sentencepiece_bpe(model_file, added)
+    tok = sentencepiece_bpe(model_file, added)
     special = {name: _content(config.get(name, default)) for name, default in
                (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"), ("pad_token", "</s>"))}
     return PreTrainedTokenizerFast(
@@ -147,8 +148,10 @@ def convert_tokenizer(src: Path, template: str, system_message: str | None = Non
         try:
             tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
         except (ValueError, OSError, ImportError) as e:
-            raise TokenizerConversionError(f"{src}: tokenizer class {name} cannot be loaded without remote code ({e})") from None
-    tok.chat_template = chat_template(template, system_message, tok.bos_token if getattr(tok, "add_bos_token", False) else None)
+            raise TokenizerConversionError(
+                f"{src}: tokenizer class {name} cannot be loaded without remote code ({e})") from None
+    bos = tok.bos_token if getattr(tok, "add_bos_token", False) else None  # InternLM2 adds <s>, Qwen2 nothing
+    tok.chat_template = chat_template(template, system_message, bos)
     sep, _ = CHAT_TEMPLATES[template]
     tok.eos_token = sep.strip()
     missing = [t for t in (IMG_START, IMG_END, IMG_CONTEXT, sep.strip()) if t not in tok.get_vocab()]

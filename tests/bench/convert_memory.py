@@ -65,7 +65,8 @@ def main() -> None:
         print("| LLM layers | checkpoint | largest tensor | peak RSS | peak RSS - import | RSS / checkpoint | time |")
         for layers, size, largest, rss, seconds in rows:
             print(f"| {layers} | {size / gib:.2f} GiB | {largest / gib:.2f} GiB | {rss / gib:.2f} GiB | "
-                  f"{(rss - baseline) / gib:.2f} GiB | {rss / size:.2f} | {seconds:.0f} s ({size / seconds / 2**20:.0f} MiB/s) |")
+                  f"{(rss - baseline) / gib:.2f} GiB | {rss / size:.2f} | "
+                  f"{seconds:.0f} s ({size / seconds / 2**20:.0f} MiB/s) |")
         (_, small, _, rss_small, _), (_, large, _, rss_large, _) = rows
         print(f"checkpoint {large / small:.2f}x larger -> peak RSS {rss_large / rss_small:.2f}x (aim: ~1, streaming)")
     finally:
