@@ -45,8 +45,7 @@ class EatSpec:
 
 @dataclass(frozen=True)
 class MllmSpec:
-    base: Path | None = None  # local HF InternVL directory; None: build the tiny demo model
-    trust_remote_code: bool = False
+    base: Path | None = None  # local native transformers InternVL directory; None: build the tiny demo model
 
 
 @dataclass(frozen=True)
@@ -177,8 +176,12 @@ def load_manifest(path: str | Path) -> Manifest:
         num_classes=num_classes,
     )
     mllm_raw = r.mapping(models.get("mllm") or {}, "models.mllm")
-    trust = mllm_raw.get("trust_remote_code", False)
+    trust = mllm_raw.get("trust_remote_code", False)  # remote code never runs; false is accepted for old manifests
     if not isinstance(trust, bool):
         raise r.fail("models.mllm.trust_remote_code", f"expected true/false, got {trust!r}", "write true or false")
-    mllm = MllmSpec(base=r.path_of(r.string(mllm_raw, "base", "models.mllm")), trust_remote_code=trust)
+    if trust:
+        raise r.fail("models.mllm.trust_remote_code", "checkpoints' remote code is never run",
+                     "convert an original InternVL2 checkpoint once with `ase-mllm convert-base SRC OUT_DIR`, "
+                     "set models.mllm.base to OUT_DIR and delete this key")
+    mllm = MllmSpec(base=r.path_of(r.string(mllm_raw, "base", "models.mllm")))
     return Manifest(path=path, datasets=datasets, eat=eat, mllm=mllm)

@@ -51,6 +51,7 @@ def test_variable_expansion_and_relative_roots(tmp_path: Path, monkeypatch: pyte
         ("datasets:\n  a: {format: pccd, root: '${NOPE_NOT_SET}'}\n", "datasets.a.root", "NOPE_NOT_SET is not set"),
         ("datasets:\n  a: {format: pccd, root: x, expected: {test: many}}\n", "datasets.a.expected.test", "integer"),
         ("models:\n  mllm: {trust_remote_code: 'yes'}\n", "models.mllm.trust_remote_code", "true/false"),
+        ("models:\n  mllm: {trust_remote_code: true}\n", "models.mllm.trust_remote_code", "ase-mllm convert-base"),
     ],
 )
 def test_broken_manifest_names_file_key_and_fix(tmp_path: Path, text: str, key: str, fragment: str) -> None:

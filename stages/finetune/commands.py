@@ -1,4 +1,5 @@
-"""CLI: ``ase-mllm finetune`` (stage 2 training; runs unchanged under torchrun) and ``ase-mllm plan``."""
+"""CLI: ``ase-mllm finetune`` (stage 2 training; runs unchanged under torchrun), ``ase-mllm plan`` and
+``ase-mllm convert-base`` (original InternVL2 checkpoint -> native)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -91,3 +92,15 @@ def register(app: typer.Typer) -> None:
         result = make_plan(load_config(base), setting, gpu_memory, name=Path(base).name)
         typer.echo(result.table())
         typer.echo(result.line())
+
+    @app.command("convert-base")
+    def convert_base(
+        src: Path = typer.Argument(..., help="Original OpenGVLab InternVL2 / InternVL2.5 checkpoint directory."),
+        out: Path = typer.Argument(..., help="Native transformers InternVL directory to write (for --base)."),
+        max_shard_size: int = typer.Option(2 * 1024**3, "--max-shard-size", help="Bytes per output shard."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it holds another conversion."),
+    ) -> None:
+        """Convert an original InternVL2 checkpoint to native transformers classes (no remote code runs)."""
+        from stages.finetune.convert import convert
+
+        typer.echo(convert(src, out, max_shard_bytes=max_shard_size, overwrite=overwrite).line())

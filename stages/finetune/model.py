@@ -7,6 +7,7 @@ config field ``ias_fusion`` ("cross_attention" | "none": the "w/o IASC" ablation
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -228,13 +229,20 @@ _NOT_CONFIG_KEYS = ("model_type", "transformers_version", "architectures", "auto
 def load_base(
     path: Path | str, fusion: str = "cross_attention", **from_pretrained_kwargs: Any
 ) -> tuple[IASInternVLForConditionalGeneration, list[str]]:
-    """Load a local InternVL ``-hf`` checkpoint dir (or an ASE-MLLM one) into the IAS model.
+    """Load a local InternVL ``-hf`` checkpoint dir (one written by ``convert-base``, or an ASE-MLLM one) into the
+    IAS model.
 
     Returns the model and the checkpoint's missing keys: for a base InternVL checkpoint exactly the
     new cross-attention parameters (zero-gated, so the model starts as the base model). Weights load
     as fp32 unless ``dtype`` says otherwise (the training master weights; see precision.py), whatever
     dtype the checkpoint was saved in.
     """
+    config_file = Path(path) / "config.json"
+    if config_file.exists() and json.loads(config_file.read_text()).get("model_type") == "internvl_chat":
+        from stages.finetune.convert import ConversionError
+
+        raise ConversionError(f"{path}: an original InternVL checkpoint (remote code, never run here): convert it "
+                              f"once with `ase-mllm convert-base {path} OUT_DIR` and pass OUT_DIR as the base")
     from_pretrained_kwargs.setdefault("dtype", torch.float32)
     base = AutoConfig.from_pretrained(path)
     if not isinstance(base, InternVLConfig):
