@@ -19,7 +19,7 @@ from test_finetune_data import make_store, make_toy
 from test_generate import make_run
 
 
-def _setup(tmp_path: Path):
+def _setup(tmp_path: Path, constant_img0: bool = False):
     from stages.saliency.eat import build_eat
 
     make_toy(tmp_path)
@@ -37,7 +37,9 @@ def _setup(tmp_path: Path):
         shutil.copy(tmp_path / "toy_images" / f"img{i}.png", photos / f"img{i}.png")
     (photos / "sub" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (photos / "notes.txt").write_text("not an image")
-    maps = make_store(manifest, [sha256_file(photos / "img0.png")])  # img0 in the store, img1 not
+    sha0 = sha256_file(photos / "img0.png")
+    constant = {sha0: np.zeros((14, 14), np.float32)} if constant_img0 else None
+    maps = make_store(manifest, [sha0], maps=constant)  # img0 in the store, img1 not
     make_run("toy", "r")
     return manifest, photos, maps, eat
 
@@ -77,3 +79,17 @@ def test_caption_files_store_computed_and_errors(tmp_path: Path) -> None:
     assert [t["critique"] for t in table if t["path"].endswith("img0.png")] == [alone]
     html = (out / "index.html").read_text()
     assert html.count('class="item"') == 2 and "bad.jpg" in html
+
+
+def test_constant_store_map_captions_like_no_map(tmp_path: Path) -> None:
+    """caption follows the one "no saliency" rule: an all-zero stored map gives the uniform-map critique."""
+    from stages.report.caption import caption_files
+    from stages.report.generate import DecodeConfig, load_run
+
+    manifest, photos, _, _ = _setup(tmp_path, constant_img0=True)
+    decode = DecodeConfig(max_new_tokens=12)
+    summary = caption_files([photos / "img0.png"], manifest, tmp_path / "out", run="r", decode=decode, progress=False)
+    (row,) = summary.rows
+    captioner, _, _ = load_run("toy", "r")
+    uniform = captioner.generate([captioner.prepare(open_rgb(photos / "img0.png"), None)], decode)[0]
+    assert row.saliency == "store" and row.critique == uniform
