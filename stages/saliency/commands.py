@@ -68,6 +68,7 @@ def register(app: typer.Typer) -> None:
         from stages.saliency.job import saliency_of
         from stages.saliency.overlay import overlay
         from storage.atomic import atomic_path
+        from storage.image_files import printable
         from storage.images import ImageError, open_rgb
 
         try:
@@ -80,7 +81,7 @@ def register(app: typer.Typer) -> None:
         target = out or saliency_root() / "show" / f"{name}.png"
         with atomic_path(target) as tmp:
             overlay(img, saliency_map).save(tmp, format="PNG")
-        typer.echo(f"{target}  (category {category}, score {score:.3f}, map {source})")
+        typer.echo(f"{printable(str(target))}  (category {category}, score {score:.3f}, map {source})")
 
     app.add_typer(saliency_app, name="saliency")
     train_cli.register(app)
