@@ -326,30 +326,21 @@ def _finished(store: SaliencyStore, images: dict[str, str], start: float) -> Job
 @contextmanager
 def _cluster(workers: int, scheduler: str | None) -> Iterator[Any]:
     """A dask Client (local cluster of ``workers`` processes, or ``scheduler``); None: run in this process."""
-    if workers == 0 and scheduler is None:
+    if scheduler is not None:
+        from distributed import Client
+
+        client = Client(scheduler)
+        try:
+            yield client
+        finally:
+            client.close()
+    elif workers > 0:
+        from stages.saliency.local_cluster import local_client
+
+        with local_client(workers) as client:
+            yield client
+    else:
         yield None
-        return
-    import logging
-
-    import dask
-    from distributed import Client, LocalCluster
-
-    cluster = None
-    if scheduler is None:
-        # dask's nanny exports MALLOC_TRIM_THRESHOLD_=65536 to its workers: glibc then returns every freed
-        # activation buffer to the OS and refaults it next batch (dat_base: 4.6 -> 3.2 img/s measured here).
-        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-            cluster = LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                silence_logs=logging.ERROR,
-            )
-    client = Client(scheduler or cluster)
-    try:
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def _results(client: Any, tasks: list[ShardTask]) -> Iterator[ShardResult]:
