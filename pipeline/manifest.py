@@ -33,6 +33,8 @@ class DatasetSpec:
     options: dict[str, Any] = field(default_factory=dict)  # format-specific (e.g. synthetic n, seed)
     source: str = ""
     licence: str = ""
+    allow_external_links: bool = False  # follow symbolic links that point outside `root` (else: quarantined)
+    max_comment_chars: int | None = None  # longer comments are cut (None: ingest's default)
 
 
 @dataclass(frozen=True)
@@ -106,12 +108,22 @@ class _Reader:
                 f"export {e.args[0]}=... or write ${{{e.args[0]}:-default}}",
             ) from None
 
-    def integer(self, obj: dict[str, Any], key: str, where: str) -> int | None:
+    def integer(self, obj: dict[str, Any], key: str, where: str, minimum: int | None = None) -> int | None:
         value = obj.get(key)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(f"{where}.{key}", f"expected an integer, got {value!r}", "give a whole number")
+        if minimum is not None and value < minimum:
+            raise self.fail(f"{where}.{key}", f"{value} is below {minimum}", f"give a whole number >= {minimum}")
+        return value
+
+    def boolean(self, obj: dict[str, Any], key: str, where: str, default: bool = False) -> bool:
+        value = obj.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(f"{where}.{key}", f"expected true/false, got {value!r}", "write true or false")
         return value
 
     def path_of(self, value: str | None) -> Path | None:
@@ -147,6 +159,8 @@ def _dataset(r: _Reader, name: str, raw: Any) -> DatasetSpec:
         options=dict(options),
         source=r.string(raw, "source", where, "") or "",
         licence=r.string(raw, "licence", where, "") or "",
+        allow_external_links=r.boolean(raw, "allow_external_links", where),
+        max_comment_chars=r.integer(raw, "max_comment_chars", where, minimum=1),
     )
 
 
@@ -176,9 +190,7 @@ def load_manifest(path: str | Path) -> Manifest:
         num_classes=num_classes,
     )
     mllm_raw = r.mapping(models.get("mllm") or {}, "models.mllm")
-    trust = mllm_raw.get("trust_remote_code", False)  # remote code never runs; false is accepted for old manifests
-    if not isinstance(trust, bool):
-        raise r.fail("models.mllm.trust_remote_code", f"expected true/false, got {trust!r}", "write true or false")
+    trust = r.boolean(mllm_raw, "trust_remote_code", "models.mllm")  # remote code never runs; false is accepted
     if trust:
         raise r.fail("models.mllm.trust_remote_code", "checkpoints' remote code is never run",
                      "convert an original InternVL2 checkpoint once with `ase-mllm convert-base SRC OUT_DIR`, "

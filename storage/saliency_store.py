@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import zarr
 
-from pipeline.paths import models_dir, saliency_root
-from storage.atomic import write_parquet_atomic
+from pipeline.paths import models_dir, saliency_root, work_dir
+from storage.atomic import write_json_atomic, write_parquet_atomic
 from storage.images import sha256_file
 from storage.tables import QUARANTINE_SCHEMA
 
@@ -72,10 +72,32 @@ def resolve_checkpoint(spec: EatSpec) -> Path:
     return Path(path)
 
 
+def checkpoint_sha256(path: Path) -> str:
+    """SHA-256 of a checkpoint file, remembered per (path, size, mtime) under ``work/cache``: a 350 MB
+    dat_base checkpoint is hashed once, not on every job and store lookup."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}\t{st.st_size}\t{st.st_mtime_ns}"
+    memo_path = work_dir() / "cache" / "checkpoint_sha256.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+        if isinstance(memo.get(key), str):
+            return memo[key]
+    except (OSError, ValueError, AttributeError):  # absent or damaged: it is only a memo
+        memo = {}
+    digest = sha256_file(path)
+    kept = {k: v for k, v in memo.items() if not k.startswith(f"{path}\t") and Path(k.split("\t")[0]).exists()}
+    try:
+        write_json_atomic(memo_path, {**kept, key: digest})
+    except OSError:  # a read-only work dir only costs hashing again
+        pass
+    return digest
+
+
 def eat_fingerprint(spec: EatSpec, checkpoint_path: Path, input_size: int = 224) -> str:
     """Store name: ``<variant>-<hash of checkpoint sha256, variant, target layer, classes, input size>``."""
     key = {
-        "checkpoint_sha256": sha256_file(checkpoint_path),
+        "checkpoint_sha256": checkpoint_sha256(checkpoint_path),
         "variant": spec.variant,
         "target_layer": spec.target_layer,
         "num_classes": spec.num_classes,
@@ -195,20 +217,26 @@ class SaliencyStore:
     def _ledger_file(self, shard: int) -> Path:
         return self.path / "ledger" / f"shard-{shard:08d}.parquet"
 
-    def ledger(self) -> pa.Table:
-        """Every done shard's rows: the compacted index plus entries written since."""
-        parts = []
+    def _ledger_parts(self) -> tuple[pa.Table | None, list[Path]]:
+        """(the compacted index or None, ledger files of shards committed since the last compaction)."""
         index_path = self.path / "index.parquet"
-        compacted: set[int] = set()
-        if index_path.exists():
-            parts.append(pq.read_table(index_path, schema=LEDGER_SCHEMA))
-            compacted = set(pc.unique(parts[0]["shard"]).to_pylist())
+        index = pq.read_table(index_path, schema=LEDGER_SCHEMA) if index_path.exists() else None
+        compacted = set(pc.unique(index["shard"]).to_pylist()) if index is not None else set()
         ledger_dir = self.path / "ledger"
         names = sorted(os.listdir(ledger_dir)) if ledger_dir.is_dir() else []
-        for name in names:
-            if name.startswith("shard-") and name.endswith(".parquet") and int(name[6:14]) not in compacted:
-                parts.append(pq.read_table(ledger_dir / name, schema=LEDGER_SCHEMA))
+        return index, [ledger_dir / n for n in names
+                       if n.startswith("shard-") and n.endswith(".parquet") and int(n[6:14]) not in compacted]
+
+    def ledger(self) -> pa.Table:
+        """Every done shard's rows: the compacted index plus entries written since."""
+        index, since = self._ledger_parts()
+        parts = ([index] if index is not None else []) + [pq.read_table(f, schema=LEDGER_SCHEMA) for f in since]
         return pa.concat_tables(parts) if parts else LEDGER_SCHEMA.empty_table()
+
+    def is_compacted(self) -> bool:
+        """Whether ``index.parquet`` already holds every committed shard."""
+        index, since = self._ledger_parts()
+        return index is not None and not since
 
     def compact(self) -> None:
         """Rewrite ``index.parquet`` and ``quarantine.parquet`` from the ledger."""
@@ -291,7 +319,7 @@ class SaliencyStore:
 
 def current_fingerprint(manifest: Manifest) -> tuple[str, Path]:
     """(fingerprint, checkpoint path) of the manifest's EAT."""
-    from stages.saliency.eat import INPUT_SIZE
+    from stages.saliency import INPUT_SIZE
 
     checkpoint = resolve_checkpoint(manifest.eat)
     return eat_fingerprint(manifest.eat, checkpoint, INPUT_SIZE), checkpoint

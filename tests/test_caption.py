@@ -19,7 +19,7 @@ from test_finetune_data import make_store, make_toy
 from test_generate import make_run
 
 
-def _setup(tmp_path: Path):
+def _setup(tmp_path: Path, constant_img0: bool = False):
     from stages.saliency.eat import build_eat
 
     make_toy(tmp_path)
@@ -37,7 +37,9 @@ def _setup(tmp_path: Path):
         shutil.copy(tmp_path / "toy_images" / f"img{i}.png", photos / f"img{i}.png")
     (photos / "sub" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (photos / "notes.txt").write_text("not an image")
-    maps = make_store(manifest, [sha256_file(photos / "img0.png")])  # img0 in the store, img1 not
+    sha0 = sha256_file(photos / "img0.png")
+    constant = {sha0: np.zeros((14, 14), np.float32)} if constant_img0 else None
+    maps = make_store(manifest, [sha0], maps=constant)  # img0 in the store, img1 not
     make_run("toy", "r")
     return manifest, photos, maps, eat
 
@@ -77,3 +79,50 @@ def test_caption_files_store_computed_and_errors(tmp_path: Path) -> None:
     assert [t["critique"] for t in table if t["path"].endswith("img0.png")] == [alone]
     html = (out / "index.html").read_text()
     assert html.count('class="item"') == 2 and "bad.jpg" in html
+
+
+def test_constant_store_map_captions_like_no_map(tmp_path: Path) -> None:
+    """caption follows the one "no saliency" rule: an all-zero stored map gives the uniform-map critique."""
+    from stages.report.caption import caption_files
+    from stages.report.generate import DecodeConfig, load_run
+
+    manifest, photos, _, _ = _setup(tmp_path, constant_img0=True)
+    decode = DecodeConfig(max_new_tokens=12)
+    summary = caption_files([photos / "img0.png"], manifest, tmp_path / "out", run="r", decode=decode, progress=False)
+    (row,) = summary.rows
+    captioner, _, _ = load_run("toy", "r")
+    uniform = captioner.generate([captioner.prepare(open_rgb(photos / "img0.png"), None)], decode)[0]
+    assert row.saliency == "store" and row.critique == uniform
+
+
+def test_caption_dir_counts_the_files_ingest_counts(tmp_path: Path) -> None:
+    """One rule for caption DIR and ingest: hidden files and folders are skipped by both; a name that is not
+    valid UTF-8 is an error row (escaped) in caption and a bad_filename quarantine entry in ingest."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from pipeline.manifest import DatasetSpec
+    from pipeline.paths import dataset_dir
+    from stages.ingest.run import ingest_dataset
+    from stages.report.caption import caption_files
+    from stages.report.generate import DecodeConfig
+
+    manifest, photos, _, _ = _setup(tmp_path)
+    (photos / ".cache").mkdir()
+    for hidden in (photos / ".img0.png", photos / "sub" / "._img1.png", photos / ".cache" / "img0.png"):
+        shutil.copy(photos / "img0.png", hidden)
+    shutil.copy(photos / "img1.png", photos / os.fsdecode(b"caf\xe9.png"))
+    out = tmp_path / "out"
+    summary = caption_files([photos], manifest, out, run="r", decode=DecodeConfig(max_new_tokens=4), progress=False)
+    captioned = {str(Path(r.path).relative_to(photos)) for r in summary.rows}
+    assert captioned == {"img0.png", "img1.png", "sub/bad.jpg", "caf\\xe9.png"}
+    (bad,) = [r for r in summary.rows if r.path.endswith("caf\\xe9.png")]
+    assert bad.error.startswith("bad_filename") and bad.critique is None
+    assert len((out / "captions.jsonl").read_text().splitlines()) == 4 and "caf\\xe9.png" in (out / "index.html").read_text()
+
+    ingest_dataset(DatasetSpec(name="same", format="folder", root=photos), echo=lambda s: None)
+    d = dataset_dir("same")
+    ingested = {r["image_id"] for r in pq.read_table(d / "images.parquet").to_pylist()}
+    ingested |= {r["source"] for r in pq.read_table(d / "quarantine.parquet").to_pylist()}
+    assert ingested == captioned

@@ -133,3 +133,32 @@ def test_preprocess_matches_torchvision_pipeline() -> None:
 def test_rejects_other_input_sizes() -> None:
     with pytest.raises(ValueError, match="224x224"):
         build_eat("nano")(torch.zeros(1, 3, 112, 112))
+
+
+def test_drop_path_equals_timm() -> None:
+    """Our stochastic depth (so EAT needs no timm, whose import pulls in torchvision and torch._dynamo) equals
+    timm's DropPath draw for draw: same kept samples and scale in training, identity in eval."""
+    timm_layers = pytest.importorskip("timm.layers")
+    from stages.saliency.eat import DropPath
+
+    x = torch.randn(64, 3, 5, 5)
+    for p in (0.0, 0.3, 1.0):
+        ours, theirs = DropPath(p).train(), timm_layers.DropPath(p).train()
+        torch.manual_seed(7)
+        a = ours(x)
+        torch.manual_seed(7)
+        torch.testing.assert_close(a, theirs(x), rtol=0, atol=0)
+        assert torch.equal(ours.eval()(x), x)
+
+
+def test_trunc_normal_equals_timm() -> None:
+    """The EAT init draws exactly as timm's trunc_normal_ did (same seed, same weights; torch's differs)."""
+    timm_layers = pytest.importorskip("timm.layers")
+    from stages.saliency.eat import trunc_normal_
+
+    for std, a, b in ((0.02, -2.0, 2.0), (1.0, -0.5, 1.5)):
+        torch.manual_seed(3)
+        ours = trunc_normal_(torch.empty(4096), std=std, a=a, b=b)
+        torch.manual_seed(3)
+        torch.testing.assert_close(ours, timm_layers.trunc_normal_(torch.empty(4096), std=std, a=a, b=b), rtol=0, atol=0)
+        assert a <= ours.min() and ours.max() <= b

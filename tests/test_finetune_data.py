@@ -66,14 +66,16 @@ def make_manifest(tmp: Path, name: str = "toy") -> Path:
     return path
 
 
-def make_store(manifest: Manifest, shas: list[str], shard_rows: int = 4) -> dict[str, np.ndarray]:
-    """Write one known 14x14 map per image into a real SaliencyStore; returns sha -> map."""
+def make_store(
+    manifest: Manifest, shas: list[str], shard_rows: int = 4, maps: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Write one known 14x14 map per image (random, or from ``maps``) into a real SaliencyStore; returns sha -> map."""
     from storage.saliency_store import LEDGER_SCHEMA, SaliencyStore, current_fingerprint
 
     fingerprint, _ = current_fingerprint(manifest)
     store = SaliencyStore.open(saliency_root(), fingerprint, map_shape=(14, 14), shard_rows=shard_rows)
     rng = np.random.default_rng(1)
-    maps = {sha: rng.random((14, 14)).astype(np.float32) * 5 for sha in shas}
+    maps = {sha: rng.random((14, 14)).astype(np.float32) * 5 for sha in shas} | (maps or {})
     for shard, rows in store.plan([(sha, sha[:8]) for sha in shas]).items():
         block = np.zeros((shard_rows, 14, 14), np.float32)
         for r in rows:
@@ -184,6 +186,15 @@ def test_missing_saliency_names_stage_or_counts(toy, tok) -> None:
     assert data.missing_saliency == 3
     item = data[4]  # image 2: uniform map
     assert torch.equal(item["saliency_values"], torch.ones_like(item["saliency_values"]))
+
+
+def test_constant_stored_map_is_uniform_like_a_missing_one(toy, tok) -> None:
+    """One rule for "no saliency": a stored all-zero map trains on the same all-ones tiles as a missing map."""
+    manifest, shas = toy
+    make_store(manifest, shas[:2], maps={shas[1]: np.zeros((14, 14), np.float32)})
+    data = _dataset(toy, tok, allow_missing_saliency=True)
+    constant, missing = data[2]["saliency_values"], data[4]["saliency_values"]  # image 1 (zeros), image 2 (absent)
+    assert torch.equal(constant, torch.ones_like(constant)) and torch.equal(missing, torch.ones_like(missing))
 
 
 def test_collator_pads_and_keeps_tile_order(toy, tok) -> None:

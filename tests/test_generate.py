@@ -105,6 +105,23 @@ def test_batched_decoding_equals_batch_one_and_plain_argmax() -> None:
     assert cap.generate_ids([p], DecodeConfig(max_new_tokens=10))[0] == plain
 
 
+def test_no_map_and_constant_map_both_mean_uniform_saliency() -> None:
+    """Generation: a missing map and a constant map (all zeros, as LayerCAM gives when no gradient is positive)
+    both give all-ones saliency tiles, hence the same critique; a real map gives different tiles."""
+    from stages.report.generate import Captioner, DecodeConfig
+
+    model, tok = tiny_captioner_parts()
+    cap = Captioner(model, tok, tiles_for(model), torch.device("cpu"))
+    img = _images()[1]  # 3 tiles (2 + thumbnail)
+    none, zeros, flat = (cap.prepare(img, m) for m in (None, np.zeros((14, 14)), np.full((14, 14), 2.5)))
+    for p in (none, zeros, flat):
+        assert p.saliency_values.shape[0] == 3 and torch.equal(p.saliency_values, torch.ones_like(p.saliency_values))
+    decode = DecodeConfig(max_new_tokens=10)
+    assert cap.generate_ids([zeros], decode) == cap.generate_ids([none], decode)
+    real = cap.prepare(img, np.random.default_rng(0).random((14, 14)))
+    assert not torch.equal(real.saliency_values, none.saliency_values)
+
+
 def test_rank_shares_cover_the_split_once(toy_runs: Path) -> None:
     from stages.report.generate import generate_split, read_predictions
 

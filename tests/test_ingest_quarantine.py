@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -12,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.manifest import DatasetSpec
+from pipeline.manifest import DatasetSpec, load_manifest
 from pipeline.paths import dataset_dir
-from stages.ingest.run import ingest_dataset
+from stages.ingest.run import MAX_COMMENT_CHARS, ingest_dataset
 
 
 def _bomb(path: Path) -> None:
@@ -175,3 +176,108 @@ def test_replaced_image_is_rechecked(tmp_path: Path) -> None:
     assert not ingest_dataset(spec, echo=lambda s: None).up_to_date
     (row,) = pq.read_table(dataset_dir("r") / "images.parquet").to_pylist()
     assert (row["width"], row["sha256"]) == (30, hashlib.sha256((root / "a.jpg").read_bytes()).hexdigest())
+
+
+def _bytes_name(directory: Path, raw: bytes) -> Path:
+    """A path in ``directory`` whose file name is the raw bytes ``raw`` (not valid UTF-8), as the OS gives it."""
+    return directory / os.fsdecode(raw)
+
+
+def test_file_name_not_utf8_is_quarantined_not_fatal(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.new("RGB", (20, 10)).save(root / "good.jpg")
+    Image.new("RGB", (20, 10)).save(_bytes_name(root, b"caf\xe9.jpg"))  # Latin-1 name from an old camera / zip
+    _bytes_name(root, b"caf\xe9.txt").write_text("A reference.\n")
+    spec = DatasetSpec(name="names", format="folder", root=root)
+    said: list[str] = []
+    result = ingest_dataset(spec, echo=said.append)
+    d = dataset_dir("names")
+    assert [i["image_id"] for i in pq.read_table(d / "images.parquet").to_pylist()] == ["good.jpg"]
+    (q,) = pq.read_table(d / "quarantine.parquet").to_pylist()
+    assert (q["source"], q["reason"]) == ("caf\\xe9.jpg", "bad_filename") and "UTF-8" in q["detail"]
+    assert "bad_filename 1" in said[-1] and result.counts["quarantined"] == 1
+    assert ingest_dataset(spec, echo=said.append).up_to_date  # the fingerprint hashes such names too
+
+
+def test_links_out_of_the_root_are_quarantined_unread_unless_allowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stages.ingest.validate as validate
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (20, 10), (200, 0, 0)).save(outside / "real.jpg")
+    (outside / "secret.txt").write_text("SECRET line of a file outside the root\n")
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.new("RGB", (20, 10)).save(root / "a.jpg")
+    (root / "out.jpg").symlink_to(outside / "real.jpg")  # a valid image, but outside
+    (root / "gone.jpg").symlink_to(outside / "missing.jpg")  # dangling, outside
+    (root / "inside.jpg").symlink_to(root / "a.jpg")  # a link within the root is fine
+    (root / "a.txt").symlink_to(outside / "secret.txt")  # a sidecar linking out
+    opened: list[Path] = []
+    real_inspect = validate.inspect_image
+    monkeypatch.setattr(validate, "inspect_image", lambda path, *a: opened.append(Path(path)) or real_inspect(path, *a))
+
+    spec = DatasetSpec(name="links", format="folder", root=root)
+    said: list[str] = []
+    ingest_dataset(spec, echo=said.append)
+    d = dataset_dir("links")
+    assert sorted(i["image_id"] for i in pq.read_table(d / "images.parquet").to_pylist()) == ["a.jpg", "inside.jpg"]
+    quarantine = pq.read_table(d / "quarantine.parquet").to_pylist()
+    assert sorted((q["image_id"], q["reason"]) for q in quarantine) == [
+        ("a.jpg", "outside_root"), ("gone.jpg", "outside_root"), ("out.jpg", "outside_root")]
+    assert "allow_external_links" in quarantine[0]["detail"] and "outside_root 3" in said[-1]
+    assert {p.name for p in opened} == {"a.jpg", "inside.jpg"}  # the targets outside were never opened
+    assert not any("SECRET" in c["text"] for c in pq.read_table(d / "comments.parquet").to_pylist())
+
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(f"datasets:\n  links: {{format: folder, root: {root}, allow_external_links: true}}\n")
+    ingest_dataset(load_manifest(manifest).dataset("links"), echo=said.append)  # the setting changes the result
+    images = {i["image_id"]: i for i in pq.read_table(d / "images.parquet").to_pylist()}
+    assert sorted(images) == ["a.jpg", "inside.jpg", "out.jpg"]
+    assert images["out.jpg"]["sha256"] == hashlib.sha256((outside / "real.jpg").read_bytes()).hexdigest()
+    assert any("SECRET" in c["text"] for c in pq.read_table(d / "comments.parquet").to_pylist())
+    assert [q["reason"] for q in pq.read_table(d / "quarantine.parquet").to_pylist()] == ["missing_image"]
+
+
+def test_link_to_a_folder_outside_is_outside_root(tmp_path: Path) -> None:
+    """Annotation formats name files under linked folders too: the folder's real place counts."""
+    outside = tmp_path / "disk2"
+    outside.mkdir()
+    Image.new("RGB", (20, 10)).save(outside / "x.jpg")
+    root = tmp_path / "syn"
+    root.mkdir()
+    (root / "images").symlink_to(outside, target_is_directory=True)
+    row = {"image_id": "x", "split": "train", "file": "images/x.jpg", "references": ["Nice."]}
+    (root / "annotations.jsonl").write_text(json.dumps(row) + "\n")
+    spec = DatasetSpec(name="syn", format="synthetic", root=root, options={"generate": False})
+    ingest_dataset(spec, echo=lambda s: None)
+    assert [q["reason"] for q in pq.read_table(dataset_dir("syn") / "quarantine.parquet").to_pylist()] == ["outside_root"]
+    allowed = DatasetSpec(name="syn", format="synthetic", root=root, options={"generate": False},
+                          allow_external_links=True)
+    ingest_dataset(allowed, echo=lambda s: None)
+    assert [i["image_id"] for i in pq.read_table(dataset_dir("syn") / "images.parquet").to_pylist()] == ["x"]
+
+
+def test_comment_length_is_capped_with_the_full_text_in_quarantine(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.new("RGB", (20, 10)).save(root / "a.jpg")
+    huge = ("lovely light " * 80_000).strip()  # ~1 MB on one line
+    (root / "a.txt").write_text(f"{huge}\nShort and fine.\n")
+    said: list[str] = []
+    result = ingest_dataset(DatasetSpec(name="long", format="folder", root=root), echo=said.append)
+    d = dataset_dir("long")
+    texts = [c["text"] for c in pq.read_table(d / "comments.parquet").to_pylist()]
+    assert len(texts) == 2 and texts[1] == "Short and fine."
+    assert len(texts[0]) <= MAX_COMMENT_CHARS and huge.startswith(texts[0]) and texts[0].endswith("light")
+    assert len(texts[0]) > MAX_COMMENT_CHARS - len("lovely light ")  # cut at the last word boundary before the cap
+    (q,) = pq.read_table(d / "quarantine.parquet").to_pylist()
+    assert (q["image_id"], q["reason"], q["detail"]) == ("a.jpg", "comment_too_long", huge)
+    assert result.counts["comments_cut"] == 1 and f"1 cut to {MAX_COMMENT_CHARS:,} characters" in said[-1]
+    # a per-dataset cap from the manifest; a word longer than the cap is cut inside it
+    capped = DatasetSpec(name="long", format="folder", root=root, max_comment_chars=5)
+    ingest_dataset(capped, echo=said.append)
+    assert [c["text"] for c in pq.read_table(d / "comments.parquet").to_pylist()] == ["lovel", "Short"]

@@ -40,6 +40,13 @@ def test_variable_expansion_and_relative_roots(tmp_path: Path, monkeypatch: pyte
     assert m.eat.checkpoint is None and m.eat.variant == "tiny"
 
 
+def test_link_and_comment_settings_default_off_and_parse(tmp_path: Path) -> None:
+    m = load_manifest(write(tmp_path, "datasets:\n  a: {format: folder, root: x}\n"
+                                      "  b: {format: folder, root: x, allow_external_links: true, max_comment_chars: 500}\n"))
+    assert (m.dataset("a").allow_external_links, m.dataset("a").max_comment_chars) == (False, None)
+    assert (m.dataset("b").allow_external_links, m.dataset("b").max_comment_chars) == (True, 500)
+
+
 @pytest.mark.parametrize(
     "text, key, fragment",
     [
@@ -52,6 +59,14 @@ def test_variable_expansion_and_relative_roots(tmp_path: Path, monkeypatch: pyte
         ("datasets:\n  a: {format: pccd, root: x, expected: {test: many}}\n", "datasets.a.expected.test", "integer"),
         ("models:\n  mllm: {trust_remote_code: 'yes'}\n", "models.mllm.trust_remote_code", "true/false"),
         ("models:\n  mllm: {trust_remote_code: true}\n", "models.mllm.trust_remote_code", "ase-mllm convert-base"),
+        ("datasets:\n  a: {format: folder, root: x, allow_external_links: 'yes'}\n", "datasets.a.allow_external_links",
+         "expected true/false"),
+        ("datasets:\n  a: {format: folder, root: x, allow_external_links: 1}\n", "datasets.a.allow_external_links",
+         "expected true/false"),
+        ("datasets:\n  a: {format: folder, root: x, max_comment_chars: 0}\n", "datasets.a.max_comment_chars",
+         "below 1"),
+        ("datasets:\n  a: {format: folder, root: x, max_comment_chars: 5k}\n", "datasets.a.max_comment_chars",
+         "expected an integer"),
     ],
 )
 def test_broken_manifest_names_file_key_and_fix(tmp_path: Path, text: str, key: str, fragment: str) -> None:

@@ -167,6 +167,47 @@ def test_quarantine_dedup_incremental_and_noop_rerun(
     assert len(after) == N_IMAGES + 3 and all(after[sha] == value for sha, value in before.items())
 
 
+def _python(code: str, work: Path) -> dict:
+    """Run ``code`` in a fresh interpreter with ASE_WORK=work; it prints one JSON line, returned parsed."""
+    env = {**os.environ, "ASE_WORK": str(work), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+JOB_THEN_REPORT = """
+import json, sys
+from pipeline.manifest import load_manifest
+from stages.saliency import job
+s = job.run_saliency(load_manifest({manifest!r}), ["toy"], workers={workers})
+print(json.dumps({{"computed": s.computed, "reused": s.reused, "quarantined": s.quarantined,
+                  "imported": sorted(m for m in ("torch", "distributed", "timm") if m in sys.modules)}}))
+"""
+
+
+def test_rerun_with_nothing_to_do_starts_no_cluster_and_no_model(
+    corpus: Corpus, reference: tuple[Path, job.JobSummary], tmp_path: Path
+) -> None:
+    """The done-check comes first: even with --workers 2, a finished job imports neither torch nor dask."""
+    work = tmp_path / "work"
+    shutil.copytree(reference[0], work)
+    (_store(work).path / "index.parquet").unlink()  # as if killed between its last commit and its compaction
+    (_store(work).path / "quarantine.parquet").unlink()
+    out = _python(JOB_THEN_REPORT.format(manifest=str(corpus.manifest), workers=2), work)
+    assert out == {"computed": 0, "reused": N_IMAGES, "quarantined": 1, "imported": []}
+    assert _store(work).is_compacted() and _dump(work) == _dump(reference[0])
+    q = pq.read_table(_store(work).path / "quarantine.parquet").to_pylist()
+    assert [(Path(r["source"]).name, r["reason"]) for r in q] == [("broken.jpg", "not_an_image")]
+
+
+def test_small_jobs_run_in_this_process_by_default(corpus: Corpus, tmp_path: Path) -> None:
+    assert job.choose_workers(None, job.SMALL_JOB_IMAGES - 1) == 0 and job.choose_workers(3, 10) == 3
+    assert job.choose_workers(None, job.SMALL_JOB_IMAGES) in (0, *range(2, 1 + (os.cpu_count() or 1)))
+    out = _python(JOB_THEN_REPORT.format(manifest=str(corpus.manifest), workers=None), _new_work(corpus, tmp_path))
+    assert out["computed"] == N_IMAGES and "distributed" not in out["imported"]
+    assert "timm" not in out["imported"]  # EAT needs no timm (whose import pulls in torchvision and torch._dynamo)
+
+
 def _cli(args: list[str], work: Path, corpus: Corpus, **kw) -> subprocess.Popen:
     env = {**os.environ, "ASE_WORK": str(work), "PYTHONPATH": str(REPO)}
     return subprocess.Popen([*CLI, "--manifest", str(corpus.manifest), *args], cwd=REPO, env=env,

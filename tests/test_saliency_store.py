@@ -164,6 +164,26 @@ def test_fingerprint_tracks_every_input(tmp_path: Path) -> None:
     assert fp not in others and len(others) == 5
 
 
+def test_checkpoint_hash_is_remembered_but_follows_every_change(tmp_path: Path) -> None:
+    """The memo never returns a stale hash: a rewritten checkpoint (new bytes, size or mtime) is hashed again."""
+    import hashlib
+    import os
+
+    from storage.saliency_store import checkpoint_sha256
+
+    ckpt = tmp_path / "eat.safetensors"
+    ckpt.write_bytes(b"weights-a")
+    assert checkpoint_sha256(ckpt) == hashlib.sha256(b"weights-a").hexdigest()
+    assert checkpoint_sha256(ckpt) == hashlib.sha256(b"weights-a").hexdigest()  # from the memo
+    st = ckpt.stat()
+    ckpt.write_bytes(b"weights-b")  # same size
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert checkpoint_sha256(ckpt) == hashlib.sha256(b"weights-b").hexdigest()
+    memo = tmp_path / "work" / "cache" / "checkpoint_sha256.json"
+    memo.write_text("[not a dict")  # damaged memo: only costs hashing again
+    assert checkpoint_sha256(ckpt) == hashlib.sha256(b"weights-b").hexdigest()
+
+
 def test_missing_checkpoint_names_the_fix(isolated_work: Path) -> None:
     with pytest.raises(FileNotFoundError, match="train-eat") as e:
         resolve_checkpoint(EatSpec(variant="tiny"))

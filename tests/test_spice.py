@@ -31,7 +31,9 @@ def entry(image_id: str, pr: float | str, re: float | str, f: float | str) -> di
     }
 
 
-def test_best_reference_selection_on_documented_format():
+def test_paper_definition_on_documented_format():
+    """SPICE-L, Precision and Recall are each the best over the single references, chosen separately
+    (image a: F best on ref 1, precision best on ref 1, recall best on ref 2)."""
     candidates = {"a": "cand a", "b": "cand b"}
     references = {"a": ["r0", "r1", "r2"], "b": ["s0", "s1"]}
     raw = json.dumps([
@@ -42,9 +44,11 @@ def test_best_reference_selection_on_documented_format():
     ]).replace('"NaN"', "NaN")  # SPICE (json-simple) writes a bare NaN token
     parsed = spice.parse_output(json.loads(raw))
     corpus, per_image = spice.select(parsed, candidates, references)
-    assert per_image["a"] == {"SPICE": 1 / 3, "SPICE_L": 0.4, "Precision": 0.6, "Recall": 0.3, "spice_best_reference": 1}
-    assert per_image["b"] == {"SPICE": 0.0, "SPICE_L": 0.5, "Precision": 0.5, "Recall": 0.5, "spice_best_reference": 0}
-    assert corpus == pytest.approx({"SPICE": (1 / 3) / 2, "SPICE_L": 0.45, "Precision": 0.55, "Recall": 0.4})
+    assert per_image["a"] == {"SPICE": 1 / 3, "SPICE_L": 0.4, "Precision": 0.6, "Recall": 0.9,
+                              "spice_best_reference": 1, "precision_best_reference": 1, "recall_best_reference": 2}
+    assert per_image["b"] == {"SPICE": 0.0, "SPICE_L": 0.5, "Precision": 0.5, "Recall": 1.0,
+                              "spice_best_reference": 0, "precision_best_reference": 0, "recall_best_reference": 1}
+    assert corpus == pytest.approx({"SPICE": (1 / 3) / 2, "SPICE_L": 0.45, "Precision": 0.55, "Recall": 0.95})
 
 
 def test_input_has_one_entry_per_image_and_per_single_reference():
@@ -78,9 +82,9 @@ import json, os, sys
 args = sys.argv[1:]
 if "edu.anu.spice.SpiceScorer" not in args:
     os.execv({java!r}, [{java!r}] + args)
-with open({log!r}, "a") as log:
-    log.write(json.dumps(args) + "\\n")
 rows = json.load(open(args[args.index("edu.anu.spice.SpiceScorer") + 1]))
+with open({log!r}, "a") as log:
+    log.write(json.dumps({{"args": args, "rows": rows}}) + "\\n")
 out = []
 for r in rows:
     t = set(r["test"].lower().split()); ref = set(" ".join(r["refs"]).lower().split())
@@ -91,8 +95,8 @@ json.dump(out, open(args[args.index("-out") + 1], "w"))
 """
 
 
-def test_score_runs_spice_once_over_all_pairs(tmp_path, monkeypatch):
-    """With jars present, SPICE columns come from one SpiceScorer call covering every pair."""
+def _fake_java(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A stand-in ``java`` first on PATH and fake CoreNLP jars: (jar dir, call log)."""
     bin_dir, lib, log = tmp_path / "bin", tmp_path / "lib", tmp_path / "calls.log"
     bin_dir.mkdir(), lib.mkdir()
     for jar in spice.CORENLP_JARS:
@@ -101,21 +105,56 @@ def test_score_runs_spice_once_over_all_pairs(tmp_path, monkeypatch):
     fake.write_text(FAKE_JAVA.format(python=sys.executable, java=shutil.which("java"), log=str(log)))
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return lib, log
+
+
+def _dice(test: str, ref: str) -> tuple[float, float, float]:
+    """(F, precision, recall) as the stand-in computes them."""
+    t, r = set(test.lower().split()), set(ref.lower().split())
+    tp = len(t & r)
+    pr, re = tp / len(t), tp / len(r)
+    return (2 * pr * re / (pr + re) if tp else 0.0), pr, re
+
+
+def test_score_runs_spice_once_over_all_pairs(tmp_path, monkeypatch):
+    """With jars present, SPICE columns come from one SpiceScorer call covering every pair; per image
+    SPICE-L, Precision and Recall are the maxima over single references, each chosen separately."""
+    lib, log = _fake_java(tmp_path, monkeypatch)
     cands = {"i1": "a red flower in soft light", "i2": "sharp focus on the eyes"}
-    refs = {"i1": ["the flower is red", "soft light and nice colours"], "i2": ["focus is sharp", "eyes in focus here"]}
+    refs = {"i1": ["red flower", "a red flower in soft light with many other words here and there too",
+                   "red flower soft light"],
+            "i2": ["focus is sharp", "eyes in focus here"]}
     corpus, per_image, notes = metrics.score(cands, refs, spice_lib=lib, progress=False)
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    calls = [json.loads(line)["args"] for line in log.read_text().splitlines()]
     assert len(calls) == 1 and "-cache" not in calls[0]  # Java 17 here
     assert not notes and all(corpus[k] is not None for k in metrics.SPICE_KEYS)
 
-    def dice(test: str, ref: str) -> tuple[float, float, float]:  # what the stand-in computes
-        t, r = set(test.lower().split()), set(ref.lower().split())
-        tp = len(t & r)
-        pr, re = tp / len(t), tp / len(r)
-        return (2 * pr * re / (pr + re) if tp else 0.0), pr, re
-
     for i in cands:
-        best = max((dice(cands[i], r) for r in refs[i]), key=lambda x: x[0])
-        assert (per_image[i]["SPICE_L"], per_image[i]["Precision"], per_image[i]["Recall"]) == pytest.approx(best)
-        assert per_image[i]["SPICE"] == pytest.approx(dice(cands[i], " ".join(refs[i]))[0])
-    assert corpus["SPICE_L"] == pytest.approx(sum(p["SPICE_L"] for p in per_image.values()) / 2)
+        scored = [_dice(cands[i], r) for r in refs[i]]
+        expected = (max(s[0] for s in scored), max(s[1] for s in scored), max(s[2] for s in scored))
+        assert (per_image[i]["SPICE_L"], per_image[i]["Precision"], per_image[i]["Recall"]) == pytest.approx(expected)
+        assert per_image[i]["SPICE"] == pytest.approx(_dice(cands[i], " ".join(refs[i]))[0])
+    # i1: F is best on reference 2, precision on reference 1, recall on reference 0 (tied with 2: the first)
+    best = per_image["i1"]
+    assert (best["spice_best_reference"], best["precision_best_reference"], best["recall_best_reference"]) == (2, 1, 0)
+    for k in ("SPICE_L", "Precision", "Recall"):
+        assert corpus[k] == pytest.approx(sum(p[k] for p in per_image.values()) / 2)
+
+
+def test_spice_gets_the_ptb_tokenised_text(tmp_path, monkeypatch):
+    """SPICE sees exactly what pycocoevalcap's PTBTokenizer gives the other metrics (COCOEvalCap's behaviour)."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    lib, log = _fake_java(tmp_path, monkeypatch)
+    cands = {"i1": "A RED flower, in soft light!", "i2": "Sharp focus (on the eyes)."}
+    refs = {"i1": ["The flower is red.", "Soft light; nice colours..."], "i2": ["Focus is sharp!", "Eyes in focus, here."]}
+    metrics.score(cands, refs, spice_lib=lib, progress=False)
+    (call,) = [json.loads(line) for line in log.read_text().splitlines()]
+    seen = {r["image_id"]: (r["test"], r["refs"]) for r in call["rows"]}
+    tok = PTBTokenizer().tokenize({("c", i): [{"caption": c}] for i, c in cands.items()}
+                                  | {("r", i): [{"caption": r} for r in rs] for i, rs in refs.items()})
+    for i in cands:
+        assert seen[f"{i}#all"] == (tok[("c", i)][0], tok[("r", i)])
+        for j, ref in enumerate(tok[("r", i)]):
+            assert seen[f"{i}#{j}"] == (tok[("c", i)][0], [ref])
+    assert seen["i1#all"][0] == "a red flower in soft light"  # the oracle does tokenise (lower case, no punctuation)

@@ -8,7 +8,8 @@ from PIL import Image
 from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-from stages.finetune.tiling import IMAGENET_MEAN, IMAGENET_STD, plan_tiles, saliency_tiles, tile_image
+from stages.finetune.tiling import (IMAGENET_MEAN, IMAGENET_STD, plan_tiles, saliency_tiles, tile_image,
+                                    uniform_saliency)
 
 # odd sizes and aspect ratios x (tile size, min tiles, max tiles), including max_tiles = 40
 CASES = [
@@ -119,5 +120,12 @@ def test_saliency_tile_values_against_direct_resize() -> None:
     torch.testing.assert_close(tiles[1], big[0, :, :, 224:], rtol=0, atol=1e-5)
 
 
-def test_constant_map_gives_zeros() -> None:
-    assert saliency_tiles(np.full((7, 7), 3.0), plan_tiles(50, 50, 56), 56).abs().max() == 0
+def test_constant_map_means_no_saliency_information_uniform() -> None:
+    """A constant map (e.g. LayerCAM's all-zero map when no gradient is positive) is the uniform map, as for an
+    image without a map: every pixel of every tile (thumbnail included) equally salient, all ones."""
+    tiling = plan_tiles(120, 50, 56, 1, 6)
+    assert tiling.num_tiles > 2
+    ones = torch.ones(tiling.num_tiles, 1, 56, 56)
+    assert torch.equal(uniform_saliency(tiling.num_tiles, 56), ones)
+    for constant in (np.full((7, 7), 3.0), np.zeros((14, 14), np.float32), np.full((14, 14), np.nan)):
+        assert torch.equal(saliency_tiles(constant, tiling, 56), ones)

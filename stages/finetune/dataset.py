@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
 from stages.finetune.prompting import encode_example, prompt_ids
-from stages.finetune.tiling import Tiling, plan_tiles, saliency_tiles, tile_image
+from stages.finetune.tiling import Tiling, plan_tiles, saliency_tiles, tile_image, uniform_saliency
 from storage.images import open_rgb, safe_join
 from storage.tables import image_root, read_table
 
@@ -129,10 +129,10 @@ class CritiqueDataset(Dataset):
         return min(cap, max(needed)), sum(n > cap for n in needed)
 
     def saliency_values(self, sha: str, tiling: Tiling) -> torch.Tensor:
-        """Saliency tiles [T, 1, S, S] from the image's stored map; all ones (uniform) when it has none."""
+        """Saliency tiles [T, 1, S, S] from the image's stored map; uniform when it has none."""
         s = self.tiles.tile_size
         if sha in self.missing:
-            return torch.ones(tiling.num_tiles, 1, s, s)
+            return uniform_saliency(tiling.num_tiles, s)
         sal, _category, _score = self.store.read(sha)  # [h, w], this row only
         return saliency_tiles(sal, tiling, s)
 

@@ -7,6 +7,8 @@ image resized to ``S x S``) is appended when there is more than one tile.
 
 Saliency maps live in normalised full-image coordinates, so each tile's saliency tile is the map
 sampled bilinearly over exactly that tile's region (``Tiling.boxes``) at the tile's resolution.
+"No saliency information" (no map, or a constant map) has one meaning everywhere: the uniform map
+of :func:`uniform_saliency`, every pixel equally salient.
 """
 from __future__ import annotations
 
@@ -80,17 +82,28 @@ def tile_image(
     return _normalise(tiles, mean, std)
 
 
+def uniform_saliency(num_tiles: int, tile_size: int) -> torch.Tensor:
+    """Saliency tiles that carry no saliency information: all ones, [T, 1, S, S].
+
+    What an image without a map (``--allow-missing-saliency``), a constant map, and the
+    "IASC on uniform maps" study variant all get."""
+    return torch.ones(num_tiles, 1, tile_size, tile_size)
+
+
 def saliency_tiles(saliency_map: np.ndarray | torch.Tensor, tiling: Tiling, tile_size: int) -> torch.Tensor:
     """Each tile's saliency tile: the map bilinearly sampled over the tile's box, [T, 1, S, S] in [0, 1].
 
     The map ([h, w], any scale, normalised full-image coordinates) is min-max normalised per image
-    first; a constant map carries no saliency and gives all zeros.
+    first; a constant map (or one with a non-finite value) carries no saliency information and gives
+    :func:`uniform_saliency`.
     """
     m = torch.as_tensor(saliency_map, dtype=torch.float32)
     if m.ndim != 2:
         raise ValueError(f"saliency map must be [h, w], got shape {tuple(m.shape)}")
     lo, hi = m.min(), m.max()
-    m = (m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m)
+    if not (torch.isfinite(lo) and torch.isfinite(hi) and hi > lo):
+        return uniform_saliency(tiling.num_tiles, tile_size)
+    m = (m - lo) / (hi - lo)
     # The grid tiles partition the image, so sampling each box at its pixel centres is one bilinear resize of
     # the map to the whole canvas (align_corners=False: output pixel k samples (k+0.5)/size), then a cut.
     cols, rows = tiling.grid

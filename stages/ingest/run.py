@@ -5,6 +5,10 @@ files and image files (size + mtime); when it equals ``meta.json``'s nothing is 
 Atomic: the three Parquet tables are all written to temp files before any replaces its
 predecessor, and ``meta.json`` is written last, so its fingerprint matches only a complete,
 consistent set of tables and a kill while writing leaves the previous set intact.
+
+Comments longer than the dataset's ``max_comment_chars`` (default :data:`MAX_COMMENT_CHARS`) are cut
+there, at a word boundary where one is near; the full text goes to the quarantine table
+(``comment_too_long``), so no later stage meets an unbounded string.
 """
 from __future__ import annotations
 
@@ -27,10 +31,16 @@ from pipeline.paths import dataset_dir
 from stages.ingest.formats import SPLITS, Converted, Rejection, converter
 from stages.ingest.validate import MAX_ASPECT_RATIO, check_images, file_stat
 from storage.atomic import atomic_path, write_json_atomic
+from storage.image_files import printable
 from storage.images import DEFAULT_MAX_PIXELS
 from storage.tables import COMMENTS_SCHEMA, IMAGES_SCHEMA, QUARANTINE_SCHEMA, TABLES, read_meta
 
-INGEST_VERSION = 1
+INGEST_VERSION = 2
+# Reddit caps a comment at 10,000 characters, so no RPCD critique is longer, and PCCD, DPC2022 and
+# AVA-Captions comments are far shorter: the default cuts only broken or hostile input (e.g. a 1 MB
+# one-line sidecar) while keeping every real critique whole. ~2,500 tokens: within the tokeniser's
+# 4,096 and what METEOR / SPICE handle per sentence.
+MAX_COMMENT_CHARS = 10_000
 
 
 class IngestError(PipelineError):
@@ -52,14 +62,28 @@ def fingerprint(spec: DatasetSpec, conv: Converted, version: int, max_pixels: in
         "format": spec.format, "versions": [INGEST_VERSION, version], "options": spec.options,
         "splits": spec.splits, "image_root": str(conv.image_root),
         "max_pixels": max_pixels, "max_aspect_ratio": MAX_ASPECT_RATIO,
+        "allow_external_links": spec.allow_external_links, "max_comment_chars": comment_cap(spec),
     }
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode("utf-8", "surrogateescape"))
     for path in sorted(conv.inputs):
         st = path.stat()
-        h.update(f"\nA {path}\t{st.st_size}\t{st.st_mtime_ns}".encode())
-    for rel in sorted({r.path for r in conv.records}):
-        h.update(f"\nI {rel}\t{file_stat(conv.image_root, rel)}".encode())
+        h.update(f"\nA {path}\t{st.st_size}\t{st.st_mtime_ns}".encode("utf-8", "surrogateescape"))
+    for rel in sorted({r.path for r in conv.records}):  # paths are OS bytes: hash them as such, never fail
+        h.update(f"\nI {rel}\t{file_stat(conv.image_root, rel)}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
+
+
+def comment_cap(spec: DatasetSpec) -> int:
+    return spec.max_comment_chars or MAX_COMMENT_CHARS
+
+
+def cut_comment(text: str, cap: int) -> str:
+    """``text`` cut to at most ``cap`` characters, at the last whitespace when it lies in the second half."""
+    if len(text) <= cap:
+        return text
+    head = text[:cap + 1]  # one more: a cut right before a space is a word boundary too
+    space = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
+    return (head[:space] if space > cap // 2 else text[:cap]).rstrip()
 
 
 def current_fingerprint(spec: DatasetSpec, module: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
@@ -75,7 +99,9 @@ def _read_meta(dataset: str) -> dict[str, Any] | None:
         return None
 
 
-def _build(conv: Converted, cache_path: Path, max_pixels: int, workers: int) -> tuple[list, list, list[Rejection]]:
+def _build(
+    spec: DatasetSpec, conv: Converted, cache_path: Path, max_pixels: int, workers: int,
+) -> tuple[list, list, list[Rejection]]:
     """Rows of images / comments, and every rejection (the converter's and ours)."""
     rejected = list(conv.quarantine)
     first_seen: dict[str, str] = {}
@@ -87,7 +113,9 @@ def _build(conv: Converted, cache_path: Path, max_pixels: int, workers: int) -> 
             continue
         first_seen[r.image_id] = r.source
         records.append(r)
-    checked = check_images(conv.image_root, sorted({r.path for r in records}), cache_path, max_pixels, workers)
+    checked = check_images(conv.image_root, sorted({r.path for r in records}), cache_path, max_pixels, workers,
+                           spec.allow_external_links)
+    cap = comment_cap(spec)
     images, comments = [], []
     for r in records:
         c = checked[r.path]
@@ -105,8 +133,12 @@ def _build(conv: Converted, cache_path: Path, max_pixels: int, workers: int) -> 
                 rejected.append(Rejection(r.source, r.image_id, "non_utf8",
                                           f"{what} holds bytes that are not valid UTF-8: {text[:80]!r}"))
             else:
+                text = text.strip()
+                if len(text) > cap:
+                    rejected.append(Rejection(r.source, r.image_id, "comment_too_long", text))
+                    text = cut_comment(text, cap)
                 comments.append({"image_id": r.image_id, "comment_id": f"{r.image_id}#{k}",
-                                 "text": text.strip(), "aspect": aspect})
+                                 "text": text, "aspect": aspect})
                 k += 1
     return images, comments, rejected
 
@@ -126,8 +158,12 @@ def _summary(name: str, counts: dict[str, Any], seconds: float) -> str:
     reasons = counts["reasons"]
     why = f" ({', '.join(f'{r} {n:,}' for r, n in reasons.items())})" if reasons else ""
     bare = counts["images_without_comments"]
-    bare_text = f" ({bare:,} images without comments)" if bare else ""
-    return (f"ingest {name}: {counts['images']:,} images ({split_text}), {counts['comments']:,} comments{bare_text}, "
+    notes = [f"{bare:,} images without comments"] if bare else []
+    if counts["comments_cut"]:
+        notes.append(f"{counts['comments_cut']:,} cut to {counts['max_comment_chars']:,} characters, "
+                     "full text in quarantine")
+    note_text = f" ({'; '.join(notes)})" if notes else ""
+    return (f"ingest {name}: {counts['images']:,} images ({split_text}), {counts['comments']:,} comments{note_text}, "
             f"{counts['quarantined']:,} quarantined{why} in {seconds:.1f} s")
 
 
@@ -143,7 +179,7 @@ def ingest_dataset(
                           f"(fix `datasets.{spec.name}.root` in the manifest)")
     conv: Converted = module.convert(spec)
     for note in conv.notes:
-        echo(f"ingest {spec.name}: {note}")
+        echo(f"ingest {spec.name}: {printable(note)}")
     fp = fingerprint(spec, conv, module.VERSION, max_pixels)
     out = dataset_dir(spec.name)
     meta = _read_meta(spec.name)
@@ -155,9 +191,9 @@ def ingest_dataset(
         echo(summary)
         return IngestResult(spec.name, True, c, summary)
 
-    images, comments, rejected = _build(conv, out / "image_cache.parquet", max_pixels, workers)
-    quarantine = [{"source": q.source, "image_id": q.image_id, "reason": q.reason, "detail": q.detail}
-                  for q in rejected]
+    images, comments, rejected = _build(spec, conv, out / "image_cache.parquet", max_pixels, workers)
+    quarantine = [{"source": printable(q.source), "image_id": q.image_id and printable(q.image_id), "reason": q.reason,
+                   "detail": printable(q.detail)} for q in rejected]
     _write_tables(out, {
         "images": pa.Table.from_pylist(images, schema=IMAGES_SCHEMA),
         "comments": pa.Table.from_pylist(comments, schema=COMMENTS_SCHEMA),
@@ -169,6 +205,8 @@ def ingest_dataset(
         "splits": dict(Counter(i["split"] for i in images)),
         "reasons": dict(Counter(q["reason"] for q in quarantine).most_common()),
         "images_without_comments": sum(1 for i in images if i["image_id"] not in with_comments),
+        "comments_cut": sum(1 for q in quarantine if q["reason"] == "comment_too_long"),
+        "max_comment_chars": comment_cap(spec),
     }
     write_json_atomic(out / "meta.json", {
         "dataset": spec.name, "format": spec.format, "root": str(conv.image_root), "fingerprint": fp,

@@ -1,5 +1,9 @@
 """Image checks for ingest: path safety, full decode, pixel limit, aspect ratio, byte hash.
 
+Paths must stay inside the dataset root, lexically and (unless the dataset allows external links)
+after following symbolic links: a link out of the root is quarantined (``outside_root``) without
+reading its target.
+
 Results are cached per file (size, mtime) so a re-ingest after adding a few images only
 decodes the new ones. Decoding runs in a small thread pool (PIL releases the GIL).
 """
@@ -15,6 +19,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from storage.atomic import write_parquet_atomic
+from storage.image_files import RootGuard
 from storage.images import DEFAULT_MAX_PIXELS, ImageError, ImageInfo, inspect_image, safe_join
 
 CHUNK = 1024  # images queued on the thread pool at a time
@@ -80,13 +85,29 @@ def save_cache(path: Path, entries: dict[str, tuple[int, int, Checked]]) -> None
     write_parquet_atomic(path, pa.Table.from_pylist(rows, schema=CACHE_SCHEMA))
 
 
+def links_outside(root: Path, rels: list[str]) -> dict[str, Checked]:
+    """``outside_root`` rejections of the paths that are (or pass through) links leaving ``root``."""
+    guard = RootGuard(root)
+    out = {}
+    for rel in rels:
+        try:
+            target = guard.outside(safe_join(root, rel))
+        except (ImageError, OSError):
+            continue  # an unsafe or unreadable path: check_image says why
+        if target is not None:
+            out[rel] = Checked(None, "outside_root", f"{rel} links to {target}, outside the dataset root {root} "
+                                                     "(not read; set allow_external_links: true to follow it)")
+    return out
+
+
 def check_images(
     root: Path, rels: list[str], cache_path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4,
+    allow_external_links: bool = False,
 ) -> dict[str, Checked]:
     """Check every image (cached by size + mtime); rewrites the cache with exactly these files."""
     cache = load_cache(cache_path)
-    stats = {rel: file_stat(root, rel) for rel in rels}
-    results: dict[str, Checked] = {}
+    results = {} if allow_external_links else links_outside(root, rels)
+    stats = {rel: file_stat(root, rel) for rel in rels if rel not in results}
     todo = []
     for rel, st in stats.items():
         hit = cache.get(rel)

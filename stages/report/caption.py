@@ -1,11 +1,12 @@
 """``ase-mllm caption PATH...``: aesthetic critiques of your own photos.
 
-Files and folders (recursively, image suffixes only) are expanded, deduplicated and sorted. Each
+Files and folders are expanded (folders by :func:`storage.image_files.find_images`, the rule ingest
+uses: recursive, image suffixes, hidden names skipped), deduplicated and sorted. Each
 image gets its saliency map from the store when the store has its sha256, else computed on the
 fly with the manifest's EAT + LayerCAM; then tiling + generation with a fine-tuned run. Writes
 ``captions.jsonl`` / ``captions.csv`` (path, critique, aesthetic score, heatmap path, error),
-heatmap overlays under ``heatmaps/`` and an ``index.html`` gallery. An unreadable file becomes a
-row with its error; the others proceed.
+heatmap overlays under ``heatmaps/`` and an ``index.html`` gallery. An unreadable file, or one whose
+name is not valid UTF-8 (``bad_filename``), becomes a row with its error; the others proceed.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
 from stages.report.generate import UNTRAINED, DecodeConfig, load_run
 from storage.atomic import atomic_path, write_bytes_atomic
+from storage.image_files import find_images, is_utf8, printable
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 CSV_FIELDS = ("path", "critique", "aesthetic_score", "heatmap", "saliency", "error")
 
 
@@ -53,21 +54,34 @@ class CaptionSummary:
                 f"{self.out / 'index.html'}")
 
 
+def _bad_name(path: str) -> CaptionRow:
+    return CaptionRow(printable(path), error="bad_filename: the path is not valid UTF-8 (rename it, e.g. with "
+                                             "`convmv -f latin1 -t utf8 --notest`)")
+
+
 def expand_paths(paths: list[Path]) -> tuple[list[Path], list[CaptionRow]]:
-    """Image files named or found (recursively) in folders, sorted and unique; missing paths as error rows."""
+    """Image files named or found in folders (ingest's rule), sorted and unique; missing paths and names that
+    are not valid UTF-8 as error rows."""
     files: dict[Path, None] = {}
     errors = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                errors.append(CaptionRow(str(p), error="no_images: folder holds no image files"))
-            files.update(dict.fromkeys(found))
+            found = find_images(p)
+            if not found.images and not found.bad_names:
+                errors.append(CaptionRow(printable(str(p)), error="no_images: folder holds no image files"))
+            errors += [_bad_name(str(p / bad)) for bad in found.bad_names]
+            for f in (p / rel for rel in found.images):
+                if is_utf8(str(f)):
+                    files[f] = None
+                else:  # the folder's own name is not UTF-8
+                    errors.append(_bad_name(str(f)))
+        elif not is_utf8(str(p)):
+            errors.append(_bad_name(str(p)))
         elif p.exists():
             files[p] = None
         else:
             errors.append(CaptionRow(str(p), error=f"missing_image: {p} does not exist"))
-    return list(files), errors
+    return sorted(files), errors
 
 
 def resolve_run(run: str | None) -> tuple[str, str]:

@@ -93,9 +93,9 @@ class Captioner:
         self.needs_saliency = getattr(model.config, "ias_fusion", "none") == "cross_attention"
 
     def prepare(self, img: Image.Image, saliency_map: np.ndarray | None) -> Prompt:
-        """Tiles, saliency tiles (uniform when ``saliency_map`` is None) and prompt ids of one image."""
+        """Tiles, saliency tiles (uniform when ``saliency_map`` is None or constant) and prompt ids of one image."""
         from stages.finetune.prompting import prompt_ids
-        from stages.finetune.tiling import plan_tiles, saliency_tiles, tile_image
+        from stages.finetune.tiling import plan_tiles, saliency_tiles, tile_image, uniform_saliency
 
         t = self.tiles
         tiling = plan_tiles(img.width, img.height, t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail)
@@ -103,7 +103,7 @@ class Captioner:
         saliency = None
         if self.needs_saliency:
             saliency = (saliency_tiles(saliency_map, tiling, t.tile_size) if saliency_map is not None
-                        else torch.ones(tiling.num_tiles, 1, t.tile_size, t.tile_size))  # [T, 1, S, S]
+                        else uniform_saliency(tiling.num_tiles, t.tile_size))  # [T, 1, S, S]
         ids = prompt_ids(self.tokenizer, t.tokens_per_tile * tiling.num_tiles)
         return Prompt(ids, pixel_values, saliency)
 

@@ -3,7 +3,8 @@
 One call scores a whole prediction set: one PTB tokenizer JVM for candidates and references
 together, one METEOR JVM (started first, so its start-up overlaps tokenisation, and run in a
 thread concurrently with BLEU / ROUGE-L / CIDEr on the main thread) and, when the CoreNLP jars
-are present, one SPICE JVM for all pairs running alongside. Values equal pycocoevalcap's own.
+are present, one SPICE JVM for all pairs running alongside. Every metric, SPICE included, scores
+the PTB-tokenised text (as pycocoevalcap's COCOEvalCap does). Values equal pycocoevalcap's own.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ METRIC_KEYS = (
     "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "SPICE_L", "Precision", "Recall",
 )
 SPICE_KEYS = ("SPICE", "SPICE_L", "Precision", "Recall")
-SCORER_VERSION = "1"  # bump when scoring changes, so cached metrics.json files are rescored
+SCORER_VERSION = "2"  # bump when scoring changes, so cached metrics.json files are rescored
 JAVA_HELP = (
     "java not found on PATH: BLEU/METEOR/ROUGE-L/CIDEr use pycocoevalcap's Java tools (PTB tokenizer, METEOR 1.5). "
     "Install a Java runtime (>= 8), e.g. `apt-get install -y default-jre-headless` (Debian/Ubuntu), "
@@ -107,35 +108,27 @@ def score(
     candidates = {i: _one_line(c) for i, c in candidates.items()}
     notes: dict[str, str] = {}
     lib = spice.find_spice_lib(spice_lib)
-    spice_run = None
-    if lib.lib is not None:
-        spice_run = spice.SpiceRun(lib.lib, candidates, references, cache_dir=work_dir() / "cache" / "spice")
-    else:
+    if lib.lib is None:
         notes.update({k: lib.reason for k in SPICE_KEYS})
-
-    try:
-        corpus, per_image = _score_all(candidates, references, spice_run, progress)
-    except BaseException:
-        if spice_run is not None:
-            spice_run.close()  # no orphaned JVM or temp files when another metric fails
-        raise
+    corpus, per_image = _score_all(candidates, references, lib.lib, progress)
     return corpus, per_image, notes
 
 
 def _score_all(
-    candidates: dict[Hashable, str], references: dict[Hashable, list[str]], spice_run: spice.SpiceRun | None,
-    progress: bool,
+    candidates: dict[Hashable, str], references: dict[Hashable, list[str]], spice_lib: Path | None, progress: bool,
 ) -> tuple[Scores, dict[Hashable, Scores]]:
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
+    """Tokenise once; SPICE (when it can run) and METEOR in their JVMs alongside BLEU / ROUGE-L / CIDEr."""
     from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
 
     bar = tqdm(total=6, desc="scoring", unit="step", disable=not progress)
     meteor = Meteor()  # the JVM loads its paraphrase table while we tokenise
     bar.set_postfix_str("tokenize")
+    spice_run = None
     try:
         gts, res = _tokenize(candidates, references)
+        if spice_lib is not None:  # SPICE scores the tokenised text too, as in pycocoevalcap's COCOEvalCap
+            spice_run = spice.SpiceRun(spice_lib, {i: c[0] for i, c in res.items()}, gts,
+                                       cache_dir=work_dir() / "cache" / "spice")
     except BaseException:
         meteor.meteor_p.stdin.close()  # the thread that would close it never starts
         meteor.meteor_p.wait()
@@ -143,7 +136,24 @@ def _score_all(
     bar.update()
     meteor_thread = _MeteorThread(meteor, gts, res)
     meteor_thread.start()
+    try:
+        return _score_tokenised(gts, res, meteor_thread, spice_run, bar)
+    except BaseException:
+        if spice_run is not None:
+            spice_run.close()  # no orphaned JVM or temp files when another metric fails
+        raise
+    finally:
+        bar.close()
 
+
+def _score_tokenised(
+    gts: dict, res: dict, meteor_thread: _MeteorThread, spice_run: spice.SpiceRun | None, bar: tqdm,
+) -> tuple[Scores, dict[Hashable, Scores]]:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    candidates = list(res)
     corpus: Scores = {k: None for k in METRIC_KEYS}
     per_image: dict[Hashable, Scores] = {i: {k: None for k in METRIC_KEYS} for i in candidates}
 
@@ -172,12 +182,11 @@ def _score_all(
 
     bar.set_postfix_str("SPICE")
     if spice_run is not None:
-        spice_corpus, spice_each = spice.select(spice.parse_output(spice_run.wait()), candidates, references)
+        spice_corpus, spice_each = spice.select(spice.parse_output(spice_run.wait()), res, gts)
         corpus.update(spice_corpus)
         for image_id, values in spice_each.items():
             per_image[image_id].update(values)
     bar.update()
-    bar.close()
     return corpus, per_image
 
 

@@ -3,9 +3,10 @@
 SPICE (Anderson et al. 2016) needs Stanford CoreNLP 3.6.0 jars that cannot be downloaded on
 every machine, so this module finds them or says exactly why not; it never estimates.
 
-SPICE-L / Precision / Recall (Chang et al., ICCV 2017): SPICE between the candidate and each
-single reference; per image keep the reference with the highest SPICE F; SPICE-L is the mean of
-those F, Precision / Recall the mean tuple precision / recall of that same reference.
+SPICE-L / Precision / Recall (Chang et al., ICCV 2017, as the ASE-MLLM paper defines them): SPICE
+between the candidate and each single reference; per image SPICE-L is the highest F over the
+references, Precision the highest tuple precision and Recall the highest tuple recall, each chosen
+separately (three possibly different references); each is then averaged over images.
 
 One JVM call scores everything: per image one entry against all references (id
 ``f"{image_id}#all"``, plain SPICE) and one entry per single reference (``f"{image_id}#{j}"``).
@@ -135,19 +136,27 @@ def parse_output(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def select(
     parsed: dict[str, dict[str, float]], candidates: dict[Hashable, str], references: dict[Hashable, list[str]]
 ) -> tuple[dict[str, float], dict[Hashable, dict[str, Any]]]:
-    """Corpus SPICE / SPICE_L / Precision / Recall and per-image values incl. the best reference index.
+    """Corpus SPICE / SPICE_L / Precision / Recall and per-image values.
 
-    The best reference is the one with the highest single-reference F (first on ties)."""
+    Per image: SPICE_L, Precision and Recall are the maxima of the single-reference F, precision and
+    recall, each over all references independently; ``*_reference`` name the index that gave each
+    (the first on ties)."""
     per_image: dict[Hashable, dict[str, Any]] = {}
     for image_id in candidates:
         pairs = [parsed[f"{image_id}#{j}"] for j in range(len(references[image_id]))]
-        best = max(range(len(pairs)), key=lambda j: (pairs[j]["f"], -j))
+
+        def best(key: str) -> int:
+            return max(range(len(pairs)), key=lambda j: (pairs[j][key], -j))
+
+        f, pr, re = best("f"), best("pr"), best("re")
         per_image[image_id] = {
             "SPICE": parsed[f"{image_id}#all"]["f"],
-            "SPICE_L": pairs[best]["f"],
-            "Precision": pairs[best]["pr"],
-            "Recall": pairs[best]["re"],
-            "spice_best_reference": best,
+            "SPICE_L": pairs[f]["f"],
+            "Precision": pairs[pr]["pr"],
+            "Recall": pairs[re]["re"],
+            "spice_best_reference": f,
+            "precision_best_reference": pr,
+            "recall_best_reference": re,
         }
     n = max(len(per_image), 1)
     corpus = {k: sum(v[k] for v in per_image.values()) / n for k in ("SPICE", "SPICE_L", "Precision", "Recall")}

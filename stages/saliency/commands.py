@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
     def saliency(
         ctx: typer.Context,
         dataset: Optional[list[str]] = typer.Option(None, "--dataset", "-d", help="Only these datasets (default: all ingested)."),
-        workers: Optional[int] = typer.Option(None, "--workers", help="Local dask workers (default: one per GPU, else per core); 0 runs in this process."),
+        workers: Optional[int] = typer.Option(None, "--workers", help="Local dask workers; 0 runs in this process. Default: 0 below 2,048 images to compute, else one per GPU (per core on CPU)."),
         scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Use an existing dask cluster, e.g. tcp://HOST:8786."),
         batch_size: int = typer.Option(8, "--batch-size", help="Images per LayerCAM batch."),
         shard_rows: Optional[int] = typer.Option(None, "--shard-rows", help="Maps per store shard, the unit of work (default: ~4 per worker, 16..1024); used when the store is created."),
@@ -51,9 +51,10 @@ def register(app: typer.Typer) -> None:
             fail(str(e))
             return
         rate = s.computed / s.wall_s if s.wall_s > 0 else 0.0
+        computing = f"; {s.compute_s:.1f} s computing" if s.computed else ""
         typer.echo(
             f"saliency: {s.computed} computed, {s.reused} reused, {s.quarantined} quarantined "
-            f"in {s.wall_s:.1f} s ({rate:.1f} img/s) -> {s.store}"
+            f"in {s.wall_s:.1f} s ({rate:.1f} img/s{computing}) -> {s.store}"
         )
 
     @saliency_app.command("show")
@@ -67,6 +68,7 @@ def register(app: typer.Typer) -> None:
         from stages.saliency.job import saliency_of
         from stages.saliency.overlay import overlay
         from storage.atomic import atomic_path
+        from storage.image_files import printable
         from storage.images import ImageError, open_rgb
 
         try:
@@ -79,7 +81,7 @@ def register(app: typer.Typer) -> None:
         target = out or saliency_root() / "show" / f"{name}.png"
         with atomic_path(target) as tmp:
             overlay(img, saliency_map).save(tmp, format="PNG")
-        typer.echo(f"{target}  (category {category}, score {score:.3f}, map {source})")
+        typer.echo(f"{printable(str(target))}  (category {category}, score {score:.3f}, map {source})")
 
     app.add_typer(saliency_app, name="saliency")
     train_cli.register(app)

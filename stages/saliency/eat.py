@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.layers import DropPath, to_2tuple, trunc_normal_
 from torch import Tensor, nn
 
-INPUT_SIZE = 224
+from stages.saliency import INPUT_SIZE
+
 PATCH_SIZE = 4
 WINDOW_SIZE = 7
 MLP_EXPANSION = 4
@@ -29,6 +29,34 @@ OFFSET_KERNELS = (9, 7, 5, 3)  # depthwise offset-conv kernel, chosen by stage i
 DAMPING = 0.25  # EAT: offsets whose sign disagrees with the reference are scaled by this
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@torch.no_grad()
+def trunc_normal_(tensor: Tensor, std: float = 1.0, mean: float = 0.0, a: float = -2.0, b: float = 2.0) -> Tensor:
+    """Fill ``tensor`` from N(mean, std^2) truncated to [a, b] by the inverse CDF: one uniform draw per value, as
+    timm's ``trunc_normal_`` (torch >= 2.14's own rejection sampler draws differently, so seeds would change)."""
+    def cdf(x: float) -> float:  # standard normal
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    lo, hi = cdf((a - mean) / std), cdf((b - mean) / std)
+    tensor.uniform_(2 * lo - 1, 2 * hi - 1).erfinv_()  # a standard normal truncated to the bounds, / sqrt(2)
+    return tensor.mul_(std * math.sqrt(2.0)).add_(mean).clamp_(min=a, max=b)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): in training, zero a residual branch per sample with probability
+    ``p`` and scale the kept ones by 1 / (1 - p); identity in eval (timm's ``DropPath``, without importing timm)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # [B,1,...]
+        return x * mask.div_(keep) if keep > 0.0 else x * mask
 
 
 class LayerNormProxy(nn.Module):
@@ -242,7 +270,7 @@ class EAT(nn.Module):
         self.cls_head = nn.Linear(dims[-1], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        if tuple(x.shape[-2:]) != to_2tuple(INPUT_SIZE):
+        if tuple(x.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"EAT takes {INPUT_SIZE}x{INPUT_SIZE} inputs, got {tuple(x.shape[-2:])}")
         x = self.patch_proj(x)  # [B,C0,56,56]
         for i, stage in enumerate(self.stages):

@@ -5,6 +5,11 @@ in whole shards (persisted first), and hands each shard to one dask task. A task
 images, writes the shard in one assignment and then its ledger entry. A killed worker's task is
 retried by dask; a killed job resumes its planned shards with the same rows and batches, so the
 result is bit-identical to an uninterrupted run.
+
+Start-up is kept off the critical path: a rerun whose images are all in the ledger returns before
+importing torch or starting anything; jobs below :data:`SMALL_JOB_IMAGES` run in this process
+unless ``workers`` says otherwise; each process builds the EAT once, and the store's map shape
+comes from that same model.
 """
 from __future__ import annotations
 
@@ -25,6 +30,13 @@ from pipeline.paths import saliency_root
 from storage.images import ImageError, open_rgb, sha256_file
 from storage.saliency_store import (DEFAULT_SHARD_ROWS, LEDGER_SCHEMA, PlannedRow, SaliencyStore, current_fingerprint,
                                     resolve_checkpoint)
+
+# Below this many images to compute, the job runs in this process (``workers`` None). Measured here (2 cores):
+# a local cluster needs ~4-5 s before its first shard (nannies and workers spawn, import torch, build the EAT),
+# while in-process torch already uses every core (dask / loop while computing: 0.92 dat_base, 1.31 EAT-tiny),
+# so a cluster saves at most ~25 % of EAT-tiny's ~14 ms/image: break-even near 1,300 images, never for dat_base
+# on CPU. On a multi-GPU host the loop uses one GPU, but 2,048 images take well under a minute there.
+SMALL_JOB_IMAGES = 2048
 
 
 @dataclass(frozen=True)
@@ -213,14 +225,14 @@ def requested_images(manifest: Manifest, datasets: list[str] | None) -> dict[str
 
 
 def map_shape(spec: ModelSpec) -> tuple[int, int]:
-    """(h, w) of the target layer's maps, from one forward of an untrained model of this shape."""
+    """(h, w) of the target layer's maps: one forward of the job's own model (built once per process)."""
     import torch
 
-    from stages.saliency.eat import INPUT_SIZE, build_eat, target_layer
+    from stages.saliency import INPUT_SIZE
     from stages.saliency.layercam import layercam
 
-    model = build_eat(spec.variant, spec.num_classes).requires_grad_(False)
-    out = layercam(model, target_layer(model, spec.target_layer), torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE))
+    model, layer, device = load_model(spec)
+    out = layercam(model, layer, torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE, device=device))
     return tuple(out.maps.shape[1:])
 
 
@@ -240,52 +252,95 @@ def auto_shard_rows(n_images: int, workers: int) -> int:
     return min(DEFAULT_SHARD_ROWS, max(16, 1 << (target - 1).bit_length()))
 
 
+def choose_workers(workers: int | None, n_todo: int) -> int:
+    """``workers`` when given; else 0 (this process) for fewer than SMALL_JOB_IMAGES images to compute or a
+    single-device host, else :func:`default_workers`."""
+    if workers is not None:
+        return workers
+    if n_todo < SMALL_JOB_IMAGES:
+        return 0
+    n = default_workers()
+    return n if n > 1 else 0
+
+
 def model_spec(spec: EatSpec, checkpoint: Path) -> ModelSpec:
     return ModelSpec(spec.variant, str(checkpoint.resolve()), spec.target_layer, spec.num_classes)
 
 
-def open_store(manifest: Manifest, shard_rows: int) -> tuple[SaliencyStore, ModelSpec]:
-    """The store of the manifest's EAT (created on first use) and the model spec the workers load."""
-    from stages.saliency.eat import INPUT_SIZE
-
-    spec = manifest.eat
-    fingerprint, checkpoint = current_fingerprint(manifest)
-    model = model_spec(spec, checkpoint)
+def existing_store(fingerprint: str) -> SaliencyStore | None:
+    """The store of this EAT fingerprint when it exists (nothing created, no model imported)."""
     root = saliency_root().resolve()
-    if (root / fingerprint / "store.zarr").exists():
-        return SaliencyStore.open(root, fingerprint), model
-    attrs = {"variant": spec.variant, "checkpoint": str(checkpoint), "target_layer": spec.target_layer,
-             "num_classes": spec.num_classes, "input_size": INPUT_SIZE}
-    return SaliencyStore.open(root, fingerprint, map_shape(model), shard_rows, attrs), model
+    if not (root / fingerprint / "store.zarr" / "zarr.json").exists():
+        return None
+    return SaliencyStore.open(root, fingerprint)
+
+
+def preload(client: Any, model: ModelSpec) -> tuple[int, int]:
+    """Build the EAT on every worker at once (one :func:`map_shape` each, before any shard is handed out), so no
+    worker's first task waits for torch and the model; returns the map shape."""
+    workers = list(client.nthreads())
+    futures = [client.submit(map_shape, model, workers=[w], allow_other_workers=True, pure=False) for w in workers]
+    if not futures:  # an external cluster with no worker yet: the first to join answers
+        futures = [client.submit(map_shape, model, pure=False)]
+    return client.gather(futures)[0]
+
+
+def create_store(fingerprint: str, model: ModelSpec, shape: tuple[int, int], shard_rows: int) -> SaliencyStore:
+    """A new store for ``model`` (the manifest's EAT), maps of ``shape``."""
+    from stages.saliency import INPUT_SIZE
+
+    attrs = {"variant": model.variant, "checkpoint": model.checkpoint, "target_layer": model.target_layer,
+             "num_classes": model.num_classes, "input_size": INPUT_SIZE}
+    return SaliencyStore.open(saliency_root().resolve(), fingerprint, shape, shard_rows, attrs)
+
+
+def _summary(store: SaliencyStore, images: dict[str, str], fresh: set[str], computed: int,
+             spans: list[tuple[float, float]], start: float) -> JobSummary:
+    stored = store.index
+    reused = sum(1 for sha in images if sha in stored and sha not in fresh)
+    quarantined = sum(1 for sha in images if sha not in stored)
+    compute_s = max(f for _, f in spans) - min(s for s, _ in spans) if spans else 0.0
+    return JobSummary(computed, reused, quarantined, time.perf_counter() - start, compute_s, store.path)
+
+
+def _finished(store: SaliencyStore, images: dict[str, str], start: float) -> JobSummary | None:
+    """The summary when every requested image is already in the ledger (mapped or quarantined), else None.
+
+    Read without the writer lock: ledger entries appear by atomic rename, so what is there is final."""
+    import pyarrow.compute as pc
+
+    ledger = store.ledger()
+    if not set(images) <= set(ledger["sha256"].to_pylist()):
+        return None
+    if not store.is_compacted():  # a job killed between its last commit and its compaction
+        try:
+            with store.writer_lock():
+                store.compact()
+        except RuntimeError:  # another job is writing: it compacts when it ends
+            pass
+    stored = set(ledger.filter(pc.is_null(ledger["reason"]))["sha256"].to_pylist())
+    reused = sum(1 for sha in images if sha in stored)
+    return JobSummary(0, reused, len(images) - reused, time.perf_counter() - start, 0.0, store.path)
 
 
 @contextmanager
 def _cluster(workers: int, scheduler: str | None) -> Iterator[Any]:
     """A dask Client (local cluster of ``workers`` processes, or ``scheduler``); None: run in this process."""
-    if workers == 0 and scheduler is None:
+    if scheduler is not None:
+        from distributed import Client
+
+        client = Client(scheduler)
+        try:
+            yield client
+        finally:
+            client.close()
+    elif workers > 0:
+        from stages.saliency.local_cluster import local_client
+
+        with local_client(workers) as client:
+            yield client
+    else:
         yield None
-        return
-    import logging
-
-    import dask
-    from distributed import Client, LocalCluster
-
-    cluster = None
-    if scheduler is None:
-        # dask's nanny exports MALLOC_TRIM_THRESHOLD_=65536 to its workers: glibc then returns every freed
-        # activation buffer to the OS and refaults it next batch (dat_base: 4.6 -> 3.2 img/s measured here).
-        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-            cluster = LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                silence_logs=logging.ERROR,
-            )
-    client = Client(scheduler or cluster)
-    try:
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def _results(client: Any, tasks: list[ShardTask]) -> Iterator[ShardResult]:
@@ -311,39 +366,44 @@ def run_saliency(
 ) -> JobSummary:
     """Compute every requested image's map that the store lacks; resume unfinished shards first.
 
-    ``workers`` 0 computes in this process; ``shard_rows`` applies when the store is created (None: auto).
+    ``workers`` 0 computes in this process; None chooses (:func:`choose_workers`). ``shard_rows`` applies when
+    the store is created (None: auto).
     """
     from tqdm import tqdm
 
     start = time.perf_counter()
     images = requested_images(manifest, datasets)
-    workers = default_workers() if workers is None else workers
-    store, model = open_store(manifest, shard_rows or auto_shard_rows(len(images), workers))
-    with store.writer_lock():
-        plan = store.planned()
-        pending = store.pending_shards(plan)
-        known = set(plan["sha256"].to_pylist())
-        new = store.plan(sorted((sha, path) for sha, path in images.items() if sha not in known))
-        shards = {**pending, **new}
-        fresh = {r.sha256 for rows in shards.values() for r in rows}
-        cores = os.cpu_count() or 1
-        threads = None if scheduler or workers == 0 else max(1, cores // workers)
-        tasks = [ShardTask(store, k, tuple(rows), model, batch_size, threads) for k, rows in sorted(shards.items())]
-        total = sum(len(t.rows) for t in tasks)
-        computed, spans = 0, []
-        if tasks:
-            where = scheduler or (f"{workers} local workers" if workers else "this process")
-            with _cluster(workers, scheduler) as client, tqdm(total=total, unit="img", desc=f"saliency ({where})") as bar:
+    fingerprint, checkpoint = current_fingerprint(manifest)
+    store = existing_store(fingerprint)
+    if store is not None and (done := _finished(store, images, start)) is not None:
+        return done
+    n_todo = len(set(images) - set(store.ledger()["sha256"].to_pylist())) if store is not None else len(images)
+    workers = choose_workers(workers, n_todo) if scheduler is None else (workers or 0)
+    model = model_spec(manifest.eat, checkpoint)
+    where = scheduler or (f"{workers} local workers" if workers else "this process")
+    with _cluster(workers, scheduler) as client:
+        shape = preload(client, model) if client is not None else None
+        if store is None:
+            shape = shape or map_shape(model)  # this process's model, then used by its shards
+            store = create_store(fingerprint, model, shape, shard_rows or auto_shard_rows(len(images), workers))
+        with store.writer_lock():
+            plan = store.planned()
+            pending = store.pending_shards(plan)
+            known = set(plan["sha256"].to_pylist())
+            new = store.plan(sorted((sha, path) for sha, path in images.items() if sha not in known))
+            shards = {**pending, **new}
+            fresh = {r.sha256 for rows in shards.values() for r in rows}
+            cores = os.cpu_count() or 1
+            threads = None if scheduler or workers == 0 else max(1, cores // workers)
+            tasks = [ShardTask(store, k, tuple(rows), model, batch_size, threads) for k, rows in sorted(shards.items())]
+            computed, spans = 0, []
+            with tqdm(total=sum(len(t.rows) for t in tasks), unit="img", desc=f"saliency ({where})") as bar:
                 for result in _results(client, tasks):
                     computed += result.computed
                     spans.append((result.started, result.finished))
                     bar.update(result.computed + result.quarantined)
-        store.compact()
-    stored = store.index
-    reused = sum(1 for sha in images if sha in stored and sha not in fresh)
-    quarantined = sum(1 for sha in images if sha not in stored)
-    compute_s = max(f for _, f in spans) - min(s for s, _ in spans) if spans else 0.0
-    return JobSummary(computed, reused, quarantined, time.perf_counter() - start, compute_s, store.path)
+            store.compact()
+    return _summary(store, images, fresh, computed, spans, start)
 
 
 def load_manifest_model(manifest: Manifest) -> tuple[Any, Any, Any]:

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy.stats import spearmanr
-from timm.layers import trunc_normal_
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from stages.saliency.eat import EAT, INPUT_SIZE, build_eat, eat_score, load_eat_weights, preprocess, target_layer
+from stages.saliency.eat import (EAT, INPUT_SIZE, build_eat, eat_score, load_eat_weights, preprocess, target_layer,
+                                 trunc_normal_)
 from stages.saliency.layercam import layercam
 from storage.images import open_rgb
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from pipeline.bench import require_device, skip  # noqa: E402
 from stages.report.generate import Captioner, DecodeConfig, load_run  # noqa: E402
 
 
@@ -47,10 +48,14 @@ def main() -> None:
     parser.add_argument("--max-tiles", type=int, default=4, help="tiling of the demo runs (make demo: 4)")
     parser.add_argument("--run", default=None, help="DATASET/RUN: bench that run's checkpoint instead")
     args = parser.parse_args()
+    require_device(args.device)
     device = torch.device(args.device)
     if args.run:
         dataset, run = args.run.split("/", 1)
-        captioner = load_run(dataset, run, device=device)[0]
+        try:
+            captioner = load_run(dataset, run, device=device)[0]
+        except FileNotFoundError as e:
+            skip(f"--run {args.run}: {e}")
     else:
         captioner = demo_captioner(device, args.max_tiles)
     rng = np.random.default_rng(0)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig  # noqa: E402
 from transformers.models.internvl.modeling_internvl import InternVLVisionModel  # noqa: E402
 
+from pipeline.bench import require_device  # noqa: E402
 from stages.finetune.ias_vit import IASVisionModel, cross_attention_parameters  # noqa: E402
 from stages.finetune.model import TINY_CONFIGS  # noqa: E402
 
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    require_device(args.device)
     device = torch.device(args.device)
 
     torch.manual_seed(0)

@@ -3,33 +3,40 @@
 Compares ``stages.report.metrics.score`` with (a) pycocoevalcap called once per metric on the
 whole set, sequentially (DESIGN.md's 37 s anchor), and (b) pycocoevalcap called per image
 (tokenizer + four scorers, a new METEOR JVM each time), whose cost is extrapolated from a
-sample of ``--sample`` images. Sentences are real PCCD critiques from ../shared.
+sample of ``--sample`` images. Sentences are real PCCD critiques from ../shared (without them, or
+without ``java``, it says so and exits 0).
 
-    .venv/bin/python -m tests.bench.metrics [--n 10000] [--sample 10]
+    .venv/bin/python -m tests.bench.metrics [--n 10000] [--sample 10] [--shared ../shared]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import shutil
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer  # noqa: E402
 
-from stages.report.metrics import score
+from pipeline.bench import skip  # noqa: E402
+from stages.report.metrics import score  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "pccd_guru_validation.json"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+PCCD = Path("data") / "pccd_guru_validation.json"  # inside SHARED
 ASPECTS = ("general_impression", "subject_of_photo", "composition", "use_of_camera", "depth_of_field",
            "color_lighting", "focus")
 
 
-def make_set(n: int, n_refs: int = 5, seed: int = 0) -> tuple[dict[str, str], dict[str, list[str]]]:
-    records = json.loads(SHARED.read_text())
+def make_set(sentences: Path, n: int, n_refs: int = 5, seed: int = 0) -> tuple[dict[str, str], dict[str, list[str]]]:
+    records = json.loads(sentences.read_text())
     pool = [" ".join(r[a].split()) for r in records for a in ASPECTS if r.get(a)]
     rng = random.Random(seed)
     cands = {f"im{i}": rng.choice(pool) for i in range(n)}
@@ -52,8 +59,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--sample", type=int, default=10)
+    ap.add_argument("--shared", type=Path, default=SHARED, help="the read-only oracle data (default ../shared)")
     args = ap.parse_args()
-    cands, refs = make_set(args.n)
+    if shutil.which("java") is None:
+        skip("java not found on PATH (pycocoevalcap's tokenizer and METEOR run on Java)")
+    if not (args.shared / PCCD).is_file():
+        skip(f"needs real PCCD sentences at {args.shared / PCCD} (the read-only ../shared beside the checkout)")
+    cands, refs = make_set(args.shared / PCCD, args.n)
 
     t = time.perf_counter()
     score(cands, refs, progress=False)

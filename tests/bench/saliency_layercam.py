@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from pipeline.bench import skip  # noqa: E402
 from stages.saliency.eat import build_eat, target_layer  # noqa: E402
 from stages.saliency.layercam import layercam  # noqa: E402
 
@@ -41,8 +42,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-
-    from pytorch_grad_cam import LayerCAM
+    try:
+        from pytorch_grad_cam import LayerCAM
+    except ImportError:
+        skip("pytorch-grad-cam (the oracle compared against) is not installed: pip install -e '.[dev]'")
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     torch.manual_seed(0)

@@ -14,10 +14,10 @@ from types import ModuleType
 from typing import Any
 
 from pipeline.manifest import DatasetSpec
+from storage.image_files import IMAGE_EXTS
 from storage.images import ImageError, safe_join
 
 SPLITS = ("train", "validation", "test")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 @dataclass
