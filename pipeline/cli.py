@@ -31,11 +31,12 @@ def _register_stages() -> None:
     from pipeline import bench, demo, status, study
     from stages.finetune import commands as finetune
     from stages.ingest import commands as ingest
+    from stages.pretrain import commands as pretrain
     from stages.report import commands as report
     from stages.report import run_cli as report_runs
     from stages.saliency import commands as saliency
 
-    for module in (status, ingest, saliency, finetune, report_runs, report, demo, study, bench):
+    for module in (status, ingest, saliency, finetune, report_runs, report, demo, study, pretrain, bench):
         module.register(app)
 
 

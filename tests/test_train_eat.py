@@ -16,7 +16,7 @@ from scipy.stats import norm
 from typer.testing import CliRunner
 
 from stages.saliency.eat import build_eat, eat_score, load_eat_weights
-from stages.saliency.train_eat import _mask_ratio, emd_loss, evaluate_saliency, score_distribution, train_eat
+from stages.saliency.train_eat import mask_ratio, emd_loss, evaluate_saliency, score_distribution, train_eat
 
 
 def test_score_distribution_is_normalised_gaussian_over_bins() -> None:
@@ -39,10 +39,10 @@ def test_emd_of_one_hot_distributions() -> None:
 def test_mask_ratio_known_values() -> None:
     mask = torch.zeros(224, 224, dtype=torch.bool)
     mask[:56] = True  # a quarter of the image
-    assert math.isclose(_mask_ratio(torch.ones(14, 14), mask), 1.0, rel_tol=1e-6)  # uniform map
+    assert math.isclose(mask_ratio(torch.ones(14, 14), mask), 1.0, rel_tol=1e-6)  # uniform map
     cam = torch.zeros(14, 14)
     cam[:2] = 1.0  # energy well inside the masked quarter (bilinear spread stays inside)
-    assert math.isclose(_mask_ratio(cam, mask), 4.0, rel_tol=1e-6)
+    assert math.isclose(mask_ratio(cam, mask), 4.0, rel_tol=1e-6)
 
 
 def _square_image(path: Path, size: int, seed: int) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
 
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
@@ -209,6 +210,25 @@ class _MetricsLog(TrainerCallback):
         if state.is_world_process_zero and logs:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class _ProgressBar(ProgressCallback):
+    """The Trainer's tqdm bar (steps, ETA) with the latest loss as its postfix: no per-log dict dumps in the
+    terminal (every log still goes to ``metrics.jsonl``)."""
+
+    def __init__(self, run: str) -> None:
+        super().__init__()
+        self.run = run
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None:
+            self.training_bar.set_description(f"finetune {self.run}")
+            self.training_bar.unit = "step"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        if state.is_world_process_zero and self.training_bar is not None and isinstance((logs or {}).get("loss"), float):
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
 
 
 class CritiqueTrainer(Trainer):
@@ -424,6 +444,9 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
         data_collator=Collator(tokenizer.pad_token_id, keep_sample_ids=cfg.log_sample_ids),
         callbacks=[_MetricsLog(run_dir / "metrics.jsonl"), *callbacks], sample_log=sample_log,
     )
+    if not args.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_ProgressBar(f"{cfg.dataset}/{cfg.run}"))
     state = TrainerState.load_from_json(str(resume / "trainer_state.json")) if resume else None
     recover_final(run_dir / "final")
     finished = state is not None and (run_dir / "final" / "config.json").exists() and (

@@ -52,16 +52,27 @@ def _open(path: Path, n: int, mode: str) -> np.memmap:
     return np.memmap(path, dtype=np.uint8, mode=mode, shape=(n, SIZE, SIZE, 3))
 
 
-def render_small(index: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """One image as the demo models see it ([224, 224, 3] uint8) and its record."""
+def render_small(index: int, seed: int, with_mask: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    """One image as the demo models see it ([224, 224, 3] uint8) and its record (+ its mask resized like
+    EAT's evaluation does, nearest, as a [224, 224] bool array under "mask" when asked)."""
     ann = annotation(index, seed)
     scene: dict[str, Any] = {}
-    image, _mask = render(ann["attributes"], _rngs(seed, index)[1], scene)
+    image, mask = render(ann["attributes"], _rngs(seed, index)[1], scene)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY)
     with Image.open(io.BytesIO(buf.getvalue())) as jpeg:
         small = np.asarray(jpeg.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC))
-    return small, {"index": index, "attributes": ann["attributes"], "score": ann["score"], "scene": scene}
+    record = {"index": index, "attributes": ann["attributes"], "score": ann["score"], "scene": scene}
+    if with_mask:
+        record["mask"] = np.asarray(Image.fromarray(mask).resize((SIZE, SIZE), Image.Resampling.NEAREST)) > 127
+    return small, record
+
+
+def validation_set(seed: int, start: int, n: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Images ``start .. start + n`` of the stream (beyond the training ones), with masks: [n, 224, 224, 3]."""
+    pairs = [render_small(i, seed, with_mask=True) for i in tqdm(range(start, start + n), desc="validation renders",
+                                                                    unit="img", leave=False)]
+    return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
 
 
 def _build_chunk(root: Path, capacity: int, seed: int, chunk: int, n: int) -> None:

@@ -24,7 +24,7 @@ from pipeline.manifest import Manifest
 from pipeline.paths import reports_dir, runs_dir
 from stages.report.generate import UNTRAINED, DecodeConfig, generate_split, predictions_dir, prepare_untrained, \
     read_predictions, run_config
-from storage.atomic import write_json_atomic, write_parquet_atomic
+from storage.atomic import write_bytes_atomic, write_json_atomic, write_parquet_atomic
 
 UNTRAINED_ROW = "untrained (same model before fine-tuning)"
 CONSTANT_ROW = "constant: best critique"
@@ -107,6 +107,7 @@ def build_report(
     from stages.report.attributes import attribute_scores
     from stages.report.diversity import diversity
     from stages.report.metrics import score_to_file
+    from stages.report.study import study_dir
     from stages.report.tables import write_attribute_table, write_tables
 
     start = time.perf_counter()
@@ -154,24 +155,29 @@ def build_report(
     for row, caps in candidates.items():
         target = out / "metrics.json" if row == f"ASE-MLLM ({run})" else out / "baselines" / f"{_slug(row)}.json"
         result, fresh = score_to_file(target, caps, refs, spice_lib=spice_lib, progress=progress)
-        rows[row] = {**result, **diversity(caps)}
+        rows[row] = {**result, **diversity(caps), **(attribute_scores(caps, truth.values) if truth else {})}
         spice_notes.update(result.get("notes", {}))
         if fresh:
             rescored.append(row)
+    write_json_atomic(out / "rows.json", {row: {k: v for k, v in m.items() if k not in ("notes", "fingerprint")}
+                                          for row, m in rows.items()})
 
     table_rows = {r: m for r, m in rows.items() if run_of_row.get(r) in (None, run, UNTRAINED)}
     row_of_run = {n: r for r, n in run_of_row.items()}
     ablation_rows = {c: rows[row_of_run[n]] for c, n in runs_by_condition.items()}
     tables = write_tables(out, dataset, table_rows, ablation_rows, spice_notes)
     if truth is not None:
-        attribute_rows = {row: {**attribute_scores(caps, truth.values), "distinct": rows[row]["distinct"]}
-                          for row, caps in candidates.items()}
         first_reference = {i: refs[i][0] for i in ours}
-        attribute_rows[REFERENCE_ROW] = {**attribute_scores(first_reference, truth.values),
-                                         **diversity(first_reference)}
-        write_json_atomic(out / "attributes.json", attribute_rows)
-        markdown = write_attribute_table(out, dataset, attribute_rows, split)
+        reference_row = {**attribute_scores(first_reference, truth.values), **diversity(first_reference)}
+        markdown = write_attribute_table(out, dataset, {**rows, REFERENCE_ROW: reference_row}, split)
         tables = {markdown.splitlines()[0][4:]: markdown, **tables}
+    study = study_dir(dataset)
+    if (study / "study.md").exists():  # the ablation study by ground truth (`ase-mllm study`), with its plot
+        markdown = (study / "study.md").read_text()
+        if (study / "study.png").exists():
+            write_bytes_atomic(out / "images" / "study.png", (study / "study.png").read_bytes())
+            markdown += "\n![Ablation study: mean and sd over seeds per variant](images/study.png)\n"
+        tables[markdown.splitlines()[0][4:]] = markdown
     _write_predictions(out / "predictions.parquet", ours, candidates, refs)
     index = _gallery(out, dataset, run, manifest, ours, refs, tables, gallery)
     return ReportSummary(out, rows, rescored, tables, index, notes, time.perf_counter() - start)

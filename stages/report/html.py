@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import html
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ figcaption{font-size:.75rem;color:#666}
 .critique{font-size:.95rem;margin:.5rem 0}
 .refs{font-size:.8rem;color:#444;max-height:12rem;overflow:auto;padding-left:1.2rem}
 .meta{font-size:.75rem;color:#555}
+img.figure{max-width:100%;height:auto;border:1px solid #ddd;background:#fff}
 """
 
 
@@ -68,8 +70,11 @@ def _thumbnail(src: Path, out_dir: Path, fmt: str) -> str:
     return rel
 
 
+_FIGURE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")  # ![alt](relative/path.png) on a line of its own
+
+
 def markdown_to_html(text: str) -> str:
-    """The Markdown our tables use (### headings, pipe tables, paragraphs) as escaped HTML."""
+    """The Markdown our tables use (### headings, pipe tables, figures, paragraphs) as escaped HTML."""
     out, rows = [], []
 
     def flush() -> None:
@@ -90,6 +95,9 @@ def markdown_to_html(text: str) -> str:
         flush()
         if line.startswith("### "):
             out.append(f"<h3>{html.escape(line[4:])}</h3>")
+        elif (figure := _FIGURE.fullmatch(line.strip())) is not None:
+            alt, src = (html.escape(g, quote=True) for g in figure.groups())
+            out.append(f'<figure><img src="{src}" alt="{alt}" class="figure"><figcaption>{alt}</figcaption></figure>')
         elif line.strip():
             out.append(f'<p class="note">{html.escape(line)}</p>')
     flush()

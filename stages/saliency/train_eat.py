@@ -162,10 +162,10 @@ def _train(samples: list[tuple[Path, float]], variant: str, out_path: Path, epoc
     model.eval()
     metrics = {
         "variant": variant, "epochs": epochs, "seed": seed, "n_train": len(images), "init": str(init) if init else None,
-        "train_loss": history[-1]["loss"], "train_srcc": srcc(predict(model, images), scores),
+        "train_loss": history[-1]["loss"] if history else None, "train_srcc": srcc(predict(model, images), scores),
         "history": history, "train_seconds": round(time.perf_counter() - start, 1),
     }
-    if val is not None:
+    if val is not None and history:
         metrics["val_srcc"] = history[-1]["val_srcc"]
     with atomic_path(out_path) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
@@ -173,7 +173,7 @@ def _train(samples: list[tuple[Path, float]], variant: str, out_path: Path, epoc
     return metrics
 
 
-def _mask_ratio(cam: Tensor, mask: Tensor) -> float:
+def mask_ratio(cam: Tensor, mask: Tensor) -> float:
     """mean(map inside mask) / mean(map); cam [h,w] is upsampled to the mask's [224,224] grid."""
     up = F.interpolate(cam[None, None], size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
     if up.sum() <= 0:
@@ -207,7 +207,7 @@ def evaluate_saliency(model: EAT, samples_with_masks: list[tuple[Path, float, Pa
             if mask_path is not None:
                 mask = load_mask(mask_path)
                 if mask.any():
-                    ratios.append(_mask_ratio(cam, mask))
+                    ratios.append(mask_ratio(cam, mask))
     true = torch.tensor([s for _, s, _ in samples_with_masks], dtype=torch.float32)
     return {
         "mask_ratio": sum(ratios) / len(ratios) if ratios else float("nan"),
