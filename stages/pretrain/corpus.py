@@ -75,45 +75,47 @@ def validation_set(seed: int, start: int, n: int) -> tuple[np.ndarray, list[dict
     return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
 
 
-def _build_chunk(root: Path, capacity: int, seed: int, chunk: int, n: int) -> None:
+def _build_chunk(root: Path, capacity: int, seed: int, chunk: int, n: int, size: int) -> None:
     images = _open(root / "images.u8", capacity, "r+")
     records = []
-    for index in range(chunk * CHUNK, min(n, (chunk + 1) * CHUNK)):
+    for index in range(chunk * size, min(n, (chunk + 1) * size)):
         images[index], record = render_small(index, seed)
         records.append(record)
     images.flush()
     write_json_atomic(root / "done" / f"{chunk:05d}.json", records)
 
 
-def build_corpus(n: int, seed: int = 1, workers: int = 2) -> PretrainCorpus:
-    """Render (what is missing of) the first ``n`` images of seed ``seed``; returns the corpus."""
+def build_corpus(n: int, seed: int = 1, workers: int = 2, chunk_size: int = CHUNK) -> PretrainCorpus:
+    """Render (what is missing of) the first ``n`` images of seed ``seed``; returns the corpus.
+
+    ``chunk_size`` must stay the same across the builds of one corpus (the ledger is per chunk)."""
     root = corpus_dir(seed)
     (root / "done").mkdir(parents=True, exist_ok=True)
-    capacity = -(-n // CHUNK) * CHUNK
+    capacity = -(-n // chunk_size) * chunk_size
     path = root / "images.u8"
     have = path.stat().st_size // (SIZE * SIZE * 3) if path.exists() else 0
     if have < capacity:  # grow the array; finished chunks keep their bytes
         with open(path, "ab") as fh:
             fh.truncate(capacity * SIZE * SIZE * 3)
     capacity = max(capacity, have)
-    chunks = range(-(-n // CHUNK))
-    todo = [c for c in chunks if not _chunk_done(root, c, n)]
+    chunks = range(-(-n // chunk_size))
+    todo = [c for c in chunks if not _chunk_done(root, c, n, chunk_size)]
     start = time.perf_counter()
     if todo:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            jobs = [pool.submit(_build_chunk, root, capacity, seed, c, n) for c in todo]
+            jobs = [pool.submit(_build_chunk, root, capacity, seed, c, n, chunk_size) for c in todo]
             for job in tqdm(jobs, desc=f"pretraining corpus (seed {seed})", unit="chunk"):
                 job.result()
-        tqdm.write(f"pretraining corpus: {len(todo)} chunks of {CHUNK} rendered in {time.perf_counter() - start:.0f} s "
+        tqdm.write(f"pretraining corpus: {len(todo)} chunks of {chunk_size} rendered in {time.perf_counter() - start:.0f} s "
                    f"-> {root}")
     records = [r for c in chunks for r in json.loads((root / "done" / f"{c:05d}.json").read_text())][:n]
     return PretrainCorpus(_open(path, capacity, "r")[:n], records)
 
 
-def _chunk_done(root: Path, chunk: int, n: int) -> bool:
+def _chunk_done(root: Path, chunk: int, n: int, size: int) -> bool:
     """A ledger entry holding every image of the chunk that ``n`` asks for."""
     try:
         records = json.loads((root / "done" / f"{chunk:05d}.json").read_text())
     except (OSError, ValueError):
         return False
-    return len(records) >= min(CHUNK, n - chunk * CHUNK)
+    return len(records) >= min(size, n - chunk * size)

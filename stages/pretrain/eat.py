@@ -33,7 +33,7 @@ class EatRecipe:
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.05
-    score_weight: float = 0.25
+    score_weight: float = 0.05
     aux_weight: float = 1.0
     seed: int = 0
 

@@ -1,0 +1,94 @@
+"""The demo models' pretraining: corpus cache = the demo's own image pipeline, targets, and what the two
+pretraining runs save (official EAT layout; a plain InternVL base that loads with only the new keys missing)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stages.ingest.synthetic_attributes import ATTRIBUTES
+from stages.ingest.synthetic_corpus import SKY_NAMES, generate_corpus
+from stages.pretrain import corpus as pc
+from stages.pretrain.targets import CLASSES, REGRESSIONS, AuxHeads, Targets
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> pc.PretrainCorpus:
+    import os
+
+    os.environ["ASE_WORK"] = str(tmp_path_factory.mktemp("work"))
+    try:
+        return pc.build_corpus(24, seed=9, workers=1)
+    finally:
+        os.environ.pop("ASE_WORK")
+
+
+def test_corpus_images_are_the_demo_pipeline_images(small: pc.PretrainCorpus, tmp_path: Path) -> None:
+    """Oracle: the generator's JPEG files for the same seed, decoded and resized the way EAT / one-tile InternVL do."""
+    generate_corpus(tmp_path / "files", n=6, seed=9, workers=1)
+    for i in range(6):
+        with Image.open(tmp_path / "files" / "images" / f"syn{i:05d}.jpg") as img:
+            expected = np.asarray(img.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC))
+        assert np.array_equal(small.images[i], expected)
+    records = [json.loads(line) for line in (tmp_path / "files" / "annotations.jsonl").read_text().splitlines()]
+    assert [r["attributes"] for r in records] == [r["attributes"] for r in small.records[:6]]
+    assert [r["score"] for r in records] == [r["score"] for r in small.records[:6]]
+
+
+def test_corpus_rebuild_repairs_an_unfinished_chunk(small: pc.PretrainCorpus, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill before a chunk's ledger entry leaves garbage bytes and no entry: the rebuild rewrites that chunk only."""
+    monkeypatch.setenv("ASE_WORK", str(tmp_path))
+    first = pc.build_corpus(24, seed=9, workers=1, chunk_size=8)
+    assert np.array_equal(np.asarray(first.images), np.asarray(small.images))  # chunking does not change bytes
+    root = pc.corpus_dir(9)
+    kept = (root / "done" / "00000.json").stat().st_mtime_ns
+    (root / "done" / "00001.json").unlink()
+    with open(root / "images.u8", "r+b") as fh:
+        fh.seek(8 * 224 * 224 * 3 + 1000)
+        fh.write(b"\xff" * 5000)
+    again = pc.build_corpus(24, seed=9, workers=1, chunk_size=8)
+    assert np.array_equal(np.asarray(again.images), np.asarray(small.images))
+    assert (root / "done" / "00000.json").stat().st_mtime_ns == kept
+
+
+def test_targets_follow_the_records(small: pc.PretrainCorpus) -> None:
+    t = Targets.of(small.records)
+    assert t.classes.shape == (24, len(CLASSES)) and t.values.shape == (24, len(REGRESSIONS))
+    for row, rec in zip(t.classes.tolist(), small.records):
+        assert [ATTRIBUTES[k][row[j]] for j, k in enumerate(ATTRIBUTES)] == [rec["attributes"][k] for k in ATTRIBUTES]
+        assert SKY_NAMES[row[list(CLASSES).index("sky")]] == rec["scene"]["sky"]
+    heads = AuxHeads(16)
+    loss = heads.loss(torch.randn(24, 16), t)
+    assert torch.isfinite(loss) and loss > 0
+
+
+@pytest.mark.slow
+def test_pretraining_runs_save_what_the_pipeline_loads(small: pc.PretrainCorpus, tmp_path: Path) -> None:
+    from stages.finetune.model import load_base
+    from stages.finetune.tokenizer import load_tokenizer
+    from stages.pretrain.captioner import CaptionerRecipe, pretrain_captioner
+    from stages.pretrain.eat import EatRecipe, pretrain_eat
+    from stages.saliency.eat import build_eat, load_eat_weights
+
+    images, records = np.asarray(small.images[:16]), small.records[:16]
+    val_images, val_records = pc.validation_set(9, 1000, 4)
+    assert val_records[0]["mask"].shape == (224, 224) and val_records[0]["mask"].dtype == bool
+    metrics = pretrain_eat(images, records, (val_images, val_records), EatRecipe(epochs=1, batch_size=8),
+                           tmp_path / "eat.safetensors")
+    load_eat_weights(build_eat("tiny"), tmp_path / "eat.safetensors")  # strict: exactly the official layout
+    assert set(metrics["validation"]) >= {"srcc", "mask_ratio", "attributes"}
+
+    metrics = pretrain_captioner(images, records, (val_images, val_records), CaptionerRecipe(epochs=1, batch_size=8,
+                                                                                             vocab_size=400),
+                                 tmp_path / "base", corpus_seed=9)
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config["model_type"] == "internvl" and "ias_fusion" not in config  # a plain base, as users download
+    _, missing = load_base(tmp_path / "base")
+    assert missing and all(".cross_attention." in k for k in missing)
+    load_tokenizer(tmp_path / "base")  # has the image tokens
+    assert 0 <= metrics["validation"]["mean_accuracy"] <= 1
