@@ -12,7 +12,10 @@ Qwen2.5-VL sees native-resolution patches, not fixed tiles, so the saliency side
   normalised, resized bilinearly to the image's smart-resized size (multiples of 28, as the processor
   resizes the image) and area-pooled to the patch grid (:func:`patch_saliency`, on the device);
 - the saliency tokens are the tower's own patch embedding of the saliency-weighted patches. The patch
-  embedding is a bias-free convolution, so that is the image's patch embedding times the patch's value;
+  embedding is a bias-free convolution, so that is the image's patch embedding e times the patch's value s.
+  The queries' RMSNorm would erase that factor (RMSNorm(s e) = RMSNorm(e): Qwen2.5-VL's tokens carry no
+  bias and no absolute position embedding, unlike InternViT's), so the saliency token is normalised by
+  its unweighted patch's RMS: query input = s * RMSNorm(e), the weighting survives;
 - the tower's 2-D rotary position embedding is applied to the cross-attention's queries and keys
   (Qwen2.5-VL has no absolute position embedding: rope is its position signal);
 - tokens run in the forward's window order, and the cross-attention attends within the same segments as
@@ -61,12 +64,13 @@ def _area_weights(size: int, patches: int, patch_size: int, device: torch.device
     return F.avg_pool1d(resized, patch_size)[0].T  # [patches, size]
 
 
-def normalise_map(saliency_map: torch.Tensor) -> torch.Tensor:
-    """Min-max to [0, 1]; a constant (or non-finite) map carries no saliency information: all ones (uniform)."""
+def normalise_map(saliency_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(map min-max normalised to [0, 1], whether it is informative). A constant (or non-finite) map carries
+    no saliency information: it is the uniform map, all ones (tiling.uniform_saliency's rule)."""
     m = saliency_map.float()
     lo, hi = m.min(), m.max()
-    informative = torch.isfinite(lo) & torch.isfinite(hi) & (hi > lo)
-    return torch.where(informative, (m - lo) / torch.where(informative, hi - lo, 1.0), torch.ones_like(m))
+    informative = torch.isfinite(lo) & torch.isfinite(hi) & (hi > lo)  # a 0-d tensor: no host sync
+    return torch.where(informative, (m - lo) / torch.where(informative, hi - lo, 1.0), torch.ones_like(m)), informative
 
 
 def patch_saliency(
@@ -83,10 +87,11 @@ def patch_saliency(
         raise ValueError(f"{len(saliency_maps)} saliency maps for {len(grid_thw)} images")
     out = []
     for saliency_map, (t, h, w) in zip(saliency_maps, grid_thw.tolist()):
-        m = normalise_map(saliency_map)  # [mh, mw]
+        m, informative = normalise_map(saliency_map)  # [mh, mw]
         rows = _area_weights(m.shape[0], h, patch_size, m.device)  # [h, mh]
         cols = _area_weights(m.shape[1], w, patch_size, m.device)  # [w, mw]
         grid = rows @ m @ cols.T  # [h, w]: the map's mean over each patch's pixels
+        grid = torch.where(informative, grid, torch.ones_like(grid))  # uniform: exactly ones
         blocks = grid.view(h // merge_size, merge_size, w // merge_size, merge_size).permute(0, 2, 1, 3)
         out.append(blocks.reshape(-1).repeat(t))  # [t*h*w]
     return torch.cat(out).clamp_(0.0, 1.0)
@@ -122,15 +127,18 @@ class QwenSaliencyCrossAttention(nn.Module):
     def forward(
         self,
         image_tokens: torch.Tensor,
-        saliency_tokens: torch.Tensor,
+        patch_tokens: torch.Tensor,
+        saliency: torch.Tensor,
         cu_seqlens: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         max_seqlen: int | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        n = image_tokens.shape[0]  # image_tokens, saliency_tokens [N, D] (window order)
+        """image_tokens, patch_tokens (the patch embeddings) [N, D] and saliency [N] in window order."""
+        n = image_tokens.shape[0]
         context = self.norm_context(image_tokens)
-        q = self.q_proj(self.norm_query(saliency_tokens)).view(n, self.num_heads, self.head_dim)
+        query = self.norm_query(patch_tokens) * saliency.to(patch_tokens.dtype)[:, None]  # saliency token, RMS-scaled
+        q = self.q_proj(query).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(context).view(n, self.num_heads, self.head_dim)  # [N, H, Dh]
         v = self.v_proj(context).view(n, self.num_heads, self.head_dim)
         q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
@@ -160,14 +168,15 @@ class IASQwenVisionBlock(Qwen2_5_VLVisionBlock):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        saliency_tokens: torch.Tensor,
+        patch_tokens: torch.Tensor,
+        saliency: torch.Tensor,
         cu_seqlens: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
         hidden_states = hidden_states + self.attn(self.norm1(hidden_states), cu_seqlens=cu_seqlens,
                                                   position_embeddings=position_embeddings, **kwargs)
-        hidden_states = hidden_states + self.cross_attention(hidden_states, saliency_tokens, cu_seqlens,
+        hidden_states = hidden_states + self.cross_attention(hidden_states, patch_tokens, saliency, cu_seqlens,
                                                              position_embeddings, **kwargs)  # saliency residual
         return hidden_states + self.mlp(self.norm2(hidden_states))
 
@@ -222,17 +231,17 @@ class IASQwenVisionModel(Qwen2_5_VisionTransformerPretrainedModel):
 
         hidden_states = self.patch_embed(hidden_states)  # [N, D], processor order
         saliency = patch_saliency(saliency_maps, grid_thw, self.patch_size, self.spatial_merge_size)  # [N]
-        saliency_tokens = hidden_states * saliency.to(hidden_states.dtype)[:, None]  # = patch_embed(patch x value)
         seq_len = hidden_states.shape[0]
         hidden_states = self.permute_input_for_window_attn(hidden_states, window_index, seq_len=seq_len)
-        saliency_tokens = self.permute_input_for_window_attn(saliency_tokens, window_index, seq_len=seq_len)
+        patch_tokens = hidden_states  # the saliency tokens are these times saliency (see the module docstring)
+        saliency = self.permute_input_for_window_attn(saliency[:, None], window_index, seq_len=seq_len)[:, 0]
         position_embeddings = self.rotary_pos_emb(hidden_states, position_ids)
         position_embeddings = tuple(self.permute_input_for_window_attn(f, window_index, seq_len=seq_len)
                                     for f in position_embeddings)  # window order, like the tokens
 
         for layer_num, block in enumerate(self.blocks):
             full = layer_num in self.fullatt_block_indexes
-            hidden_states = block(hidden_states, saliency_tokens,  # positional: reentrant checkpointing keeps grads
+            hidden_states = block(hidden_states, patch_tokens, saliency,  # positional: reentrant checkpointing
                                   cu_seqlens=cu_seqlens if full else cu_window_seqlens,
                                   max_seqlen=max_seqlen if full else max_window_seqlen,
                                   position_embeddings=position_embeddings, **kwargs)
