@@ -14,6 +14,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import PipelineError
+
+
+class FamilyError(PipelineError, ValueError):
+    """A base or tiny model no family supports."""
+
 
 class Family:
     """What a base family declares; InternVL and Qwen25VL implement the same methods (documented on InternVL)."""
@@ -237,7 +243,7 @@ def by_model_type(model_type: str) -> Family:
     if model_type == "internvl_chat":  # an original InternVL2 checkpoint: load_base says to convert it
         return DEFAULT
     known = ", ".join(t for f in FAMILIES.values() for t in f.model_types)
-    raise ValueError(f"model_type '{model_type}' is no supported base family (supported: {known})")
+    raise FamilyError(f"model_type '{model_type}' is no supported base family (supported: {known})")
 
 
 def of_base(path: str | Path) -> Family:
@@ -245,7 +251,7 @@ def of_base(path: str | Path) -> Family:
     path = Path(path)
     file = path if path.is_file() else path / "config.json"
     if not file.exists():
-        raise FileNotFoundError(f"{path}: no config.json (expected a local Hugging Face checkpoint directory)")
+        raise FamilyError(f"{path}: no config.json (expected a local Hugging Face checkpoint directory)")
     return by_model_type(json.loads(file.read_text()).get("model_type", ""))
 
 
@@ -261,7 +267,7 @@ def of_tiny(name: str) -> Family:
     family = of_name(name)
     if family is None or name not in family.tiny_names():
         known = ", ".join(n for f in FAMILIES.values() for n in f.tiny_names())
-        raise ValueError(f"unknown tiny model {name!r} (known: {known})")
+        raise FamilyError(f"unknown tiny model {name!r} (known: {known})")
     return family
 
 
@@ -277,6 +283,14 @@ def of_config(config: Any) -> Family:
 def of_run(run_cfg: dict[str, Any]) -> Family:
     """The family a run recorded in run_config.json (runs from before the registry are InternVL)."""
     return FAMILIES[run_cfg.get("family", DEFAULT.name)]
+
+
+def check_run(run_dir: Path, family: Family) -> None:
+    """A run dir holds one family's checkpoints: resuming it with another base family is an error."""
+    file = Path(run_dir) / "run_config.json"
+    recorded = of_run(json.loads(file.read_text())) if file.exists() else family
+    if recorded is not family:
+        raise FamilyError(f"{run_dir} holds a {recorded.label} run; this one is {family.label}: choose another --run")
 
 
 def spec_record(family: Family, spec: Any) -> dict[str, Any]:

@@ -387,6 +387,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
 
     cfg = resolve(cfg, manifest)
     run_dir = runs_dir(cfg.dataset) / cfg.run
+    family.check_run(run_dir, family.of_train(cfg.base, cfg.tiny_model))
     run_dir.mkdir(parents=True, exist_ok=True)
     config = model_config(cfg)
     args = training_arguments(cfg, run_dir, config)
