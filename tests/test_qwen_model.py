@@ -231,7 +231,8 @@ def _captioner_parts(seed: int = 0):
 
 def _images() -> list[Image.Image]:
     rng = np.random.default_rng(0)
-    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for w, h in [(64, 48), (203, 131), (61, 97)]]
+    sizes = [(64, 48), (203, 131), (61, 97)]
+    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for w, h in sizes]
 
 
 def test_batched_decoding_equals_batch_one_and_a_plain_argmax_loop() -> None:
@@ -255,9 +256,9 @@ def test_batched_decoding_equals_batch_one_and_a_plain_argmax_loop() -> None:
     ids = torch.tensor([p.input_ids])
     with torch.no_grad():
         for _ in range(8):
+            types = (ids == model.config.image_token_id).int()
             logits = model(input_ids=ids, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
-                           saliency_maps=p.saliency_map[None], mm_token_type_ids=(ids == model.config.image_token_id).int()
-                           ).logits
+                           saliency_maps=p.saliency_map[None], mm_token_type_ids=types).logits
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     plain = ids[0, len(p.input_ids):].tolist()
     eos = tok.eos_token_id
@@ -266,5 +267,5 @@ def test_batched_decoding_equals_batch_one_and_a_plain_argmax_loop() -> None:
     # a missing map and a constant one are the same (uniform) saliency
     decode = DecodeConfig(max_new_tokens=8)
     img = _images()[1]
-    assert cap.generate_ids([cap.prepare(img, None)], decode) == cap.generate_ids([cap.prepare(img, np.zeros((14, 14)))],
-                                                                                   decode)
+    constant = cap.prepare(img, np.zeros((14, 14)))
+    assert cap.generate_ids([cap.prepare(img, None)], decode) == cap.generate_ids([constant], decode)

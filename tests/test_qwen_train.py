@@ -1,7 +1,7 @@
 """The Qwen2.5-VL family end to end through the shared CLI and Trainer path: fine-tuning learns, resumes
 exactly and records its family; LoRA keeps the merger and cross-attention trainable; the report fills the
-Table III layout from the family's own runs beside the paper's Qwen-VL-Chat rows; FSDP on 2 gloo ranks
-equals one process."""
+Table III layout from the family's own runs beside the paper's Qwen-VL-Chat rows; FSDP and ZeRO-3 on 2 gloo
+ranks equal one process; the memory plan against measured peak memory."""
 from __future__ import annotations
 
 import csv
@@ -166,7 +166,11 @@ def save_qwen_base(directory: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_equal_one_process(pccd_run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_sharded_two_ranks_equal_one_process(strategy: str, pccd_run: Path, tmp_path: Path) -> None:
+    """2 gloo ranks x per-device 2 vs one process x 2 accumulation steps: the same weights after 2 steps."""
+    if strategy == "zero3":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install '.[zero3]')")
     from test_finetune_scale import SHARDED_ATOL, _assert_same_weights
     from test_finetune_train import LAUNCH
 
@@ -174,7 +178,7 @@ def test_fsdp_two_ranks_equal_one_process(pccd_run: Path, tmp_path: Path) -> Non
 
     base = save_qwen_base(tmp_path / "base")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for run, ranks, extra in (("single", 1, []), ("fsdp", 2, ["--strategy", "fsdp"])):
+    for run, ranks, extra in (("single", 1, []), (strategy, 2, ["--strategy", strategy])):
         argv = [str(pccd_run), "finetune", "--dataset", "pccd", "--run", run, "--base", str(base), "--workers", "0",
                 "--lr", "1e-3", "--batch-size", "4", "--per-device", "2", "--max-steps", "2", "--save-steps", "100",
                 "--logging-steps", "1", *extra]
@@ -192,5 +196,50 @@ def test_fsdp_two_ranks_equal_one_process(pccd_run: Path, tmp_path: Path) -> Non
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         return {k: v.detach() for k, v in model.named_parameters()}
 
-    _assert_same_weights(final("fsdp"), final("single"), SHARDED_ATOL)
+    _assert_same_weights(final(strategy), final("single"), SHARDED_ATOL)
     assert f"{2 * 11} new parameters initialised" in done.stdout  # 2 blocks x the cross-attention's 11 tensors
+
+
+# ---------------------------------------------------------------- the memory plan
+
+
+Q_VISION = dict(depth=4, hidden_size=256, num_heads=4, intermediate_size=1024, window_size=112,
+                fullatt_block_indexes=[1, 3])
+Q_TEXT = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=2, vocab_size=8000,
+              rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]})
+Q_LLM_TEXT = dict(Q_TEXT, hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
+                  num_key_value_heads=4, vocab_size=16000)
+Q_MEMORY_CASES = [  # vision-heavy (two 448 px images = 2 x 1,024 patches), the same checkpointed, LLM-heavy
+    dict(name="qwen-vision-heavy", family="qwen2_5_vl", vision=Q_VISION, text=Q_TEXT, pixels=448 * 448, per_device=2,
+         text_tokens=96, labelled_tokens=64, gradient_checkpointing=False),
+    dict(name="qwen-vision-heavy-checkpointed", family="qwen2_5_vl", vision=Q_VISION, text=Q_TEXT, pixels=448 * 448,
+         per_device=2, text_tokens=96, labelled_tokens=64, gradient_checkpointing=True),
+    dict(name="qwen-llm-heavy", family="qwen2_5_vl", vision={**Q_VISION, "hidden_size": 128, "depth": 2,
+                                                             "fullatt_block_indexes": [1]},
+         text=Q_LLM_TEXT, pixels=224 * 224, per_device=1, text_tokens=512, labelled_tokens=400,
+         gradient_checkpointing=False),
+]
+
+
+@pytest.mark.slow
+def test_plan_is_within_25_percent_of_measured_peak_memory() -> None:
+    """Peak resident memory of two real fp32 training steps on CPU (tests/memory_probe.py) vs the plan."""
+    from memory_probe import build
+    from stages.finetune.plan import Setting, plan
+
+    trainable = ("cross_attention", "projector", "llm")
+    cases = [dict(case, trainable=list(trainable)) for case in Q_MEMORY_CASES]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "memory_probe.py"), json.dumps(cases)],
+                          capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = [json.loads(line) for line in proc.stdout.splitlines()]
+    ratios = {}
+    for case, m in zip(cases, measured):
+        config, _ = build(case)
+        setting = Setting(max_pixels=case["pixels"], per_device=case["per_device"], strategy="ddp",
+                          gradient_checkpointing=case["gradient_checkpointing"], trainable=trainable,
+                          text_tokens=case["text_tokens"], labelled_tokens=case["labelled_tokens"], compute="fp32")
+        ratios[case["name"]] = plan(config, setting).total / m["peak"]
+    assert all(0.75 <= r <= 1.25 for r in ratios.values()), ratios

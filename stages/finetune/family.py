@@ -82,8 +82,8 @@ class InternVL(Family):
         from stages.finetune.model import build_tiny_model
         from stages.finetune.tokenizer import IMG_CONTEXT
 
-        return build_tiny_model(name, vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
-                                fusion=fusion)
+        return build_tiny_model(name, vocab_size=len(tokenizer), fusion=fusion,
+                                image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT))
 
     def load_base(self, path: str | Path, fusion: str, **kwargs: Any) -> tuple[Any, list[str]]:
         from stages.finetune.model import load_base

@@ -147,7 +147,8 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, n_image_tokens: int, prompt: 
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     before, after = text.split(IMAGE_PAD, 1)
-    return _ids(tokenizer, before) + [tokenizer.convert_tokens_to_ids(IMAGE_PAD)] * n_image_tokens + _ids(tokenizer, after)
+    pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    return _ids(tokenizer, before) + [pad] * n_image_tokens + _ids(tokenizer, after)
 
 
 def encode_example(tokenizer: PreTrainedTokenizerBase, n_image_tokens: int, critique: str,

@@ -75,7 +75,8 @@ class IASQwen2_5_VLModel(Qwen2_5_VLModel):
         if isinstance(self.visual, IASQwenVisionModel):
             kwargs["saliency_maps"] = saliency_maps
         out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=image_grid_thw, **kwargs)
-        out.pooler_output = torch.split(out.pooler_output, (image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2).tolist())
+        tokens = image_grid_thw.prod(-1) // self.visual.spatial_merge_size**2  # [N] LLM tokens per image
+        out.pooler_output = torch.split(out.pooler_output, tokens.tolist())
         return out
 
     def forward(

@@ -227,7 +227,8 @@ class IASQwenVisionModel(Qwen2_5_VisionTransformerPretrainedModel):
         window_index, cu_window_seqlens = get_vision_window_index(
             grid_thw, spatial_merge_size=self.spatial_merge_size, window_size=self.window_size,
             patch_size=self.patch_size, kwargs=kwargs)
-        max_window_seqlen = get_max_seqlen(cu_window_seqlens, self.config, kwargs=kwargs, kwarg_name="max_window_seqlen")
+        max_window_seqlen = get_max_seqlen(cu_window_seqlens, self.config, kwargs=kwargs,
+                                           kwarg_name="max_window_seqlen")
 
         hidden_states = self.patch_embed(hidden_states)  # [N, D], processor order
         saliency = patch_saliency(saliency_maps, grid_thw, self.patch_size, self.spatial_merge_size)  # [N]

@@ -2,8 +2,9 @@
 
 All three run through the HF Trainer under ``torchrun``; the two sharded ones read their settings
 from ``configs/fsdp.yaml`` and ``configs/zero3.yaml``. FSDP wraps the vision layer (IAS-ViT layer or
-Qwen2.5-VL vision block, its saliency cross-attention inside it) and the LLM's decoder layer. accelerate only turns FSDP on for GPU
-processes and transformers only starts DeepSpeed's process group on GPUs, so on CPU (gloo: the
+Qwen2.5-VL vision block, its saliency cross-attention inside it) and the LLM's decoder layer.
+accelerate only turns FSDP on for GPU processes and transformers only starts DeepSpeed's process
+group on GPUs, so on CPU (gloo: the
 test suite's 2-process runs) :func:`enable_fsdp_on_cpu` and :func:`init_deepspeed_on_cpu` do
 those two steps themselves; everything else is the libraries' own sharded path.
 """

@@ -27,8 +27,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2,
-              special_tokens: list[str] = SPECIAL_TOKENS, chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+def train_bpe(
+    texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2,
+    special_tokens: list[str] = SPECIAL_TOKENS, chat_template: str = CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts`` and wrap it with the special tokens (ids 0.., pad first) and chat
     template (InternVL's by default; the Qwen2.5-VL family passes its own, qwen_data.py)."""
     bpe = Tokenizer(models.BPE())

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from pipeline.manifest import Manifest
 from pipeline.paths import reports_dir, runs_dir
+from stages.finetune import family
 from stages.report.generate import DecodeConfig, generate_split, is_untrained, predictions_dir, prepare_untrained, \
     read_predictions, run_config
 from storage.atomic import write_json_atomic, write_parquet_atomic
@@ -74,7 +75,6 @@ def condition(dataset: str, run: str) -> tuple[bool, bool]:
 def ablation_runs(dataset: str, run: str) -> dict[tuple[bool, bool], str]:
     """One run per (fine-tuned, IASC) condition: ``run`` and its family's untrained base, then the newest other
     trained run of the same base family (stages/finetune/family.py)."""
-    from stages.finetune import family
     from stages.finetune.train import last_checkpoint
 
     base_family = family.of_run(run_config(runs_dir(dataset) / run))
@@ -167,9 +167,7 @@ def build_report(
     table_rows = {r: m for r, m in rows.items() if run_of_row.get(r) in (None, run, untrained)}
     row_of_run = {n: r for r, n in run_of_row.items()}
     ablation_rows = {c: rows[row_of_run[n]] for c, n in runs_by_condition.items()}
-    from stages.finetune import family  # the ablation's table: II (InternVL), III (Qwen2.5-VL vs Qwen-VL-Chat)
-
-    base_family = family.of_run(run_config(runs_dir(dataset) / run))
+    base_family = family.of_run(run_config(runs_dir(dataset) / run))  # its table: II (InternVL), III (Qwen2.5-VL)
     tables = write_tables(out, dataset, table_rows, ablation_rows, spice_notes, paper_table=base_family.paper_table,
                           base=None if base_family is family.DEFAULT else base_family.label)
     if truth is not None:

@@ -39,14 +39,6 @@ from stages.finetune.dataset import TileSpec
 from storage.atomic import write_json_atomic, write_parquet_atomic
 from storage.images import ImageError
 
-UNTRAINED = "untrained"  # run name of the base model without fine-tuning (the baseline row; InternVL family)
-
-
-def is_untrained(run: str) -> bool:
-    """Whether ``run`` names a family's untrained baseline (``untrained``, ``untrained-qwen2.5-vl``)."""
-    from stages.finetune.family import FAMILIES
-
-    return run in {f.untrained_run for f in FAMILIES.values()}
 PREDICTION_SCHEMA = pa.schema([("image_id", pa.string()), ("split", pa.string()), ("caption", pa.string())])
 
 
@@ -167,6 +159,14 @@ def default_device() -> torch.device:
 # ---------------------------------------------------------------- runs and checkpoints
 
 
+def is_untrained(run: str) -> bool:
+    """Whether ``run`` names a base family's run of its base model without fine-tuning (the baseline row):
+    ``untrained`` (InternVL), ``untrained-qwen2.5-vl``."""
+    from stages.finetune.family import FAMILIES
+
+    return run in {f.untrained_run for f in FAMILIES.values()}
+
+
 def run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "run_config.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -236,8 +236,8 @@ def load_checkpoint(run_dir: Path, ckpt: Path, device: torch.device | None = Non
         model = PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload()
     else:
         raise FileNotFoundError(f"{ckpt} holds no model (config.json or adapter_config.json)")
-    return base_family.captioner(model, _tokenizer_for(ckpt, run_dir, cfg), base_family.spec_from_run(model.config, cfg),
-                                 device)
+    spec = base_family.spec_from_run(model.config, cfg)
+    return base_family.captioner(model, _tokenizer_for(ckpt, run_dir, cfg), spec, device)
 
 
 def prepare_untrained(dataset: str, like: str, manifest: Manifest | None) -> Path:
