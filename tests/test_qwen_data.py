@@ -6,14 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
+from PIL import Image
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 from pipeline.manifest import load_manifest
-from storage.images import open_rgb
-from storage.tables import image_root
+from pipeline.paths import dataset_dir
+from storage.atomic import write_parquet_atomic
+from storage.images import ImageError, open_rgb
+from storage.tables import IMAGES_SCHEMA, image_root, read_table
 from test_finetune_data import SIZES, WORDS, make_manifest, make_store, make_toy
 
 
@@ -147,3 +151,27 @@ def test_missing_and_constant_maps_are_uniform(toy, tok) -> None:
     assert torch.equal(values[1], torch.ones_like(values[1])) and torch.equal(values[2], torch.ones_like(values[2]))
     assert not torch.equal(values[0], torch.ones_like(values[0]))
     assert torch.equal(stack_maps([None, None]), torch.ones(2, 1, 1))
+
+
+def test_an_aspect_ratio_the_processor_refuses_is_a_clear_error(toy, tok) -> None:
+    """The Qwen2.5-VL processor refuses aspect ratios above 200: training names the image before it starts,
+    generation records the image as failed (ImageError) instead of stopping."""
+    from stages.finetune.dataset import SequenceLengthError
+    from stages.finetune.qwen_data import special_ids
+    from stages.finetune.qwen_model import build_tiny_model
+    from stages.report.qwen_generate import QwenCaptioner
+
+    with pytest.raises(ImageError, match="aspect ratios up to 200"):
+        _spec().image_tokens(4020, 20)
+    manifest, shas = toy
+    make_store(manifest, shas)
+    images = read_table("toy", "images").to_pylist()
+    images[0]["width"], images[0]["height"] = 4020, 20  # as ingest records such a panorama
+    write_parquet_atomic(dataset_dir("toy") / "images.parquet", pa.Table.from_pylist(images, schema=IMAGES_SCHEMA))
+    with pytest.raises(SequenceLengthError, match="4020x20: the Qwen2.5-VL image processor takes aspect ratios up"):
+        _dataset(manifest, tok)
+    model = build_tiny_model("tiny-qwen", vocab_size=len(tok), special_ids=special_ids(tok))
+    cap = QwenCaptioner(model, tok, _spec(), torch.device("cpu"))
+    assert cap.image_cost(4020, 20) == 0
+    with pytest.raises(ImageError, match="aspect_ratio"):
+        cap.prepare(Image.new("RGB", (4020, 20)), None)

@@ -213,7 +213,7 @@ class Qwen25VL(Family):
         if run_cfg.get(self.spec_key):
             return ImageSpec.from_dict(run_cfg[self.spec_key])
         base = run_cfg.get("base")
-        return ImageSpec.of(base, image_budget(base, run_cfg.get("tiny_model", "tiny-qwen")))
+        return ImageSpec.of(base, image_budget(base, run_cfg.get("tiny_model") or "tiny-qwen"))
 
     def dataset(self, cfg: Any, tokenizer: Any, spec: Any, store: Any) -> Any:
         from stages.finetune.qwen_data import QwenCritiqueDataset

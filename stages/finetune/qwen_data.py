@@ -25,7 +25,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from stages.finetune.dataset import MissingSaliencyError, SequenceLengthError, pairs
 from stages.finetune.prompting import IGNORE, PROMPT, Encoded, encode_after
 from stages.finetune.tokenizer import IM_END, IM_START, PAD, save_tokenizer, train_bpe
-from storage.images import open_rgb, safe_join
+from storage.images import ImageError, open_rgb, safe_join
 from storage.tables import image_root
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -87,8 +87,12 @@ class ImageSpec:
             image_mean=list(self.image_mean), image_std=list(self.image_std))
 
     def image_tokens(self, width: int, height: int) -> int:
-        """LLM tokens of a ``width x height`` image (the processor's smart resize, then 2x2 merge)."""
+        """LLM tokens of a ``width x height`` image (the processor's smart resize, then 2x2 merge); an image the
+        processor refuses (aspect ratio above 200) is an ImageError (a failed row in generation)."""
         factor = self.patch_size * self.merge_size
+        if max(width, height) > 200 * min(width, height):
+            raise ImageError("aspect_ratio", f"{width}x{height}: the Qwen2.5-VL image processor takes aspect "
+                                             "ratios up to 200")
         h, w = smart_resize(height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         return (h // factor) * (w // factor)
 
@@ -194,7 +198,10 @@ class QwenCritiqueDataset(Dataset):
         image_ids = comments["image_id"].to_pylist()
         self.items = [(paths[rows[iid]], shas[rows[iid]], text)
                       for iid, text in zip(image_ids, comments["text"].to_pylist())]
-        tokens = {iid: spec.image_tokens(widths[i], heights[i]) for iid, i in rows.items()}
+        try:
+            tokens = {iid: spec.image_tokens(widths[i], heights[i]) for iid, i in rows.items()}
+        except ImageError as e:
+            raise SequenceLengthError(f"dataset '{dataset}' split '{split}': {e.detail}") from None
         self.max_length, self.truncated = self._sequence_length([tokens[iid] for iid in image_ids], max_length)
         used = sorted({sha for _, sha, _ in self.items})
         self.missing = {sha for sha in used if store is None or not store.has(sha)}

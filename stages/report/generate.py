@@ -438,7 +438,10 @@ def generate_split(
         sal = store.read(row["sha256"])[0] if store is not None and store.has(row["sha256"]) else None
         if sal is None and store is not None and not store.allow_missing:
             return ImageError("missing_saliency", f"no saliency map for {row['image_id']}: run `ase-mllm saliency`")
-        return captioner.prepare(img, sal)
+        try:
+            return captioner.prepare(img, sal)
+        except ImageError as e:  # e.g. an aspect ratio the Qwen2.5-VL processor refuses
+            return e
 
     summary = GenerateSummary(directory, 0, reused)
     pending: list[dict[str, str]] = []

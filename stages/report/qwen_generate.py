@@ -16,6 +16,7 @@ from PIL import Image
 
 from stages.finetune.qwen_data import ImageSpec, prompt_ids, stack_maps
 from stages.report.generate import Captioner, DecodeConfig
+from storage.images import ImageError
 
 
 @dataclass
@@ -36,10 +37,14 @@ class QwenCaptioner(Captioner):
         self.processor = spec.processor()
 
     def image_cost(self, width: int, height: int) -> int:
-        """Prompt-length key for batching: the image's LLM tokens."""
-        return self.tiles.image_tokens(width, height)
+        """Prompt-length key for batching: the image's LLM tokens (0 for an image prepare will refuse)."""
+        try:
+            return self.tiles.image_tokens(width, height)
+        except ImageError:
+            return 0
 
     def prepare(self, img: Image.Image, saliency_map: np.ndarray | None) -> QwenPrompt:
+        self.tiles.image_tokens(img.width, img.height)  # an image the processor refuses: ImageError, a failed row
         features = self.processor(images=[img.convert("RGB")], return_tensors="pt")
         grid = features["image_grid_thw"]  # [1, 3]
         ids = prompt_ids(self.tokenizer, int(grid.prod()) // self.tiles.merge_size**2)
