@@ -145,16 +145,20 @@ class QwenSaliencyCrossAttention(nn.Module):
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, N, Dh]
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                                      eager_attention_forward)
-        if is_flash_attention_requested(self.config):  # varlen kernel: the segments in one call
+        if is_flash_attention_requested(self.config):  # varlen kernel: all segments in one call
             max_seqlen = get_max_seqlen(cu_seqlens, self.config, kwargs={"max_seqlen": max_seqlen})
             out, _ = attention(self, q, k, v, attention_mask=None, scaling=self.scaling, dropout=0.0,
                                cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
                                max_length_k=max_seqlen, is_causal=False)
-        else:  # one call per segment, as the block's own attention does
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-            splits = [torch.split(x, lengths, dim=2) for x in (q, k, v)]
-            out = torch.cat([attention(self, qs, ks, vs, attention_mask=None, scaling=self.scaling, dropout=0.0,
-                                       is_causal=False)[0] for qs, ks, vs in zip(*splits)], dim=1)  # [1, N, H, Dh]
+        else:  # segments of equal length batched: one call per distinct length (most windows are full)
+            out = torch.empty(n, self.num_heads, self.head_dim, dtype=v.dtype, device=v.device)  # [N, H, Dh]
+            starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            for length in lengths.unique().tolist():
+                index = (starts[lengths == length][:, None] + torch.arange(length, device=v.device)).reshape(-1)
+                qs, ks, vs = (x[0][:, index].unflatten(1, (-1, length)).transpose(0, 1) for x in (q, k, v))
+                o, _ = attention(self, qs, ks, vs, attention_mask=None, scaling=self.scaling, dropout=0.0,
+                                 is_causal=False)  # [S, length, H, Dh]
+                out[index] = o.reshape(-1, self.num_heads, self.head_dim)
         return self.gate * self.o_proj(out.reshape(n, -1))  # [N, D]
 
 
