@@ -243,3 +243,25 @@ def test_plan_is_within_25_percent_of_measured_peak_memory() -> None:
                           text_tokens=case["text_tokens"], labelled_tokens=case["labelled_tokens"], compute="fp32")
         ratios[case["name"]] = plan(config, setting).total / m["peak"]
     assert all(0.75 <= r <= 1.25 for r in ratios.values()), ratios
+
+
+def test_bf16_autocast_policy_trains_with_frozen_matrices_in_bf16(pccd_run: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """The GPU policy (bf16 autocast, frozen weight matrices in bf16, gradient checkpointing) on CPU's bf16
+    autocast: it trains, saves fp32 trainable + bf16 frozen weights, reloads and generates."""
+    import math
+
+    from stages.finetune.train import finetune
+    from stages.report.generate import DecodeConfig, generate_split, read_predictions
+
+    summary = finetune(_cfg(run="bf16", precision="bf16", gradient_checkpointing=True, max_steps=3, save_steps=2),
+                       load_manifest(pccd_run))
+    assert "compute bf16 autocast; frozen weights bf16" in capsys.readouterr().out
+    assert math.isfinite(summary.end_loss) and summary.global_step == 3
+    saved = load_file(summary.run_dir / "final" / "model.safetensors")
+    assert saved["visual.blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
+    assert saved["visual.blocks.0.cross_attention.q_proj.weight"].dtype == torch.float32
+    assert saved["visual.blocks.0.norm1.weight"].dtype == torch.float32
+    done = generate_split("pccd", "bf16", None, "test", decode=DecodeConfig(max_new_tokens=4), progress=False,
+                          allow_missing_saliency=True)
+    assert done.generated == 1 and not done.failed and len(read_predictions(done.directory, "test")) == 1
