@@ -24,6 +24,8 @@ def rss(field: str) -> int:
 
 
 def build(case: dict):
+    if case.get("family") == "qwen2_5_vl":
+        return build_qwen(case)
     from transformers import Qwen2Config
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
@@ -37,8 +39,41 @@ def build(case: dict):
     return config, IASInternVLForConditionalGeneration
 
 
+def build_qwen(case: dict):
+    """Qwen2.5-VL family: ``pixels`` per sample as one square image of (28 k)^2 pixels."""
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
+
+    from stages.finetune.qwen_model import IASQwen2_5_VLConfig, IASQwen2_5_VLForConditionalGeneration
+
+    v, t = case["vision"], case["text"]
+    ids = dict(zip(("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
+                   range(t["vocab_size"] - 4, t["vocab_size"])))
+    config = IASQwen2_5_VLConfig(vision_config=Qwen2_5_VLVisionConfig(**v, out_hidden_size=t["hidden_size"]),
+                                 text_config=Qwen2_5_VLTextConfig(**t, bos_token_id=None, eos_token_id=None), **ids)
+    return config, IASQwen2_5_VLForConditionalGeneration
+
+
+def batch_qwen(config, case: dict) -> dict:
+    g = torch.Generator().manual_seed(0)
+    b, text, labelled = case["per_device"], case["text_tokens"], case["labelled_tokens"]
+    side = int(round(case["pixels"] ** 0.5)) // 14  # patches per side
+    n_img = side * side // 4
+    ids = torch.randint(0, config.text_config.vocab_size - 4, (b, n_img + text), generator=g)
+    ids[:, 4:4 + n_img] = config.image_token_id
+    labels = torch.full_like(ids, -100)
+    labels[:, -labelled:] = ids[:, -labelled:]
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
+                mm_token_type_ids=(ids == config.image_token_id).int(),
+                image_grid_thw=torch.tensor([[1, side, side]] * b),
+                pixel_values=torch.randn(b * side * side, 3 * 2 * 14 * 14, generator=g),
+                saliency_maps=torch.rand(b, 14, 14, generator=g))
+
+
 def batch(config, case: dict) -> dict:
     from stages.finetune.model import tokens_per_tile
+
+    if case.get("family") == "qwen2_5_vl":
+        return batch_qwen(config, case)
 
     g = torch.Generator().manual_seed(0)
     b, tiles, text, labelled = case["per_device"], case["tiles"], case["text_tokens"], case["labelled_tokens"]

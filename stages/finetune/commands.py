@@ -13,7 +13,8 @@ def register(app: typer.Typer) -> None:
     def finetune(
         dataset: str = typer.Option(..., "--dataset", help="Ingested dataset to train on."),
         run: str = typer.Option("default", "--run", help="Run name: runs/<dataset>/<run>/."),
-        base: Optional[Path] = typer.Option(None, "--base", help="Local HF InternVL dir (default: manifest's)."),
+        base: Optional[Path] = typer.Option(None, "--base", help="Local HF InternVL or Qwen2.5-VL dir; its "
+                                                                 "config.json picks the family (default: manifest's)."),
         fusion: str = typer.Option("cross_attention", "--fusion", help="cross_attention, or none (w/o IASC)."),
         max_steps: int = typer.Option(-1, "--max-steps", help="Stop after N optimizer steps (overrides epochs)."),
         epochs: float = typer.Option(1.0, "--epochs"),
@@ -24,6 +25,9 @@ def register(app: typer.Typer) -> None:
                                       help="Comma list of vision, cross_attention, projector, llm."),
         lora: bool = typer.Option(False, "--lora", help="LoRA on the LLM instead of full LLM weights."),
         max_tiles: int = typer.Option(12, "--max-tiles", help="Up to this many 448 px tiles per image (paper: 40)."),
+        max_pixels: Optional[int] = typer.Option(None, "--max-pixels",
+                                                 help="Qwen2.5-VL family: pixels per image after resizing "
+                                                      "(default: the base's preprocessor_config.json)."),
         max_length: Optional[int] = typer.Option(None, "--max-length",
                                                  help="Cap on tokens per example (default: the data's longest); "
                                                       "longer critiques are truncated and counted."),
@@ -44,7 +48,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         log_sample_ids: bool = typer.Option(False, "--log-sample-ids", help="Log each rank's sample ids."),
         tiny_model: str = typer.Option("tiny", "--tiny-model",
-                                       help="Registered small model to build when there is no base (tiny, demo)."),
+                                       help="Registered small model to build when there is no base: tiny, demo "
+                                            "(InternVL), tiny-qwen, demo-qwen (Qwen2.5-VL)."),
     ) -> None:
         """Fine-tune the saliency-enhanced MLLM on a dataset's critiques (resumes if interrupted)."""
         from pipeline.context import manifest
@@ -55,6 +60,7 @@ def register(app: typer.Typer) -> None:
             dataset=dataset, run=run, base=str(base) if base else None, fusion=fusion, max_steps=max_steps,
             epochs=epochs, learning_rate=lr, global_batch_size=batch_size, per_device_batch_size=per_device,
             trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()), lora=lora, max_tiles=max_tiles,
+            max_pixels=max_pixels,
             max_length=max_length, strategy=strategy, gradient_checkpointing=gradient_checkpointing,
             precision=precision,
             allow_missing_saliency=allow_missing_saliency, saliency=saliency, limit=limit, workers=workers, save_steps=save_steps,
@@ -65,8 +71,11 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def plan(
         base: str = typer.Option(..., "--base", help="Checkpoint dir, its config.json, or a registered config: "
-                                                     "internvl2-8b, internvl3-8b, internvit300m-qwen2-0.5b, tiny, demo."),
-        max_tiles: int = typer.Option(12, "--max-tiles"),
+                                                     "internvl2-8b, internvl3-8b, internvit300m-qwen2-0.5b, "
+                                                     "qwen2.5-vl-7b, qwen2.5-vl-3b, tiny, demo, tiny-qwen, demo-qwen."),
+        max_tiles: int = typer.Option(12, "--max-tiles", help="InternVL: tiles per image."),
+        max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Qwen2.5-VL: pixels per image "
+                                                                           "(default 1,003,520 = 1,280 LLM tokens)."),
         per_device: int = typer.Option(1, "--per-device", help="Per-device batch."),
         gpus: int = typer.Option(1, "--gpus"),
         strategy: str = typer.Option("ddp", "--strategy", help="ddp, fsdp or zero3."),
@@ -85,7 +94,8 @@ def register(app: typer.Typer) -> None:
 
         if strategy not in STRATEGIES:
             raise typer.BadParameter(f"--strategy must be one of {', '.join(STRATEGIES)}")
-        setting = Setting(max_tiles=max_tiles, per_device=per_device, gpus=gpus, strategy=strategy,
+        setting = Setting(max_tiles=max_tiles, max_pixels=max_pixels, per_device=per_device, gpus=gpus,
+                          strategy=strategy,
                           gradient_checkpointing=gradient_checkpointing, lora=lora,
                           trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
                           text_tokens=text_tokens, compute=precision)

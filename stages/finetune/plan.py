@@ -7,7 +7,8 @@ their input, SDPA saves q, k, v, its output and the log-sum-exp; under autocast 
 own cast copy of its input; the residual stream stays fp32 because trainable weights are fp32). With
 gradient checkpointing a layer keeps only its input, and one layer at a time is recomputed. Logits
 exist only for labelled (critique) positions (model.py). Tests check the totals against the peak
-memory of real CPU training steps.
+memory of real CPU training steps. Both base families: InternVL (tiles of 448 px) and Qwen2.5-VL (one
+native-resolution image of up to ``max_pixels``; window attention, RMSNorm, SwiGLU and rope in its blocks).
 
 Per GPU, by strategy (P = parameters, T = trainable, G = GPUs):
 - ddp:   weights T*4 + (P-T)*frozen bytes; grads T*4 (+ T*4 DDP buckets when G > 1); AdamW T*8
@@ -28,6 +29,7 @@ GiB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DEFAULT_TEXT_TOKENS = 256  # prompt + critique when the data is not at hand (PCCD critiques: ~50-200 tokens)
 ALLOCATOR_RESERVE = 0.08  # of GPU memory: CUDA context, allocator fragmentation, NCCL buffers
+DEFAULT_QWEN_PIXELS = 28 * 28 * 1280  # the Qwen2.5-VL image processor's default budget (1,280 LLM tokens)
 
 
 # ---------------------------------------------------------------- named configs (no weights needed)
@@ -74,25 +76,22 @@ def named_config(name: str, fusion: str = "cross_attention") -> Any:
 
 
 def load_config(base: str | Path, fusion: str = "cross_attention") -> Any:
-    """``base``: a registered name, a checkpoint dir or its config.json (weights are never read)."""
+    """``base``: a registered name (either family), a checkpoint dir or its config.json (weights are never read)."""
     from transformers import AutoConfig
-    from transformers.models.internvl.configuration_internvl import InternVLConfig
 
-    from stages.finetune.model import _NOT_CONFIG_KEYS, TINY_CONFIGS, IASInternVLConfig, tiny_internvl_config
+    from stages.finetune import family
 
-    if str(base) in NAMED_CONFIGS:
-        return named_config(str(base), fusion)
-    if str(base) in TINY_CONFIGS:
-        return tiny_internvl_config(str(base), vocab_size=2048, fusion=fusion)
+    named = family.of_name(str(base))
+    if named is not None:
+        if str(base) in named.named_names():
+            return named.named_config(str(base), fusion)
+        return named.tiny_config(str(base), 2048, fusion)
     path = Path(base)
     if not path.exists():
-        raise FileNotFoundError(f"{base}: neither a registered config ({', '.join([*NAMED_CONFIGS, *TINY_CONFIGS])}) "
-                                "nor a checkpoint dir / config.json")
+        known = ", ".join(n for f in family.FAMILIES.values() for n in [*f.named_names(), *f.tiny_names()])
+        raise FileNotFoundError(f"{base}: neither a registered config ({known}) nor a checkpoint dir / config.json")
     config = AutoConfig.from_pretrained(path.parent if path.is_file() else path)
-    if not isinstance(config, InternVLConfig):
-        raise ValueError(f"{base}: expected an InternVL config, got model_type '{config.model_type}'")
-    fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_CONFIG_KEYS}
-    return IASInternVLConfig(**{**fields, "ias_fusion": fusion})
+    return family.of_base(path).ias_config(config, fusion)
 
 
 # ---------------------------------------------------------------- the setting
@@ -103,6 +102,7 @@ class Setting:
     """What is trained and how: everything the memory depends on besides the shapes."""
 
     max_tiles: int = 12
+    max_pixels: int | None = None  # Qwen2.5-VL family: pixels per image (None: DEFAULT_QWEN_PIXELS)
     per_device: int = 1
     gpus: int = 1
     strategy: str = "ddp"
@@ -132,18 +132,19 @@ def meta_model(config: Any) -> Any:
     which transformers would otherwise enter (a collective) once a ZeRO-3 TrainingArguments exists."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    from stages.finetune.model import IASInternVLForConditionalGeneration
+    from stages.finetune import family
 
     saved, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
     try:
         with torch.device("meta"):
-            return IASInternVLForConditionalGeneration(config)
+            return family.of_config(config).model_class()(config)
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def count_parameters(config: Any, setting: Setting, persistence_threshold: float = 1e7) -> Counts:
     """Exact parameter counts from the config (meta device)."""
+    from stages.finetune import family
     from stages.finetune.train import LORA_TARGETS, part_of
 
     model = meta_model(config)
@@ -163,16 +164,19 @@ def count_parameters(config: Any, setting: Setting, persistence_threshold: float
         by_part["lora"] = lora
         total += lora
         trainable += lora
-    layers = [*model.model.vision_tower.encoder.layer, *model.model.language_model.layers]
+    vision_layers, llm_layers = family.of_config(config).layers(model)
+    layers = [*vision_layers, *llm_layers]
     largest = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    prefix = {id(m): n for n, m in model.named_modules()}
 
-    def layer_trainable(prefix: str, layer: torch.nn.Module) -> int:
-        return sum(p.numel() for n, p in layer.named_parameters() if (part_of(f"{prefix}.{n}") or "") in lora_parts)
+    def layer_trainable(layer: torch.nn.Module) -> int:
+        return sum(p.numel() for n, p in layer.named_parameters()
+                   if (part_of(f"{prefix[id(layer)]}.{n}") or "") in lora_parts)
 
-    llm_layer = layer_trainable("model.language_model.layers.0", model.model.language_model.layers[0])
+    llm_layer = layer_trainable(llm_layers[0])
     if setting.lora and layers:
         llm_layer += by_part["lora"] // config.text_config.num_hidden_layers
-    vision_layer = layer_trainable("model.vision_tower.encoder.layer.0", model.model.vision_tower.encoder.layer[0])
+    vision_layer = layer_trainable(vision_layers[0])
     return Counts(total, trainable, by_part, largest, persistent, llm_layer, vision_layer)
 
 
@@ -194,22 +198,41 @@ class Shapes:
     mlp: int
     layers: int
     vocab: int
+    qwen: bool = False  # Qwen2.5-VL family: one native-resolution image, windowed RMSNorm / SwiGLU / rope blocks
+    pixel_bytes: int = 0  # model inputs per sample: pixels (+ saliency tiles for InternVL), fp32
+    window: int = 0  # Qwen2.5-VL: patches per attention window (window blocks)
+    full_layers: int = 0  # Qwen2.5-VL: blocks with full attention
 
     @staticmethod
     def of(config: Any, setting: Setting) -> Shapes:
         from stages.finetune.model import tokens_per_tile
 
         v, t = config.vision_config, config.text_config
+        labelled = setting.labelled_tokens if setting.labelled_tokens is not None else max(1, setting.text_tokens - 32)
+        head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+        text = dict(labelled=labelled, h=t.hidden_size, kv=t.num_key_value_heads * head_dim, mlp=t.intermediate_size,
+                    layers=t.num_hidden_layers, vocab=t.vocab_size)
+        if config.model_type == "ias_qwen2_5_vl":  # the largest image the pixel budget lets through
+            side = v.patch_size * v.spatial_merge_size
+            patches = (setting.max_pixels or DEFAULT_QWEN_PIXELS) // side**2 * v.spatial_merge_size**2
+            image_tokens = patches // v.spatial_merge_size**2
+            return Shapes(tiles=1, vision_tokens=patches, d=v.hidden_size, vision_mlp=v.intermediate_size,
+                          vision_layers=v.depth, image_tokens=image_tokens, seq=image_tokens + setting.text_tokens,
+                          qwen=True, pixel_bytes=patches * v.in_channels * v.temporal_patch_size * v.patch_size**2 * 4,
+                          window=min(patches, (v.window_size // v.patch_size) ** 2),
+                          full_layers=len(v.fullatt_block_indexes), **text)
         tiles = setting.max_tiles + (1 if setting.max_tiles > 1 else 0)
         grid = v.image_size[0] // v.patch_size[0]
         image_tokens = tiles * tokens_per_tile(config)
-        labelled = setting.labelled_tokens if setting.labelled_tokens is not None else max(1, setting.text_tokens - 32)
-        head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
         return Shapes(tiles=tiles, vision_tokens=grid * grid + 1, d=v.hidden_size, vision_mlp=v.intermediate_size,
                       vision_layers=v.num_hidden_layers, image_tokens=image_tokens,
-                      seq=image_tokens + setting.text_tokens, labelled=labelled, h=t.hidden_size,
-                      kv=t.num_key_value_heads * head_dim, mlp=t.intermediate_size, layers=t.num_hidden_layers,
-                      vocab=t.vocab_size)
+                      seq=image_tokens + setting.text_tokens, pixel_bytes=tiles * 4 * v.image_size[0] ** 2 * 4, **text)
+
+    def images(self, setting: Setting) -> str:
+        """The image side of a setting, for people."""
+        if self.qwen:
+            return f"{(setting.max_pixels or DEFAULT_QWEN_PIXELS) / 1e6:.2f} MP images"
+        return f"{setting.max_tiles} tiles"
 
 
 def _vision_layer_bytes(s: Shapes, a: int, trainable_vit: bool, cross: bool) -> int:
@@ -221,6 +244,22 @@ def _vision_layer_bytes(s: Shapes, a: int, trainable_vit: bool, cross: bool) -> 
         n += (3 * a * d if cast else r * d) + a * d + (a * d if cast else r * d) + a * s.vision_mlp + 2 * a * d
     if cross:  # norm_context input, q/k/v inputs, SDPA, o_proj input, gate product
         n += r * d + (a * d if cast else r * d) + (2 * a * d if cast else r * d) + 4 * a * d + a * d + a * d
+    return n
+
+
+def _qwen_vision_layer_bytes(s: Shapes, a: int, trainable_vit: bool, cross: bool) -> int:
+    """Bytes autograd keeps per patch for one Qwen2.5-VL vision block (+ IAS) (residual stream fp32).
+
+    RMSNorm keeps its input and the normalised input; the vision rope keeps fp32 q, k and their rotated
+    halves; SwiGLU keeps the gate and up outputs and the SiLU output."""
+    r, d, cast = 4, s.d, a != 4
+    n = 2 * r * d + 4 * r * d + 4 * a * d  # norm1; rope on q and k; SDPA q, k, v, out
+    n += 2 * r * d + 3 * a * s.vision_mlp  # norm2; SwiGLU
+    if trainable_vit:  # qkv, proj, gate / up (one input) and down inputs
+        n += (a * d if cast else r * d) + a * d + (a * d if cast else r * d) + a * s.vision_mlp
+    if cross:  # norm_query (normalised), norm_context, q / k,v inputs, rope, SDPA, o_proj input, gate product
+        n += r * d + 2 * r * d + (a * d if cast else r * d) + (2 * a * d if cast else r * d) + 4 * r * d + 4 * a * d
+        n += 2 * a * d
     return n
 
 
@@ -253,13 +292,15 @@ def activation_bytes(config: Any, setting: Setting, counts: Counts) -> Activatio
     cross = config.ias_fusion == "cross_attention" and "cross_attention" in parts
     vision_grad = cross or "vision" in parts
     vtok = s.tiles * s.vision_tokens  # vision tokens per sample
-    vision_layer = _vision_layer_bytes(s, a, "vision" in parts, cross) * vtok if vision_grad else 0
+    layer_bytes = _qwen_vision_layer_bytes if s.qwen else _vision_layer_bytes
+    vision_layer = layer_bytes(s, a, "vision" in parts, cross) * vtok if vision_grad else 0
     kv_saved = s.h if setting.per_device > 1 else s.kv  # padded batches repeat k/v (no GQA kernel with a mask)
     llm_trainable = "llm" in parts or setting.lora
     llm_layer = _llm_layer_bytes(s, a, kv_saved, llm_trainable) * s.seq
-    # outside the layers: pixel + saliency tiles, saliency tokens, projector, final norm, label-only logits
-    tiles_in = s.tiles * 4 * config.vision_config.image_size[0] ** 2 * 4  # pixel + saliency tiles, fp32
-    projector = s.image_tokens * (2 * 4 * 4 * s.d + 2 * a * s.h) if "projector" in parts or vision_grad else 0
+    # outside the layers: model inputs, saliency tokens, projector, final norm, label-only logits
+    tiles_in = s.pixel_bytes
+    merged = 3 * a * 4 * s.d if s.qwen else 2 * a * s.h  # Qwen2.5-VL's merger MLP is 4d -> 4d -> h wide
+    projector = s.image_tokens * (2 * 4 * 4 * s.d + merged) if "projector" in parts or vision_grad else 0
     logits = s.labelled * (a + 4 + 4) * s.vocab + s.labelled * a * s.h
     fixed = tiles_in + (vtok * a * s.d if cross else 0) + projector + 2 * 4 * s.h * s.seq + logits
     mask = s.seq * s.seq if setting.per_device > 1 else 0
@@ -294,6 +335,7 @@ class Plan:
     gpu_memory: float | None = None  # bytes
     max_batch: int | None = None
     notes: list[str] = field(default_factory=list)
+    images: str = ""  # the image side of the setting: "40 tiles", "1.00 MP images"
 
     @property
     def total(self) -> float:
@@ -308,7 +350,7 @@ class Plan:
         if self.gpu_memory:
             fit = (f" of {self.gpu_memory / GiB:.0f} GB; largest per-device batch that fits: {self.max_batch}"
                    if self.max_batch else f" of {self.gpu_memory / GiB:.0f} GB: does NOT fit even at per-device batch 1")
-        return (f"plan: {st.strategy} x{st.gpus}, {st.max_tiles} tiles ({self.seq} tokens/sample), per-device batch "
+        return (f"plan: {st.strategy} x{st.gpus}, {self.images} ({self.seq} tokens/sample), per-device batch "
                 f"{st.per_device}, checkpointing {'on' if st.gradient_checkpointing else 'off'}: per GPU "
                 f"{gb(self.total)} GB (weights {gb(self.weights)}, grads {gb(self.gradients)}, optimizer "
                 f"{gb(self.optimizer)}, buffers {gb(self.buffers)}, activations {gb(self.activations)}; "
@@ -321,7 +363,7 @@ class Plan:
         rows = [
             ("model", f"{self.config_name}: {c.total / 1e9:.2f} B parameters, {c.trainable / 1e9:.3f} B trainable "
                       f"({', '.join(f'{k} {v / 1e6:.1f} M' for k, v in c.by_part.items())})"),
-            ("setting", f"{st.strategy} on {st.gpus} GPU(s), per-device batch {st.per_device}, {st.max_tiles} tiles "
+            ("setting", f"{st.strategy} on {st.gpus} GPU(s), per-device batch {st.per_device}, {self.images} "
                         f"-> {self.seq} LLM tokens/sample, compute {st.compute}, LoRA {'on' if st.lora else 'off'}"),
             ("weights", f"{self.weights / GiB:8.2f} GB"),
             ("gradients", f"{self.gradients / GiB:8.2f} GB"),
@@ -382,9 +424,9 @@ def plan(config: Any, setting: Setting, gpu_memory_gb: float | None = None, name
     per_sample = acts.total
     activations = setting.per_device * per_sample + acts.peak_extra
     peak_live = _backward_peak(counts, setting, acts, grads)
-    seq = Shapes.of(config, setting).seq
-    result = Plan(name or "model", setting, counts, seq, weights, grads, optim, buffers, activations, peak_live,
-                  per_sample, other.total)
+    shapes = Shapes.of(config, setting)
+    result = Plan(name or "model", setting, counts, shapes.seq, weights, grads, optim, buffers, activations, peak_live,
+                  per_sample, other.total, images=shapes.images(setting))
     if gpu_memory_gb:
         result.gpu_memory = gpu_memory_gb * GiB
         budget = result.gpu_memory * (1 - ALLOCATOR_RESERVE)
@@ -405,12 +447,16 @@ def training_flops(config: Any, setting: Setting) -> float:
     parts = set(setting.trainable)
     cross = config.ias_fusion == "cross_attention"
     n = s.vision_tokens
-    vit = 2 * n * (4 * s.d * s.d + 2 * s.d * s.vision_mlp) + 4 * n * n * s.d
-    xattn = (2 * n * 4 * s.d * s.d + 4 * n * n * s.d) if cross else 0
+    span = n  # keys per query; Qwen2.5-VL: a window in most blocks, the image in the full-attention ones
+    if s.qwen:
+        span = (s.full_layers * n + (s.vision_layers - s.full_layers) * s.window) / s.vision_layers
+    mlp = 3 if s.qwen else 2  # SwiGLU: gate, up, down
+    vit = 2 * n * (4 * s.d * s.d + mlp * s.d * s.vision_mlp) + 4 * n * span * s.d
+    xattn = (2 * n * 4 * s.d * s.d + 4 * n * span * s.d) if cross else 0
     vision_grad = (cross and "cross_attention" in parts) or "vision" in parts
     vision = s.tiles * s.vision_layers * (vit * (3 if "vision" in parts else 2 if vision_grad else 1)
                                           + xattn * (3 if "cross_attention" in parts else 2))
-    projector = 3 * 2 * s.image_tokens * (4 * s.d * s.h + s.h * s.h)
+    projector = 3 * 2 * s.image_tokens * ((16 * s.d * s.d + 4 * s.d * s.h) if s.qwen else (4 * s.d * s.h + s.h * s.h))
     llm_token = 2 * (2 * s.h * s.h + 2 * s.h * s.kv + 3 * s.h * s.mlp) + 2 * s.seq * s.h
     llm = s.layers * s.seq * llm_token * (3 if "llm" in parts and not setting.lora else 2)
     head = 3 * 2 * s.labelled * s.h * s.vocab

@@ -50,7 +50,12 @@ def encode_example(
 
     ``max_length`` truncates the critique (never the image tokens); the eos is always kept.
     """
-    head = prompt_ids(tokenizer, n_context, prompt)
+    return encode_after(tokenizer, prompt_ids(tokenizer, n_context, prompt), critique, max_length)
+
+
+def encode_after(tokenizer: PreTrainedTokenizerBase, head: list[int], critique: str,
+                 max_length: int | None = None) -> Encoded:
+    """``head`` (a prompt's ids, any base family) + critique + eos, labels on the critique and eos only."""
     target = _ids(tokenizer, critique.strip())
     if max_length is not None:
         room = max_length - len(head) - 1

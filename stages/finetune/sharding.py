@@ -1,9 +1,10 @@
 """Multi-GPU strategies for stage 2: ``ddp`` (replicated), ``fsdp`` (FSDP2) and ``zero3`` (DeepSpeed).
 
 All three run through the HF Trainer under ``torchrun``; the two sharded ones read their settings
-from ``configs/fsdp.yaml`` and ``configs/zero3.yaml``. FSDP wraps the IAS-ViT layer (its saliency
-cross-attention inside it) and the LLM's decoder layer. accelerate only turns FSDP on for GPU
-processes and transformers only starts DeepSpeed's process group on GPUs, so on CPU (gloo: the
+from ``configs/fsdp.yaml`` and ``configs/zero3.yaml``. FSDP wraps the vision layer (IAS-ViT layer or
+Qwen2.5-VL vision block, its saliency cross-attention inside it) and the LLM's decoder layer.
+accelerate only turns FSDP on for GPU processes and transformers only starts DeepSpeed's process
+group on GPUs, so on CPU (gloo: the
 test suite's 2-process runs) :func:`enable_fsdp_on_cpu` and :func:`init_deepspeed_on_cpu` do
 those two steps themselves; everything else is the libraries' own sharded path.
 """
@@ -29,11 +30,13 @@ def load_config(strategy: str) -> dict[str, Any]:
 
 
 def wrap_classes(config: Any) -> list[str]:
-    """Class names of the IAS-ViT layer and the LLM decoder layer of ``config`` (built on the meta device)."""
+    """Class names of the vision layer (IAS-ViT layer, Qwen2.5-VL vision block) and the LLM decoder layer of
+    ``config`` (built on the meta device)."""
+    from stages.finetune import family
     from stages.finetune.plan import meta_model
 
-    model = meta_model(config)
-    return [type(model.model.vision_tower.encoder.layer[0]).__name__, type(model.model.language_model.layers[0]).__name__]
+    vision, llm = family.of_config(config).layers(meta_model(config))
+    return [type(vision[0]).__name__, type(llm[0]).__name__]
 
 
 def training_kwargs(strategy: str, config: Any, gradient_checkpointing: bool) -> dict[str, Any]:

@@ -27,8 +27,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on ``texts`` and wrap it with the special tokens and chat template."""
+def train_bpe(
+    texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2,
+    special_tokens: list[str] = SPECIAL_TOKENS, chat_template: str = CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``texts`` and wrap it with the special tokens (ids 0.., pad first) and chat
+    template (InternVL's by default; the Qwen2.5-VL family passes its own, qwen_data.py)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -36,7 +40,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int =
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,  # ids 0..5, fixed
+        special_tokens=special_tokens,  # ids 0.., fixed
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -46,8 +50,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int =
         pad_token=PAD,
         eos_token=IM_END,
         unk_token=None,
-        additional_special_tokens=[IM_START, IMG_START, IMG_END, IMG_CONTEXT],
-        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=[t for t in special_tokens if t not in (PAD, IM_END)],
+        chat_template=chat_template,
         model_max_length=4096,
     )
 

@@ -41,7 +41,7 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 class TrainConfig:
     dataset: str
     run: str = "default"
-    base: str | None = None  # local HF InternVL dir; None: manifest's, else the tiny demo model
+    base: str | None = None  # local HF InternVL or Qwen2.5-VL dir (family.py); None: manifest's, else a tiny model
     fusion: str = "cross_attention"  # or "none" (the "w/o IASC" ablation)
     split: str = "train"
     # paper recipe
@@ -66,6 +66,7 @@ class TrainConfig:
     max_tiles: int = 12
     min_tiles: int = 1
     use_thumbnail: bool = True
+    max_pixels: int | None = None  # Qwen2.5-VL family: image pixel budget (None: the base's processor config)
     max_length: int | None = None  # cap on tokens per example; None: the longest example of the data
     allow_missing_saliency: bool = False
     saliency: str = "eat"  # where maps come from: eat | uniform | truth (stages/finetune/saliency_source.py)
@@ -157,10 +158,10 @@ def part_of(name: str) -> str | None:
     """Which trainable part a parameter belongs to (None: unknown)."""
     if ".cross_attention." in f".{name}":  # the parameters IAS-ViT adds (ias_vit.cross_attention_parameters)
         return "cross_attention"
-    if "vision_tower" in name:
-        return "vision"
-    if "multi_modal_projector" in name:
+    if "multi_modal_projector" in name or ".visual.merger." in f".{name}":  # Qwen2.5-VL's projector: its merger
         return "projector"
+    if "vision_tower" in name or ".visual." in f".{name}":
+        return "vision"
     if "language_model" in name or "lm_head" in name:
         return "llm"
     return None
@@ -183,9 +184,12 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """LoRA on the LLM's linear layers; the other chosen parts stay fully trainable (and saved)."""
     from peft import LoraConfig, get_peft_model
 
+    from stages.finetune import family
+
+    names = family.of_train(cfg.base, cfg.tiny_model).lora_modules
     full = set(cfg.trainable) - {"llm"}
-    keep = ["vision_tower"] if "vision" in full else (["cross_attention"] if "cross_attention" in full else [])
-    keep += ["multi_modal_projector"] if "projector" in full else []
+    keep = [names["vision"]] if "vision" in full else (["cross_attention"] if "cross_attention" in full else [])
+    keep += [names["projector"]] if "projector" in full else []
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=LORA_TARGETS, modules_to_save=keep)
     return get_peft_model(model, lora)
@@ -302,12 +306,12 @@ def resolve(cfg: TrainConfig, manifest: Manifest | None) -> TrainConfig:
 
 def model_config(cfg: TrainConfig) -> Any:
     """The model's config before the model exists (the base's config.json, or the tiny config)."""
+    from stages.finetune import family
     from stages.finetune.plan import load_config
-    from stages.finetune.model import tiny_internvl_config
 
     if cfg.base:
         return load_config(cfg.base, cfg.fusion)
-    return tiny_internvl_config(cfg.tiny_model, vocab_size=cfg.vocab_size, fusion=cfg.fusion)
+    return family.of_tiny(cfg.tiny_model).tiny_config(cfg.tiny_model, cfg.vocab_size, cfg.fusion)
 
 
 def training_arguments(cfg: TrainConfig, run_dir: Path, config: Any = None) -> TrainingArguments:
@@ -352,28 +356,27 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, config: Any = None) -> T
 
 
 def build_tokenizer(cfg: TrainConfig, run_dir: Path):  # noqa: ANN201
+    from stages.finetune import family
     from stages.finetune.dataset import pairs
-    from stages.finetune.tokenizer import dataset_tokenizer, load_tokenizer
 
+    base_family = family.of_train(cfg.base, cfg.tiny_model)
     if cfg.base:
-        return load_tokenizer(Path(cfg.base))
+        return base_family.load_tokenizer(Path(cfg.base))
     _, comments = pairs(cfg.dataset, cfg.split)
-    return dataset_tokenizer(comments["text"].to_pylist(), run_dir / "tokenizer", cfg.vocab_size)
+    return base_family.dataset_tokenizer(comments["text"].to_pylist(), run_dir / "tokenizer", cfg.vocab_size)
 
 
 def build_model(cfg: TrainConfig, tokenizer, policy: Any = None) -> nn.Module:  # noqa: ANN001
     """The base (fp32 master weights) or the tiny demo model, parts frozen, cast by the precision policy."""
-    from stages.finetune import precision
-    from stages.finetune.model import build_tiny_model, load_base
-    from stages.finetune.tokenizer import IMG_CONTEXT
+    from stages.finetune import family, precision
 
+    base_family = family.of_train(cfg.base, cfg.tiny_model)
     if cfg.base:
-        model, missing = load_base(Path(cfg.base), fusion=cfg.fusion, dtype=torch.float32)
+        model, missing = base_family.load_base(Path(cfg.base), fusion=cfg.fusion, dtype=torch.float32)
         if missing:
             print(f"finetune: {len(missing)} new parameters initialised (not in {cfg.base})")
     else:
-        model = build_tiny_model(cfg.tiny_model, vocab_size=len(tokenizer),
-                                 image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT), fusion=cfg.fusion)
+        model = base_family.build_tiny(cfg.tiny_model, tokenizer, cfg.fusion)
     if cfg.lora:
         model = apply_lora(model, cfg)
     else:
@@ -399,15 +402,12 @@ def open_store(cfg: TrainConfig, manifest: Manifest | None):  # noqa: ANN201
 
 def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[TrainerCallback, ...] = ()) -> Summary:
     """Train (or resume) one run; returns the start / end loss summary. ``callbacks`` join the Trainer's."""
-    from stages.finetune.collate import Collator
-    from stages.finetune.dataset import CritiqueDataset, TileSpec
-    from stages.finetune.model import tokens_per_tile
-
-    from stages.finetune import precision
+    from stages.finetune import family, precision
     from stages.finetune.sharding import init_deepspeed_on_cpu
 
     cfg = resolve(cfg, manifest)
     run_dir = runs_dir(cfg.dataset) / cfg.run
+    family.check_run(run_dir, family.of_train(cfg.base, cfg.tiny_model))
     run_dir.mkdir(parents=True, exist_ok=True)
     config = model_config(cfg)
     args = training_arguments(cfg, run_dir, config)
@@ -421,16 +421,15 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
     with args.main_process_first(desc="tokenizer + checkpoint check"):
         tokenizer = build_tokenizer(cfg, run_dir)
         resume = last_checkpoint(run_dir, remove_incomplete=main)
-    tiles = TileSpec(tile_size=tile_size(config), min_tiles=cfg.min_tiles, max_tiles=cfg.max_tiles,
-                     use_thumbnail=cfg.use_thumbnail, tokens_per_tile=tokens_per_tile(config))
-    data = CritiqueDataset(cfg.dataset, cfg.split, tokenizer, tiles, open_store(cfg, manifest),
-                           cfg.allow_missing_saliency or cfg.saliency == "uniform", cfg.max_length, cfg.limit)
+    base_family = family.of_train(cfg.base, cfg.tiny_model)
+    spec = base_family.data_spec(cfg, config)  # TileSpec (InternVL) or ImageSpec (Qwen2.5-VL)
+    data = base_family.dataset(cfg, tokenizer, spec, open_store(cfg, manifest))
     if main:
         print(memory_plan(cfg, config, args, data).line())
     model = build_model(cfg, tokenizer, policy)
     if main:
         write_json_atomic(run_dir / "run_config.json", {
-            **asdict(cfg), "tiles": asdict(tiles), "world_size": args.world_size,
+            **asdict(cfg), **family.spec_record(base_family, spec), "world_size": args.world_size,
             "per_device_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "train_pairs": len(data),
             "max_length_used": data.max_length, "truncated": data.truncated,
@@ -441,7 +440,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
         sample_log = run_dir / "samples" / f"rank{args.process_index}.txt"
     trainer = CritiqueTrainer(
         model=model, args=args, train_dataset=data,
-        data_collator=Collator(tokenizer.pad_token_id, keep_sample_ids=cfg.log_sample_ids),
+        data_collator=base_family.collator(tokenizer, cfg.log_sample_ids),
         callbacks=[_MetricsLog(run_dir / "metrics.jsonl"), *callbacks], sample_log=sample_log,
     )
     if not args.disable_tqdm:
@@ -468,7 +467,8 @@ def memory_plan(cfg: TrainConfig, config: Any, args: TrainingArguments, data: An
     """The plan (plan.py) of this run: its shapes, batch, strategy and longest example."""
     from stages.finetune.plan import Setting, plan
 
-    setting = Setting(max_tiles=cfg.max_tiles, per_device=args.per_device_train_batch_size, gpus=args.world_size,
+    setting = Setting(max_tiles=cfg.max_tiles, max_pixels=getattr(data, "max_pixels", None),  # Qwen2.5-VL: its budget
+                      per_device=args.per_device_train_batch_size, gpus=args.world_size,
                       strategy=cfg.strategy, gradient_checkpointing=cfg.gradient_checkpointing,
                       trainable=cfg.trainable, lora=cfg.lora, lora_r=cfg.lora_r, text_tokens=data.text_tokens,
                       labelled_tokens=data.text_tokens, compute=cfg.precision,

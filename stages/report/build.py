@@ -22,7 +22,8 @@ import pyarrow as pa
 
 from pipeline.manifest import Manifest
 from pipeline.paths import reports_dir, runs_dir
-from stages.report.generate import UNTRAINED, DecodeConfig, generate_split, predictions_dir, prepare_untrained, \
+from stages.finetune import family
+from stages.report.generate import DecodeConfig, generate_split, is_untrained, predictions_dir, prepare_untrained, \
     read_predictions, run_config
 from storage.atomic import write_bytes_atomic, write_json_atomic, write_parquet_atomic
 
@@ -67,18 +68,22 @@ def _slug(name: str) -> str:
 def condition(dataset: str, run: str) -> tuple[bool, bool]:
     """(fine-tuned, IASC active) of a run. The untrained model's cross-attention gates are zero: no IASC."""
     cfg = run_config(runs_dir(dataset) / run)
-    fine_tuned = cfg.get("fine_tuned", run != UNTRAINED)
+    fine_tuned = cfg.get("fine_tuned", not is_untrained(run))
     return bool(fine_tuned), bool(fine_tuned and cfg.get("fusion", "cross_attention") == "cross_attention")
 
 
 def ablation_runs(dataset: str, run: str) -> dict[tuple[bool, bool], str]:
-    """One run per (fine-tuned, IASC) condition: ``run`` and ``untrained``, then the newest other trained run."""
+    """One run per (fine-tuned, IASC) condition: ``run`` and its family's untrained base, then the newest other
+    trained run of the same base family (stages/finetune/family.py)."""
     from stages.finetune.train import last_checkpoint
 
-    chosen = {condition(dataset, run): run, (False, False): UNTRAINED}
+    base_family = family.of_run(run_config(runs_dir(dataset) / run))
+    chosen = {condition(dataset, run): run, (False, False): base_family.untrained_run}
     others = []
     for d in runs_dir(dataset).iterdir() if runs_dir(dataset).is_dir() else []:
-        if d.name in (run, UNTRAINED) or not d.is_dir() or not (d / "run_config.json").exists():
+        if d.name == run or is_untrained(d.name) or not d.is_dir() or not (d / "run_config.json").exists():
+            continue
+        if family.of_run(run_config(d)) is not base_family:
             continue
         ckpt = d / "final" if (d / "final" / "config.json").exists() else last_checkpoint(d)
         if ckpt is not None:
@@ -128,9 +133,9 @@ def build_report(
         raise ValueError(f"no predictions with references for split '{split}' of '{dataset}'")
     candidates: dict[str, dict[str, str]] = {f"ASE-MLLM ({run})": ours}
     runs_by_condition: dict[tuple[bool, bool], str] = {}
-    if baselines or ablation:
-        prepare_untrained(dataset, run, manifest)
-        candidates[UNTRAINED_ROW] = predictions(UNTRAINED)
+    untrained = prepare_untrained(dataset, run, manifest).name if baselines or ablation else None
+    if untrained:
+        candidates[UNTRAINED_ROW] = predictions(untrained)
     if baselines:
         from stages.report.baselines import retrieval_baselines
 
@@ -142,7 +147,7 @@ def build_report(
     if truth is not None and baselines:
         candidates[CONSTANT_ROW] = {i: truth.constant for i in ours}
 
-    run_of_row = {f"ASE-MLLM ({run})": run, UNTRAINED_ROW: UNTRAINED}
+    run_of_row = {f"ASE-MLLM ({run})": run, UNTRAINED_ROW: untrained}
     for cond, name in runs_by_condition.items():
         if name not in run_of_row.values():
             row = f"ASE-MLLM ({name})"
@@ -162,10 +167,12 @@ def build_report(
     write_json_atomic(out / "rows.json", {row: {k: v for k, v in m.items() if k not in ("notes", "fingerprint")}
                                           for row, m in rows.items()})
 
-    table_rows = {r: m for r, m in rows.items() if run_of_row.get(r) in (None, run, UNTRAINED)}
+    table_rows = {r: m for r, m in rows.items() if run_of_row.get(r) in (None, run, untrained)}
     row_of_run = {n: r for r, n in run_of_row.items()}
     ablation_rows = {c: rows[row_of_run[n]] for c, n in runs_by_condition.items()}
-    tables = write_tables(out, dataset, table_rows, ablation_rows, spice_notes)
+    base_family = family.of_run(run_config(runs_dir(dataset) / run))  # its table: II (InternVL), III (Qwen2.5-VL)
+    tables = write_tables(out, dataset, table_rows, ablation_rows, spice_notes, paper_table=base_family.paper_table,
+                          base=None if base_family is family.DEFAULT else base_family.label)
     if truth is not None:
         first_reference = {i: refs[i][0] for i in ours}
         reference_row = {**attribute_scores(first_reference, truth.values), **diversity(first_reference)}

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
-from stages.report.generate import UNTRAINED, DecodeConfig, load_run
+from stages.report.generate import DecodeConfig, is_untrained, load_run
 from storage.atomic import atomic_path, write_bytes_atomic
 from storage.image_files import find_images, is_utf8, printable
 
@@ -94,7 +94,7 @@ def resolve_run(run: str | None) -> tuple[str, str]:
         return dataset, name
     candidates = []
     for d in sorted(root.glob("*/*")) if root.is_dir() else []:
-        if d.is_dir() and d.name != UNTRAINED and (run is None or d.name == run):
+        if d.is_dir() and not is_untrained(d.name) and (run is None or d.name == run):
             try:
                 candidates.append((find_checkpoint(d).stat().st_mtime_ns, d.parent.name, d.name))
             except FileNotFoundError:

@@ -39,7 +39,6 @@ from stages.finetune.dataset import TileSpec
 from storage.atomic import write_json_atomic, write_parquet_atomic
 from storage.images import ImageError
 
-UNTRAINED = "untrained"  # run name of the base model without fine-tuning (the baseline row)
 PREDICTION_SCHEMA = pa.schema([("image_id", pa.string()), ("split", pa.string()), ("caption", pa.string())])
 
 
@@ -91,6 +90,13 @@ class Captioner:
         self.model = model.to(self.device, dtype=dtype).eval().requires_grad_(False)
         self.tokenizer, self.tiles = tokenizer, tiles
         self.needs_saliency = getattr(model.config, "ias_fusion", "none") == "cross_attention"
+
+    def image_cost(self, width: int, height: int) -> int:
+        """Prompt-length key for batching: the image's tile count."""
+        from stages.finetune.tiling import plan_tiles
+
+        t = self.tiles
+        return plan_tiles(width, height, t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail).num_tiles
 
     def prepare(self, img: Image.Image, saliency_map: np.ndarray | None) -> Prompt:
         """Tiles, saliency tiles (uniform when ``saliency_map`` is None or constant) and prompt ids of one image."""
@@ -153,6 +159,14 @@ def default_device() -> torch.device:
 # ---------------------------------------------------------------- runs and checkpoints
 
 
+def is_untrained(run: str) -> bool:
+    """Whether ``run`` names a base family's run of its base model without fine-tuning (the baseline row):
+    ``untrained`` (InternVL), ``untrained-qwen2.5-vl``."""
+    from stages.finetune.family import FAMILIES
+
+    return run in {f.untrained_run for f in FAMILIES.values()}
+
+
 def run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "run_config.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -196,36 +210,39 @@ def tile_spec(config: Any, cfg: dict[str, Any]) -> TileSpec:
 
 
 def _tokenizer_for(ckpt: Path, run_dir: Path, cfg: dict[str, Any]) -> Any:
-    from stages.finetune.tokenizer import load_tokenizer
+    from stages.finetune import family
 
     for directory in (ckpt, run_dir / "tokenizer", Path(cfg["base"]) if cfg.get("base") else None):
         if directory is not None and (directory / "tokenizer_config.json").exists():
-            return load_tokenizer(directory)
+            return family.of_run(cfg).load_tokenizer(directory)
     raise FileNotFoundError(f"no tokenizer for {ckpt} (looked in the checkpoint, {run_dir / 'tokenizer'} and the base)")
 
 
 def load_checkpoint(run_dir: Path, ckpt: Path, device: torch.device | None = None) -> Captioner:
     """A run's checkpoint as a :class:`Captioner` (full weights, or LoRA adapters on the run's base)."""
-    from stages.finetune.model import IASInternVLForConditionalGeneration, load_base
+    from stages.finetune import family
 
     cfg = run_config(run_dir)
+    base_family = family.of_run(cfg)
     if (ckpt / "config.json").exists():
-        model = IASInternVLForConditionalGeneration.from_pretrained(str(ckpt))
+        model = base_family.model_class().from_pretrained(str(ckpt))
     elif (ckpt / "adapter_config.json").exists():
         if not cfg.get("base"):
             raise ValueError(f"{ckpt} holds LoRA adapters on a randomly initialised demo model: they cannot be "
                              "reloaded without their base; train the demo without --lora")
         from peft import PeftModel
 
-        base, _ = load_base(cfg["base"], fusion=cfg.get("fusion", "cross_attention"))
+        base, _ = base_family.load_base(cfg["base"], fusion=cfg.get("fusion", "cross_attention"))
         model = PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload()
     else:
         raise FileNotFoundError(f"{ckpt} holds no model (config.json or adapter_config.json)")
-    return Captioner(model, _tokenizer_for(ckpt, run_dir, cfg), tile_spec(model.config, cfg), device)
+    spec = base_family.spec_from_run(model.config, cfg)
+    return base_family.captioner(model, _tokenizer_for(ckpt, run_dir, cfg), spec, device)
 
 
 def prepare_untrained(dataset: str, like: str, manifest: Manifest | None) -> Path:
-    """``runs/<dataset>/untrained/``: the model the run ``like`` started from, before any fine-tuning.
+    """``runs/<dataset>/untrained/`` (``untrained-qwen2.5-vl/`` for that family): the model the run ``like``
+    started from, before any fine-tuning.
 
     With a base checkpoint that is the base itself (nothing is copied); for the demo it is the tiny
     model initialised exactly as ``finetune`` initialised it (same seed, tokenizer and fusion),
@@ -233,21 +250,21 @@ def prepare_untrained(dataset: str, like: str, manifest: Manifest | None) -> Pat
     """
     from transformers import set_seed
 
-    from stages.finetune.model import build_tiny_model
-    from stages.finetune.tokenizer import IMG_CONTEXT
+    from stages.finetune import family
 
-    run_dir = runs_dir(dataset) / UNTRAINED
     src = runs_dir(dataset) / like
     cfg = run_config(src)
+    base_family = family.of_run(cfg)
+    run_dir = runs_dir(dataset) / base_family.untrained_run
     base = cfg.get("base") or (str(manifest.mllm.base) if manifest and manifest.mllm.base else None)
     fusion = cfg.get("fusion", "cross_attention")
-    info = {"fine_tuned": False, "untrained_of": like, "base": base, "fusion": fusion, "tiles": cfg.get("tiles"),
+    info = {"fine_tuned": False, "untrained_of": like, "base": base, "fusion": fusion, "family": base_family.name,
+            base_family.spec_key: cfg.get(base_family.spec_key), "tiny_model": cfg.get("tiny_model"),
             "allow_missing_saliency": cfg.get("allow_missing_saliency", False)}
     if base is None and not (run_dir / "final" / "config.json").exists():
         tokenizer = _tokenizer_for(src / "final", src, cfg)
         set_seed(int(cfg.get("seed", 0)))
-        model = build_tiny_model(cfg.get("tiny_model", "tiny"), vocab_size=len(tokenizer),
-                                 image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT), fusion=fusion)
+        model = base_family.build_tiny(cfg.get("tiny_model", "tiny"), tokenizer, fusion)
         tmp = run_dir / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp))
@@ -261,15 +278,15 @@ def prepare_untrained(dataset: str, like: str, manifest: Manifest | None) -> Pat
 def load_run(dataset: str, run: str, checkpoint: str | None = None,
              device: torch.device | None = None) -> tuple[Captioner, str, str]:
     """(captioner, checkpoint name, checkpoint fingerprint) of a run; ``untrained`` may mean the base model."""
-    from stages.finetune.model import load_base
-    from stages.finetune.tokenizer import load_tokenizer
+    from stages.finetune import family
 
     run_dir = runs_dir(dataset) / run
     cfg = run_config(run_dir)
-    if run == UNTRAINED and cfg.get("base") and checkpoint is None:
-        base = Path(cfg["base"])
-        model, _ = load_base(base, fusion=cfg.get("fusion", "cross_attention"))
-        captioner = Captioner(model, load_tokenizer(base), tile_spec(model.config, cfg), device)
+    if is_untrained(run) and cfg.get("base") and checkpoint is None:
+        base, base_family = Path(cfg["base"]), family.of_run(cfg)
+        model, _ = base_family.load_base(base, fusion=cfg.get("fusion", "cross_attention"))
+        captioner = base_family.captioner(model, base_family.load_tokenizer(base),
+                                          base_family.spec_from_run(model.config, cfg), device)
         return captioner, "base", checkpoint_fingerprint(base)
     ckpt = find_checkpoint(run_dir, checkpoint)
     return load_checkpoint(run_dir, ckpt, device), ckpt.name, checkpoint_fingerprint(ckpt)
@@ -381,15 +398,14 @@ def generate_split(
     import pyarrow.compute as pc
     from tqdm import tqdm
 
-    from stages.finetune.tiling import plan_tiles
     from storage.images import open_rgb, safe_join
     from storage.tables import image_root, read_table
 
     start = time.perf_counter()
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
-    if run == UNTRAINED and not (runs_dir(dataset) / UNTRAINED / "run_config.json").exists():
-        raise FileNotFoundError(f"{runs_dir(dataset) / UNTRAINED} is not prepared: report a fine-tuned run first "
+    if is_untrained(run) and not (runs_dir(dataset) / run / "run_config.json").exists():
+        raise FileNotFoundError(f"{runs_dir(dataset) / run} is not prepared: report a fine-tuned run first "
                                 "(the untrained baseline starts from that run's initialisation)")
     captioner, ckpt_name, fingerprint = load_run(dataset, run, checkpoint)
     directory = predictions_dir(dataset, run, ckpt_name, decode)
@@ -404,10 +420,8 @@ def generate_split(
     mine = images.to_pylist()[rank::world]  # by position in the whole split: independent of progress
     rows = [r for r in mine if r["image_id"] not in done]
     reused = len(mine) - len(rows)
-    t = captioner.tiles
-    n_tiles = {r["image_id"]: plan_tiles(r["width"], r["height"], t.tile_size, t.min_tiles, t.max_tiles,
-                                         t.use_thumbnail).num_tiles for r in rows}
-    rows.sort(key=lambda r: (-n_tiles[r["image_id"]], r["image_id"]))  # equal lengths batch together, big first
+    cost = {r["image_id"]: captioner.image_cost(r["width"], r["height"]) for r in rows}
+    rows.sort(key=lambda r: (-cost[r["image_id"]], r["image_id"]))  # equal lengths batch together, big first
 
     store = None
     if captioner.needs_saliency and rows:
@@ -424,7 +438,10 @@ def generate_split(
         sal = store.read(row["sha256"])[0] if store is not None and store.has(row["sha256"]) else None
         if sal is None and store is not None and not store.allow_missing:
             return ImageError("missing_saliency", f"no saliency map for {row['image_id']}: run `ase-mllm saliency`")
-        return captioner.prepare(img, sal)
+        try:
+            return captioner.prepare(img, sal)
+        except ImageError as e:  # e.g. an aspect ratio the Qwen2.5-VL processor refuses
+            return e
 
     summary = GenerateSummary(directory, 0, reused)
     pending: list[dict[str, str]] = []
@@ -438,7 +455,7 @@ def generate_split(
     desc = f"generate {run}/{ckpt_name}" + (f" rank {rank}/{world}" if world > 1 else "")
     with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
         for batch, prepared in _prefetched(rows, prepare, batch_size):
-            ok = [(r, p) for r, p in zip(batch, prepared) if isinstance(p, Prompt)]
+            ok = [(r, p) for r, p in zip(batch, prepared) if not isinstance(p, ImageError)]  # Prompt or QwenPrompt
             summary.failed += [(r["image_id"], p.reason) for r, p in zip(batch, prepared) if isinstance(p, ImageError)]
             if ok:
                 captions = captioner.generate([p for _, p in ok], decode)
