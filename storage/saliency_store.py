@@ -14,9 +14,10 @@ Layout of ``saliency_root()/<fingerprint>/`` (DESIGN.md sections 3-4)::
 A shard is done exactly when its ledger entry exists; a shard is written by one task in one
 assignment; done shards are never rewritten, so readers never race the job, and what a reader has
 decompressed of a done shard stays valid. Readers see shards committed after they opened the store
-(a miss re-reads the ledger when it changed). Reads that stay in one shard (sequential reads) get
-that shard decompressed whole once and kept (per process, least recently used dropped first);
-other reads fetch their one map.
+(a miss re-reads the ledger when it changed). Maps are read straight from the shard files in the
+calling thread (storage/zarr_shards.py; zarr itself if the layout is not the one written here).
+Reads that stay in one shard (sequential reads) get that shard decompressed whole once and kept
+(per process, least recently used dropped first); other reads fetch their one map.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from pipeline.paths import models_dir, saliency_root, work_dir
 from storage.atomic import write_json_atomic, write_parquet_atomic
 from storage.images import sha256_file
 from storage.tables import QUARANTINE_SCHEMA
+from storage.zarr_shards import ShardFiles, open_shard_files
 
 if TYPE_CHECKING:
     from pipeline.manifest import EatSpec, Manifest
@@ -180,6 +182,7 @@ class SaliencyStore:
         self._index: dict[str, int] | None = None
         self._index_stamp = -1  # the ledger directory's mtime when the index was read
         self._cache: _ShardCache | None = None
+        self._files: ShardFiles | None | bool = False  # direct map reads; None: through zarr; False: not looked yet
 
     @classmethod
     def open(
@@ -219,7 +222,7 @@ class SaliencyStore:
     # ---- reading ---------------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_arrays": None, "_cache": None}
+        return {**self.__dict__, "_arrays": None, "_cache": None, "_files": False}
 
     def _array(self, name: str, write: bool = False) -> Any:
         arrays = self._arrays  # one look: another thread may drop them (index reload) meanwhile
@@ -275,19 +278,31 @@ class SaliencyStore:
         cache = self._shard_cache()
         kept, sequential = cache.visit(shard)
         if kept is None and sequential:
-            kept = (self._array("maps")[self._rows_of(shard)], *self._labels_of(shard, cache))  # decompress it whole
+            kept = (self._shard_maps(shard), *self._labels_of(shard, cache))  # decompress it whole, keep it
             cache.keep(shard, kept)
         if kept is not None:
             maps, category, score = kept
             return maps[i].copy(), int(category[i]), float(score[i])
         category, score = self._labels_of(shard, cache)
-        return self._array("maps")[row], int(category[i]), float(score[i])
+        files = self._map_files()
+        return (files.read_row(shard, i) if files else self._array("maps")[row]), int(category[i]), float(score[i])
 
     def _shard_cache(self) -> _ShardCache:
         """This process's cache (a forked child starts its own: the parent's lock may have been held)."""
         if self._cache is None or self._cache.pid != os.getpid():
             self._cache = _ShardCache(SHARD_CACHE_BYTES)
         return self._cache
+
+    def _map_files(self) -> ShardFiles | None:
+        if self._files is False:
+            files = open_shard_files(self.path / "store.zarr" / "maps")
+            self._files = files if files is not None and files.shard_rows == self.shard_rows else None
+        return self._files
+
+    def _shard_maps(self, shard: int) -> np.ndarray:
+        """Every map of a done shard: [S, h, w]."""
+        files = self._map_files()
+        return files.read_shard(shard) if files else self._array("maps")[self._rows_of(shard)]
 
     def _rows_of(self, shard: int) -> slice:
         return slice(shard * self.shard_rows, (shard + 1) * self.shard_rows)

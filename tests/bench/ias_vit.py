@@ -2,14 +2,19 @@
 
 Prints time(forward + backward, IAS-ViT) / time(forward + backward, plain tower)  (aim <= 1.4)
 at InternViT-300M shape (24 layers x 1024, 16 heads, MLP 4096; 448 px, one tile; random init;
-every parameter trainable so both backward passes do full work), with the raw timings.
-The plain tower shares the IAS tower's tensors (no second copy), and the two are timed
-alternately so that load from other processes hits both alike. Median of ``--repeats`` after a warm-up.
-Usage: python tests/bench/ias_vit.py [--repeats 2] [--tiles 1] [--device cpu]
+every parameter trainable so both backward passes do full work), with the raw timings. The IAS
+step starts from the raw 14 x 14 map: cutting it into the saliency tile (tiling.expand_saliency,
+on the model's device) is timed with it. Beside the time ratio it prints the FLOP ratio of the
+two steps (torch's FlopCounterMode on the meta device): the floor that no implementation of this
+architecture goes below. The plain tower shares the IAS tower's tensors (no second copy); the two
+are timed alternately so that load from other processes hits both alike, and the ratio printed is
+the median of the per-pair ratios, after a warm-up pair.
+Usage: python tests/bench/ias_vit.py [--repeats 3] [--tiles 1] [--device cpu]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -24,8 +29,10 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 from transformers.models.internvl.modeling_internvl import InternVLVisionModel  # noqa: E402
 
 from pipeline.bench import require_device  # noqa: E402
+from stages.finetune.collate import saliency_inputs  # noqa: E402
 from stages.finetune.ias_vit import IASVisionModel, cross_attention_parameters  # noqa: E402
 from stages.finetune.model import TINY_CONFIGS  # noqa: E402
+from stages.finetune.tiling import expand_saliency  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -33,9 +40,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def flop_ratio(cfg: InternVLVisionConfig, tiles: int) -> tuple[float, float]:
+    """(IAS-ViT, plain) forward + backward FLOPs (matmuls, attention, convolutions), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s = cfg.image_size[0]
+    flops = []
+    with torch.device("meta"):
+        for model, inputs in ((IASVisionModel(cfg), 2), (InternVLVisionModel(cfg), 1)):
+            args = [torch.randn(tiles, 3, s, s), torch.rand(tiles, 1, s, s)][:inputs]
+            with FlopCounterMode(display=False) as counter:
+                model.train()(*args).last_hidden_state.square().mean().backward()
+            flops.append(counter.get_total_flops())
+    return flops[0], flops[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tiles", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -58,33 +80,43 @@ def main() -> None:
 
     s = cfg.image_size[0]
     x = torch.randn(args.tiles, 3, s, s, device=device)
-    sal = torch.rand(args.tiles, 1, s, s, device=device)
+    maps = {k: v.to(device) for k, v in saliency_inputs([torch.rand(14, 14)], [(args.tiles, 1, 0)]).items()}
 
-    def step(model: torch.nn.Module, *inputs: torch.Tensor) -> Callable[[], float]:
+    def step(forward: Callable[[], torch.Tensor], model: torch.nn.Module) -> Callable[[], float]:
         def run() -> float:
             model.zero_grad(set_to_none=True)
             _sync(device)
             start = time.perf_counter()
-            model(*inputs).last_hidden_state.square().mean().backward()
+            forward().square().mean().backward()
             _sync(device)
             return time.perf_counter() - start
 
         return run
 
-    run_plain, run_ias = step(plain, x), step(ias, x, sal)
+    def ias_forward() -> torch.Tensor:
+        saliency = expand_saliency(maps["saliency_maps"], maps["saliency_map_sizes"], maps["tile_grids"], s)
+        return ias(x, saliency).last_hidden_state
+
+    run_plain = step(lambda: plain(x).last_hidden_state, plain)
+    run_ias = step(ias_forward, ias)
     run_plain(), run_ias()  # warm-up
     t_plain, t_ias = [], []
     for _ in range(args.repeats):
         t_plain.append(run_plain())
         t_ias.append(run_ias())
-    plain_s, ias_s = statistics.median(t_plain), statistics.median(t_ias)
+    ratios = [i / p for i, p in zip(t_ias, t_plain)]
+    flops_ias, flops_plain = flop_ratio(cfg, args.tiles)
     n_base = sum(p.numel() for p in plain.parameters())
     n_xattn = sum(p.numel() for _, p in cross_attention_parameters(ias))
-    print(f"device {device}, threads {torch.get_num_threads()}, {args.tiles} tile(s) of {s} px, "
+    load = f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if device.type == "cpu" else ""
+    print(f"device {device}, threads {torch.get_num_threads()}{load}, {args.tiles} tile(s) of {s} px, "
           f"{cfg.num_hidden_layers} x {cfg.hidden_size}; base {n_base / 1e6:.1f} M params, "
           f"cross-attention +{n_xattn / 1e6:.1f} M; build {build:.1f} s")
-    print(f"forward+backward: plain {plain_s:.3f} s, IAS-ViT {ias_s:.3f} s (median of {args.repeats})")
-    print(f"ratio IAS-ViT / plain = {ias_s / plain_s:.3f}  (aim <= 1.4)")
+    print(f"forward+backward: plain {statistics.median(t_plain):.3f} s, IAS-ViT {statistics.median(t_ias):.3f} s "
+          f"(medians of {args.repeats}); per-pair ratios {', '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"FLOPs forward+backward: plain {flops_plain / 1e12:.2f} T, IAS-ViT {flops_ias / 1e12:.2f} T "
+          f"-> {flops_ias / flops_plain:.3f} (the architecture's floor)")
+    print(f"ratio IAS-ViT / plain = {statistics.median(ratios):.3f}  (aim <= 1.4)")
 
 
 if __name__ == "__main__":
