@@ -96,8 +96,8 @@ def expand_saliency(maps: torch.Tensor, sizes: torch.Tensor, grids: torch.Tensor
     zero padded; sizes [B, 2]: its (h, w), (0, 0) for an image without a map; grids [B, 3]: its
     ``Tiling.tile_grid`` (cols, rows, thumbnail). Each map is min-max normalised, resized bilinearly once over
     its image's ``rows*S x cols*S`` canvas and cut row-major like the image; the thumbnail is the whole map at
-    ``S x S``. No map, a constant map and a map with a non-finite value all give all-ones tiles. The grids are
-    read on the host (one small copy); the rest runs without host synchronisation.
+    ``S x S``. No map, a constant map and a map with a non-finite value all give all-ones tiles. Sizes and grids
+    are read on the host (they fix the shapes); the rest runs without host synchronisation.
     """
     sizes_host, grids_host = sizes.tolist(), grids.tolist()
     s = tile_size

@@ -6,10 +6,11 @@ Writes a store of ``--shards`` x 1024 maps of 14 x 14 (the default shard size; t
 SaliencyStore's own plan / write / commit, then times ``store.read(sha)`` from fresh readers (index
 loaded first, as a long-lived reader has it):
   - random order (training's shuffled sampler, generation's tile-count order): a different shard
-    almost every read, so each read fetches its one map
+    almost every read, so each read fetches its one map straight from the shard file; beside it the
+    same reads through zarr (the store's fallback path, and its only path before)
   - row order (sequential reads: report galleries, per-split sweeps): each shard is decompressed
     whole once reads stay in it, then served from memory; beside it the same reads with the shard
-    cache off (one map per read), i.e. the store before the cache
+    cache off (one map per read)
 each idle and with ``--load`` busy processes (default one per core) competing for the CPU, two
 rounds alternated, p50 / p99 per round. Aim: p50 <= 2 ms under load.
 """
@@ -54,11 +55,13 @@ def build(root: Path, shards: int) -> list[str]:
     return shas
 
 
-def latency(root: Path, order: list[str], cache: bool) -> tuple[float, float, float]:
-    """(p50, p99, mean) ms of ``read`` over ``order`` from a fresh reader; ``cache`` False: one map per read.
-    The mean carries the whole-shard decompressions that p50 / p99 of sequential reads hide."""
+def latency(root: Path, order: list[str], cache: bool, direct: bool) -> tuple[float, float, float]:
+    """(p50, p99, mean) ms of ``read`` over ``order`` from a fresh reader; ``cache`` False: one map per read;
+    ``direct`` False: through zarr. The mean carries the whole-shard decompressions that p50 / p99 hide."""
     saliency_store.SEQUENTIAL_READS = 2 if cache else 1 << 62
     reader = SaliencyStore.open(root, "bench")
+    if not direct:
+        reader._files = None  # what the store does for a layout it does not read itself: zarr's own reads
     reader.read(order[-1])  # index loaded, arrays opened
     times = []
     for sha in order:
@@ -104,13 +107,14 @@ def main() -> None:
     random_order = [shas[i] for i in rng.integers(0, len(shas), args.reads)]
     first = int(rng.integers(0, len(shas) - args.reads))
     row_order = shas[first:first + args.reads]
-    cases = [("random order", random_order, True), ("row order, shard cache", row_order, True),
-             ("row order, no cache (one map per read)", row_order, False)]
+    cases = [("random order", random_order, True, True), ("random order through zarr", random_order, True, False),
+             ("row order, shard cache", row_order, True, True),
+             ("row order, no cache (one map per read)", row_order, False, True)]
     for round_ in (1, 2):
         for busy in (0, args.load):
             with cpu_load(busy):
                 time.sleep(0.5 if busy else 0)
-                results = [(name, *latency(root, order, cache)) for name, order, cache in cases]
+                results = [(name, *latency(root, order, cache, direct)) for name, order, cache, direct in cases]
                 load = os.getloadavg()[0]
             state = (f"under load ({busy} busy processes, load average {load:.1f})" if busy
                      else f"no added load (load average {load:.1f})")
