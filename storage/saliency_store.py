@@ -12,7 +12,12 @@ Layout of ``saliency_root()/<fingerprint>/`` (DESIGN.md sections 3-4)::
     quarantine.parquet                images this stage rejected (QUARANTINE_SCHEMA)
 
 A shard is done exactly when its ledger entry exists; a shard is written by one task in one
-assignment; done shards are never rewritten, so readers never race the job.
+assignment; done shards are never rewritten, so readers never race the job, and what a reader has
+decompressed of a done shard stays valid. Readers see shards committed after they opened the store
+(a miss re-reads the ledger when it changed). Maps are read straight from the shard files in the
+calling thread (storage/zarr_shards.py; zarr itself if the layout is not the one written here).
+Reads that stay in one shard (sequential reads) get that shard decompressed whole once and kept
+(per process, least recently used dropped first); other reads fetch their one map.
 """
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ import json
 import os
 import shutil
 import socket
+import threading
+import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +45,18 @@ from pipeline.paths import models_dir, saliency_root, work_dir
 from storage.atomic import write_json_atomic, write_parquet_atomic
 from storage.images import sha256_file
 from storage.tables import QUARANTINE_SCHEMA
+from storage.zarr_shards import ShardFiles, open_shard_files
 
 if TYPE_CHECKING:
     from pipeline.manifest import EatSpec, Manifest
 
 DEFAULT_SHARD_ROWS = 1024
+SEQUENTIAL_READS = 2  # after this many reads in a row in one shard, the next decompresses the whole shard and keeps it
+SHARD_CACHE_BYTES = 64 << 20  # decompressed shards kept per reader and process (about 80 shards of 1024 14x14 maps)
+# File times advance in clock ticks (a few ms locally, up to 2 s on some network or FAT filesystems): a commit in
+# the tick of the ledger mtime a reader saw would leave it unchanged, so an index read within this of that mtime is
+# read again at the next miss (at most this long after a commit).
+LEDGER_CLOCK_NS = 2_000_000_000
 PLAN_SCHEMA = pa.schema([("shard", pa.int64()), ("row", pa.int64()), ("sha256", pa.string()), ("source", pa.string())])
 LEDGER_SCHEMA = pa.schema(
     [
@@ -122,10 +137,41 @@ def _remove_dead_temps(path: Path) -> None:
             pass
 
 
+Shard = tuple[np.ndarray, np.ndarray, np.ndarray]  # maps [S, h, w], category [S], score [S]
+
+
+class _ShardCache:
+    """One process's decompressed done shards (LRU by bytes) and per-shard labels; thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.max_bytes = max_bytes
+        self.shards: OrderedDict[int, Shard] = OrderedDict()
+        self.labels: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # category, score per shard: 8 B a row, all kept
+        self.last_shard, self.run = -1, 0  # the shard of the previous read, reads in a row in it
+
+    def visit(self, shard: int) -> tuple[Shard | None, bool]:
+        """(the shard if kept, whether reads stay in it) for a read in ``shard``."""
+        with self.lock:
+            self.run = self.run + 1 if shard == self.last_shard else 1
+            self.last_shard = shard
+            kept = self.shards.get(shard)
+            if kept is not None:
+                self.shards.move_to_end(shard)
+            return kept, self.run > SEQUENTIAL_READS
+
+    def keep(self, shard: int, data: Shard) -> None:
+        with self.lock:
+            self.shards[shard] = data
+            while sum(a.nbytes for d in self.shards.values() for a in d) > self.max_bytes and len(self.shards) > 1:
+                self.shards.popitem(last=False)
+
+
 class SaliencyStore:
     """Read maps by image sha256; the saliency job also plans, writes and commits shards through it.
 
-    Cheap to pickle: arrays and the index are (re)opened lazily in each process.
+    Cheap to pickle: arrays, the index and the shard cache are (re)made lazily in each process.
     """
 
     def __init__(self, path: Path, fingerprint: str, map_shape: tuple[int, int], shard_rows: int) -> None:
@@ -134,7 +180,9 @@ class SaliencyStore:
         self._arrays: dict[str, Any] | None = None
         self._writable = False
         self._index: dict[str, int] | None = None
-        self._labels: tuple[np.ndarray, np.ndarray] | None = None  # category, score of all rows
+        self._index_stamp = -1  # the ledger directory's mtime when the index was read
+        self._cache: _ShardCache | None = None
+        self._files: ShardFiles | None | bool = False  # direct map reads; None: through zarr; False: not looked yet
 
     @classmethod
     def open(
@@ -174,31 +222,49 @@ class SaliencyStore:
     # ---- reading ---------------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_arrays": None}
+        return {**self.__dict__, "_arrays": None, "_cache": None, "_files": False}
 
     def _array(self, name: str, write: bool = False) -> Any:
-        if self._arrays is None or (write and not self._writable):
+        arrays = self._arrays  # one look: another thread may drop them (index reload) meanwhile
+        if arrays is None or (write and not self._writable):
             group = zarr.open_group(self.path / "store.zarr", mode="r+" if write else "r")
             arrays = {k: group[k] for k in ("maps", "category", "score")}
             if write:  # the array config is not persisted: an all-zero map must still be written
                 arrays = {k: a.with_config({"write_empty_chunks": True}) for k, a in arrays.items()}
             self._arrays, self._writable = arrays, write
-        return self._arrays[name]
+        return arrays[name]
 
     @property
     def index(self) -> dict[str, int]:
-        """sha256 -> row of every stored map (loaded once)."""
+        """sha256 -> row of every stored map (loaded once, reloaded when a miss finds new commits)."""
         if self._index is None:
-            ledger = self.ledger()
-            ok = ledger.filter(pc.is_null(ledger["reason"]))
-            self._index = dict(zip(ok["sha256"].to_pylist(), ok["row"].to_pylist()))
+            self._load_index()
         return self._index
 
+    def _ledger_stamp(self) -> int:
+        try:
+            return os.stat(self.path / "ledger").st_mtime_ns  # a commit renames a file into it
+        except FileNotFoundError:
+            return 0
+
+    def _load_index(self) -> None:
+        stamp = self._ledger_stamp()  # taken first: a commit while the ledger is read changes it
+        if time.time_ns() - stamp < LEDGER_CLOCK_NS:  # a commit in the same clock tick would not: look again
+            stamp = -1
+        ledger = self.ledger()
+        ok = ledger.filter(pc.is_null(ledger["reason"]))
+        self._index, self._index_stamp = dict(zip(ok["sha256"].to_pylist(), ok["row"].to_pylist())), stamp
+        self._arrays = None  # reopened with their current shape (new shards grow the arrays)
+
     def lookup(self, sha256: str) -> int | None:
-        return self.index.get(sha256)
+        row = self.index.get(sha256)
+        if row is None and self._ledger_stamp() != self._index_stamp:  # shards were committed since: look again
+            self._load_index()
+            row = self._index.get(sha256)
+        return row
 
     def has(self, sha256: str) -> bool:
-        return sha256 in self.index
+        return self.lookup(sha256) is not None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -208,9 +274,46 @@ class SaliencyStore:
         row = self.lookup(sha256)
         if row is None:
             raise KeyError(f"no saliency map for image sha256 {sha256} in {self.path}")
-        if self._labels is None:
-            self._labels = (self._array("category")[:], self._array("score")[:])
-        return self._array("maps")[row], int(self._labels[0][row]), float(self._labels[1][row])
+        shard, i = divmod(row, self.shard_rows)
+        cache = self._shard_cache()
+        kept, sequential = cache.visit(shard)
+        if kept is None and sequential:
+            kept = (self._shard_maps(shard), *self._labels_of(shard, cache))  # decompress it whole, keep it
+            cache.keep(shard, kept)
+        if kept is not None:
+            maps, category, score = kept
+            return maps[i].copy(), int(category[i]), float(score[i])
+        category, score = self._labels_of(shard, cache)
+        files = self._map_files()
+        return (files.read_row(shard, i) if files else self._array("maps")[row]), int(category[i]), float(score[i])
+
+    def _shard_cache(self) -> _ShardCache:
+        """This process's cache (a forked child starts its own: the parent's lock may have been held)."""
+        if self._cache is None or self._cache.pid != os.getpid():
+            self._cache = _ShardCache(SHARD_CACHE_BYTES)
+        return self._cache
+
+    def _map_files(self) -> ShardFiles | None:
+        if self._files is False:
+            files = open_shard_files(self.path / "store.zarr" / "maps")
+            self._files = files if files is not None and files.shard_rows == self.shard_rows else None
+        return self._files
+
+    def _shard_maps(self, shard: int) -> np.ndarray:
+        """Every map of a done shard: [S, h, w]."""
+        files = self._map_files()
+        return files.read_shard(shard) if files else self._array("maps")[self._rows_of(shard)]
+
+    def _rows_of(self, shard: int) -> slice:
+        return slice(shard * self.shard_rows, (shard + 1) * self.shard_rows)
+
+    def _labels_of(self, shard: int, cache: _ShardCache) -> tuple[np.ndarray, np.ndarray]:
+        """(category [S], score [S]) of a done shard, read once per process."""
+        labels = cache.labels.get(shard)
+        if labels is None:
+            labels = cache.labels[shard] = (self._array("category")[self._rows_of(shard)],
+                                            self._array("score")[self._rows_of(shard)])
+        return labels
 
     # ---- ledger ----------------------------------------------------------------------------
 
@@ -248,7 +351,7 @@ class SaliencyStore:
             schema=QUARANTINE_SCHEMA,
         )
         write_parquet_atomic(self.path / "quarantine.parquet", quarantine)
-        self._index = self._labels = None
+        self._index = None
 
     # ---- writing (the saliency job) --------------------------------------------------------
 

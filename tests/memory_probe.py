@@ -70,6 +70,7 @@ def batch_qwen(config, case: dict) -> dict:
 
 
 def batch(config, case: dict) -> dict:
+    from stages.finetune.collate import saliency_inputs
     from stages.finetune.model import tokens_per_tile
 
     if case.get("family") == "qwen2_5_vl":
@@ -86,7 +87,7 @@ def batch(config, case: dict) -> dict:
     s = config.vision_config.image_size[0]
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
                 pixel_values=torch.randn(b * tiles, 3, s, s, generator=g),
-                saliency_values=torch.rand(b * tiles, 1, s, s, generator=g))
+                **saliency_inputs([torch.rand(14, 14, generator=g) for _ in range(b)], [(tiles, 1, 0)] * b))
 
 
 def measure(case: dict) -> dict:

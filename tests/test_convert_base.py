@@ -181,6 +181,7 @@ def test_qwen2_and_llama_llms_convert_faithfully(shared_dir: Path, tmp_path: Pat
 
 def test_load_base_on_the_converted_fixture_misses_only_cross_attention(shared_dir: Path, tmp_path: Path) -> None:
     """The ASE-MLLM model built from the conversion starts as the official model (zero gates)."""
+    from stages.finetune.collate import saliency_inputs
     from stages.finetune.convert import convert
     from stages.finetune.ias_vit import cross_attention_parameters
     from stages.finetune.model import load_base
@@ -191,10 +192,11 @@ def test_load_base_on_the_converted_fixture_misses_only_cross_attention(shared_d
     inputs = load_file(shared_dir / FIXTURE / "inputs.safetensors")
     expected = load_file(shared_dir / FIXTURE / "expected.safetensors")
     pixels = inputs["pixel_values"]
-    saliency = torch.rand(pixels.shape[0], 1, *pixels.shape[2:], generator=torch.Generator().manual_seed(0))
+    saliency = saliency_inputs([torch.rand(14, 14, generator=torch.Generator().manual_seed(0))],
+                               [(pixels.shape[0], 1, 0)])  # any map: the gates are zero
     with torch.no_grad():
         logits = model.eval()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                              pixel_values=pixels, saliency_values=saliency).logits
+                              pixel_values=pixels, **saliency).logits
     torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-5)
 
 

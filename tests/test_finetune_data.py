@@ -156,7 +156,6 @@ def _dataset(toy, tok, **kw):
 
 
 def test_dataset_items_tiles_saliency_and_tokens(toy, tok) -> None:
-    from stages.finetune.tiling import plan_tiles, saliency_tiles
 
     manifest, shas = toy
     maps = make_store(manifest, shas)
@@ -169,8 +168,8 @@ def test_dataset_items_tiles_saliency_and_tokens(toy, tok) -> None:
         cols, rows = get_optimal_tiled_canvas((h, w), (28, 28), 1, 4)
         n_tiles = cols * rows + (1 if cols * rows > 1 else 0)
         assert item["pixel_values"].shape == (n_tiles, 3, 28, 28)
-        expect = saliency_tiles(maps[shas[i // 2]], plan_tiles(w, h, 28, 1, 4), 28)
-        torch.testing.assert_close(item["saliency_values"], expect, rtol=0, atol=0)
+        assert torch.equal(item["saliency_map"], torch.from_numpy(maps[shas[i // 2]]))  # the stored map, raw
+        assert item["tile_grid"] == (cols, rows, int(cols * rows > 1))
         assert item["input_ids"].count(ctx) == 4 * n_tiles
         assert tok.decode([t for t in item["labels"] if t != -100]).endswith("<|im_end|>")
 
@@ -184,17 +183,21 @@ def test_missing_saliency_names_stage_or_counts(toy, tok) -> None:
         _dataset(toy, tok)
     data = _dataset(toy, tok, allow_missing_saliency=True)
     assert data.missing_saliency == 3
-    item = data[4]  # image 2: uniform map
-    assert torch.equal(item["saliency_values"], torch.ones_like(item["saliency_values"]))
+    assert data[4]["saliency_map"] is None  # image 2: no map, i.e. uniform
 
 
 def test_constant_stored_map_is_uniform_like_a_missing_one(toy, tok) -> None:
     """One rule for "no saliency": a stored all-zero map trains on the same all-ones tiles as a missing map."""
+    from stages.finetune.collate import Collator
+    from stages.finetune.model import IASInternVLModel
+
     manifest, shas = toy
     make_store(manifest, shas[:2], maps={shas[1]: np.zeros((14, 14), np.float32)})
     data = _dataset(toy, tok, allow_missing_saliency=True)
-    constant, missing = data[2]["saliency_values"], data[4]["saliency_values"]  # image 1 (zeros), image 2 (absent)
-    assert torch.equal(constant, torch.ones_like(constant)) and torch.equal(missing, torch.ones_like(missing))
+    batch = Collator(tok.pad_token_id)([data[2], data[4]])  # image 1 (zeros), image 2 (absent)
+    tiles = IASInternVLModel.saliency_tiles(batch["pixel_values"], batch["saliency_maps"],
+                                            batch["saliency_map_sizes"], batch["tile_grids"])
+    assert tiles.shape[0] == batch["pixel_values"].shape[0] and torch.equal(tiles, torch.ones_like(tiles))
 
 
 def test_collator_pads_and_keeps_tile_order(toy, tok) -> None:
@@ -208,7 +211,11 @@ def test_collator_pads_and_keeps_tile_order(toy, tok) -> None:
     ctx = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
     assert int((batch["input_ids"] == ctx).sum()) == batch["pixel_values"].shape[0] * 4  # InternVL's invariant
     torch.testing.assert_close(batch["pixel_values"], torch.cat([e["pixel_values"] for e in items]))
-    torch.testing.assert_close(batch["saliency_values"], torch.cat([e["saliency_values"] for e in items]))
+    assert batch["tile_grids"].tolist() == [list(e["tile_grid"]) for e in items]
+    for b, e in enumerate(items):  # each map in the top-left corner of its zero-padded slot
+        h, w = batch["saliency_map_sizes"][b].tolist()
+        assert torch.equal(batch["saliency_maps"][b, :h, :w], e["saliency_map"])
+        assert not batch["saliency_maps"][b, h:].any() and not batch["saliency_maps"][b, :, w:].any()
     for row, e in enumerate(items):
         k = len(e["input_ids"])
         assert batch["input_ids"][row, :k].tolist() == e["input_ids"]

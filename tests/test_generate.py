@@ -84,7 +84,8 @@ def test_batched_decoding_equals_batch_one_and_plain_argmax() -> None:
     model, tok = tiny_captioner_parts()
     cap = Captioner(model, tok, tiles_for(model), torch.device("cpu"))
     rng = np.random.default_rng(1)
-    prompts = [cap.prepare(img, rng.random((14, 14))) for img in _images()]
+    shapes = [(14, 14), (56, 56), (7, 9), (14, 14)]  # EAT's, ground-truth masks', odd: padded in one batch
+    prompts = [cap.prepare(img, rng.random(shape)) for img, shape in zip(_images(), shapes)]
     assert len({len(p.input_ids) for p in prompts}) > 1  # 1- and 3-tile images: real padding in the batch
     for decode in (DecodeConfig(max_new_tokens=10), DecodeConfig(max_new_tokens=8, num_beams=3)):
         batched = cap.generate_ids(prompts, decode)
@@ -93,11 +94,14 @@ def test_batched_decoding_equals_batch_one_and_plain_argmax() -> None:
     assert len({tuple(s) for s in single}) > 1  # outputs depend on the image
 
     # oracle: greedy as a plain loop of full forwards (no KV cache, no generate, no precomputed features)
+    from stages.finetune.collate import saliency_inputs
+
     p = prompts[1]
     ids = torch.tensor([p.input_ids])
     with torch.no_grad():
         for _ in range(10):
-            logits = model(input_ids=ids, pixel_values=p.pixel_values, saliency_values=p.saliency_values).logits
+            logits = model(input_ids=ids, pixel_values=p.pixel_values,
+                           **saliency_inputs([p.saliency_map], [p.tile_grid])).logits
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     plain = ids[0, len(p.input_ids):].tolist()
     eos = tok.eos_token_id
@@ -108,18 +112,23 @@ def test_batched_decoding_equals_batch_one_and_plain_argmax() -> None:
 def test_no_map_and_constant_map_both_mean_uniform_saliency() -> None:
     """Generation: a missing map and a constant map (all zeros, as LayerCAM gives when no gradient is positive)
     both give all-ones saliency tiles, hence the same critique; a real map gives different tiles."""
+    from stages.finetune.collate import saliency_inputs
     from stages.report.generate import Captioner, DecodeConfig
 
     model, tok = tiny_captioner_parts()
     cap = Captioner(model, tok, tiles_for(model), torch.device("cpu"))
     img = _images()[1]  # 3 tiles (2 + thumbnail)
+
+    def tiles(p):  # the saliency tiles the model makes of a prompt
+        return model.model.saliency_tiles(p.pixel_values, *saliency_inputs([p.saliency_map], [p.tile_grid]).values())
+
     none, zeros, flat = (cap.prepare(img, m) for m in (None, np.zeros((14, 14)), np.full((14, 14), 2.5)))
     for p in (none, zeros, flat):
-        assert p.saliency_values.shape[0] == 3 and torch.equal(p.saliency_values, torch.ones_like(p.saliency_values))
+        assert tiles(p).shape[0] == 3 and torch.equal(tiles(p), torch.ones_like(tiles(p)))
     decode = DecodeConfig(max_new_tokens=10)
     assert cap.generate_ids([zeros], decode) == cap.generate_ids([none], decode)
     real = cap.prepare(img, np.random.default_rng(0).random((14, 14)))
-    assert not torch.equal(real.saliency_values, none.saliency_values)
+    assert not torch.equal(tiles(real), tiles(none))
 
 
 def test_rank_shares_cover_the_split_once(toy_runs: Path) -> None:

@@ -125,16 +125,24 @@ def test_cross_attention_matches_torch_multihead_attention() -> None:
     torch.testing.assert_close(xattn(image, saliency), xattn.gate * ref, rtol=1e-5, atol=1e-5)
 
 
-def test_saliency_tokens_are_the_tower_embedding_of_the_weighted_tile() -> None:
+def test_one_embedding_call_gives_the_image_tokens_and_the_weighted_tile_tokens() -> None:
+    """Image tokens equal the unmodified tower's embedding exactly; saliency tokens equal patch conv + CLS +
+    position embedding of tile x saliency tile, computed directly."""
     cfg = _small()
-    _, ias = _pair(cfg)
-    torch.nn.init.normal_(ias.embeddings.cls_token)
-    torch.nn.init.normal_(ias.embeddings.position_embeddings)
-    x, sal = _inputs(cfg)
-    tokens = ias.saliency_tokens(x, sal)
+    base, ias = _pair(cfg)
+    for model in (base, ias):
+        torch.nn.init.normal_(model.embeddings.cls_token, generator=torch.Generator().manual_seed(1))
+        torch.nn.init.normal_(model.embeddings.position_embeddings, generator=torch.Generator().manual_seed(2))
+    x, sal = _inputs(cfg, tiles=3)
+    calls = []
+    ias.embeddings.patch_embeddings.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        image, tokens = ias.embed(x, sal)
+        assert torch.equal(image, base.embeddings(x))
+    assert len(calls) == 1
     patches = torch.nn.functional.conv2d(x * sal, ias.embeddings.patch_embeddings.projection.weight,
                                          ias.embeddings.patch_embeddings.projection.bias, stride=14)
-    expected = torch.cat([ias.embeddings.cls_token.expand(2, -1, -1), patches.flatten(2).transpose(1, 2)], 1)
+    expected = torch.cat([ias.embeddings.cls_token.expand(3, -1, -1), patches.flatten(2).transpose(1, 2)], 1)
     torch.testing.assert_close(tokens, expected + ias.embeddings.position_embeddings, rtol=1e-5, atol=1e-5)
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, InternVLConfig, InternVLForConditionalGeneration
 
+from stages.finetune.collate import saliency_inputs
 from stages.finetune.ias_vit import cross_attention_parameters
 from stages.finetune.model import (
     IASInternVLConfig,
@@ -50,8 +51,23 @@ def _open_gates(model: IASInternVLForConditionalGeneration, scale: float = 1.0) 
             p.data = 0.3 * torch.randn(p.shape, generator=g)
 
 
+GRIDS = {1: (1, 1, 0), 2: (2, 1, 0), 3: (2, 1, 1)}  # tile count -> (cols, rows, thumbnail)
+SALIENCY_KEYS = ("saliency_maps", "saliency_map_sizes", "tile_grids")
+
+
+def _without_saliency(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in SALIENCY_KEYS}
+
+
+def _other_maps(batch: dict, seed: int = 5) -> dict:
+    """The same batch with different saliency maps."""
+    maps = torch.rand(batch["saliency_maps"].shape, generator=torch.Generator().manual_seed(seed))
+    return {**batch, "saliency_maps": maps}
+
+
 def _batch(model: IASInternVLForConditionalGeneration, tiles: tuple[int, ...] = (1, 3), seed: int = 0) -> dict:
-    """Right-padded batch: [bos, prompt, <image> x tokens_per_tile x T_i, text...]; tiles in sample order."""
+    """Right-padded batch: [bos, prompt, <image> x tokens_per_tile x T_i, text...]; tiles in sample order; each
+    image's raw saliency map (14 x 14 and 56 x 56: sizes differ in a batch) with its tile grid."""
     g = torch.Generator().manual_seed(seed)
     n = tokens_per_tile(model.config)
     img = model.config.image_token_id
@@ -68,8 +84,9 @@ def _batch(model: IASInternVLForConditionalGeneration, tiles: tuple[int, ...] = 
         attention_mask[i, : len(r)] = 1
     s = model.config.vision_config.image_size[0]
     total = sum(tiles)
-    return dict(input_ids=input_ids, attention_mask=attention_mask,
-                pixel_values=torch.randn(total, 3, s, s, generator=g), saliency_values=torch.rand(total, 1, s, s, generator=g))
+    maps = [torch.rand(14 if i % 2 == 0 else 56, 14 if i % 2 == 0 else 56, generator=g) for i in range(len(tiles))]
+    return dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.randn(total, 3, s, s, generator=g),
+                **saliency_inputs(maps, [GRIDS[t] for t in tiles]))
 
 
 @pytest.mark.parametrize("fusion", ["none", "cross_attention"])
@@ -79,7 +96,7 @@ def test_image_features_equal_internvl_get_image_features(fusion: str) -> None:
     base = _base_with_same_weights(model)
     batch = _batch(model)
     with torch.no_grad():
-        ours = model.model.get_image_features(batch["pixel_values"], saliency_values=batch["saliency_values"])
+        ours = model.model.get_image_features(batch["pixel_values"], **{k: batch[k] for k in SALIENCY_KEYS})
         ref = base.model.get_image_features(batch["pixel_values"])
     assert ours.pooler_output.shape == (4, tokens_per_tile(model.config), model.config.text_config.hidden_size)
     assert torch.equal(ours.pooler_output, ref.pooler_output)
@@ -91,7 +108,7 @@ def test_logits_equal_base_internvl_when_gates_are_zero() -> None:
     batch = _batch(model)
     with torch.no_grad():
         ours = model(**batch).logits
-        ref = base(**{k: v for k, v in batch.items() if k != "saliency_values"}).logits
+        ref = base(**_without_saliency(batch)).logits
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 
 
@@ -101,10 +118,11 @@ def test_open_gates_saliency_changes_logits_and_samples_stay_independent() -> No
     batch = _batch(model)
     with torch.no_grad():
         logits = model(**batch).logits
-        other = model(**{**batch, "saliency_values": torch.rand_like(batch["saliency_values"])}).logits
-        # sample 1 alone: its 3 tiles are pixel_values[1:4]
+        other = model(**_other_maps(batch)).logits
+        # sample 1 alone: its 3 tiles are pixel_values[1:4], its 56 x 56 map unpadded
         alone = model(input_ids=batch["input_ids"][1:], attention_mask=batch["attention_mask"][1:],
-                      pixel_values=batch["pixel_values"][1:], saliency_values=batch["saliency_values"][1:]).logits
+                      pixel_values=batch["pixel_values"][1:],
+                      **saliency_inputs([batch["saliency_maps"][1]], [GRIDS[3]])).logits
     assert not torch.allclose(logits, other, atol=1e-3)
     torch.testing.assert_close(logits[1:], alone, rtol=1e-4, atol=1e-4)
 
@@ -147,7 +165,7 @@ def test_generate_uses_saliency_and_equals_a_greedy_forward_loop() -> None:
         for _ in range(steps):  # oracle: full forward without cache, argmax of the last position
             logits = model(**{**batch, "input_ids": ids}).logits
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        other = model(**{**batch, "saliency_values": 1 - batch["saliency_values"]}).logits[:, -1]
+        other = model(**{**batch, "saliency_maps": -batch["saliency_maps"]}).logits[:, -1]
     assert torch.equal(generated, ids)
     assert not torch.allclose(other, model(**batch).logits[:, -1], atol=1e-3)
 
@@ -156,7 +174,19 @@ def test_image_token_count_must_match_tiles() -> None:
     model = _model()
     batch = _batch(model, tiles=(1, 3))
     with pytest.raises(Exception, match="Image features and image tokens do not match"):
-        model(**{**batch, "pixel_values": batch["pixel_values"][:3], "saliency_values": batch["saliency_values"][:3]})
+        model(**{**_without_saliency(batch), "pixel_values": batch["pixel_values"][:3],
+                 **saliency_inputs([batch["saliency_maps"][0], batch["saliency_maps"][1]], [GRIDS[1], GRIDS[2]])})
+
+
+def test_saliency_inputs_must_describe_the_tiles() -> None:
+    model = _model()
+    batch = _batch(model, tiles=(1, 3))
+    with pytest.raises(ValueError, match="tile_grids describe 4 tiles but pixel_values holds 3"):
+        model(**{**batch, "pixel_values": batch["pixel_values"][:3]})
+    with pytest.raises(ValueError, match="saliency_maps, saliency_map_sizes and tile_grids"):
+        model(**_without_saliency(batch))
+    with torch.no_grad():  # the ablation needs none of them
+        _model("none")(**_without_saliency(batch))
 
 
 def test_save_pretrained_round_trip(tmp_path: Path) -> None:
@@ -186,7 +216,7 @@ def test_load_base_reports_only_cross_attention_keys_missing(tmp_path: Path) -> 
     model.eval()
     batch = _batch(model)
     with torch.no_grad():
-        ref = base(**{k: v for k, v in batch.items() if k != "saliency_values"}).logits
+        ref = base(**_without_saliency(batch)).logits
         assert torch.equal(model(**batch).logits, ref)  # zero gates: starts as the base model
 
     ablation, missing = load_base(tmp_path, fusion="none")

@@ -1,4 +1,5 @@
-"""The saliency store: layout read back through zarr itself, ledger semantics, pickling/fork, fingerprints."""
+"""The saliency store: layout read back through zarr itself, ledger semantics, the read cache (against the maps
+written), pickling/fork/threads, fingerprints."""
 from __future__ import annotations
 
 import pickle
@@ -145,6 +146,88 @@ def test_readers_in_dataloader_workers_and_after_pickle(tmp_path: Path) -> None:
     )
     got = torch.cat(list(loader))
     assert torch.equal(got, torch.from_numpy(np.stack([truth[s][0] for s in shas])))
+
+
+def _same(got: tuple, want: tuple) -> bool:
+    return np.array_equal(got[0], want[0]) and got[1] == want[1] and got[2] == pytest.approx(want[2], rel=1e-7)
+
+
+def test_sequential_reads_decompress_each_shard_once_random_reads_do_not(tmp_path: Path) -> None:
+    store = SaliencyStore.open(tmp_path, "fp", SHAPE, S)
+    planned, truth = _fill(store, 3 * S, seed=6)
+    in_row_order = [r.sha256 for shard in sorted(planned) for r in planned[shard]]
+    reader = SaliencyStore.open(tmp_path, "fp")
+    for sha in in_row_order:
+        assert _same(reader.read(sha), truth[sha])
+    assert list(reader._cache.shards) == [0, 1, 2]  # decompressed whole once reads stayed in them
+    first = reader.read(in_row_order[0])[0]
+    first[:] = 7  # callers get their own copy, never the cached shard
+    assert _same(reader.read(in_row_order[0]), truth[in_row_order[0]])
+
+    scattered = SaliencyStore.open(tmp_path, "fp")
+    for i in range(S):  # round robin over the shards: never two reads in a row in one shard
+        for shard in range(3):
+            sha = planned[shard][i].sha256
+            assert _same(scattered.read(sha), truth[sha])
+    assert not scattered._cache.shards  # one map per read: no whole-shard decompression
+
+
+def test_reader_sees_shards_committed_after_it_opened_and_its_cache_stays_valid(tmp_path: Path) -> None:
+    writer = SaliencyStore.open(tmp_path, "fp", SHAPE, S)
+    planned, truth = _fill(writer, S, seed=7)
+    reader = SaliencyStore.open(tmp_path, "fp")
+    for r in planned[0]:  # shard 0 read in order: decompressed and kept
+        assert _same(reader.read(r.sha256), truth[r.sha256])
+    assert list(reader._cache.shards) == [0]
+    for seed in (8, 9):  # new shards committed at once (same clock tick as the reader's index) and later
+        later, more = _fill(writer, S + 3, seed=seed)
+        truth.update(more)
+        new = [r.sha256 for rows in later.values() for r in rows]
+        assert all(reader.has(sha) for sha in new) and len(reader) == len(truth)
+        for sha in reversed(new):  # rows beyond the arrays' shape when the reader opened them
+            assert _same(reader.read(sha), truth[sha])
+    for sha, want in truth.items():  # the kept shard and everything else still exact
+        assert _same(reader.read(sha), want)
+    assert not reader.has(_sha(123_456_789))
+
+
+def test_a_commit_hidden_by_a_coarse_file_clock_is_still_seen(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from storage import saliency_store
+
+    monkeypatch.setattr(saliency_store, "LEDGER_CLOCK_NS", 3600 * 10**9, raising=False)
+    writer = SaliencyStore.open(tmp_path, "fp", SHAPE, S)
+    _fill(writer, S, seed=11)
+    reader = SaliencyStore.open(tmp_path, "fp")
+    assert len(reader) == S
+    ledger = tmp_path / "fp" / "ledger"
+    seen = os.stat(ledger)
+    later, more = _fill(writer, S, seed=12)
+    os.utime(ledger, ns=(seen.st_atime_ns, seen.st_mtime_ns))  # the commit fell in the clock tick the reader saw
+    for sha, want in more.items():
+        assert reader.has(sha) and _same(reader.read(sha), want)
+
+
+def test_concurrent_readers_threads_and_forked_workers_get_identical_maps(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = SaliencyStore.open(tmp_path, "fp", SHAPE, S)
+    planned, truth = _fill(store, 4 * S, seed=10)
+    reader = SaliencyStore.open(tmp_path, "fp")
+    in_row_order = [r.sha256 for shard in sorted(planned) for r in planned[shard]]
+    shuffled = [in_row_order[i] for i in np.random.default_rng(0).permutation(len(in_row_order))]
+    with ThreadPoolExecutor(4) as pool:  # the generate stage prepares batches in threads
+        for _ in range(3):
+            for order in (in_row_order, shuffled):
+                assert all(pool.map(lambda sha: _same(reader.read(sha), truth[sha]), order))
+    assert reader._cache.shards  # some shards were kept, by reads that stayed in them
+    loader = torch.utils.data.DataLoader(_MapDataset(reader, in_row_order), batch_size=4, num_workers=2,
+                                         multiprocessing_context="fork", timeout=60)  # a deadlock fails, not hangs
+    with reader._cache.lock:  # workers fork while a thread of the parent holds the cache lock
+        batches = iter(loader)
+    got = torch.cat(list(batches))  # a child starts its own cache: no deadlock on the copied lock
+    assert torch.equal(got, torch.from_numpy(np.stack([truth[sha][0] for sha in in_row_order])))
 
 
 def test_fingerprint_tracks_every_input(tmp_path: Path) -> None:

@@ -1,15 +1,18 @@
-"""Tiling: pixel tiles against transformers' GotOcr2 processors; saliency tiles by geometry."""
+"""Tiling: pixel tiles against transformers' GotOcr2 processors; saliency tiles by geometry (each tile's box
+sampled with grid_sample), against direct resizes, and against the per-image CPU implementation the model's
+on-device expansion replaced."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-from stages.finetune.tiling import (IMAGENET_MEAN, IMAGENET_STD, plan_tiles, saliency_tiles, tile_image,
-                                    uniform_saliency)
+from stages.finetune.collate import saliency_inputs
+from stages.finetune.tiling import IMAGENET_MEAN, IMAGENET_STD, Tiling, expand_saliency, plan_tiles, tile_image
 
 # odd sizes and aspect ratios x (tile size, min tiles, max tiles), including max_tiles = 40
 CASES = [
@@ -21,6 +24,31 @@ CASES = [
     ((60, 59), (112, 2, 6)),
     ((1203, 801), (112, 4, 9)),
 ]
+
+
+def reference_saliency_tiles(saliency_map: np.ndarray, tiling: Tiling, tile_size: int) -> torch.Tensor:
+    """The data loader's per-image CPU implementation before saliency moved to the model's device (verbatim but
+    for names): min-max normalise, one bilinear resize over the canvas, cut row-major, thumbnail = whole map;
+    a constant or non-finite map -> all ones."""
+    m = torch.as_tensor(saliency_map, dtype=torch.float32)
+    lo, hi = m.min(), m.max()
+    if not (torch.isfinite(lo) and torch.isfinite(hi) and hi > lo):
+        return torch.ones(tiling.num_tiles, 1, tile_size, tile_size)
+    m = (m - lo) / (hi - lo)
+    cols, rows = tiling.grid
+    canvas = F.interpolate(m[None, None], size=(rows * tile_size, cols * tile_size), mode="bilinear",
+                           align_corners=False)[0, 0]
+    tiles = canvas.unflatten(0, (rows, tile_size)).unflatten(2, (cols, tile_size))
+    tiles = tiles.permute(0, 2, 1, 3).reshape(rows * cols, 1, tile_size, tile_size)
+    if len(tiling.boxes) > rows * cols:
+        thumb = F.interpolate(m[None, None], size=(tile_size, tile_size), mode="bilinear", align_corners=False)
+        tiles = torch.cat([tiles, thumb])
+    return tiles.clamp_(0.0, 1.0)
+
+
+def saliency_tiles(saliency_map: np.ndarray | None, tiling: Tiling, tile_size: int) -> torch.Tensor:
+    """One image through the model's path: collate.saliency_inputs -> tiling.expand_saliency."""
+    return expand_saliency(*saliency_inputs([saliency_map], [tiling.tile_grid]).values(), tile_size)
 
 
 def _image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -126,6 +154,54 @@ def test_constant_map_means_no_saliency_information_uniform() -> None:
     tiling = plan_tiles(120, 50, 56, 1, 6)
     assert tiling.num_tiles > 2
     ones = torch.ones(tiling.num_tiles, 1, 56, 56)
-    assert torch.equal(uniform_saliency(tiling.num_tiles, 56), ones)
-    for constant in (np.full((7, 7), 3.0), np.zeros((14, 14), np.float32), np.full((14, 14), np.nan)):
+    assert torch.equal(saliency_tiles(None, tiling, 56), ones)
+    nan_spot = np.random.default_rng(0).random((14, 14))
+    nan_spot[3, 4] = np.nan
+    for constant in (np.full((7, 7), 3.0), np.zeros((14, 14), np.float32), np.full((14, 14), np.nan), nan_spot,
+                     np.full((1, 1), 0.5)):
         assert torch.equal(saliency_tiles(constant, tiling, 56), ones)
+
+
+def _maps(seed: int) -> list[np.ndarray | None]:
+    """Maps of several sizes (EAT's 14 x 14, ground-truth 56 x 56, odd ones), missing, constant and NaN maps."""
+    rng = np.random.default_rng(seed)
+    nan = rng.random((14, 14)).astype(np.float32)
+    nan[5, 2] = np.nan
+    return [rng.random((14, 14)).astype(np.float32) * 9 - 3, rng.random((56, 56)).astype(np.float32), None,
+            rng.random((7, 9)).astype(np.float32), np.zeros((14, 14), np.float32), rng.random((3, 2)).astype(np.float32),
+            nan, rng.standard_normal((14, 14)).astype(np.float32) * 1e-3, np.full((56, 56), 2.0, np.float32)]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 9])
+def test_expand_saliency_equals_the_per_image_cpu_implementation(batch: int) -> None:
+    """Batches of images with odd sizes, many tile grids (with and without thumbnail, up to 40 tiles) and maps
+    of different sizes give exactly the tiles the per-image implementation gave, image after image."""
+    sizes = [(333, 517), (1001, 97), (97, 1001), (448, 448), (60, 59), (1203, 801), (500, 501), (2000, 300),
+             (777, 333)]
+    settings = [(56, 1, 12, True), (28, 1, 40, True), (56, 2, 6, False), (28, 4, 9, True), (56, 1, 1, True)]
+    for k, setting in enumerate(settings):
+        tile, lo, hi, thumb = setting
+        for start in range(0, len(sizes), batch):
+            maps = _maps(seed=10 * k + start)[start:start + batch]
+            tilings = [plan_tiles(w, h, tile, lo, hi, thumb) for w, h in sizes[start:start + batch]]
+            ours = expand_saliency(*saliency_inputs(maps, [t.tile_grid for t in tilings]).values(), tile)
+            ref = torch.cat([torch.ones(t.num_tiles, 1, tile, tile) if m is None else reference_saliency_tiles(m, t, tile)
+                             for m, t in zip(maps, tilings)])
+            assert ours.shape == ref.shape and torch.equal(ours, ref), (setting, start)
+
+
+@pytest.mark.parametrize(("size", "setting"), CASES)
+def test_expand_saliency_samples_each_tile_box(size: tuple[int, int], setting: tuple[int, int, int]) -> None:
+    """Geometry oracle: tile t is the normalised map sampled bilinearly (grid_sample) at the pixel centres of its
+    box ``Tiling.boxes[t]`` in full-image coordinates, edges clamped."""
+    tile, lo, hi = setting
+    tiling = plan_tiles(*size, tile_size=tile, min_tiles=lo, max_tiles=hi)
+    sal = np.random.default_rng(4).random((11, 17)).astype(np.float32) * 5
+    m = torch.from_numpy((sal - sal.min()) / (sal.max() - sal.min()))[None, None]  # [1, 1, h, w]
+    centres = (torch.arange(tile) + 0.5) / tile  # pixel centres within a tile, in [0, 1]
+    expected = []
+    for x0, y0, x1, y1 in tiling.boxes:
+        ys, xs = torch.meshgrid(y0 + (y1 - y0) * centres, x0 + (x1 - x0) * centres, indexing="ij")
+        grid = torch.stack([xs, ys], -1)[None] * 2 - 1  # [1, S, S, 2] in grid_sample's [-1, 1]
+        expected.append(F.grid_sample(m, grid, mode="bilinear", padding_mode="border", align_corners=False)[0])
+    torch.testing.assert_close(saliency_tiles(sal, tiling, tile), torch.stack(expected), rtol=0, atol=2e-6)

@@ -2,15 +2,40 @@
 
 Token sequences are right-padded; tiles of all images are concatenated in batch order, which
 is the order the ``<IMG_CONTEXT>`` runs appear in the flattened ``input_ids`` (InternVL's rule).
+Saliency travels as each image's small raw map plus its tile grid (:func:`saliency_inputs`); the
+model cuts the maps into saliency tiles on its device (``tiling.expand_saliency``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from stages.finetune.prompting import IGNORE
+
+
+def saliency_inputs(maps: Sequence[np.ndarray | torch.Tensor | None],
+                    tile_grids: Sequence[tuple[int, int, int]]) -> dict[str, torch.Tensor]:
+    """The model's saliency inputs for a batch of images (see ``tiling.expand_saliency``).
+
+    ``maps``: each image's raw map [h_i, w_i] (sizes may differ), None for no map; ``tile_grids``: each
+    image's ``Tiling.tile_grid``. Returns saliency_maps [B, max h, max w] float32 (zero padded),
+    saliency_map_sizes [B, 2] (h, w; 0 x 0 for no map) and tile_grids [B, 3] (cols, rows, thumbnail).
+    """
+    shapes = [(0, 0) if m is None else tuple(m.shape) for m in maps]
+    if any(len(shape) != 2 for shape in shapes):
+        raise ValueError(f"saliency maps must be [h, w], got shapes {sorted(set(shapes))}")
+    padded = torch.zeros(len(maps), max((h for h, _ in shapes), default=0), max((w for _, w in shapes), default=0))
+    for b, (m, (h, w)) in enumerate(zip(maps, shapes)):
+        if h * w:
+            padded[b, :h, :w] = torch.as_tensor(m, dtype=torch.float32)
+    return {
+        "saliency_maps": padded,  # [B, H, W]
+        "saliency_map_sizes": torch.tensor(shapes, dtype=torch.long).reshape(-1, 2),  # [B, 2]
+        "tile_grids": torch.tensor(list(tile_grids), dtype=torch.long).reshape(-1, 3),  # [B, 3]
+    }
 
 
 @dataclass
@@ -34,7 +59,7 @@ class Collator:
             "attention_mask": attention_mask,
             "labels": labels,
             "pixel_values": torch.cat([e["pixel_values"] for e in examples]),  # [sum T, 3, S, S]
-            "saliency_values": torch.cat([e["saliency_values"] for e in examples]),  # [sum T, 1, S, S]
+            **saliency_inputs([e["saliency_map"] for e in examples], [e["tile_grid"] for e in examples]),
         }
         if self.keep_sample_ids:
             batch["sample_ids"] = torch.tensor([e["sample_id"] for e in examples], dtype=torch.long)  # [B]

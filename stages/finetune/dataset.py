@@ -2,8 +2,9 @@
 
 Map-style, so the HF Trainer's seeded sampler gives a deterministic shuffle and, under
 torchrun, accelerate's sharded sampler gives every rank a disjoint share. Each item opens its
-image, tiles it, reads that image's saliency map from the store by sha256 (one row, never the
-whole store) and samples it tile by tile, and tokenises the chat-formatted example.
+image, tiles it, reads that image's raw saliency map from the store by sha256 (one row, never the
+whole store; the model cuts it into saliency tiles on its device), and tokenises the chat-formatted
+example.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
 from stages.finetune.prompting import encode_example, prompt_ids
-from stages.finetune.tiling import Tiling, plan_tiles, saliency_tiles, tile_image, uniform_saliency
+from stages.finetune.tiling import plan_tiles, tile_image
 from storage.images import open_rgb, safe_join
 from storage.tables import image_root, read_table
 
@@ -52,7 +53,7 @@ def pairs(dataset: str, split: str) -> tuple[pa.Table, pa.Table]:
 
 
 class CritiqueDataset(Dataset):
-    """``(image, comment)`` pairs of one split -> tiles, saliency tiles and tokens.
+    """``(image, comment)`` pairs of one split -> tiles, raw saliency map + tile grid, and tokens.
 
     ``store`` is a SaliencyStore (``read(sha256) -> (map, category, score)``, ``has(sha256)``) or
     None. Images without a map raise :class:`MissingSaliencyError` naming the saliency stage, or,
@@ -128,13 +129,12 @@ class CritiqueDataset(Dataset):
         self.text_tokens = min(self.text_tokens, cap - longest_head)
         return min(cap, max(needed)), sum(n > cap for n in needed)
 
-    def saliency_values(self, sha: str, tiling: Tiling) -> torch.Tensor:
-        """Saliency tiles [T, 1, S, S] from the image's stored map; uniform when it has none."""
-        s = self.tiles.tile_size
+    def saliency_map(self, sha: str) -> torch.Tensor | None:
+        """The image's raw stored map [h, w] float32; None (the uniform map) when it has none."""
         if sha in self.missing:
-            return uniform_saliency(tiling.num_tiles, s)
+            return None
         sal, _category, _score = self.store.read(sha)  # [h, w], this row only
-        return saliency_tiles(sal, tiling, s)
+        return torch.from_numpy(sal)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, sha, text = self.items[index]
@@ -142,7 +142,6 @@ class CritiqueDataset(Dataset):
         t = self.tiles
         tiling = plan_tiles(img.width, img.height, t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail)
         pixel_values = tile_image(img, tiling, t.tile_size)  # [T, 3, S, S]
-        saliency_values = self.saliency_values(sha, tiling)  # [T, 1, S, S]
         n_tiles = pixel_values.shape[0]
         enc = encode_example(self.tokenizer, t.tokens_per_tile * n_tiles, text, self.max_length)
         return {
@@ -150,6 +149,7 @@ class CritiqueDataset(Dataset):
             "input_ids": enc.input_ids,
             "labels": enc.labels,
             "pixel_values": pixel_values,
-            "saliency_values": saliency_values,
+            "saliency_map": self.saliency_map(sha),  # [h, w] or None
+            "tile_grid": tiling.tile_grid,  # (cols, rows, thumbnail)
         }
 

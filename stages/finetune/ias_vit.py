@@ -7,8 +7,9 @@ layernorm_after -> mlp * lambda_2 -> residual) gains, between its two residual b
 
 with ``gate`` zero-initialised, so at initialisation the tower equals the pretrained one exactly.
 Saliency tokens are the tower's own embeddings (patch + position, CLS slot included) of the
-saliency-weighted tile ``pixel_values * saliency_values``; they are computed once per forward and
-shared by all layers. ``fusion="none"`` builds the plain tower (the "w/o IASC" ablation).
+saliency-weighted tile ``pixel_values * saliency_values``, made in the same embedding call as the
+image tokens (one patch-embedding pass over both) and shared by all layers. ``fusion="none"``
+builds the plain tower (the "w/o IASC" ablation).
 """
 from __future__ import annotations
 
@@ -112,9 +113,17 @@ class IASVisionModel(InternVLVisionModel):
         if isinstance(module, SaliencyCrossAttention):
             init.zeros_(module.gate)
 
-    def saliency_tokens(self, pixel_values: torch.Tensor, saliency_values: torch.Tensor) -> torch.Tensor:
-        """The tower's own patch + position embedding of tile x saliency tile: [T, 1+N, D]."""
-        return self.embeddings(pixel_values * saliency_values.to(pixel_values.dtype))
+    def embed(
+        self, pixel_values: torch.Tensor, saliency_values: torch.Tensor, bool_masked_pos: torch.BoolTensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image tokens, saliency tokens), each [T, 1+N, D]: the tower's own patch + position embedding of the
+        tiles and of tile x saliency tile, in one embedding call (the saliency tokens are never masked)."""
+        t = pixel_values.shape[0]
+        weighted = pixel_values * saliency_values.to(pixel_values.dtype)  # [T, 3, S, S]
+        if bool_masked_pos is not None:
+            bool_masked_pos = torch.cat([bool_masked_pos, torch.zeros_like(bool_masked_pos)])
+        tokens = self.embeddings(torch.cat([pixel_values, weighted]), bool_masked_pos=bool_masked_pos)  # [2T, 1+N, D]
+        return tokens[:t], tokens[t:]
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
@@ -126,13 +135,12 @@ class IASVisionModel(InternVLVisionModel):
         **kwargs,
     ) -> InternVLVisionModelOutputWithPooling:
         """pixel_values [T, 3, S, S]; saliency_values [T, 1, S, S] in [0, 1] (ignored when fusion is "none")."""
-        embedding_output = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)  # [T, 1+N, D]
         if self.fusion == "cross_attention":
             if saliency_values is None:
                 raise ValueError("IAS-ViT with cross-attention fusion needs saliency_values [T, 1, S, S]")
-            encoder_outputs = self.encoder(embedding_output, self.saliency_tokens(pixel_values, saliency_values))
+            encoder_outputs = self.encoder(*self.embed(pixel_values, saliency_values, bool_masked_pos))
         else:
-            encoder_outputs = self.encoder(embedding_output)
+            encoder_outputs = self.encoder(self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos))
         return InternVLVisionModelOutputWithPooling(last_hidden_state=self.layernorm(encoder_outputs[0]))
 
 

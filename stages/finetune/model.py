@@ -2,8 +2,9 @@
 
 IAS-ViT (stages/finetune/ias_vit.py) -> pixel shuffle (1/4 tokens) -> projector (LayerNorm, Linear,
 GELU, Linear) -> LLM, exactly as ``InternVLForConditionalGeneration``; the only additions are the
-``saliency_values`` input ([T, 1, S, S], one map per tile, aligned with ``pixel_values``) and the
-config field ``ias_fusion`` ("cross_attention" | "none": the "w/o IASC" ablation).
+saliency inputs (per image: its raw map and its tile grid, ``collate.saliency_inputs``; cut into
+saliency tiles aligned with ``pixel_values`` on the model's device by ``tiling.expand_saliency``)
+and the config field ``ias_fusion`` ("cross_attention" | "none": the "w/o IASC" ablation).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from transformers.models.internvl.modeling_internvl import (
 )
 
 from stages.finetune.ias_vit import FUSIONS, IASVisionModel
+from stages.finetune.tiling import expand_saliency
 
 IGNORE_INDEX = -100  # label of positions without loss (prompting.IGNORE)
 
@@ -59,12 +61,21 @@ class IASInternVLModel(InternVLModel):
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
-        saliency_values: torch.Tensor | None = None,
+        saliency_maps: torch.Tensor | None = None,
+        saliency_map_sizes: torch.Tensor | None = None,
+        tile_grids: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         **kwargs: Any,
     ):
-        """IAS-ViT -> pixel shuffle -> projector; ``pooler_output`` is [T, tokens per tile, D_text]."""
+        """IAS-ViT -> pixel shuffle -> projector; ``pooler_output`` is [T, tokens per tile, D_text].
+
+        pixel_values [T, 3, S, S]; saliency_maps [B, H, W], saliency_map_sizes [B, 2], tile_grids [B, 3] for the B
+        images whose tiles make up ``pixel_values`` (``collate.saliency_inputs``; not needed without fusion).
+        """
+        saliency_values = None
+        if self.config.ias_fusion == "cross_attention":
+            saliency_values = self.saliency_tiles(pixel_values, saliency_maps, saliency_map_sizes, tile_grids)
         return super().get_image_features(
             pixel_values,
             vision_feature_layer=vision_feature_layer,
@@ -73,11 +84,26 @@ class IASInternVLModel(InternVLModel):
             **kwargs,
         )
 
+    @staticmethod
+    def saliency_tiles(pixel_values: torch.Tensor, saliency_maps: torch.Tensor | None,
+                       saliency_map_sizes: torch.Tensor | None, tile_grids: torch.Tensor | None) -> torch.Tensor:
+        """The saliency tile of every tile of ``pixel_values``, made on its device: [T, 1, S, S]."""
+        if saliency_maps is None or saliency_map_sizes is None or tile_grids is None:
+            raise ValueError("IAS-ViT with cross-attention fusion needs saliency_maps, saliency_map_sizes and "
+                             "tile_grids (stages/finetune/collate.py saliency_inputs)")
+        maps = saliency_maps.to(pixel_values.device)
+        tiles = expand_saliency(maps, saliency_map_sizes.to(maps.device), tile_grids, pixel_values.shape[-1])
+        if tiles.shape[0] != pixel_values.shape[0]:
+            raise ValueError(f"tile_grids describe {tiles.shape[0]} tiles but pixel_values holds {pixel_values.shape[0]}")
+        return tiles  # [T, 1, S, S]
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        saliency_values: torch.Tensor | None = None,
+        saliency_maps: torch.Tensor | None = None,
+        saliency_map_sizes: torch.Tensor | None = None,
+        tile_grids: torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -88,7 +114,9 @@ class IASInternVLModel(InternVLModel):
                 raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
             image = self.get_image_features(
                 pixel_values,
-                saliency_values=saliency_values,
+                saliency_maps=saliency_maps,
+                saliency_map_sizes=saliency_map_sizes,
+                tile_grids=tile_grids,
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,
                 return_dict=True,
@@ -108,26 +136,31 @@ class IASInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         self.lm_head = torch.nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def get_image_features(self, pixel_values: torch.Tensor, saliency_values: torch.Tensor | None = None, **kwargs: Any):
-        return self.model.get_image_features(pixel_values, saliency_values=saliency_values, **kwargs)
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs: Any):
+        """IAS-ViT -> pixel shuffle -> projector (``IASInternVLModel.get_image_features``: same saliency inputs)."""
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        saliency_values: torch.Tensor | None = None,
+        saliency_maps: torch.Tensor | None = None,
+        saliency_map_sizes: torch.Tensor | None = None,
+        tile_grids: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         mm_encoder_outputs: dict | None = None,
         **kwargs: Any,
     ) -> InternVLCausalLMOutputWithPast:
-        """pixel_values [T_total, 3, S, S], saliency_values [T_total, 1, S, S]; input_ids hold
-        ``image_token_id`` x (tokens per tile x T_total); labels -100 are ignored by the loss.
+        """pixel_values [T_total, 3, S, S]; per image its raw saliency map, the map's size and its tile grid
+        (saliency_maps [B_img, H, W], saliency_map_sizes [B_img, 2], tile_grids [B_img, 3]: collate.saliency_inputs);
+        input_ids hold ``image_token_id`` x (tokens per tile x T_total); labels -100 are ignored by the loss.
 
         With labels, logits are computed only where a label is predicted (the critique tokens; not the
         thousands of image tokens): ``logits`` is then [N_labelled, V] and the loss is the causal-LM
         loss over exactly those positions, as transformers computes it over the full [B, L, V].
         """
+        saliency = dict(saliency_maps=saliency_maps, saliency_map_sizes=saliency_map_sizes, tile_grids=tile_grids)
         if labels is None or "logits_to_keep" in kwargs:
             return super().forward(
                 input_ids=input_ids,
@@ -135,7 +168,7 @@ class IASInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 attention_mask=attention_mask,
                 labels=labels,
                 mm_encoder_outputs=mm_encoder_outputs,
-                saliency_values=saliency_values,  # through **kwargs to IASInternVLModel.forward
+                **saliency,  # through **kwargs to IASInternVLModel.forward
                 **kwargs,
             )
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # [B, L]: the token each position predicts
@@ -145,7 +178,7 @@ class IASInternVLForConditionalGeneration(InternVLForConditionalGeneration):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             mm_encoder_outputs=mm_encoder_outputs,
-            saliency_values=saliency_values,
+            **saliency,
             logits_to_keep=keep,
             **kwargs,
         )  # logits [N_labelled, V]

@@ -1,4 +1,4 @@
-"""InternVL dynamic tiling of an image and of its saliency map.
+"""InternVL dynamic tiling of an image, and the matching cut of its saliency map.
 
 The grid follows transformers' ``get_optimal_tiled_canvas`` (the rule of InternVL's
 ``dynamic_preprocess`` / the GotOcr2 processor's ``crop_to_patches``): the image is resized to
@@ -6,9 +6,10 @@ The grid follows transformers' ``get_optimal_tiled_canvas`` (the rule of InternV
 image resized to ``S x S``) is appended when there is more than one tile.
 
 Saliency maps live in normalised full-image coordinates, so each tile's saliency tile is the map
-sampled bilinearly over exactly that tile's region (``Tiling.boxes``) at the tile's resolution.
-"No saliency information" (no map, or a constant map) has one meaning everywhere: the uniform map
-of :func:`uniform_saliency`, every pixel equally salient.
+sampled bilinearly over exactly that tile's region (``Tiling.boxes``) at the tile's resolution. The
+data loader ships each image's small raw map and its tile grid; :func:`expand_saliency` cuts the maps
+into saliency tiles on the model's device. "No saliency information" (no map, or a constant map) has
+one meaning everywhere: every pixel equally salient, all ones.
 """
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ class Tiling:
     @property
     def num_tiles(self) -> int:
         return len(self.boxes)
+
+    @property
+    def tile_grid(self) -> tuple[int, int, int]:
+        """(cols, rows, thumbnail 0 | 1): all :func:`expand_saliency` needs to cut a map like the image."""
+        cols, rows = self.grid
+        return cols, rows, int(self.num_tiles > cols * rows)
 
 
 def plan_tiles(
@@ -82,36 +89,39 @@ def tile_image(
     return _normalise(tiles, mean, std)
 
 
-def uniform_saliency(num_tiles: int, tile_size: int) -> torch.Tensor:
-    """Saliency tiles that carry no saliency information: all ones, [T, 1, S, S].
+def expand_saliency(maps: torch.Tensor, sizes: torch.Tensor, grids: torch.Tensor, tile_size: int) -> torch.Tensor:
+    """Every image's saliency tiles, computed where ``maps`` lives: [sum T, 1, S, S] float32 in [0, 1].
 
-    What an image without a map (``--allow-missing-saliency``), a constant map, and the
-    "IASC on uniform maps" study variant all get."""
-    return torch.ones(num_tiles, 1, tile_size, tile_size)
-
-
-def saliency_tiles(saliency_map: np.ndarray | torch.Tensor, tiling: Tiling, tile_size: int) -> torch.Tensor:
-    """Each tile's saliency tile: the map bilinearly sampled over the tile's box, [T, 1, S, S] in [0, 1].
-
-    The map ([h, w], any scale, normalised full-image coordinates) is min-max normalised per image
-    first; a constant map (or one with a non-finite value) carries no saliency information and gives
-    :func:`uniform_saliency`.
+    maps [B, H, W]: image b's raw map (any scale, normalised full-image coordinates) in ``maps[b, :h, :w]``,
+    zero padded; sizes [B, 2]: its (h, w), (0, 0) for an image without a map; grids [B, 3]: its
+    ``Tiling.tile_grid`` (cols, rows, thumbnail). Each map is min-max normalised, resized bilinearly once over
+    its image's ``rows*S x cols*S`` canvas and cut row-major like the image; the thumbnail is the whole map at
+    ``S x S``. No map, a constant map and a map with a non-finite value all give all-ones tiles. Sizes and grids
+    are read on the host (they fix the shapes); the rest runs without host synchronisation.
     """
-    m = torch.as_tensor(saliency_map, dtype=torch.float32)
-    if m.ndim != 2:
-        raise ValueError(f"saliency map must be [h, w], got shape {tuple(m.shape)}")
-    lo, hi = m.min(), m.max()
-    if not (torch.isfinite(lo) and torch.isfinite(hi) and hi > lo):
-        return uniform_saliency(tiling.num_tiles, tile_size)
-    m = (m - lo) / (hi - lo)
-    # The grid tiles partition the image, so sampling each box at its pixel centres is one bilinear resize of
-    # the map to the whole canvas (align_corners=False: output pixel k samples (k+0.5)/size), then a cut.
-    cols, rows = tiling.grid
-    canvas = F.interpolate(m[None, None], size=(rows * tile_size, cols * tile_size), mode="bilinear",
-                           align_corners=False)[0, 0]  # [rows*S, cols*S]
-    tiles = canvas.unflatten(0, (rows, tile_size)).unflatten(2, (cols, tile_size))  # [rows, S, cols, S]
-    tiles = tiles.permute(0, 2, 1, 3).reshape(rows * cols, 1, tile_size, tile_size)  # [rows*cols, 1, S, S], row-major
-    if len(tiling.boxes) > rows * cols:  # the thumbnail: the whole map at tile size
-        thumb = F.interpolate(m[None, None], size=(tile_size, tile_size), mode="bilinear", align_corners=False)
-        tiles = torch.cat([tiles, thumb])
-    return tiles.clamp_(0.0, 1.0)  # [T, 1, S, S]
+    sizes_host, grids_host = sizes.tolist(), grids.tolist()
+    s = tile_size
+    if maps.numel() == 0:  # no image of the batch has a map
+        return torch.ones(sum(cols * rows + thumb for cols, rows, thumb in grids_host), 1, s, s, device=maps.device)
+    m = maps.float()  # [B, H, W]
+    inside = ((torch.arange(m.shape[1], device=m.device)[None, :, None] < sizes[:, :1, None])
+              & (torch.arange(m.shape[2], device=m.device)[None, None, :] < sizes[:, None, 1:]))  # [B, H, W]
+    lo = m.masked_fill(~inside, float("inf")).amin((1, 2))  # [B]; NaN propagates
+    hi = m.masked_fill(~inside, float("-inf")).amax((1, 2))  # [B]
+    informative = torch.isfinite(lo) & torch.isfinite(hi) & (hi > lo)  # [B]
+    m = (m - lo[:, None, None]) / torch.where(informative, hi - lo, 1.0)[:, None, None]  # [B, H, W], [0, 1] inside
+    tiles = []
+    for b, ((h, w), (cols, rows, thumb)) in enumerate(zip(sizes_host, grids_host)):
+        if h * w == 0:
+            tiles.append(torch.ones(cols * rows + thumb, 1, s, s, device=m.device))
+            continue
+        one = m[b, :h, :w].contiguous()[None, None]  # [1, 1, h, w]
+        # The grid tiles partition the image, so sampling each box at its pixel centres is one bilinear resize of
+        # the map to the whole canvas (align_corners=False: output pixel k samples (k+0.5)/size), then a cut.
+        canvas = F.interpolate(one, size=(rows * s, cols * s), mode="bilinear", align_corners=False)[0, 0]
+        cut = canvas.unflatten(0, (rows, s)).unflatten(2, (cols, s))  # [rows, S, cols, S]
+        cut = cut.permute(0, 2, 1, 3).reshape(rows * cols, 1, s, s)  # [rows*cols, 1, S, S], row-major
+        if thumb:  # the whole map at tile size
+            cut = torch.cat([cut, F.interpolate(one, size=(s, s), mode="bilinear", align_corners=False)])
+        tiles.append(torch.where(informative[b], cut.clamp_(0.0, 1.0), 1.0))  # [T_b, 1, S, S]
+    return torch.cat(tiles)

@@ -75,7 +75,8 @@ class Prompt:
 
     input_ids: list[int]
     pixel_values: torch.Tensor  # [T, 3, S, S]
-    saliency_values: torch.Tensor | None  # [T, 1, S, S]; None when the model has no saliency fusion
+    saliency_map: np.ndarray | None  # raw map [h, w]; None: uniform (no map, or a model without saliency fusion)
+    tile_grid: tuple[int, int, int]  # (cols, rows, thumbnail) of pixel_values
 
 
 # ---------------------------------------------------------------- the model
@@ -99,19 +100,16 @@ class Captioner:
         return plan_tiles(width, height, t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail).num_tiles
 
     def prepare(self, img: Image.Image, saliency_map: np.ndarray | None) -> Prompt:
-        """Tiles, saliency tiles (uniform when ``saliency_map`` is None or constant) and prompt ids of one image."""
+        """Tiles, raw saliency map (None or constant: uniform) + tile grid and prompt ids of one image; the model
+        cuts the map into saliency tiles on its device, as in training."""
         from stages.finetune.prompting import prompt_ids
-        from stages.finetune.tiling import plan_tiles, saliency_tiles, tile_image, uniform_saliency
+        from stages.finetune.tiling import plan_tiles, tile_image
 
         t = self.tiles
         tiling = plan_tiles(img.width, img.height, t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail)
         pixel_values = tile_image(img, tiling, t.tile_size)  # [T, 3, S, S]
-        saliency = None
-        if self.needs_saliency:
-            saliency = (saliency_tiles(saliency_map, tiling, t.tile_size) if saliency_map is not None
-                        else uniform_saliency(tiling.num_tiles, t.tile_size))  # [T, 1, S, S]
         ids = prompt_ids(self.tokenizer, t.tokens_per_tile * tiling.num_tiles)
-        return Prompt(ids, pixel_values, saliency)
+        return Prompt(ids, pixel_values, saliency_map if self.needs_saliency else None, tiling.tile_grid)
 
     def generate(self, prompts: list[Prompt], decode: DecodeConfig = DecodeConfig()) -> list[str]:
         """Critiques of a batch of prompts (left-padded, one ``generate`` call)."""
@@ -127,11 +125,14 @@ class Captioner:
         for i, p in enumerate(prompts):  # left padding: every prompt ends at column L-1
             input_ids[i, length - len(p.input_ids):] = torch.as_tensor(p.input_ids)
             attention_mask[i, length - len(p.input_ids):] = 1
+        from stages.finetune.collate import saliency_inputs
+
         dtype = next(self.model.parameters()).dtype
         pixel_values = torch.cat([p.pixel_values for p in prompts]).to(self.device, dtype)  # [sum T, 3, S, S]
-        saliency = (torch.cat([p.saliency_values for p in prompts]).to(self.device, dtype)  # [sum T, 1, S, S]
-                    if self.needs_saliency else None)
-        image = self.model.get_image_features(pixel_values, saliency_values=saliency, return_dict=True)
+        saliency = ({k: v.to(self.device) for k, v in  # maps [B, h, w] float32, sizes [B, 2], grids [B, 3]
+                     saliency_inputs([p.saliency_map for p in prompts], [p.tile_grid for p in prompts]).items()}
+                    if self.needs_saliency else {})
+        image = self.model.get_image_features(pixel_values, **saliency, return_dict=True)
         if decode.do_sample:
             torch.manual_seed(decode.seed)
         out = self.model.generate(

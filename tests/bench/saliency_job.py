@@ -7,7 +7,7 @@ Prints, in one run:
     shard start to last shard end; aim >= 0.9) and end to end (whole `python -m pipeline saliency` commands
     into a fresh store: interpreter, imports, cluster start-up, model loading included; aim >= 0.7)
   - wall time of `python -m pipeline saliency` rerun when everything is done (aim: a second or two)
-  - random single-map read latency p50 / p99 (aim p50 <= 2 ms) and bytes on disk per map
+  - bytes on disk per map (read latency: tests/bench/saliency_store.py)
 """
 from __future__ import annotations
 
@@ -96,22 +96,6 @@ def rerun_wall(work: Path, manifest_path: Path) -> float:
     return wall
 
 
-def read_latency(store_path: Path, reads: int = 2000) -> tuple[float, float, int, tuple[int, ...]]:
-    """p50 / p99 seconds of store.read(sha) for random images (fresh reader, index loaded first)."""
-    from storage.saliency_store import SaliencyStore
-
-    store = SaliencyStore.open(store_path.parent, store_path.name)
-    shas = list(store.index)
-    store.read(shas[0])  # open arrays and labels once, as a long-lived reader does
-    rng = np.random.default_rng(0)
-    times = []
-    for i in rng.integers(0, len(shas), reads):
-        t = time.perf_counter()
-        store.read(shas[i])
-        times.append(time.perf_counter() - t)
-    return float(np.percentile(times, 50)), float(np.percentile(times, 99)), len(shas), store.map_shape
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=240, help="demo corpus size")
@@ -120,6 +104,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="alternated loop / dask runs (medians are printed)")
     args = parser.parse_args()
     from stages.saliency.job import auto_shard_rows
+    from storage.saliency_store import SaliencyStore
 
     base = args.dir.resolve()
     manifest = prepare(base, args.n, args.variant)
@@ -134,14 +119,14 @@ def main() -> None:
                       loop_wall - loop_compute))
     computing, end_to_end, dask_start, loop_start = (statistics.median(x) for x in zip(*pairs))
     reruns = [rerun_wall(base / "dask_2_workers", manifest) for _ in range(2)]
-    p50, p99, n_maps, map_shape = read_latency(store_path)
+    store = SaliencyStore.open(store_path.parent, store_path.name)
+    n_maps, map_shape = len(store), store.map_shape
     maps_bytes = _dir_bytes(store_path / "store.zarr" / "maps")
     print(f"distribution overhead (median of {args.pairs} alternated pairs): dask / loop throughput = {computing:.3f} "
           f"while computing (aim >= 0.9), {end_to_end:.3f} end to end (aim >= 0.7; incl. {dask_start:.1f} s vs "
           f"{loop_start:.1f} s outside computing: interpreter, imports, cluster, model loading, shutdown); "
           f"pairs: {', '.join(f'{c:.2f}/{e:.2f}' for c, e, _, _ in pairs)}")
     print(f"rerun with nothing to do: `python -m pipeline saliency` {reruns[0]:.2f} s, {reruns[1]:.2f} s wall")
-    print(f"store: single-map read p50 {p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms (aim p50 <= 2 ms)")
     print(f"store: {maps_bytes / n_maps:.0f} B/map on disk for maps, {_dir_bytes(store_path) / n_maps:.0f} B/map "
           f"for the whole store (index, ledger, category, score); raw float32 map = "
           f"{4 * int(np.prod(map_shape))} B")
