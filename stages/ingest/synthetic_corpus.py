@@ -377,6 +377,8 @@ def generate_corpus(root: Path, n: int = 240, seed: int = 0, workers: int | None
         previous = json.loads((root / "generator.json").read_text())
     except (OSError, ValueError):
         previous = None
+    for orphan in [*root.glob("images/.syn*.tmp"), *root.glob("masks/.syn*.tmp")]:  # a killed run's partial writes
+        orphan.unlink(missing_ok=True)
     if previous != params:  # nothing here belongs to these parameters
         for stale in [root / ANNOTATIONS, *root.glob("images/syn*.jpg"), *root.glob("masks/syn*.png")]:
             stale.unlink(missing_ok=True)

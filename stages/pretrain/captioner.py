@@ -121,8 +121,8 @@ def pretrain_captioner(images: np.ndarray, records: list[dict[str, Any]], val: t
             idx = idx.sort().values
             x = normalise(torch.from_numpy(images[idx.numpy()]))  # [b, 3, 224, 224]: one tile per image
             batch = collate([{"input_ids": encoded[i].input_ids, "labels": encoded[i].labels, "pixel_values": x[j:j + 1],
-                              "saliency_values": x[j:j + 1, :1]} for j, i in enumerate(idx.tolist())])
-            batch.pop("saliency_values")  # no fusion in the base
+                              "saliency_map": None, "tile_grid": (1, 1, 0)}  # one tile, no saliency (no fusion)
+                             for j, i in enumerate(idx.tolist())])
             pooled.clear()
             lm = model(**batch).loss
             loss = lm + recipe.aux_weight * aux.loss(pooled[0], targets[idx])
