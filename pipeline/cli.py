@@ -43,8 +43,18 @@ def _register_stages() -> None:
 _register_stages()
 
 
+def _quiet_third_party_output() -> None:
+    """One progress bar per stage is ours: the Hub's / transformers' own bars (shard writing, weight loading)
+    are switched off. On a machine without GPU device nodes, DeepSpeed (imported by the Trainer) is told so up
+    front: its auto-detection otherwise prints a warning in every training command."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not any(Path(node).exists() for node in ("/dev/nvidiactl", "/dev/kfd")):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def run() -> None:
     """Console entry point: problems the user can fix become one clear line, not a traceback."""
+    _quiet_third_party_output()
     try:
         app()
     except (PipelineError, FileNotFoundError) as e:

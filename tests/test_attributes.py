@@ -39,6 +39,20 @@ def test_generated_references_assert_only_true_values() -> None:
     assert set(mentioned) == set(sa.ATTRIBUTES)  # every attribute gets talked about
 
 
+def test_full_critiques_assert_every_true_value() -> None:
+    """The demo base's pretraining critiques, read back: every attribute, its true value only, varied wording."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    texts = set()
+    for n in range(200):
+        truth = annotation(n, seed=1)["attributes"]
+        text = sa.full_critique(rng, truth)
+        assert sa.asserted_values(text) == {k: {v} for k, v in truth.items()}, (text, truth)
+        texts.add(text)
+    assert len(texts) == 200
+
+
 def test_reader_ignores_case_spacing_and_punctuation() -> None:
     assert sa.asserted_values("TACK   SHARP!! and the colours  clash…") == {"focus": {"sharp"}, "colour": {"clashing"}}
     assert sa.asserted_values("Give the subject some room, it’s cropped too tight.") == {"placement": {"edge"}}

@@ -68,10 +68,11 @@ def test_targets_follow_the_records(small: pc.PretrainCorpus) -> None:
 
 
 @pytest.mark.slow
-def test_pretraining_runs_save_what_the_pipeline_loads(small: pc.PretrainCorpus, tmp_path: Path) -> None:
+def test_pretraining_runs_save_what_the_pipeline_loads(small: pc.PretrainCorpus, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from stages.finetune.model import load_base
     from stages.finetune.tokenizer import load_tokenizer
-    from stages.pretrain.captioner import CaptionerRecipe, pretrain_captioner
+    from stages.pretrain.captioner import CaptionerRecipe, describe_cache, pretrain_captioner
     from stages.pretrain.eat import EatRecipe, pretrain_eat
     from stages.saliency.eat import build_eat, load_eat_weights
 
@@ -83,12 +84,20 @@ def test_pretraining_runs_save_what_the_pipeline_loads(small: pc.PretrainCorpus,
     load_eat_weights(build_eat("tiny"), tmp_path / "eat.safetensors")  # strict: exactly the official layout
     assert set(metrics["validation"]) >= {"srcc", "mask_ratio", "attributes"}
 
-    metrics = pretrain_captioner(images, records, (val_images, val_records), CaptionerRecipe(epochs=1, batch_size=8,
-                                                                                             vocab_size=400),
-                                 tmp_path / "base", corpus_seed=9)
+    monkeypatch.setenv("ASE_WORK", str(tmp_path / "work"))
+    recipe = CaptionerRecipe(epochs=1, batch_size=8, vocab_size=400, critique_steps=2)
+    metrics = pretrain_captioner(images, records, (val_images, val_records), recipe, tmp_path / "base", corpus_seed=9)
     config = json.loads((tmp_path / "base" / "config.json").read_text())
     assert config["model_type"] == "internvl" and "ias_fusion" not in config  # a plain base, as users download
     _, missing = load_base(tmp_path / "base")
     assert missing and all(".cross_attention." in k for k in missing)
     load_tokenizer(tmp_path / "base")  # has the image tokens
-    assert 0 <= metrics["validation"]["mean_accuracy"] <= 1
+    assert 0 <= metrics["validation"]["mean_accuracy"] <= 1 and len(metrics["critique_history"]) == 1
+    assert 0 <= metrics["validation"]["critique"]["macro_precision"] <= 1
+
+    # phase 2 alone reruns from phase 1's cache (a new critique recipe keeps the same phase 1)
+    cache = describe_cache(recipe, len(images), 9)
+    stamp = (cache / "model.safetensors").stat().st_mtime_ns
+    again = pretrain_captioner(images, records, (val_images, val_records), CaptionerRecipe(
+        epochs=1, batch_size=8, vocab_size=400, critique_steps=3), tmp_path / "base", corpus_seed=9)
+    assert (cache / "model.safetensors").stat().st_mtime_ns == stamp and again["history"] == metrics["history"]

@@ -43,19 +43,28 @@ def test_shipped_eat_scores_and_looks_where_the_aesthetics_are(renders) -> None:
     assert result["srcc"] > 0.3 and result["mask_ratio"] > 1.6, result
 
 
-def test_shipped_base_describes_unseen_images(renders) -> None:
+def test_shipped_base_describes_and_critiques_unseen_images(renders) -> None:
     """A plain InternVL (only the new cross-attention keys missing) whose greedy descriptions name the true
-    exposure far above chance and differ from image to image."""
+    exposure far above chance, and whose greedy critiques assert true attribute values far more often than the
+    best a constant critique can (the majority value of every attribute), both differing from image to image."""
     from stages.finetune.model import load_base
     from stages.finetune.tokenizer import load_tokenizer
-    from stages.pretrain.captioner import evaluate
+    from stages.pretrain.captioner import DESCRIBE_PROMPT, evaluate, evaluate_critiques
+    from stages.report.attributes import attribute_scores, majority_critique
 
     model, missing = load_base(SHIPPED_BASE, fusion="none")
     assert not missing
     _, missing = load_base(SHIPPED_BASE)
     assert missing and all(".cross_attention." in k for k in missing)
     torch.manual_seed(0)
-    result = evaluate(model, load_tokenizer(SHIPPED_BASE), *renders)
+    tokenizer = load_tokenizer(SHIPPED_BASE)
+    result = evaluate(model, tokenizer, *renders, prompt=DESCRIBE_PROMPT)
     chance = {k: 1 / len(v) for k, v in ATTRIBUTES.items()}
     assert result["attributes"]["exposure"] > chance["exposure"] + 0.4, result
     assert result["distinct"] > 0.5, result
+
+    truth = {i: r["attributes"] for i, r in enumerate(renders[1])}
+    constant = attribute_scores({i: majority_critique(list(truth.values())) for i in truth}, truth)
+    critiques = evaluate_critiques(model, tokenizer, *renders)
+    assert critiques["macro_precision"] > constant["macro_precision"] + 0.2, (critiques, constant)
+    assert critiques["distinct"] > 0.5, critiques

@@ -181,18 +181,33 @@ def reference(rng: np.random.Generator, attributes: dict[str, str], score: float
     chosen = rng.choice(len(keys), size=k, replace=False, p=weights / weights.sum())
     remarks = [(str(rng.choice(PHRASES[keys[i]][attributes[keys[i]]])), is_positive(keys[i], attributes[keys[i]]))
                for i in chosen]
-    sentences = []
-    for pair in (remarks[:2], remarks[2:]):  # at most two remarks per sentence
-        if len(pair) == 2:
-            joiner = " and " if pair[0][1] == pair[1][1] else ", but "
-            sentences.append(_sentence(pair[0][0] + joiner + pair[1][0]))
-        elif pair:
-            sentences.append(_sentence(pair[0][0]))
+    sentences = _joined(remarks)
     if rng.random() < 0.45 and len(sentences) < 3:
         sentences.append(str(rng.choice(VERDICTS[verdict_band(score)])))
     if rng.random() < 0.3 and len(sentences) < 3:
         sentences.insert(0, str(rng.choice(OPENERS)))
     return " ".join(sentences)
+
+
+def _joined(remarks: list[tuple[str, bool]]) -> list[str]:
+    """(phrase, is a strength) remarks as sentences of at most two remarks: "x and y" when both are strengths or
+    both flaws, "x, but y" otherwise."""
+    sentences = []
+    for i in range(0, len(remarks), 2):
+        pair = remarks[i:i + 2]
+        if len(pair) == 2:
+            joiner = " and " if pair[0][1] == pair[1][1] else ", but "
+            sentences.append(_sentence(pair[0][0] + joiner + pair[1][0]))
+        else:
+            sentences.append(_sentence(pair[0][0]))
+    return sentences
+
+
+def full_critique(rng: np.random.Generator, attributes: dict[str, str]) -> str:
+    """A critic who remarks on every attribute, in ``ATTRIBUTES`` order, each with a random phrase of the bank,
+    joined as :func:`reference` joins them (the demo base's pretraining critiques)."""
+    return " ".join(_joined([(str(rng.choice(PHRASES[key][attributes[key]])), is_positive(key, attributes[key]))
+                             for key in ATTRIBUTES]))
 
 
 def critique_of(attributes: dict[str, str]) -> str:

@@ -1,40 +1,64 @@
-"""Pretrain the demo's base MLLM: a tiny InternVL taught to describe the synthetic scenes.
+"""Pretrain the demo's base MLLM: a tiny InternVL taught to see the synthetic scenes, then to critique them.
 
-The analogue of a real pretrained InternVL (what users fine-tune): a plain ``InternVLForConditionalGeneration``
-(the ``demo`` shape of stages/finetune/model.py, no saliency fusion) trained from scratch to write each
-image's plain scene description (``synthetic_attributes.scene_description``: what is where, then every
-attribute value in judgement-free words), never a critique. Its vision tower also feeds the auxiliary
-image-level heads of stages/pretrain/targets.py (dropped when saving). The tokenizer is a byte-level BPE
-trained on the corpus's descriptions and reference critiques, so fine-tuning on critiques needs no new
-tokens. One tile per image (the whole image at 224 x 224), as the demo fine-tunes it.
+The analogue of a real pretrained, instruction-tuned InternVL (what users fine-tune): a plain
+``InternVLForConditionalGeneration`` (the ``demo`` shape of stages/finetune/model.py, no saliency fusion),
+from scratch, in two phases on the seed-1 stream (the demo corpus is seed 0):
+
+1. describe (``epochs``): every image's plain scene description (``synthetic_attributes.scene_description``:
+   what is where, then every attribute value in judgement-free words), answering the aesthetic prompt; the
+   vision tower also feeds the auxiliary image-level heads of stages/pretrain/targets.py (dropped when
+   saving). Cached under ``work/pretrain/`` so phase 2 can be rerun alone.
+2. critique (``critique_steps``): batches mixing critiques of the pretraining images that remark on every
+   attribute (``synthetic_attributes.full_critique``: the critics' phrase bank, aesthetic prompt) with their
+   descriptions (``DESCRIBE_PROMPT``), so the critic's words stay tied to what the vision tower sees. (Trained
+   on the generator's 1-3 remark reference critiques instead, 600 steps gave one constant critique for every
+   held-out image: which attributes a reference remarks on is random, so its likeliest sentence is the
+   same for every image.)
+
+The tokenizer is a byte-level BPE trained on the corpus's descriptions and reference critiques, so
+fine-tuning on critiques needs no new tokens. One tile per image (the whole image at 224 x 224), as the
+demo fine-tunes it.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from stages.ingest.synthetic_attributes import ATTRIBUTES, described_values, scene_description
+from pipeline.paths import work_dir
+from stages.finetune.prompting import PROMPT, Encoded
+from stages.ingest.synthetic_attributes import ATTRIBUTES, described_values, full_critique, scene_description
 from stages.pretrain.targets import AuxHeads, Targets
+
+DESCRIBE_PROMPT = "Describe this image."
 
 
 @dataclass(frozen=True)
 class CaptionerRecipe:
     shape: str = "demo"  # a registered tiny shape (stages/finetune/model.py TINY_CONFIGS)
-    epochs: int = 10
+    epochs: int = 10  # phase 1, descriptions
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.01
     aux_weight: float = 1.0
     vocab_size: int = 2048
     seed: int = 0
+    critique_steps: int = 600  # phase 2, critiques mixed with descriptions
+    critique_lr: float = 1e-3
+    critique_share: float = 0.75
+    critique_eval_every: int = 200
+
+    def describe_phase(self) -> dict[str, Any]:
+        """The fields phase 1 depends on (its cache key)."""
+        return {k: v for k, v in asdict(self).items() if not k.startswith("critique_")}
 
 
 def normalise(u8: Tensor) -> Tensor:
@@ -55,28 +79,31 @@ def tokenizer_texts(records: list[dict[str, Any]], seed: int, n_reference_images
 
 
 @torch.no_grad()
-def describe(model: nn.Module, tokenizer: Any, images: np.ndarray, batch_size: int = 32,
-             max_new_tokens: int = 90) -> list[str]:
-    """Greedy descriptions of [N, 224, 224, 3] images (one tile each)."""
+def generate_texts(model: nn.Module, tokenizer: Any, images: np.ndarray, prompt: str, batch_size: int = 32,
+                   max_new_tokens: int = 90) -> list[str]:
+    """Greedy answers to ``prompt`` for [N, 224, 224, 3] images (one tile each)."""
     from stages.finetune.model import tokens_per_tile
     from stages.finetune.prompting import prompt_ids
 
     model.eval()
-    ids = prompt_ids(tokenizer, tokens_per_tile(model.config))
+    ids = prompt_ids(tokenizer, tokens_per_tile(model.config), prompt)
     out: list[str] = []
     for i in range(0, len(images), batch_size):
         x = normalise(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])))
-        prompt = torch.tensor([ids] * len(x))
-        gen = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=x,
+        ids_batch = torch.tensor([ids] * len(x))
+        gen = model.generate(input_ids=ids_batch, attention_mask=torch.ones_like(ids_batch), pixel_values=x,
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
-        out += [" ".join(t.split()) for t in tokenizer.batch_decode(gen[:, prompt.shape[1]:], skip_special_tokens=True)]
+        out += [" ".join(t.split()) for t in tokenizer.batch_decode(gen[:, ids_batch.shape[1]:],
+                                                                    skip_special_tokens=True)]
     return out
 
 
-def evaluate(model: nn.Module, tokenizer: Any, images: np.ndarray, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Share of held-out images whose greedy description names each true attribute value (and only it)."""
-    texts = describe(model, tokenizer, images)
+def evaluate(model: nn.Module, tokenizer: Any, images: np.ndarray, records: list[dict[str, Any]],
+             prompt: str = PROMPT) -> dict[str, Any]:
+    """Share of held-out images whose greedy description (answer to ``prompt``) names each true attribute value
+    (and only it)."""
+    texts = generate_texts(model, tokenizer, images, prompt)
     named = [described_values(t) for t in texts]
     accuracy = {k: float(np.mean([n.get(k) == {r["attributes"][k]} for n, r in zip(named, records)]))
                 for k in ATTRIBUTES}
@@ -84,15 +111,56 @@ def evaluate(model: nn.Module, tokenizer: Any, images: np.ndarray, records: list
             "distinct": len(set(texts)) / len(texts), "example": texts[0]}
 
 
-def pretrain_captioner(images: np.ndarray, records: list[dict[str, Any]], val: tuple[np.ndarray, list[dict[str, Any]]],
-                       recipe: CaptionerRecipe, out_dir: Path, corpus_seed: int) -> dict[str, Any]:
-    """Train on [N, 224, 224, 3] uint8 images + records; save a plain InternVL ``-hf`` directory + tokenizer."""
+def evaluate_critiques(model: nn.Module, tokenizer: Any, images: np.ndarray,
+                       records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Greedy critiques of held-out images scored against their true attributes (stages/report/attributes.py)."""
+    from stages.report.attributes import attribute_scores
+
+    texts = generate_texts(model, tokenizer, images, PROMPT)
+    scores = attribute_scores(dict(enumerate(texts)), {i: r["attributes"] for i, r in enumerate(records)})
+    return {"macro_precision": scores["macro_precision"], "macro_recall": scores["macro_recall"],
+            "distinct": len(set(texts)) / len(texts), "example": texts[0]}
+
+
+def _train(model: nn.Module, params: list[nn.Parameter], images: np.ndarray, pad_id: int,
+           batches: Iterator[list[tuple[int, Encoded]]], total: int, warmup: int, lr: float,
+           weight_decay: float, desc: str, extra_loss: Callable[[Tensor], Tensor] | None = None) -> Iterator[float]:
+    """AdamW with linear warmup then cosine over ``total`` batches of (image row, example), rows unique and
+    ascending; ``extra_loss(rows)`` (after the forward) adds to the LM loss. Yields each step's LM loss."""
     from stages.finetune.collate import Collator
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
+                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    collate = Collator(pad_id)
+    recent: list[float] = []
+    with tqdm(total=total, desc=desc, unit="step") as bar:
+        for batch in batches:
+            model.train()
+            rows = torch.tensor([row for row, _ in batch])
+            x = normalise(torch.from_numpy(images[rows.numpy()]))  # [b, 3, 224, 224]: one tile per image
+            lm = model(**collate([{"input_ids": e.input_ids, "labels": e.labels, "pixel_values": x[j:j + 1],
+                                   "saliency_map": None, "tile_grid": (1, 1, 0)}  # one tile, no saliency
+                                  for j, (_, e) in enumerate(batch)])).loss
+            loss = lm + extra_loss(rows) if extra_loss is not None else lm
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            recent = [*recent[-49:], lm.item()]
+            bar.update()
+            bar.set_postfix(caption_loss=f"{np.mean(recent):.3f}")
+            yield recent[-1]
+
+
+def _describe_phase(images: np.ndarray, records: list[dict[str, Any]], val: tuple[np.ndarray, list[dict[str, Any]]],
+                    recipe: CaptionerRecipe, corpus_seed: int) -> tuple[nn.Module, Any, list[dict[str, Any]]]:
+    """Phase 1 from scratch: descriptions (aesthetic prompt) + auxiliary heads, ``epochs`` passes."""
     from stages.finetune.model import build_tiny_model, tokens_per_tile
     from stages.finetune.prompting import encode_example
     from stages.finetune.tokenizer import IMG_CONTEXT, train_bpe
 
-    start = time.perf_counter()
     torch.manual_seed(recipe.seed)
     tokenizer = train_bpe(tokenizer_texts(records, corpus_seed), vocab_size=recipe.vocab_size)
     model = build_tiny_model(recipe.shape, vocab_size=len(tokenizer),
@@ -104,45 +172,112 @@ def pretrain_captioner(images: np.ndarray, records: list[dict[str, Any]], val: t
     pooled: list[Tensor] = []
     model.model.vision_tower.register_forward_hook(
         lambda m, i, o: pooled.append(o.last_hidden_state[:, 1:].mean(dim=1)))  # patch tokens, no CLS: [B, D]
-    params = [*model.parameters(), *aux.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps_per_epoch = math.ceil(len(images) / recipe.batch_size)
-    total, warmup = recipe.epochs * steps_per_epoch, steps_per_epoch // 2
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
-    collate = Collator(tokenizer.pad_token_id)
+
+    def aux_loss(rows: Tensor) -> Tensor:
+        loss = recipe.aux_weight * aux.loss(pooled[-1], targets[rows])
+        pooled.clear()
+        return loss
+
     generator = torch.Generator().manual_seed(recipe.seed)
+    steps_per_epoch = math.ceil(len(images) / recipe.batch_size)
+    batches = ([(i, encoded[i]) for i in idx.sort().values.tolist()]  # ascending rows read the memory map in order
+               for _ in range(recipe.epochs)
+               for idx in torch.randperm(len(images), generator=generator).split(recipe.batch_size))
+    steps = _train(model, [*model.parameters(), *aux.parameters()], images, tokenizer.pad_token_id, batches,
+                   recipe.epochs * steps_per_epoch, steps_per_epoch // 2, recipe.lr, recipe.weight_decay,
+                   f"pretrain demo base, describe ({recipe.shape})", aux_loss)
     history = []
-    bar = tqdm(total=total, desc=f"pretrain demo base ({recipe.shape})", unit="step")
     for epoch in range(recipe.epochs):
-        model.train()
-        losses = []
-        for idx in torch.randperm(len(images), generator=generator).split(recipe.batch_size):
-            idx = idx.sort().values
-            x = normalise(torch.from_numpy(images[idx.numpy()]))  # [b, 3, 224, 224]: one tile per image
-            batch = collate([{"input_ids": encoded[i].input_ids, "labels": encoded[i].labels, "pixel_values": x[j:j + 1],
-                              "saliency_map": None, "tile_grid": (1, 1, 0)}  # one tile, no saliency (no fusion)
-                             for j, i in enumerate(idx.tolist())])
-            pooled.clear()
-            lm = model(**batch).loss
-            loss = lm + recipe.aux_weight * aux.loss(pooled[0], targets[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(lm.item())
-            bar.update()
-            bar.set_postfix(caption_loss=f"{np.mean(losses[-50:]):.3f}")
+        losses = [next(steps) for _ in range(steps_per_epoch)]
+        pooled.clear()
         record = {"epoch": epoch + 1, "caption_loss": float(np.mean(losses)), **evaluate(model, tokenizer, *val)}
         history.append(record)
         tqdm.write(f"pretrain demo base epoch {epoch + 1}: caption loss {record['caption_loss']:.3f}, held-out "
                    f"description accuracy " + " ".join(f"{k} {v:.2f}" for k, v in record["attributes"].items())
                    + f", distinct {record['distinct']:.2f}")
-    bar.close()
+    steps.close()
+    return model, tokenizer, history
+
+
+def _critique_phase(model: nn.Module, tokenizer: Any, images: np.ndarray, records: list[dict[str, Any]],
+                    val: tuple[np.ndarray, list[dict[str, Any]]],
+                    recipe: CaptionerRecipe) -> tuple[list[float], list[dict[str, Any]]]:
+    """Phase 2: ``critique_steps`` batches, each example a critique of its image remarking on every attribute
+    (aesthetic prompt) with probability ``critique_share``, else its description (``DESCRIBE_PROMPT``);
+    held-out critiques are scored every ``critique_eval_every`` steps."""
+    from stages.finetune.model import tokens_per_tile
+    from stages.finetune.prompting import encode_example
+
+    n_context = tokens_per_tile(model.config)
+    rng = np.random.default_rng(recipe.seed)
+    torch.manual_seed(recipe.seed)
+
+    def example(row: int) -> Encoded:
+        r = records[row]
+        if rng.random() < recipe.critique_share:
+            return encode_example(tokenizer, n_context, full_critique(rng, r["attributes"]))
+        return encode_example(tokenizer, n_context, scene_description(r["attributes"], r["scene"]),
+                              prompt=DESCRIBE_PROMPT)
+
+    batches = ([(int(i), example(int(i))) for i in np.sort(rng.choice(len(images), recipe.batch_size, replace=False))]
+               for _ in range(recipe.critique_steps))
+    losses: list[float] = []
+    history: list[dict[str, Any]] = []
+    for loss in _train(model, list(model.parameters()), images, tokenizer.pad_token_id, batches,
+                       recipe.critique_steps, max(1, recipe.critique_steps // 10), recipe.critique_lr,
+                       recipe.weight_decay, f"pretrain demo base, critique ({recipe.shape})"):
+        losses.append(loss)
+        if len(losses) % recipe.critique_eval_every == 0 or len(losses) == recipe.critique_steps:
+            history.append({"step": len(losses), "caption_loss": float(np.mean(losses[-recipe.critique_eval_every:])),
+                            **evaluate_critiques(model, tokenizer, *val)})
+            tqdm.write(f"pretrain demo base, critique step {len(losses)}: loss {history[-1]['caption_loss']:.3f}, "
+                       f"held-out macro precision {history[-1]['macro_precision']:.2f}, "
+                       f"distinct {history[-1]['distinct']:.2f}: {history[-1]['example']}")
+    return losses, history
+
+
+def describe_cache(recipe: CaptionerRecipe, n_images: int, corpus_seed: int) -> Path:
+    """Where phase 1's model for this recipe and corpus is kept (a plain InternVL directory + describe.json)."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps({**recipe.describe_phase(), "n": n_images, "seed": corpus_seed},
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    return work_dir() / "pretrain" / f"base-describe-{key}"
+
+
+def pretrain_captioner(images: np.ndarray, records: list[dict[str, Any]], val: tuple[np.ndarray, list[dict[str, Any]]],
+                       recipe: CaptionerRecipe, out_dir: Path, corpus_seed: int) -> dict[str, Any]:
+    """Both phases on [N, 224, 224, 3] uint8 images + records (phase 1 from its cache when there); saves a plain
+    InternVL ``-hf`` directory + tokenizer."""
+    from transformers import InternVLForConditionalGeneration
+
+    from stages.finetune.tokenizer import load_tokenizer
+    from storage.atomic import write_json_atomic
+
+    start = time.perf_counter()
+    cache = describe_cache(recipe, len(images), corpus_seed)
+    if not (cache / "describe.json").exists():
+        model, tokenizer, history = _describe_phase(images, records, val, recipe, corpus_seed)
+        save_plain_internvl(model, tokenizer, cache)
+        write_json_atomic(cache / "describe.json", {"history": history, "seconds": round(time.perf_counter() - start, 1)})
+    describe = json.loads((cache / "describe.json").read_text())
+    tqdm.write(f"pretrain demo base: phase 1 (describe) from {cache}")
+    model = InternVLForConditionalGeneration.from_pretrained(str(cache), dtype=torch.float32)
+    tokenizer = load_tokenizer(cache)
+    t1 = time.perf_counter()
+    losses, critique_history = _critique_phase(model, tokenizer, images, records, val, recipe)
+    validation = {"describe": evaluate(model, tokenizer, *val, prompt=DESCRIBE_PROMPT),
+                  "critique": critique_history[-1]}
+    tqdm.write(f"pretrain demo base, phase 2: caption loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f}; "
+               f"held-out critiques: macro precision {validation['critique']['macro_precision']:.2f}, distinct "
+               f"{validation['critique']['distinct']:.2f}; descriptions: mean accuracy "
+               f"{validation['describe']['mean_accuracy']:.2f}")
     save_plain_internvl(model, tokenizer, out_dir)
-    return {"recipe": asdict(recipe), "n_images": len(images), "history": history, "validation": history[-1],
-            "train_seconds": round(time.perf_counter() - start, 1)}
+    return {"recipe": asdict(recipe), "n_images": len(images), "history": describe["history"],
+            "critique_history": critique_history,
+            "validation": {**validation["describe"], "critique": validation["critique"]},
+            "describe_seconds": describe["seconds"], "critique_seconds": round(time.perf_counter() - t1, 1),
+            "train_seconds": round(describe["seconds"] + time.perf_counter() - t1, 1)}
 
 
 def save_plain_internvl(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:

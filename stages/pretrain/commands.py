@@ -23,7 +23,9 @@ def register(app: typer.Typer) -> None:
         what: str = typer.Option("all", "--what", help="eat, base or all."),
         images: int = typer.Option(12_000, "--images", min=64, help="Pretraining corpus size (seed 1)."),
         eat_epochs: int = typer.Option(6, "--eat-epochs", min=1),
-        base_epochs: int = typer.Option(6, "--base-epochs", min=1),
+        base_epochs: int = typer.Option(6, "--base-epochs", min=1, help="Base phase 1 (descriptions) epochs."),
+        critique_steps: int = typer.Option(600, "--critique-steps", min=1,
+                                           help="Base phase 2 steps (critiques mixed with descriptions)."),
         workers: int = typer.Option(2, "--workers", min=1, help="Processes rendering the corpus."),
         threads: int = typer.Option(0, "--threads", min=0, help="Torch threads for training (0: torch's default)."),
         eat_out: Path = typer.Option(SHIPPED_EAT, "--eat-out", help="Where the EAT weights go (default: shipped)."),
@@ -45,7 +47,7 @@ def register(app: typer.Typer) -> None:
         corpus = build_corpus(images, CORPUS_SEED, workers)
         val = validation_set(CORPUS_SEED, VALIDATION_START, VALIDATION_IMAGES)
         provenance = {"command": f"ase-mllm pretrain-demo --what {what} --images {images} --eat-epochs {eat_epochs} "
-                                 f"--base-epochs {base_epochs}",
+                                 f"--base-epochs {base_epochs} --critique-steps {critique_steps}",
                       "generator_version": GENERATOR_VERSION, "corpus_seed": CORPUS_SEED, "corpus_images": images,
                       "validation": f"images {VALIDATION_START}..{VALIDATION_START + VALIDATION_IMAGES - 1} of seed "
                                     f"{CORPUS_SEED}"}
@@ -62,9 +64,11 @@ def register(app: typer.Typer) -> None:
             from stages.pretrain.captioner import CaptionerRecipe, pretrain_captioner
 
             t0 = time.perf_counter()
-            metrics = pretrain_captioner(corpus.images, corpus.records, val, CaptionerRecipe(epochs=base_epochs),
+            recipe = CaptionerRecipe(epochs=base_epochs, critique_steps=critique_steps)
+            metrics = pretrain_captioner(corpus.images, corpus.records, val, recipe,
                                          base_out, CORPUS_SEED)
             write_sidecar(base_out / "model.safetensors", {**provenance, **metrics}, base_out / "pretraining.json")
             v = metrics["validation"]
             typer.echo(f"pretrain-demo: base -> {base_out} in {time.perf_counter() - t0:.0f} s; held-out description "
-                       f"accuracy {v['mean_accuracy']:.2f} (mean over the six attributes)")
+                       f"accuracy {v['mean_accuracy']:.2f} (mean over the six attributes), critique macro precision "
+                       f"{v['critique']['macro_precision']:.2f}, distinct {v['critique']['distinct']:.2f}")
