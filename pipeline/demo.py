@@ -53,6 +53,11 @@ def register(app: typer.Typer) -> None:
 
         if tiny_model not in ("demo", "demo-qwen"):
             raise typer.BadParameter("--tiny-model must be demo or demo-qwen")
+        from stages.pretrain.shipped import require
+
+        require(SHIPPED_EAT, "demo EAT")  # both families' saliency starts from it
+        if tiny_model == "demo":
+            require(SHIPPED_BASE / "model.safetensors", "demo base")
         variant = context.manifest().eat.variant  # the EAT the saliency stage will look for
         t0 = time.perf_counter()
         run_step(app, "ingest", DATASET)
