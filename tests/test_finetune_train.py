@@ -224,3 +224,34 @@ def test_lora_trains_adapters_only_and_resumes_exactly(toy_run: Path) -> None:
     again = load_file(first.run_dir / "final" / "adapter_model.safetensors")
     for k in saved:
         torch.testing.assert_close(again[k], saved[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_cross_attention_lr_gets_its_own_groups_and_moves_the_gates_faster(toy_run: Path) -> None:
+    """--cross-attention-lr: exactly the cross-attention parameters train at their own peak lr (weight decay
+    kept), the rest at --lr; in a real run the zero-initialised gates then move far more."""
+    from stages.finetune.model import build_tiny_model
+    from stages.finetune.train import finetune, own_lr_for_cross_attention, part_of
+
+    model = build_tiny_model("tiny", vocab_size=300, image_token_id=299)
+    named = dict(model.named_parameters())
+    decay = [p for n, p in named.items() if p.ndim > 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                                   {"params": [p for p in named.values() if p.ndim <= 1], "weight_decay": 0.0}],
+                                  lr=1e-4)
+    moved = own_lr_for_cross_attention(optimizer, model, 1e-2)
+    cross = {n for n in named if part_of(n) == "cross_attention"}
+    assert moved == len(cross) > 0
+    by_id = {id(p): n for n, p in named.items()}
+    for group in optimizer.param_groups:
+        names = {by_id[id(p)] for p in group["params"]}
+        assert names <= cross if group["lr"] == 1e-2 else not names & cross
+        assert group["weight_decay"] == (0.01 if all(named[n].ndim > 1 for n in names) else 0.0)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(named)
+
+    manifest = load_manifest(toy_run)
+    gates = {}
+    for run, lr in (("same", None), ("fast", 0.1)):
+        result = finetune(_cfg(run=run, max_steps=3, cross_attention_lr=lr), manifest)
+        weights = load_file(result.run_dir / "final" / "model.safetensors")
+        gates[run] = max(weights[k].abs().max().item() for k in weights if k.endswith("cross_attention.gate"))
+    assert gates["fast"] > 10 * gates["same"] > 0, gates

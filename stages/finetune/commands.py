@@ -19,6 +19,9 @@ def register(app: typer.Typer) -> None:
         max_steps: int = typer.Option(-1, "--max-steps", help="Stop after N optimizer steps (overrides epochs)."),
         epochs: float = typer.Option(1.0, "--epochs"),
         lr: float = typer.Option(4e-5, "--lr", help="Peak learning rate (paper: 4e-5)."),
+        cross_attention_lr: Optional[float] = typer.Option(None, "--cross-attention-lr",
+                                                           help="Peak lr of the new cross-attention layers "
+                                                                "(default: --lr)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch (default per dataset)."),
         per_device: int = typer.Option(4, "--per-device", help="Per-device batch; the rest by accumulation."),
         trainable: str = typer.Option("cross_attention,projector,llm", "--trainable",
@@ -58,7 +61,8 @@ def register(app: typer.Typer) -> None:
 
         cfg = TrainConfig(
             dataset=dataset, run=run, base=str(base) if base else None, fusion=fusion, max_steps=max_steps,
-            epochs=epochs, learning_rate=lr, global_batch_size=batch_size, per_device_batch_size=per_device,
+            epochs=epochs, learning_rate=lr, cross_attention_lr=cross_attention_lr, global_batch_size=batch_size,
+            per_device_batch_size=per_device,
             trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()), lora=lora, max_tiles=max_tiles,
             max_pixels=max_pixels,
             max_length=max_length, strategy=strategy, gradient_checkpointing=gradient_checkpointing,

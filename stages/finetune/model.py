@@ -282,7 +282,14 @@ def load_base(
         raise ValueError(f"{path}: expected an InternVL (-hf, model_type 'internvl') checkpoint, got '{base.model_type}'")
     fields = {k: v for k, v in base.to_dict().items() if k not in _NOT_CONFIG_KEYS}
     config = IASInternVLConfig(**{**fields, "ias_fusion": fusion})
-    model, info = IASInternVLForConditionalGeneration.from_pretrained(
-        path, config=config, output_loading_info=True, **from_pretrained_kwargs
-    )
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its key table would repeat what the callers report in one line
+    try:
+        model, info = IASInternVLForConditionalGeneration.from_pretrained(
+            path, config=config, output_loading_info=True, **from_pretrained_kwargs
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return model, sorted(info["missing_keys"])

@@ -46,6 +46,7 @@ class TrainConfig:
     split: str = "train"
     # paper recipe
     learning_rate: float = 4e-5
+    cross_attention_lr: float | None = None  # peak lr of the new (zero-gated) cross-attention; None: learning_rate
     weight_decay: float = 0.01
     warmup_ratio: float = 0.03
     lr_scheduler: str = "cosine"
@@ -243,9 +244,17 @@ class CritiqueTrainer(Trainer):
     ``load_state_dict`` would silently fail to match (transformers 5.x), restarting from scratch.
     """
 
-    def __init__(self, *args: Any, sample_log: Path | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sample_log: Path | None = None, cross_attention_lr: float | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sample_log = sample_log
+        self.cross_attention_lr = cross_attention_lr
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if self.cross_attention_lr is not None:
+            own_lr_for_cross_attention(optimizer, self.model, self.cross_attention_lr)
+        return optimizer
 
     def create_accelerator_and_postprocess(self) -> None:
         from stages.finetune.sharding import enable_fsdp_on_cpu
@@ -270,6 +279,23 @@ class CritiqueTrainer(Trainer):
         # fp32 holds both the fp32 trainable and the compute-dtype frozen weights exactly; copy_ keeps each dtype
         loaded = type(model).from_pretrained(str(ckpt), config=model.config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict(), strict=True)
+
+
+def own_lr_for_cross_attention(optimizer: torch.optim.Optimizer, model: nn.Module, lr: float) -> int:
+    """Move the cross-attention parameters into groups of their own (same weight decay) with peak ``lr`` (the
+    scheduler, created next, scales every group alike); returns how many parameters moved. New layers that
+    start zero-gated hardly move at a pretrained model's small lr (as LLaVA trains its new projector faster)."""
+    ids = {id(p) for name, p in model.named_parameters() if part_of(name) == "cross_attention"}
+    moved = []
+    for group in optimizer.param_groups:
+        own = [p for p in group["params"] if id(p) in ids]
+        if own:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+            moved.append({**{k: v for k, v in group.items() if k != "params"}, "params": own, "lr": lr})
+    optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
+    for group in moved:
+        optimizer.add_param_group(group)
+    return sum(len(g["params"]) for g in moved)
 
 
 def _load_adapter(model: nn.Module, path: Path) -> None:
@@ -442,6 +468,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
         model=model, args=args, train_dataset=data,
         data_collator=base_family.collator(tokenizer, cfg.log_sample_ids),
         callbacks=[_MetricsLog(run_dir / "metrics.jsonl"), *callbacks], sample_log=sample_log,
+        cross_attention_lr=cfg.cross_attention_lr if cfg.fusion != "none" else None,
     )
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
