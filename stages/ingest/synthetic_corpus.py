@@ -343,15 +343,19 @@ def _intact(path: Path) -> bool:
 
 
 def _make_image(root: Path, seed: int, index: int) -> tuple[int, int, float]:
-    """Render image ``index`` unless an intact copy exists; (width, height, mask fraction)."""
+    """Render image ``index`` unless intact copies of image and mask exist, writing only the missing ones (a
+    kill between the two writes leaves a finished image untouched); (width, height, mask fraction)."""
     iid = image_id(index)
     image_path, mask_path = root / f"images/{iid}.jpg", root / f"masks/{iid}.png"
-    if _intact(image_path) and _intact(mask_path):
+    image_done, mask_done = _intact(image_path), _intact(mask_path)
+    if image_done and mask_done:
         with Image.open(image_path) as img, Image.open(mask_path) as m:
             return img.width, img.height, float((np.asarray(m) > 0).mean())
     image, mask = render(annotation(index, seed)["attributes"], _rngs(seed, index)[1])
-    write_bytes_atomic(image_path, _encode(image, "JPEG"))
-    write_bytes_atomic(mask_path, _encode(mask, "PNG"))
+    if not image_done:
+        write_bytes_atomic(image_path, _encode(image, "JPEG"))
+    if not mask_done:
+        write_bytes_atomic(mask_path, _encode(mask, "PNG"))
     return image.shape[1], image.shape[0], float((mask > 0).mean())
 
 
