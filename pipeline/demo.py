@@ -81,7 +81,7 @@ def demo_runs(tiny_model: str) -> dict[str, str]:
 
 def summary(variant: str, runs: dict[str, str], seconds: float) -> str:
     """The demo's closing summary: saliency quality, then each run beside the best constant critique."""
-    from stages.report.build import CONSTANT_ROW
+    from stages.report.build import CONSTANT_ROW, UNTRAINED_ROW
 
     eat = json.loads((models_dir() / f"eat_{variant}.json").read_text())["test"]
     report = reports_dir(DATASET) / next(iter(runs))
@@ -94,6 +94,8 @@ def summary(variant: str, runs: dict[str, str], seconds: float) -> str:
     for run, fusion in runs.items():
         start, end = _loss_range(run)
         lines.append(_row(f"finetune {run} (fusion {fusion})", rows[f"ASE-MLLM ({run})"]) + f"  {start:.3f} -> {end:.3f}")
+    if UNTRAINED_ROW in rows:  # the shipped base as it is: what fine-tuning changed
+        lines.append(_row("base before fine-tuning", rows[UNTRAINED_ROW]))
     lines.append(_row(CONSTANT_ROW, rows[CONSTANT_ROW]))
     lines += [f"report: {report / 'index.html'}", f"demo finished in {seconds:.0f} s"]
     return "\n".join(lines)
