@@ -41,6 +41,10 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"study {run}: B1 {r['Bleu_1']:.3f}, attribute P {r.get('macro_precision', float('nan')):.3f}, "
                            f"distinct {r['distinct']:.2f}")
         markdown = write_study(dataset, results, seed_list)
+        from pipeline.paths import reports_dir
+
+        for report in sorted(p.parent for p in reports_dir(dataset).glob("*/rows.json")):  # e.g. the demo's
+            run_step(app, "report", "--dataset", dataset, "--run", report.name)  # its index.html gains the study
         typer.echo("\n" + markdown.read_text())
         typer.echo(f"study: {len(chosen)} variants x {seeds} seeds in {time.perf_counter() - t0:.0f} s -> "
                    f"{markdown}, {study_dir(dataset) / 'study.png'}")
