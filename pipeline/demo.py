@@ -89,7 +89,7 @@ def summary(variant: str, runs: dict[str, str], seconds: float) -> str:
     lines = ["", "== demo summary",
              f"saliency (EAT-{variant}, test split): mask ratio {eat['mask_ratio']:.2f} (map mean inside the true "
              f"aesthetic regions / overall; uniform map = 1), SRCC {eat['srcc']:.3f}",
-             f"{'test split (48 images)':44} {'attr P':>7} {'attr R':>7} {'distinct':>9} {'B1':>6} {'CIDEr':>6}  "
+             f"{'test split (48 images)':50} {'attr P':>7} {'attr R':>7} {'distinct':>9} {'B1':>6} {'CIDEr':>6}  "
              f"training loss"]
     for run, fusion in runs.items():
         start, end = _loss_range(run)
@@ -102,7 +102,7 @@ def summary(variant: str, runs: dict[str, str], seconds: float) -> str:
 
 
 def _row(name: str, m: dict) -> str:
-    return (f"{name:44} {m['macro_precision']:7.3f} {m['macro_recall']:7.3f} {m['distinct']:9.2f} "
+    return (f"{name:50} {m['macro_precision']:7.3f} {m['macro_recall']:7.3f} {m['distinct']:9.2f} "
             f"{m['Bleu_1']:6.3f} {m['CIDEr']:6.3f}")
 
 
