@@ -14,7 +14,7 @@ import time
 import typer
 
 from pipeline.paths import models_dir, reports_dir, runs_dir
-from stages.pretrain.shipped import SHIPPED_BASE, SHIPPED_EAT
+from stages.pretrain.shipped import SHIPPED_BASE, SHIPPED_EAT, require
 
 DATASET = "demo"
 RUNS = {"demo-ias": "cross_attention", "demo-noiasc": "none"}  # run name -> fusion
@@ -49,13 +49,11 @@ def register(app: typer.Typer) -> None:
         tiny_model: str = typer.Option("demo", "--tiny-model", help="demo: InternVL from the shipped pretrained base; "
                                                                     "demo-qwen: the Qwen2.5-VL family (Table III layout)."),
     ) -> None:
-        """Run all stages on the synthetic demo corpus (CPU, about 5 minutes) and print the results."""
+        """Run all stages on the synthetic demo corpus (CPU, about 2.5 minutes on 2 cores) and print the results."""
         from pipeline import context
 
         if tiny_model not in ("demo", "demo-qwen"):
             raise typer.BadParameter("--tiny-model must be demo or demo-qwen")
-        from stages.pretrain.shipped import require
-
         require(SHIPPED_EAT, "demo EAT")  # both families' saliency starts from it
         if tiny_model == "demo":
             require(SHIPPED_BASE / "model.safetensors", "demo base")

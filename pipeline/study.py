@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         write the mean ± sd table and plot into reports/<dataset>/study/."""
         from pipeline import context
         from pipeline.demo import FINETUNE_ARGS, run_step
+        from pipeline.paths import reports_dir
         from stages.report.study import VARIANTS, run_name, score_run, study_dir, write_study
 
         chosen = [v for v in VARIANTS if not variant or v.name in variant]
@@ -41,8 +42,6 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"study {run}: B1 {r['Bleu_1']:.3f}, attribute P {r.get('macro_precision', float('nan')):.3f}, "
                            f"distinct {r['distinct']:.2f}")
         markdown = write_study(dataset, results, seed_list)
-        from pipeline.paths import reports_dir
-
         for report in sorted(p.parent for p in reports_dir(dataset).glob("*/rows.json")):  # e.g. the demo's
             run_step(app, "report", "--dataset", dataset, "--run", report.name)  # its index.html gains the study
         typer.echo("\n" + markdown.read_text())

@@ -37,6 +37,7 @@ from pipeline.paths import work_dir
 from stages.finetune.prompting import PROMPT, Encoded
 from stages.ingest.synthetic_attributes import ATTRIBUTES, described_values, full_critique, scene_description
 from stages.pretrain.targets import AuxHeads, Targets
+from stages.schedule import warmup_cosine
 
 DESCRIBE_PROMPT = "Describe this image."
 
@@ -130,8 +131,7 @@ def _train(model: nn.Module, params: list[nn.Parameter], images: np.ndarray, pad
     from stages.finetune.collate import Collator
 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    schedule = warmup_cosine(optimizer, total, warmup)
     collate = Collator(pad_id)
     recent: list[float] = []
     with tqdm(total=total, desc=desc, unit="step") as bar:
@@ -189,7 +189,6 @@ def _describe_phase(images: np.ndarray, records: list[dict[str, Any]], val: tupl
     history = []
     for epoch in range(recipe.epochs):
         losses = [next(steps) for _ in range(steps_per_epoch)]
-        pooled.clear()
         record = {"epoch": epoch + 1, "caption_loss": float(np.mean(losses)), **evaluate(model, tokenizer, *val)}
         history.append(record)
         tqdm.write(f"pretrain demo base epoch {epoch + 1}: caption loss {record['caption_loss']:.3f}, held-out "

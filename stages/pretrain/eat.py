@@ -24,6 +24,7 @@ from stages.pretrain.targets import AuxHeads, Targets
 from stages.saliency.eat import EAT, IMAGENET_MEAN, IMAGENET_STD, build_eat, eat_score, target_layer
 from stages.saliency.layercam import layercam
 from stages.saliency.train_eat import NUM_BINS, emd_loss, init_weights, mask_ratio, score_distribution, srcc
+from stages.schedule import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,7 @@ def pretrain_eat(images: np.ndarray, records: list[dict[str, Any]], val: tuple[n
                                    {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=recipe.lr)
     steps_per_epoch = math.ceil(len(images) / recipe.batch_size)
     total, warmup = recipe.epochs * steps_per_epoch, steps_per_epoch // 2
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    schedule = warmup_cosine(optimizer, total, warmup)
     generator = torch.Generator().manual_seed(recipe.seed)
     history = []
     bar = tqdm(total=total, desc=f"pretrain EAT-{recipe.variant}", unit="step")

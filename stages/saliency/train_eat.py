@@ -32,6 +32,7 @@ from tqdm import tqdm
 from stages.saliency.eat import (EAT, INPUT_SIZE, build_eat, eat_score, load_eat_weights, preprocess, target_layer,
                                  trunc_normal_)
 from stages.saliency.layercam import layercam
+from stages.schedule import warmup_cosine
 from storage.images import open_rgb
 
 NUM_BINS = 10
@@ -130,9 +131,7 @@ def _train(samples: list[tuple[Path, float]], variant: str, out_path: Path, epoc
                                    {"params": vectors, "weight_decay": 0.0}], lr=lr)
     steps_per_epoch = math.ceil(len(images) / batch_size)
     total, warmup = epochs * steps_per_epoch, steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-    )
+    schedule = warmup_cosine(optimizer, total, warmup)
     generator = torch.Generator().manual_seed(seed)
     history: list[dict] = []
     bar = tqdm(range(epochs), desc=f"train EAT-{variant}", unit="epoch")
