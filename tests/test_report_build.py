@@ -91,6 +91,15 @@ def test_rows_ablation_runs_and_incremental_rescoring(toy_runs: Path, monkeypatc
 
     second = _build(manifest)
     assert second.rescored == [] and len(calls) == len(names)
+    assert "images/study.png" not in (second.directory / "index.html").read_text()
+
+    from stages.report.study import study_dir, write_study  # a study of this dataset joins the next build's page
+    row = {"Bleu_1": 0.4, "METEOR": 0.1, "ROUGE_L": 0.2, "CIDEr": 0.3, "macro_precision": 0.7, "macro_recall": 0.4,
+           "distinct": 0.5}
+    write_study("toy", {"IASC + EAT maps": [row, row]}, [0, 1])
+    html = (_build(manifest).directory / "index.html").read_text()
+    assert "IASC + EAT maps" in html and 'src="images/study.png"' in html
+    assert (second.directory / "images" / "study.png").read_bytes() == (study_dir("toy") / "study.png").read_bytes()
 
     comments = read_table("toy", "comments").to_pylist()  # one more reference for one image: rescore every row
     comments.append({"image_id": "i0", "comment_id": "extra", "text": "the light is lovely here.", "aspect": None})
