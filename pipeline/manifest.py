@@ -37,6 +37,10 @@ class DatasetSpec:
     max_comment_chars: int | None = None  # longer comments are cut (None: ingest's default)
 
 
+# EAT's only input size (the official model works at 224 x 224 alone): part of every saliency store's fingerprint.
+EAT_INPUT_SIZE = 224
+
+
 @dataclass(frozen=True)
 class EatSpec:
     variant: str = "tiny"

@@ -33,3 +33,8 @@ def runs_dir(dataset: str) -> Path:
 def reports_dir(dataset: str) -> Path:
     """Reports: ``reports/<dataset>/<run>/``."""
     return work_dir() / "reports" / dataset
+
+
+def study_dir(dataset: str) -> Path:
+    """The dataset's ablation study: ``reports/<dataset>/study/`` (read by every report of the dataset)."""
+    return reports_dir(dataset) / "study"

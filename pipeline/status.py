@@ -29,9 +29,9 @@ def ingest_status(spec: DatasetSpec) -> StageStatus:
     detail = f"{c['images']:,} images, {c['comments']:,} comments, {c['quarantined']:,} quarantined"
     if spec.root.is_dir():
         from stages.ingest.formats import converter
-        from stages.ingest.run import current_fingerprint
+        from stages.ingest.run import input_fingerprint
 
-        if current_fingerprint(spec, converter(spec.format)) != meta.get("fingerprint"):
+        if input_fingerprint(spec, converter(spec.format)) != meta.get("fingerprint"):
             return StageStatus("ingest", "stale", detail + "; inputs changed since")
     return StageStatus("ingest", "done", detail)
 

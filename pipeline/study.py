@@ -21,8 +21,8 @@ def register(app: typer.Typer) -> None:
         write the mean ± sd table and plot into reports/<dataset>/study/."""
         from pipeline import context
         from pipeline.demo import FINETUNE_ARGS, run_step
-        from pipeline.paths import reports_dir
-        from stages.report.study import VARIANTS, run_name, score_run, study_dir, write_study
+        from pipeline.paths import reports_dir, study_dir
+        from stages.report.study import VARIANTS, run_name, score_run, write_study
 
         chosen = [v for v in VARIANTS if not variant or v.name in variant]
         unknown = set(variant or ()) - {v.name for v in VARIANTS}

@@ -1,6 +1,6 @@
 """The saliency feature store: raw LayerCAM maps per image, one store per EAT fingerprint.
 
-Layout of ``saliency_root()/<fingerprint>/`` (DESIGN.md sections 3-4)::
+Layout of ``saliency_root()/<fingerprint>/`` (the architecture document, pipeline/ARCHITECTURE.md)::
 
     store.zarr/          Zarr v3 group; rows allocated in whole shards of ``shard_rows``
       maps/              [N, h, w] float32 raw M^c (chunk = 1 map, shard = shard_rows maps, zstd: lossless)
@@ -420,17 +420,17 @@ class SaliencyStore:
         write_parquet_atomic(self._ledger_file(shard), entries.cast(LEDGER_SCHEMA))
 
 
-def current_fingerprint(manifest: Manifest) -> tuple[str, Path]:
-    """(fingerprint, checkpoint path) of the manifest's EAT."""
-    from stages.saliency import INPUT_SIZE
+def eat_store_fingerprint(manifest: Manifest) -> tuple[str, Path]:
+    """(fingerprint, checkpoint path) of the manifest's EAT: which store holds its maps."""
+    from pipeline.manifest import EAT_INPUT_SIZE
 
     checkpoint = resolve_checkpoint(manifest.eat)
-    return eat_fingerprint(manifest.eat, checkpoint, INPUT_SIZE), checkpoint
+    return eat_fingerprint(manifest.eat, checkpoint, EAT_INPUT_SIZE), checkpoint
 
 
 def current_store(manifest: Manifest) -> SaliencyStore:
     """The store for the manifest's EAT, for the stages that read maps."""
-    fingerprint, _ = current_fingerprint(manifest)
+    fingerprint, _ = eat_store_fingerprint(manifest)
     if not (saliency_root() / fingerprint / "store.zarr" / "zarr.json").exists():
         raise FileNotFoundError(
             f"no saliency maps for this EAT ({saliency_root() / fingerprint}): run `ase-mllm saliency` first"

@@ -1,4 +1,4 @@
-"""Canonical per-dataset tables (DESIGN.md section 3) and their Arrow schemas.
+"""Canonical per-dataset tables (ingest's output, every later stage's input) and their Arrow schemas.
 
 ``work/datasets/<name>/`` holds ``images.parquet``, ``comments.parquet``,
 ``quarantine.parquet`` and ``meta.json`` (absolute image root, format, input fingerprint).

@@ -70,9 +70,9 @@ def make_store(
     manifest: Manifest, shas: list[str], shard_rows: int = 4, maps: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write one known 14x14 map per image (random, or from ``maps``) into a real SaliencyStore; returns sha -> map."""
-    from storage.saliency_store import LEDGER_SCHEMA, SaliencyStore, current_fingerprint
+    from storage.saliency_store import LEDGER_SCHEMA, SaliencyStore, eat_store_fingerprint
 
-    fingerprint, _ = current_fingerprint(manifest)
+    fingerprint, _ = eat_store_fingerprint(manifest)
     store = SaliencyStore.open(saliency_root(), fingerprint, map_shape=(14, 14), shard_rows=shard_rows)
     rng = np.random.default_rng(1)
     maps = {sha: rng.random((14, 14)).astype(np.float32) * 5 for sha in shas} | (maps or {})

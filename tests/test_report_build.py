@@ -93,7 +93,8 @@ def test_rows_ablation_runs_and_incremental_rescoring(toy_runs: Path, monkeypatc
     assert second.rescored == [] and len(calls) == len(names)
     assert "images/study.png" not in (second.directory / "index.html").read_text()
 
-    from stages.report.study import study_dir, write_study  # a study of this dataset joins the next build's page
+    from pipeline.paths import study_dir
+    from stages.report.study import write_study  # a study of this dataset joins the next build's page
     row = {"Bleu_1": 0.4, "METEOR": 0.1, "ROUGE_L": 0.2, "CIDEr": 0.3, "macro_precision": 0.7, "macro_recall": 0.4,
            "distinct": 0.5}
     write_study("toy", {"IASC + EAT maps": [row, row]}, [0, 1])

@@ -29,7 +29,7 @@ def test_packaged_paper_tables_match_shared_copy(shared_dir: Path):
 
 
 def test_pccd_ours_row_is_the_published_one():
-    """DESIGN.md quotes the paper's PCCD row: B1 0.739, B4 0.111, M 0.143, R 0.363, C 0.054, S 0.054,
+    """The paper's Table I PCCD row as printed in arXiv 2509.04378: B1 0.739, B4 0.111, M 0.143, R 0.363, C 0.054, S 0.054,
     S-L 0.241, Pre 0.298, Re 0.260."""
     (row,) = [r for r in tables.paper_rows("I", "pccd") if r.method.startswith("ASE-MLLM")]
     published = {"Bleu_1": 0.739, "Bleu_4": 0.111, "METEOR": 0.143, "ROUGE_L": 0.363, "CIDEr": 0.054,

@@ -43,7 +43,7 @@ def _internvit_300m() -> dict[str, Any]:
 
 
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
-    # the paper's base: InternViT-300M + InternLM2-7B/8B-chat (InternLM2 runs as Llama, DESIGN.md)
+    # the paper's base: InternViT-300M + InternLM2-7B/8B-chat (InternLM2 runs as Llama: convert-base)
     "internvl2-8b": dict(vision=_internvit_300m(), text=dict(
         model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=14336, vocab_size=92553, max_position_embeddings=32768, tie_word_embeddings=False)),

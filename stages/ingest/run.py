@@ -86,7 +86,7 @@ def cut_comment(text: str, cap: int) -> str:
     return (head[:space] if space > cap // 2 else text[:cap]).rstrip()
 
 
-def current_fingerprint(spec: DatasetSpec, module: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+def input_fingerprint(spec: DatasetSpec, module: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     """Fingerprint of the dataset's inputs as they are now (what ``meta.json`` is compared with)."""
     return fingerprint(spec, module.convert(spec), module.VERSION, max_pixels)
 

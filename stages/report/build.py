@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.manifest import Manifest
-from pipeline.paths import reports_dir, runs_dir
+from pipeline.paths import reports_dir, runs_dir, study_dir
 from stages.finetune import family
 from stages.report.generate import DecodeConfig, generate_split, is_untrained, predictions_dir, prepare_untrained, \
     read_predictions, run_config
@@ -112,7 +112,6 @@ def build_report(
     from stages.report.attributes import attribute_scores
     from stages.report.diversity import diversity
     from stages.report.metrics import score_to_file
-    from stages.report.study import study_dir
     from stages.report.tables import write_attribute_table, write_tables
 
     start = time.perf_counter()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.manifest import Manifest
-from pipeline.paths import reports_dir
+from pipeline.paths import study_dir
 from storage.atomic import write_bytes_atomic
 
 
@@ -36,10 +36,6 @@ VARIANTS = (
 # (header, key) of the study table and plot: caption metrics, ground-truth attributes, diversity
 COLUMNS = (("B1", "Bleu_1"), ("M", "METEOR"), ("R", "ROUGE_L"), ("C", "CIDEr"), ("Attr P", "macro_precision"),
            ("Attr R", "macro_recall"), ("Distinct", "distinct"))
-
-
-def study_dir(dataset: str) -> Path:
-    return reports_dir(dataset) / "study"
 
 
 def run_name(variant: Variant, seed: int) -> str:

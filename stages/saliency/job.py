@@ -28,7 +28,7 @@ import pyarrow as pa
 from pipeline.manifest import EatSpec, Manifest
 from pipeline.paths import saliency_root
 from storage.images import ImageError, open_rgb, sha256_file
-from storage.saliency_store import (DEFAULT_SHARD_ROWS, LEDGER_SCHEMA, PlannedRow, SaliencyStore, current_fingerprint,
+from storage.saliency_store import (DEFAULT_SHARD_ROWS, LEDGER_SCHEMA, PlannedRow, SaliencyStore, eat_store_fingerprint,
                                     resolve_checkpoint)
 
 # Below this many images to compute, the job runs in this process (``workers`` None). Measured here (2 cores):
@@ -373,7 +373,7 @@ def run_saliency(
 
     start = time.perf_counter()
     images = requested_images(manifest, datasets)
-    fingerprint, checkpoint = current_fingerprint(manifest)
+    fingerprint, checkpoint = eat_store_fingerprint(manifest)
     store = existing_store(fingerprint)
     if store is not None and (done := _finished(store, images, start)) is not None:
         return done

@@ -1,7 +1,7 @@
 """Benchmark: scoring 10,000 candidates × 5 references with BLEU / METEOR / ROUGE-L / CIDEr.
 
 Compares ``stages.report.metrics.score`` with (a) pycocoevalcap called once per metric on the
-whole set, sequentially (DESIGN.md's 37 s anchor), and (b) pycocoevalcap called per image
+whole set, sequentially (the anchor: ~37 s on one core of this CPU class), and (b) pycocoevalcap called per image
 (tokenizer + four scorers, a new METEOR JVM each time), whose cost is extrapolated from a
 sample of ``--sample`` images. Sentences are real PCCD critiques from ../shared (without them, or
 without ``java``, it says so and exits 0).
