@@ -14,6 +14,7 @@ import yaml
 
 from pipeline.errors import PipelineError
 
+# Dataset formats: each names a converter module stages/ingest/formats/<format>.py (a test checks the two agree).
 FORMATS = ("synthetic", "pccd", "rpcd", "dpc2022", "ava_captions", "folder")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^${}]*))?\}")  # innermost first
 

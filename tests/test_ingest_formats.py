@@ -153,3 +153,17 @@ def test_synthetic_generated_corpus(tmp_path: Path) -> None:
     assert len(comments) == sum(len(r["references"]) for r in lines)
     assert quarantine == [] and result.counts["images"] == 12
     assert ingest_dataset(spec, echo=lambda s: None).up_to_date
+
+
+def test_every_manifest_format_has_a_converter_and_no_converter_is_unlisted() -> None:
+    """The manifest's FORMATS owns the format names: each is a converter module, and no module is unlisted."""
+    from pipeline.manifest import FORMATS
+    from stages.ingest import formats
+
+    modules = {p.stem for p in Path(formats.__file__).parent.glob("*.py") if p.stem != "__init__"}
+    assert modules == set(FORMATS)
+    for fmt in FORMATS:
+        module = formats.converter(fmt)
+        assert callable(module.convert) and isinstance(module.VERSION, (int, str))
+    with pytest.raises(ValueError, match="unknown dataset format 'nope'"):
+        formats.converter("nope")

@@ -22,9 +22,14 @@ from pipeline.paths import work_dir
 from stages.report import spice
 from storage.atomic import write_bytes_atomic, write_json_atomic
 
-METRIC_KEYS = (
-    "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "SPICE_L", "Precision", "Recall",
+# The metric columns, owned here: (header in the paper's layout, key in metrics.json). Tables, the report page
+# and the study read them from this list; a new metric is added here and computed in score().
+METRIC_COLUMNS = (
+    ("B1", "Bleu_1"), ("B2", "Bleu_2"), ("B3", "Bleu_3"), ("B4", "Bleu_4"), ("M", "METEOR"), ("R", "ROUGE_L"),
+    ("C", "CIDEr"), ("S", "SPICE"), ("S-L", "SPICE_L"), ("Pre", "Precision"), ("Re", "Recall"),
 )
+METRIC_KEYS = tuple(key for _, key in METRIC_COLUMNS)
+METRIC_HEADERS = {key: header for header, key in METRIC_COLUMNS}
 SPICE_KEYS = ("SPICE", "SPICE_L", "Precision", "Recall")
 SCORER_VERSION = "2"  # bump when scoring changes, so cached metrics.json files are rescored
 JAVA_HELP = (

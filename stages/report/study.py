@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.manifest import Manifest
 from pipeline.paths import study_dir
+from stages.report.metrics import METRIC_HEADERS
 from storage.atomic import write_bytes_atomic
 
 
@@ -34,8 +35,8 @@ VARIANTS = (
     Variant("IASC + true masks", "cross_attention", "truth"),
 )
 # (header, key) of the study table and plot: caption metrics, ground-truth attributes, diversity
-COLUMNS = (("B1", "Bleu_1"), ("M", "METEOR"), ("R", "ROUGE_L"), ("C", "CIDEr"), ("Attr P", "macro_precision"),
-           ("Attr R", "macro_recall"), ("Distinct", "distinct"))
+COLUMNS = tuple((METRIC_HEADERS[k], k) for k in ("Bleu_1", "METEOR", "ROUGE_L", "CIDEr")) + (
+    ("Attr P", "macro_precision"), ("Attr R", "macro_recall"), ("Distinct", "distinct"))
 
 
 def run_name(variant: Variant, seed: int) -> str:

@@ -14,12 +14,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from stages.report.metrics import METRIC_COLUMNS
 from storage.atomic import write_bytes_atomic
 
-COLUMNS = (  # (header in the paper's layout, metric key)
-    ("B1", "Bleu_1"), ("B2", "Bleu_2"), ("B3", "Bleu_3"), ("B4", "Bleu_4"), ("M", "METEOR"), ("R", "ROUGE_L"),
-    ("C", "CIDEr"), ("S", "SPICE"), ("S-L", "SPICE_L"), ("Pre", "Precision"), ("Re", "Recall"),
-)
+COLUMNS = METRIC_COLUMNS  # (header in the paper's layout, metric key)
 # Output diversity (stages/report/diversity.py) beside every row of ours; the paper reports none.
 DIVERSITY_COLUMNS = (("Distinct", "distinct"), ("D-1", "distinct_1"), ("D-2", "distinct_2"), ("Len", "mean_length"))
 TABLE_COLUMNS = COLUMNS + DIVERSITY_COLUMNS

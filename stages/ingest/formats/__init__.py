@@ -1,5 +1,8 @@
 """Dataset converters: one module per release format, each ``convert(spec) -> Converted``.
 
+The format names are owned by ``pipeline.manifest.FORMATS`` (the manifest validates ``format:`` against it
+before any stage runs): a new format is a module here named like its entry there, and nothing else.
+
 A converter only parses annotations into :class:`Record` s (relative image paths, comments,
 score). Problems it can see in the annotations go to ``Converted.quarantine``; image checks,
 duplicate ids and empty comments are done once for all formats in ``stages.ingest.run``.
@@ -13,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pipeline.manifest import DatasetSpec
+from pipeline.manifest import FORMATS, DatasetSpec
 from storage.image_files import IMAGE_EXTS
 from storage.images import ImageError, safe_join
 
@@ -52,6 +55,8 @@ class Converted:
 
 def converter(fmt: str) -> ModuleType:
     """The module converting ``fmt`` (it has ``VERSION`` and ``convert``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; known: {', '.join(FORMATS)}")
     return importlib.import_module(f"stages.ingest.formats.{fmt}")
 
 
