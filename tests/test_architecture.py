@@ -1,0 +1,41 @@
+"""The house rules that keep the code changeable: import contracts and a repository that stands alone."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tracked_files() -> list[Path]:
+    out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return [REPO / line for line in out.splitlines()]
+
+
+def test_import_contracts_hold() -> None:
+    """import-linter's contracts in pyproject.toml (layers: command line, stages, storage, configuration), counting
+    imports made inside functions."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    proc = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "0 broken" in proc.stdout
+
+
+def test_repository_stands_alone() -> None:
+    """No file names the design card kept outside the repository, and every relative Markdown link resolves
+    inside it."""
+    outside_doc = "DESIGN" + ".md"
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    for path in tracked_files():
+        if path.suffix not in {".py", ".md", ".yaml", ".toml", ".sh", ".txt", ".json", ".cfg"} or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        assert outside_doc not in text, f"{path.relative_to(REPO)} cites a document outside the repository"
+        if path.suffix == ".md":
+            for target in link.findall(text):
+                if "://" in target or target.startswith("mailto:"):
+                    continue
+                resolved = (path.parent / target).resolve()
+                assert resolved.is_relative_to(REPO) and resolved.exists(), f"{path.relative_to(REPO)}: {target}"
