@@ -111,3 +111,23 @@ def test_diversity_of_constant_and_varied_outputs() -> None:
     assert varied["distinct"] == pytest.approx(2 / 3)
     assert varied["distinct_1"] == pytest.approx(4 / 9)
     assert varied["distinct_2"] == pytest.approx(3 / 6)  # (a b), (b c), (b d)
+
+
+def test_kappa_equals_sklearn_and_is_zero_for_a_constant_claim() -> None:
+    """Per-attribute kappa against scikit-learn's cohen_kappa_score on the same (claimed, true) pairs; a critique
+    that always claims one value scores 0 (and precision equal to that value's share)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    rng = __import__("random").Random(3)
+    claimed = {i: {k: (t[k] if rng.random() < 0.6 else rng.choice(sa.ATTRIBUTES[k])) for k in t}
+               for i, t in TRUTH.items()}
+    scores = attribute_scores({i: sa.critique_of(c) for i, c in claimed.items()}, TRUTH)
+    for key in sa.ATTRIBUTES:
+        said = {i: sa.asserted_values(sa.critique_of(c)).get(key, set()) for i, c in claimed.items()}
+        single = [i for i in TRUTH if len(said[i]) == 1]
+        expected = cohen_kappa_score([next(iter(said[i])) for i in single], [TRUTH[i][key] for i in single])
+        assert scores[f"kappa_{key}"] == pytest.approx(expected, abs=1e-12), key
+        assert 0.2 < scores[f"kappa_{key}"] < 0.9  # 60 % true claims: well above chance, below perfect
+    constant = attribute_scores({i: majority_critique(list(TRUTH.values())) for i in TRUTH}, TRUTH)
+    assert all(constant[f"kappa_{k}"] == 0 for k in sa.ATTRIBUTES)
+    assert constant["macro_kappa"] == 0 and constant["macro_precision"] > 0.3

@@ -5,7 +5,11 @@ Per attribute a, over the images of a split:
 - precision_a = correct assertions about a / all assertions about a (0 when a is never mentioned: a critic who
   never speaks about an attribute gets no credit for it; a critique may assert two values of a, one is then wrong)
 - recall_a = images whose critique asserts a's true value / images
-``macro_precision`` / ``macro_recall`` average them over the six attributes.
+- kappa_a = Cohen's kappa between the asserted and the true value over the images whose critique asserts exactly
+  one value of a (None when fewer than two such images or when chance agreement is 1): a critique that always
+  claims the same value scores 0 however often that value is right
+``macro_precision`` / ``macro_recall`` average them over the six attributes, ``macro_kappa`` over the attributes
+where kappa is defined.
 
 The best constant critique is the baseline every model must beat: of the critique that asserts the training
 split's most frequent value of every attribute and each training reference, the one with the highest macro
@@ -21,7 +25,18 @@ from stages.ingest.synthetic_attributes import ATTRIBUTES, asserted_values, crit
 Truth = dict[str, str]  # attribute -> true value
 
 
-def attribute_scores(captions: dict[Hashable, str], truth: dict[Hashable, Truth]) -> dict[str, float]:
+def cohen_kappa(pairs: list[tuple[str, str]], values: tuple[str, ...]) -> float | None:
+    """Cohen's kappa of (claimed, true) value pairs: (p_o - p_e) / (1 - p_e); None when undefined."""
+    n = len(pairs)
+    if n < 2:
+        return None
+    observed = sum(claimed == true for claimed, true in pairs) / n
+    claimed, true = Counter(c for c, _ in pairs), Counter(t for _, t in pairs)
+    chance = sum(claimed[v] * true[v] for v in values) / (n * n)
+    return None if chance == 1 else (observed - chance) / (1 - chance)
+
+
+def attribute_scores(captions: dict[Hashable, str], truth: dict[Hashable, Truth]) -> dict[str, float | None]:
     """``precision_<a>``, ``recall_<a>`` per attribute and their macro averages over the images of ``captions``."""
     if not captions:
         raise ValueError("no captions to score")
@@ -36,6 +51,9 @@ def attribute_scores(captions: dict[Hashable, str], truth: dict[Hashable, Truth]
         hits = sum(true in values for values, true in said)
         out[f"precision_{key}"] = hits / claims if claims else 0.0
         out[f"recall_{key}"] = hits / len(said)
+        out[f"kappa_{key}"] = cohen_kappa([(next(iter(v)), true) for v, true in said if len(v) == 1], ATTRIBUTES[key])
+    kappas = [out[f"kappa_{k}"] for k in ATTRIBUTES if out[f"kappa_{k}"] is not None]
+    out["macro_kappa"] = sum(kappas) / len(kappas) if kappas else None
     out["macro_precision"] = sum(out[f"precision_{k}"] for k in ATTRIBUTES) / len(ATTRIBUTES)
     out["macro_recall"] = sum(out[f"recall_{k}"] for k in ATTRIBUTES) / len(ATTRIBUTES)
     return out

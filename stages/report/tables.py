@@ -149,16 +149,19 @@ def attribute_columns() -> list[tuple[str, str]]:
     """(header, key) of the ground-truth attribute table: macro precision / recall, then per attribute."""
     from stages.ingest.synthetic_attributes import ATTRIBUTES
 
-    per = [(f"{name} {h}", f"{k}_{name}") for name in ATTRIBUTES for h, k in (("P", "precision"), ("R", "recall"))]
-    return [("Macro P", "macro_precision"), ("Macro R", "macro_recall"), *per, ("Distinct", "distinct")]
+    per = [(f"{name} {h}", f"{k}_{name}") for name in ATTRIBUTES
+           for h, k in (("P", "precision"), ("R", "recall"), ("κ", "kappa"))]
+    return [("Macro P", "macro_precision"), ("Macro R", "macro_recall"), ("Macro κ", "macro_kappa"), *per,
+            ("Distinct", "distinct")]
 
 
 ATTRIBUTE_NOTE = ("Attribute values each critique asserts, read with the corpus generator's phrase bank, against the "
                   "image's true attributes. P: correct assertions / assertions about that attribute (0 if never "
-                  "mentioned); R: images whose true value is asserted / images. Best constant critique: chosen on the "
-                  "training split, the same text for every image. Reference critique: each image's first reference "
-                  "(written from the truth, so its precision is 1 by construction; its recall is what one human-"
-                  "style critique covers).")
+                  "mentioned); R: images whose true value is asserted / images; κ: Cohen's kappa of the asserted "
+                  "against the true value over the images with exactly one assertion (0 for a critique that always "
+                  "claims the same value; — where undefined). Best constant critique: chosen on the training split, "
+                  "the same text for every image. Reference critique: each image's first reference (written from the "
+                  "truth, so its precision is 1 by construction; its recall is what one human-style critique covers).")
 
 
 def write_attribute_table(out_dir: Path, dataset: str, rows: dict[str, dict[str, float]], split: str = "test") -> str:
