@@ -441,6 +441,30 @@ def test_fsdp_sigkill_then_rerun_equals_uninterrupted(toy_run: Path, tmp_path: P
     _assert_same_weights(_final(runs / "killed"), _final(runs / "whole"), 1e-6)
 
 
+@pytest.mark.slow
+def test_fsdp_lora_resumes_exactly(toy_run: Path, tmp_path: Path) -> None:
+    """LoRA under FSDP: a rerun after losing checkpoint-3 and final/ (as a kill right after checkpoint-2)
+    resumes from checkpoint-2 and ends with the uninterrupted run's adapter weights."""
+    import shutil
+
+    base = save_base(tmp_path / "base", torch.float32)
+    run = Path(os.environ["ASE_WORK"]) / "runs" / "toy" / "lora"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--strategy", "fsdp", "--lora", "--max-steps", "3", "--save-steps", "2"]
+    outputs = []
+    for attempt in range(2):
+        proc = subprocess.run(_launch(tmp_path, toy_run, "lora", base, *args, ranks=2, port=29544 + attempt),
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        outputs.append(load_file(run / "final" / "adapter_model.safetensors"))
+        if attempt == 0:
+            assert any(".lora_A." in k for k in outputs[0]) and any("cross_attention.gate" in k for k in outputs[0])
+            shutil.rmtree(run / "checkpoint-3")
+            shutil.rmtree(run / "final")
+    assert "resumed from checkpoint-2" in proc.stdout
+    _assert_same_weights(outputs[1], outputs[0], 1e-6)
+
+
 def test_zero3_config_is_accepted_by_deepspeed_and_the_trainer() -> None:
     """configs/zero3.yaml parses (DeepSpeed's own config model) and the Trainer fills its "auto" values."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install '.[zero3]')")

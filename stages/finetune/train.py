@@ -272,10 +272,12 @@ class CritiqueTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = model if model is not None else self.model
         ckpt = Path(resume_from_checkpoint)
+        if self.is_fsdp_enabled:  # first: its own files load into the sharded (DTensor) parameters, adapters too
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         if (ckpt / "adapter_model.safetensors").exists():
             return _load_adapter(model, ckpt / "adapter_model.safetensors")
-        if self.is_fsdp_enabled or not isinstance(model, PreTrainedModel) or not (ckpt / "config.json").exists():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # FSDP: its own sharded files
+        if not isinstance(model, PreTrainedModel) or not (ckpt / "config.json").exists():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         # fp32 holds both the fp32 trainable and the compute-dtype frozen weights exactly; copy_ keeps each dtype
         loaded = type(model).from_pretrained(str(ckpt), config=model.config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict(), strict=True)
