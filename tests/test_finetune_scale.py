@@ -439,12 +439,30 @@ def test_fsdp_sigkill_then_rerun_equals_uninterrupted(toy_run: Path, tmp_path: P
         if run == "killed":
             assert "resumed from checkpoint-" in done.stdout
     _assert_same_weights(_final(runs / "killed"), _final(runs / "whole"), 1e-6)
+    for run in ("killed", "whole"):  # sharded intermediate checkpoints; the one full model is final/'s
+        assert sorted(p.name for p in (runs / run).glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+        _assert_sharded_checkpoint(runs / run / "checkpoint-6", ranks=2)
+        assert (runs / run / "final" / "model.safetensors").exists()
+
+
+def _assert_sharded_checkpoint(ckpt: Path, ranks: int) -> None:
+    """A distributed-checkpoint layout: model and optimizer state written by every rank (one shard file each),
+    no full model (safetensors or gathered FSDP .bin) anywhere in it."""
+    from stages.finetune.train import is_complete
+
+    for state in ("pytorch_model_fsdp_0", "optimizer_0"):
+        shards = sorted(p.name for p in (ckpt / state).glob("*.distcp"))
+        assert shards == [f"__{r}_0.distcp" for r in range(ranks)], (state, shards)
+        assert (ckpt / state / ".metadata").exists()
+    full = [p.name for p in ckpt.rglob("*") if p.suffix in (".safetensors", ".bin")]
+    assert not full, full
+    assert is_complete(ckpt)
 
 
 @pytest.mark.slow
-def test_fsdp_lora_resumes_exactly(toy_run: Path, tmp_path: Path) -> None:
-    """LoRA under FSDP: a rerun after losing checkpoint-3 and final/ (as a kill right after checkpoint-2)
-    resumes from checkpoint-2 and ends with the uninterrupted run's adapter weights."""
+def test_fsdp_lora_checkpoint_is_sharded_and_resumes_exactly(toy_run: Path, tmp_path: Path) -> None:
+    """LoRA under FSDP: checkpoint-2 is sharded; a rerun after losing checkpoint-3 and final/ (as a kill
+    right after checkpoint-2) resumes from checkpoint-2 and ends with the uninterrupted run's adapter weights."""
     import shutil
 
     base = save_base(tmp_path / "base", torch.float32)
@@ -458,6 +476,7 @@ def test_fsdp_lora_resumes_exactly(toy_run: Path, tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         outputs.append(load_file(run / "final" / "adapter_model.safetensors"))
         if attempt == 0:
+            _assert_sharded_checkpoint(run / "checkpoint-2", ranks=2)
             assert any(".lora_A." in k for k in outputs[0]) and any("cross_attention.gate" in k for k in outputs[0])
             shutil.rmtree(run / "checkpoint-3")
             shutil.rmtree(run / "final")

@@ -91,6 +91,25 @@ def test_incomplete_checkpoints_are_ignored_and_removed(tmp_path: Path) -> None:
     assert not (tmp_path / "checkpoint-6").exists() and not (tmp_path / "checkpoint-8").exists()
 
 
+def test_sharded_fsdp_checkpoints_count_as_complete_but_are_no_model_to_report(tmp_path: Path) -> None:
+    """The FSDP layout (per-rank distributed-checkpoint shards, .metadata written after all of them) resumes
+    like any checkpoint; the report refuses it with a one-line hint instead of failing to load a model."""
+    from stages.finetune.train import FSDP_SHARDS, last_checkpoint
+    from stages.report.generate import find_checkpoint
+
+    for step, metadata in ((2, True), (4, False)):  # 4: killed while the ranks wrote their shards
+        shards = tmp_path / f"checkpoint-{step}" / FSDP_SHARDS
+        shards.mkdir(parents=True)
+        (shards / "__0_0.distcp").write_bytes(b"x")
+        if metadata:
+            (shards / ".metadata").write_bytes(b"x")
+            (shards.parent / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path, remove_incomplete=True) == tmp_path / "checkpoint-2"
+    assert not (tmp_path / "checkpoint-4").exists()
+    with pytest.raises(FileNotFoundError, match="FSDP shards.*rerun the same `finetune`"):
+        find_checkpoint(tmp_path)
+
+
 def test_finetune_learns_saves_and_resumes(toy_run: Path) -> None:
     import shutil
 
