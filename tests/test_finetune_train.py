@@ -97,15 +97,19 @@ def test_sharded_fsdp_checkpoints_count_as_complete_but_are_no_model_to_report(t
     from stages.finetune.train import FSDP_SHARDS, last_checkpoint
     from stages.report.generate import find_checkpoint
 
-    for step, metadata in ((2, True), (4, False)):  # 4: killed while the ranks wrote their shards
+    # 4: killed while the ranks wrote their shards; 6: rank 0 done, rank 1 killed before its RNG state
+    for step, metadata, rng_ranks in ((2, True, 2), (4, False, 0), (6, True, 1)):
         shards = tmp_path / f"checkpoint-{step}" / FSDP_SHARDS
         shards.mkdir(parents=True)
-        (shards / "__0_0.distcp").write_bytes(b"x")
+        for r in range(2):
+            (shards / f"__{r}_0.distcp").write_bytes(b"x")
+        for r in range(rng_ranks):
+            (shards.parent / f"rng_state_{r}.pth").write_bytes(b"x")
         if metadata:
             (shards / ".metadata").write_bytes(b"x")
             (shards.parent / "trainer_state.json").write_text("{}")
     assert last_checkpoint(tmp_path, remove_incomplete=True) == tmp_path / "checkpoint-2"
-    assert not (tmp_path / "checkpoint-4").exists()
+    assert not (tmp_path / "checkpoint-4").exists() and not (tmp_path / "checkpoint-6").exists()
     with pytest.raises(FileNotFoundError, match="FSDP shards.*rerun the same `finetune`"):
         find_checkpoint(tmp_path)
 

@@ -133,11 +133,14 @@ FSDP_SHARDS = "pytorch_model_fsdp_0"  # accelerate's distributed-checkpoint fold
 
 def is_complete(ckpt: Path) -> bool:
     """The Trainer writes trainer_state.json last (after every rank's shards under FSDP); a readable one
-    marks a finished checkpoint."""
+    marks a finished checkpoint, once every rank of a sharded one has also written its RNG state."""
     try:
         json.loads((ckpt / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
+    ranks = len(list((ckpt / FSDP_SHARDS).glob("*.distcp")))  # one shard file per rank
+    if ranks > 1 and not all((ckpt / f"rng_state_{r}.pth").exists() for r in range(ranks)):
+        return False  # rank 0 wrote its state while another rank was still saving its RNG state
     return any((ckpt / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
                                              "adapter_model.safetensors", f"{FSDP_SHARDS}/.metadata"))
 

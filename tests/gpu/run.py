@@ -282,16 +282,18 @@ def run_boxed(name: str, argv: list[str], budget: float, result_file: Path) -> d
     proc = subprocess.Popen(cmd)
     try:
         proc.wait(timeout=budget)
+        killed = False
     except subprocess.TimeoutExpired:
         tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
         for p in tree:
             p.kill()
         psutil.wait_procs(tree, timeout=10)
+        proc.wait()
+        killed = True
     box = {"budget_s": budget, "wall_s": round(time.perf_counter() - start, 1)}
     if proc.returncode == 0 and result_file.exists():
         return {**json.loads(result_file.read_text()), **box, "status": "done"}
-    status = f"killed at its {budget:.0f} s box" if proc.returncode in (-9, None) else f"failed (exit {proc.returncode})"
-    return {**box, "status": status}
+    return {**box, "status": f"killed at its {budget:.0f} s box" if killed else f"failed (exit {proc.returncode})"}
 
 
 def write_json(path: Path, result: dict) -> None:
