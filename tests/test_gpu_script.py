@@ -98,3 +98,20 @@ def test_gpu_check_keeps_finished_phases_when_killed_later(tmp_path: Path) -> No
     after = json.loads(out.read_text())
     assert "stage2" not in after and after["prepare"]["status"] == after["stage1"]["status"] == "done"
     assert after["stage1"]["images"] == 8 and after["stage1"]["img_s"] > 0
+
+
+def test_a_phase_past_its_box_is_killed_with_its_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wall-clock box: preparing 2,000 full-size photos (a process pool; minutes of CPU) given 4 s is
+    killed on time, its pool's processes with it."""
+    import psutil
+
+    sys.path.insert(0, str(REPO / "tests" / "gpu"))
+    import run as gpu_check
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    start = time.perf_counter()
+    result = gpu_check.run_boxed("prepare", ["--images", "2000"], 4.0, tmp_path / "prepare.json")
+    assert result["status"] == "killed at its 4 s box" and result["budget_s"] == 4.0
+    assert time.perf_counter() - start < 4.0 + 10  # killed on time (plus reaping)
+    assert {p.pid for p in psutil.Process().children(recursive=True)} == before
