@@ -138,7 +138,8 @@ def main() -> None:
         pairs.append((loop_compute / dask_compute, loop_wall / dask_wall, dask_wall - dask_compute,
                       loop_wall - loop_compute))
     computing, end_to_end, dask_start, loop_start = (statistics.median(x) for x in zip(*pairs))
-    photos = [base / "corpus" / p for p in pq.read_table(base / "datasets" / "demo" / "images.parquet")["path"].to_pylist()]
+    table = pq.read_table(base / "datasets" / "demo" / "images.parquet")
+    photos = [base / "corpus" / p for p in table["path"].to_pylist()]  # the photos the job read
     threads = decode_threads(0)
     decode = statistics.median(decode_rate(photos, threads) for _ in range(3))
     loop_rate, dask_rate = (statistics.median(x) for x in zip(*rates))

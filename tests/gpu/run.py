@@ -119,8 +119,9 @@ def stage1(manifest: Path, base: Path, n: int, cuda: bool) -> dict:
     sample = paths[: min(len(paths), 300)]
     threads = decode_threads(workers)
     return {"images": summary.computed, "workers": workers, "img_s": summary.computed / max(summary.compute_s, 1e-9),
-            "wall_s": summary.wall_s, "decode_threads": threads, "decode_img_s_worker_threads": decode_rate(sample, threads),
-            "decode_img_s_1_thread": decode_rate(sample, 1), "decode_img_s_all_cores": decode_rate(sample, cores())}
+            "wall_s": summary.wall_s, "decode_threads": threads,
+            "decode_img_s_worker_threads": decode_rate(sample, threads), "decode_img_s_1_thread": decode_rate(sample, 1),
+            "decode_img_s_all_cores": decode_rate(sample, cores())}
 
 
 def save_base(base: Path, tiny: bool) -> Path:
@@ -350,7 +351,8 @@ def report(result: dict, path: Path) -> None:
               f"{s1['decode_img_s_1_thread']:.1f} on 1, {s1['decode_img_s_all_cores']:.1f} on all cores")
     if s2["status"] == "done":
         print(f"  stage 2  {s2['model']}, {s2['max_tiles']} tiles, batch {s2['per_device']}: {s2['tokens_s']:.0f} "
-              f"tokens/s, {s2['step_s']:.3f} s/step, peak {fmt(s2['peak_memory_gb'])} GB, MFU {fmt(s2['mfu'], '{:.1%}')}")
+              f"tokens/s, {s2['step_s']:.3f} s/step, peak {fmt(s2['peak_memory_gb'])} GB, "
+              f"MFU {fmt(s2['mfu'], '{:.1%}')}")
     if g["status"] == "done":
         print(f"  generate batch {g['batch']}: {g['tokens_s']:.1f} new tokens/s")
     for name in BUDGETS:
