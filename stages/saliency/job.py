@@ -262,7 +262,8 @@ def cores() -> int:
 
 def decode_threads(workers: int, option: int | None = None, available: int | None = None) -> int:
     """Decode threads per worker: ``option`` when given, else the cores each worker has (``workers`` 0: this
-    process alone, all of them). One thread caps a GPU worker at ~25-40 images/s (11-41 ms of CPU a photo)."""
+    process alone, all of them). One thread, at tens of ms of CPU per full-size photo, would cap a GPU worker at a
+    few dozen images/s."""
     if option is not None:
         if option < 1:
             raise ValueError(f"decode threads must be at least 1, got {option}")
