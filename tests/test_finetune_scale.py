@@ -355,9 +355,10 @@ def test_plan_is_within_25_percent_of_measured_peak_memory() -> None:
 # ---------------------------------------------------------------- sharded training (2 gloo processes)
 
 
-def _launch(tmp_path: Path, manifest: Path, run: str, base: Path, *args: str, ranks: int = 1,
-            port: int = 29541) -> list[str]:
-    """``ase-mllm finetune`` (as test_finetune_train launches it), under torchrun when ``ranks`` > 1."""
+def _launch(tmp_path: Path, manifest: Path, run: str, base: Path, *args: str, ranks: int = 1) -> list[str]:
+    """``ase-mllm finetune`` (as test_finetune_train launches it), under torchrun when ``ranks`` > 1, on a free
+    port (fixed ports collide with other test runs on the same machine)."""
+    import socket
     from test_finetune_train import LAUNCH
 
     argv = [str(manifest), "finetune", "--dataset", "toy", "--run", run, "--base", str(base), "--workers", "0",
@@ -366,6 +367,9 @@ def _launch(tmp_path: Path, manifest: Path, run: str, base: Path, *args: str, ra
     script.write_text(f"import sys\nsys.argv[1:] = {argv!r}\n{LAUNCH}")
     if ranks == 1:
         return [sys.executable, str(script)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(ranks), "--master_port",
             str(port), str(script)]
 
@@ -423,7 +427,7 @@ def test_fsdp_sigkill_then_rerun_equals_uninterrupted(toy_run: Path, tmp_path: P
     runs = Path(os.environ["ASE_WORK"]) / "runs" / "toy"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["--strategy", "fsdp", "--gradient-checkpointing", "--max-steps", "6", "--save-steps", "2"]
-    proc = subprocess.Popen(_launch(tmp_path, toy_run, "killed", base, *args, ranks=2, port=29542), cwd=REPO,
+    proc = subprocess.Popen(_launch(tmp_path, toy_run, "killed", base, *args, ranks=2), cwd=REPO,
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = runs / "killed" / "checkpoint-2" / "trainer_state.json"
     deadline = time.time() + 240
@@ -433,7 +437,7 @@ def test_fsdp_sigkill_then_rerun_equals_uninterrupted(toy_run: Path, tmp_path: P
     proc.wait()
     assert not (runs / "killed" / "final").exists(), "the run ended before it could be killed"
     for run in ("killed", "whole"):
-        done = subprocess.run(_launch(tmp_path, toy_run, run, base, *args, ranks=2, port=29543), cwd=REPO, env=env,
+        done = subprocess.run(_launch(tmp_path, toy_run, run, base, *args, ranks=2), cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         if run == "killed":
@@ -471,7 +475,7 @@ def test_fsdp_lora_checkpoint_is_sharded_and_resumes_exactly(toy_run: Path, tmp_
     args = ["--strategy", "fsdp", "--lora", "--max-steps", "3", "--save-steps", "2"]
     outputs = []
     for attempt in range(2):
-        proc = subprocess.run(_launch(tmp_path, toy_run, "lora", base, *args, ranks=2, port=29544 + attempt),
+        proc = subprocess.run(_launch(tmp_path, toy_run, "lora", base, *args, ranks=2),
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         outputs.append(load_file(run / "final" / "adapter_model.safetensors"))
