@@ -355,9 +355,10 @@ def test_plan_is_within_25_percent_of_measured_peak_memory() -> None:
 # ---------------------------------------------------------------- sharded training (2 gloo processes)
 
 
-def _launch(tmp_path: Path, manifest: Path, run: str, base: Path, *args: str, ranks: int = 1,
-            port: int = 29541) -> list[str]:
-    """``ase-mllm finetune`` (as test_finetune_train launches it), under torchrun when ``ranks`` > 1."""
+def _launch(tmp_path: Path, manifest: Path, run: str, base: Path, *args: str, ranks: int = 1) -> list[str]:
+    """``ase-mllm finetune`` (as test_finetune_train launches it), under torchrun when ``ranks`` > 1, on a free
+    port (fixed ports collide with other test runs on the same machine)."""
+    import socket
     from test_finetune_train import LAUNCH
 
     argv = [str(manifest), "finetune", "--dataset", "toy", "--run", run, "--base", str(base), "--workers", "0",
@@ -366,6 +367,9 @@ def _launch(tmp_path: Path, manifest: Path, run: str, base: Path, *args: str, ra
     script.write_text(f"import sys\nsys.argv[1:] = {argv!r}\n{LAUNCH}")
     if ranks == 1:
         return [sys.executable, str(script)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(ranks), "--master_port",
             str(port), str(script)]
 
@@ -423,7 +427,7 @@ def test_fsdp_sigkill_then_rerun_equals_uninterrupted(toy_run: Path, tmp_path: P
     runs = Path(os.environ["ASE_WORK"]) / "runs" / "toy"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["--strategy", "fsdp", "--gradient-checkpointing", "--max-steps", "6", "--save-steps", "2"]
-    proc = subprocess.Popen(_launch(tmp_path, toy_run, "killed", base, *args, ranks=2, port=29542), cwd=REPO,
+    proc = subprocess.Popen(_launch(tmp_path, toy_run, "killed", base, *args, ranks=2), cwd=REPO,
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = runs / "killed" / "checkpoint-2" / "trainer_state.json"
     deadline = time.time() + 240
@@ -433,12 +437,55 @@ def test_fsdp_sigkill_then_rerun_equals_uninterrupted(toy_run: Path, tmp_path: P
     proc.wait()
     assert not (runs / "killed" / "final").exists(), "the run ended before it could be killed"
     for run in ("killed", "whole"):
-        done = subprocess.run(_launch(tmp_path, toy_run, run, base, *args, ranks=2, port=29543), cwd=REPO, env=env,
+        done = subprocess.run(_launch(tmp_path, toy_run, run, base, *args, ranks=2), cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         if run == "killed":
             assert "resumed from checkpoint-" in done.stdout
     _assert_same_weights(_final(runs / "killed"), _final(runs / "whole"), 1e-6)
+    for run in ("killed", "whole"):  # sharded intermediate checkpoints; the one full model is final/'s
+        assert sorted(p.name for p in (runs / run).glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+        _assert_sharded_checkpoint(runs / run / "checkpoint-6", ranks=2)
+        assert (runs / run / "final" / "model.safetensors").exists()
+
+
+def _assert_sharded_checkpoint(ckpt: Path, ranks: int) -> None:
+    """A distributed-checkpoint layout: model and optimizer state written by every rank (one shard file each),
+    no full model (safetensors or gathered FSDP .bin) anywhere in it."""
+    from stages.finetune.train import is_complete
+
+    for state in ("pytorch_model_fsdp_0", "optimizer_0"):
+        shards = sorted(p.name for p in (ckpt / state).glob("*.distcp"))
+        assert shards == [f"__{r}_0.distcp" for r in range(ranks)], (state, shards)
+        assert (ckpt / state / ".metadata").exists()
+    full = [p.name for p in ckpt.rglob("*") if p.suffix in (".safetensors", ".bin")]
+    assert not full, full
+    assert is_complete(ckpt)
+
+
+@pytest.mark.slow
+def test_fsdp_lora_checkpoint_is_sharded_and_resumes_exactly(toy_run: Path, tmp_path: Path) -> None:
+    """LoRA under FSDP: checkpoint-2 is sharded; a rerun after losing checkpoint-3 and final/ (as a kill
+    right after checkpoint-2) resumes from checkpoint-2 and ends with the uninterrupted run's adapter weights."""
+    import shutil
+
+    base = save_base(tmp_path / "base", torch.float32)
+    run = Path(os.environ["ASE_WORK"]) / "runs" / "toy" / "lora"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--strategy", "fsdp", "--lora", "--max-steps", "3", "--save-steps", "2"]
+    outputs = []
+    for attempt in range(2):
+        proc = subprocess.run(_launch(tmp_path, toy_run, "lora", base, *args, ranks=2),
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        outputs.append(load_file(run / "final" / "adapter_model.safetensors"))
+        if attempt == 0:
+            _assert_sharded_checkpoint(run / "checkpoint-2", ranks=2)
+            assert any(".lora_A." in k for k in outputs[0]) and any("cross_attention.gate" in k for k in outputs[0])
+            shutil.rmtree(run / "checkpoint-3")
+            shutil.rmtree(run / "final")
+    assert "resumed from checkpoint-2" in proc.stdout
+    _assert_same_weights(outputs[1], outputs[0], 1e-6)
 
 
 def test_zero3_config_is_accepted_by_deepspeed_and_the_trainer() -> None:

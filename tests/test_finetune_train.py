@@ -91,6 +91,49 @@ def test_incomplete_checkpoints_are_ignored_and_removed(tmp_path: Path) -> None:
     assert not (tmp_path / "checkpoint-6").exists() and not (tmp_path / "checkpoint-8").exists()
 
 
+def test_sharded_fsdp_checkpoints_count_as_complete_but_are_no_model_to_report(tmp_path: Path) -> None:
+    """The FSDP layout (per-rank distributed-checkpoint shards, .metadata written after all of them) resumes
+    like any checkpoint; the report refuses it with a one-line hint instead of failing to load a model."""
+    import shutil
+
+    from stages.finetune.train import FSDP_SHARDS, last_checkpoint
+    from stages.report.generate import find_checkpoint
+
+    # 4: killed while the ranks wrote their shards; 6: rank 0 done, rank 1 killed before its RNG state
+    for step, metadata, rng_ranks in ((2, True, 2), (4, False, 0), (6, True, 1)):
+        shards = tmp_path / f"checkpoint-{step}" / FSDP_SHARDS
+        shards.mkdir(parents=True)
+        for r in range(2):
+            (shards / f"__{r}_0.distcp").write_bytes(b"x")
+        for r in range(rng_ranks):
+            (shards.parent / f"rng_state_{r}.pth").write_bytes(b"x")
+        if metadata:
+            (shards / ".metadata").write_bytes(b"x")
+            (shards.parent / "trainer_state.json").write_text("{}")
+    assert last_checkpoint(tmp_path, remove_incomplete=True) == tmp_path / "checkpoint-2"
+    assert not (tmp_path / "checkpoint-4").exists() and not (tmp_path / "checkpoint-6").exists()
+    with pytest.raises(FileNotFoundError, match="FSDP shards.*rerun the same `finetune`"):
+        find_checkpoint(tmp_path)
+
+    # the report's ablation rows take a finished run of a condition, never an unfinished FSDP one
+    from pipeline.paths import runs_dir
+    from stages.report.build import ablation_runs
+
+    runs = runs_dir("toy")
+    for run, fusion in (("ias", "cross_attention"), ("none-ddp", "none"), ("none-fsdp", "none")):
+        (runs / run).mkdir(parents=True)
+        (runs / run / "run_config.json").write_text(json.dumps({"fusion": fusion}))
+    (runs / "ias" / "final").mkdir()
+    (runs / "ias" / "final" / "config.json").write_text("{}")
+    (runs / "none-ddp" / "checkpoint-4").mkdir()
+    (runs / "none-ddp" / "checkpoint-4" / "model.safetensors").write_bytes(b"x")
+    (runs / "none-ddp" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    shutil.copytree(tmp_path / "checkpoint-2", runs / "none-fsdp" / "checkpoint-2")  # newer, unfinished
+    assert ablation_runs("toy", "ias")[(True, False)] == "none-ddp"
+    shutil.rmtree(runs / "none-ddp")
+    assert (True, False) not in ablation_runs("toy", "ias")
+
+
 def test_finetune_learns_saves_and_resumes(toy_run: Path) -> None:
     import shutil
 

@@ -332,3 +332,37 @@ def test_local_workers_keep_glibc_malloc_defaults() -> None:
     with job._cluster(1, None) as client:
         seen = client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
     assert list(seen.values()) == [expected]
+
+
+def test_decode_threads_follow_the_cores_per_worker_and_the_option(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode threads per worker: the cores each worker has (all of them in this process), at least one; the
+    option wins. The prefetcher really decodes on that many threads and still yields images in row order."""
+    import threading
+
+    from storage.saliency_store import PlannedRow
+
+    assert [job.decode_threads(w, available=16) for w in (0, 1, 2, 8, 32)] == [16, 16, 8, 2, 1]
+    assert job.decode_threads(2, option=3, available=16) == 3 and job.decode_threads(0, option=1, available=16) == 1
+    assert job.decode_threads(2) == max(1, len(os.sched_getaffinity(0)) // 2)  # this process's share of the cores
+    with pytest.raises(ValueError, match="at least 1"):
+        job.decode_threads(2, option=0)
+
+    rows = []
+    for i in range(9):
+        path = tmp_path / f"p{i}.jpg"
+        Image.fromarray(np.full((40 + i, 60, 3), 20 * i, np.uint8)).save(path)
+        rows.append(PlannedRow(i, sha256_file(path), str(path)))
+    seen: set[int] = set()
+    real_load = job._load
+
+    def load_and_note_thread(row):  # noqa: ANN001, ANN202
+        seen.add(threading.get_ident())
+        time.sleep(0.05)  # long enough for the pool's threads to overlap
+        return real_load(row)
+
+    monkeypatch.setattr(job, "_load", load_and_note_thread)
+    out = list(job._prefetched(tuple(rows), ahead=6, threads=3))
+    assert [r.row for r, _ in out] == list(range(9)) and len(seen) == 3
+    for row, x in out:
+        torch.testing.assert_close(x, preprocess(open_rgb(Path(row.source))), rtol=0, atol=0)

@@ -1,7 +1,8 @@
 """Stage-2 fine-tuning with the HF Trainer: paper recipe, trainable parts, LoRA, crash-resume.
 
 Run dir ``runs/<dataset>/<run>/``: ``run_config.json`` (resolved config), ``tokenizer/`` (demo
-BPE), ``checkpoint-N/`` (HF Trainer: safetensors weights, optimizer, RNG, trainer_state.json),
+BPE), ``checkpoint-N/`` (HF Trainer: safetensors weights, optimizer, RNG, trainer_state.json; under FSDP
+the weights and optimizer as per-rank distributed-checkpoint shards),
 ``metrics.jsonl`` (every Trainer log), ``final/`` (weights + tokenizer, written via temp + rename).
 Rerunning the same command resumes from the newest *complete* checkpoint: the Trainer writes
 ``trainer_state.json`` last, so a checkpoint without a readable one was cut off and is removed.
@@ -127,14 +128,26 @@ def checkpoint_step(path: Path) -> int | None:
     return int(name.split("-", 1)[1]) if name.startswith("checkpoint-") and name[11:].isdigit() else None
 
 
+FSDP_SHARDS = "pytorch_model_fsdp_0"  # accelerate's distributed-checkpoint folder of the model (SHARDED_STATE_DICT)
+
+
 def is_complete(ckpt: Path) -> bool:
-    """The Trainer writes trainer_state.json last; a readable one marks a finished checkpoint."""
+    """The Trainer writes trainer_state.json last (after every rank's shards under FSDP); a readable one
+    marks a finished checkpoint, once every rank of a sharded one has also written its RNG state."""
     try:
         json.loads((ckpt / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
+    ranks = len(list((ckpt / FSDP_SHARDS).glob("*.distcp")))  # one shard file per rank
+    if ranks > 1 and not all((ckpt / f"rng_state_{r}.pth").exists() for r in range(ranks)):
+        return False  # rank 0 wrote its state while another rank was still saving its RNG state
     return any((ckpt / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
-                                             "adapter_model.safetensors"))
+                                             "adapter_model.safetensors", f"{FSDP_SHARDS}/.metadata"))
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """An FSDP checkpoint: per-rank distributed-checkpoint shards, no full model to load in one process."""
+    return (ckpt / FSDP_SHARDS / ".metadata").exists()
 
 
 def last_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Path | None:
@@ -269,13 +282,28 @@ class CritiqueTrainer(Trainer):
                 fh.write(" ".join(str(i) for i in ids.tolist()) + "\n")
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP a checkpoint's model is the sharded state the Trainer writes beside the optimizer's
+        (nothing here); an explicit save (``final/``) gathers the full weights, which rank 0 writes as
+        safetensors. Every rank must call it."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        if _internal_call:
+            return None
+        state_dict = self.accelerator.get_state_dict(self.model)  # collective; the full weights on rank 0 (CPU)
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state_dict)
+        return None
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = model if model is not None else self.model
         ckpt = Path(resume_from_checkpoint)
+        if self.is_fsdp_enabled:  # first: its own files load into the sharded (DTensor) parameters, adapters too
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         if (ckpt / "adapter_model.safetensors").exists():
             return _load_adapter(model, ckpt / "adapter_model.safetensors")
-        if self.is_fsdp_enabled or not isinstance(model, PreTrainedModel) or not (ckpt / "config.json").exists():
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)  # FSDP: its own sharded files
+        if not isinstance(model, PreTrainedModel) or not (ckpt / "config.json").exists():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         # fp32 holds both the fp32 trainable and the compute-dtype frozen weights exactly; copy_ keeps each dtype
         loaded = type(model).from_pretrained(str(ckpt), config=model.config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict(), strict=True)

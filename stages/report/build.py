@@ -75,7 +75,7 @@ def condition(dataset: str, run: str) -> tuple[bool, bool]:
 def ablation_runs(dataset: str, run: str) -> dict[tuple[bool, bool], str]:
     """One run per (fine-tuned, IASC) condition: ``run`` and its family's untrained base, then the newest other
     trained run of the same base family (stages/finetune/family.py)."""
-    from stages.finetune.train import last_checkpoint
+    from stages.finetune.train import is_sharded, last_checkpoint
 
     base_family = family.of_run(run_config(runs_dir(dataset) / run))
     chosen = {condition(dataset, run): run, (False, False): base_family.untrained_run}
@@ -86,7 +86,7 @@ def ablation_runs(dataset: str, run: str) -> dict[tuple[bool, bool], str]:
         if family.of_run(run_config(d)) is not base_family:
             continue
         ckpt = d / "final" if (d / "final" / "config.json").exists() else last_checkpoint(d)
-        if ckpt is not None:
+        if ckpt is not None and not is_sharded(ckpt):  # an unfinished FSDP run has no model to report yet
             others.append((ckpt.stat().st_mtime_ns, d.name))
     for _, name in sorted(others, reverse=True):
         chosen.setdefault(condition(dataset, name), name)

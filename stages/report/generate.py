@@ -175,21 +175,23 @@ def run_config(run_dir: Path) -> dict[str, Any]:
 
 def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
     """``checkpoint`` (a name in the run dir or a path), else ``final/``, else the newest complete ``checkpoint-N``."""
-    from stages.finetune.train import is_complete, last_checkpoint
+    from stages.finetune.train import is_complete, is_sharded, last_checkpoint
 
     if checkpoint:
         path = Path(checkpoint) if Path(checkpoint).is_absolute() else run_dir / checkpoint
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
-        return path
-    final = run_dir / "final"
-    if final.is_dir() and (final / "config.json").exists():
-        return final
-    latest = last_checkpoint(run_dir)
-    if latest is None or not is_complete(latest):
-        raise FileNotFoundError(f"no checkpoint in {run_dir}: run `ase-mllm finetune --dataset "
-                                f"{run_dir.parent.name} --run {run_dir.name}` first")
-    return latest
+    elif (run_dir / "final" / "config.json").exists():
+        return run_dir / "final"
+    else:
+        path = last_checkpoint(run_dir)
+        if path is None or not is_complete(path):
+            raise FileNotFoundError(f"no checkpoint in {run_dir}: run `ase-mllm finetune --dataset "
+                                    f"{run_dir.parent.name} --run {run_dir.name}` first")
+    if is_sharded(path):
+        raise FileNotFoundError(f"{path} holds per-rank FSDP shards, not a model: rerun the same `finetune` "
+                                "command to finish the run (it resumes there) and write final/")
+    return path
 
 
 def checkpoint_fingerprint(path: Path) -> str:

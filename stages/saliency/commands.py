@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Use an existing dask cluster, e.g. tcp://HOST:8786."),
         batch_size: int = typer.Option(8, "--batch-size", help="Images per LayerCAM batch."),
         shard_rows: Optional[int] = typer.Option(None, "--shard-rows", help="Maps per store shard, the unit of work (default: ~4 per worker, 16..1024); used when the store is created."),
+        decode_threads: Optional[int] = typer.Option(None, "--decode-threads", min=1, help="Threads per worker reading and decoding images ahead of the model (default: the cores per worker)."),
     ) -> None:
         """Compute maps for every ingested image not yet in the store (incremental, resumable)."""
         if ctx.invoked_subcommand is not None:
@@ -46,7 +47,8 @@ def register(app: typer.Typer) -> None:
         from stages.saliency.job import run_saliency
 
         try:
-            s = run_saliency(context.manifest(), dataset or None, workers, scheduler, batch_size, shard_rows)
+            s = run_saliency(context.manifest(), dataset or None, workers, scheduler, batch_size, shard_rows,
+                             decode_threads)
         except (FileNotFoundError, RuntimeError) as e:
             fail(str(e))
             return

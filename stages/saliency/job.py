@@ -57,6 +57,7 @@ class ShardTask:
     model: ModelSpec
     batch_size: int
     threads: int | None  # torch intra-op threads in the worker; None: leave torch's default
+    decode_threads: int = 1  # threads reading, hashing, decoding and preprocessing images ahead of the model
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,10 @@ def _try_load(row: PlannedRow) -> Any:
         return e
 
 
-def _prefetched(rows: tuple[PlannedRow, ...], ahead: int) -> Iterator[tuple[PlannedRow, Any]]:
-    """(row, input or ImageError) in row order; one thread decodes up to ``ahead`` images in advance."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
+def _prefetched(rows: tuple[PlannedRow, ...], ahead: int, threads: int = 1) -> Iterator[tuple[PlannedRow, Any]]:
+    """(row, input or ImageError) in row order; ``threads`` threads decode up to ``ahead`` images in advance
+    (PIL's decoding and hashlib release the GIL, so they run in parallel)."""
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         window: deque[tuple[PlannedRow, Future]] = deque()
         for row in rows:
             window.append((row, pool.submit(_try_load, row)))
@@ -147,13 +149,14 @@ def _prefetched(rows: tuple[PlannedRow, ...], ahead: int) -> Iterator[tuple[Plan
             yield first, future.result()
 
 
-def _batches(rows: tuple[PlannedRow, ...], size: int, errors: dict[int, ImageError]) -> Iterator[tuple[list[int], Any]]:
+def _batches(rows: tuple[PlannedRow, ...], size: int, errors: dict[int, ImageError],
+             threads: int = 1) -> Iterator[tuple[list[int], Any]]:
     """(rows, inputs [B,3,224,224]) over the readable images, in row order; unreadable ones go to ``errors``."""
     import torch
 
     batch_rows: list[int] = []
     inputs: list[Any] = []
-    for row, loaded in _prefetched(rows, ahead=size):
+    for row, loaded in _prefetched(rows, ahead=max(size, 2 * threads), threads=threads):
         if isinstance(loaded, ImageError):
             errors[row.row] = loaded
             continue
@@ -183,7 +186,7 @@ def compute_shard(task: ShardTask) -> ShardResult:
     category = np.full(s, -1, np.int32)
     score = np.full(s, np.nan, np.float32)
     errors: dict[int, ImageError] = {}
-    for rows, x in _batches(task.rows, task.batch_size, errors):
+    for rows, x in _batches(task.rows, task.batch_size, errors, task.decode_threads):
         out = layercam(model, layer, x.to(device))
         local = np.asarray(rows) - base
         maps[local] = out.maps.detach().float().cpu().numpy()
@@ -250,6 +253,22 @@ def auto_shard_rows(n_images: int, workers: int) -> int:
     """About four shards per worker (load balance, resume granularity), a power of two in 16..1024."""
     target = max(1, n_images // (4 * max(1, workers)))
     return min(DEFAULT_SHARD_ROWS, max(16, 1 << (target - 1).bit_length()))
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's or a Slurm job's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decode_threads(workers: int, option: int | None = None, available: int | None = None) -> int:
+    """Decode threads per worker: ``option`` when given, else the cores each worker has (``workers`` 0: this
+    process alone, all of them). One thread, at tens of ms of CPU per full-size photo, would cap a GPU worker at a
+    few dozen images/s."""
+    if option is not None:
+        if option < 1:
+            raise ValueError(f"decode threads must be at least 1, got {option}")
+        return option
+    return max(1, (available or cores()) // max(1, workers))
 
 
 def choose_workers(workers: int | None, n_todo: int) -> int:
@@ -363,11 +382,13 @@ def run_saliency(
     scheduler: str | None = None,
     batch_size: int = 8,
     shard_rows: int | None = None,
+    decode: int | None = None,
 ) -> JobSummary:
     """Compute every requested image's map that the store lacks; resume unfinished shards first.
 
     ``workers`` 0 computes in this process; None chooses (:func:`choose_workers`). ``shard_rows`` applies when
-    the store is created (None: auto).
+    the store is created (None: auto). ``decode``: decode threads per worker (None: :func:`decode_threads`;
+    with ``scheduler``, this machine's cores over ``workers``).
     """
     from tqdm import tqdm
 
@@ -380,7 +401,9 @@ def run_saliency(
     n_todo = len(set(images) - set(store.ledger()["sha256"].to_pylist())) if store is not None else len(images)
     workers = choose_workers(workers, n_todo) if scheduler is None else (workers or 0)
     model = model_spec(manifest.eat, checkpoint)
+    readers = decode_threads(workers, decode)
     where = scheduler or (f"{workers} local workers" if workers else "this process")
+    where += f", {readers} decode threads" + (" each" if workers else "")
     with _cluster(workers, scheduler) as client:
         shape = preload(client, model) if client is not None else None
         if store is None:
@@ -393,9 +416,9 @@ def run_saliency(
             new = store.plan(sorted((sha, path) for sha, path in images.items() if sha not in known))
             shards = {**pending, **new}
             fresh = {r.sha256 for rows in shards.values() for r in rows}
-            cores = os.cpu_count() or 1
-            threads = None if scheduler or workers == 0 else max(1, cores // workers)
-            tasks = [ShardTask(store, k, tuple(rows), model, batch_size, threads) for k, rows in sorted(shards.items())]
+            threads = None if scheduler or workers == 0 else max(1, cores() // workers)
+            tasks = [ShardTask(store, k, tuple(rows), model, batch_size, threads, readers)
+                     for k, rows in sorted(shards.items())]
             computed, spans = 0, []
             with tqdm(total=sum(len(t.rows) for t in tasks), unit="img", desc=f"saliency ({where})") as bar:
                 for result in _results(client, tasks):

@@ -7,6 +7,8 @@ Prints, in one run:
     shard start to last shard end; aim >= 0.9) and end to end (whole `python -m pipeline saliency` commands
     into a fresh store: interpreter, imports, cluster start-up, model loading included; aim >= 0.7)
   - wall time of `python -m pipeline saliency` rerun when everything is done (aim: a second or two)
+  - images/s while computing beside the decode-only rate (sha256 + JPEG/PNG decode + EAT preprocess) of the
+    same photos on the same cores, with the decode threads the job uses (the CPU-side ceiling of the job)
   - bytes on disk per map (read latency: tests/bench/saliency_store.py)
 """
 from __future__ import annotations
@@ -89,6 +91,23 @@ def timed_run(base: Path, name: str, manifest_path: Path, workers: int, shard_ro
     return wall, compute_s, store
 
 
+def decode_rate(paths: list[Path], threads: int) -> float:
+    """img/s of what a saliency worker does on the CPU per image (sha256, decode, EAT preprocess) on ``threads``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stages.saliency.eat import preprocess
+    from storage.images import open_rgb, sha256_file
+
+    def one(p: Path) -> None:
+        sha256_file(p)
+        preprocess(open_rgb(p))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, paths))
+    return len(paths) / (time.perf_counter() - start)
+
+
 def rerun_wall(work: Path, manifest_path: Path) -> float:
     """Seconds of a whole `python -m pipeline saliency` with nothing to do (interpreter start-up included)."""
     wall, out = _cli(work, manifest_path)
@@ -103,21 +122,31 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("work/bench/saliency"))
     parser.add_argument("--pairs", type=int, default=3, help="alternated loop / dask runs (medians are printed)")
     args = parser.parse_args()
-    from stages.saliency.job import auto_shard_rows
+    from stages.saliency.job import auto_shard_rows, cores, decode_threads
     from storage.saliency_store import SaliencyStore
 
     base = args.dir.resolve()
     manifest = prepare(base, args.n, args.variant)
     shard_rows = auto_shard_rows(args.n, 2)
     print(f"saliency job bench: {args.n} demo images, EAT {args.variant}, shards of {shard_rows}, {os.cpu_count()} cores")
-    pairs = []
+    pairs, rates = [], []
     for i in range(args.pairs):  # alternated, so load from other processes hits both modes alike
         loop_wall, loop_compute, _ = timed_run(base, "loop_in_process", manifest, workers=0, shard_rows=shard_rows)
         dask_wall, dask_compute, store_path = timed_run(base, "dask_2_workers", manifest, workers=2,
                                                         shard_rows=shard_rows)
+        rates.append((args.n / loop_compute, args.n / dask_compute))
         pairs.append((loop_compute / dask_compute, loop_wall / dask_wall, dask_wall - dask_compute,
                       loop_wall - loop_compute))
     computing, end_to_end, dask_start, loop_start = (statistics.median(x) for x in zip(*pairs))
+    table = pq.read_table(base / "datasets" / "demo" / "images.parquet")
+    photos = [base / "corpus" / p for p in table["path"].to_pylist()]  # the photos the job read
+    threads = decode_threads(0)
+    decode = statistics.median(decode_rate(photos, threads) for _ in range(3))
+    loop_rate, dask_rate = (statistics.median(x) for x in zip(*rates))
+    print(f"images/s while computing: in-process loop {loop_rate:.1f}, dask 2 workers {dask_rate:.1f}; decode-only "
+          f"{decode:.1f} img/s for the same {len(photos)} photos on {threads} decode threads ({cores()} cores; a "
+          f"worker gets cores / workers): the job runs at {max(loop_rate, dask_rate) / decode:.0%} of the CPU-side "
+          f"ceiling, {decode_rate(photos, 1):.1f} img/s on the single decode thread of before")
     reruns = [rerun_wall(base / "dask_2_workers", manifest) for _ in range(2)]
     store = SaliencyStore.open(store_path.parent, store_path.name)
     n_maps, map_shape = len(store), store.map_shape

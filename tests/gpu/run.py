@@ -1,28 +1,39 @@
 """GPU check: stage 1, stage 2 and generation speed on one GPU (``tests/gpu/run.sh``; ``--tiny`` on CPU).
 
 (a) stage 1 (the saliency job, one worker per GPU) with dat_base (random weights) on synthetic photos at
-    real sizes: img/s, beside JPEG decode + preprocess alone on the same single decode thread (the bound
-    a worker's CPU side sets) and on all cores;
+    real sizes: img/s, beside JPEG decode + preprocess alone on the decode threads a worker uses (the bound
+    a worker's CPU side sets), on one thread and on all cores;
 (b) stage 2 training steps of InternViT-300M + a Qwen2-0.5B-shaped LLM, random weights, through
     ``finetune`` (bf16 autocast, fp32 master weights): tokens/s, peak GPU memory, MFU against the GPU's
-    dense bf16 peak;
+    dense bf16 peak, each sample charged the FLOPs of its own tiles and tokens;
 (c) batched generation with the trained weights: new tokens/s.
-Numbers go to ``$OUT/gpu_check.json`` (``work/gpu_check.json`` without $OUT) and a short table.
+
+Each phase runs in a child process boxed by wall clock (:data:`BUDGETS`, 280 s in all; stage 2 and
+generation also stop their loops early to report within their box), and ``$OUT/gpu_check.json``
+(``work/gpu_check.json`` without $OUT) is rewritten after every phase, so a killed check keeps the
+numbers of the phases it finished.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "bench"))
+
+# wall-clock box of each phase on one H200 (16 cores), in run order: 280 s in all, run.sh stops everything at 300
+BUDGETS = {"prepare": 70.0, "stage1": 60.0, "stage2": 105.0, "generation": 45.0}
+MARGIN_S = 12.0  # stage 2 / generation stop their loops this long before their box closes (saving, writing)
 
 # dense bf16 peak TFLOPS by GPU name (vendor data sheets; SXM parts unless named)
 PEAK_BF16 = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0), ("B200", 2250.0),
@@ -38,20 +49,22 @@ def peak_tflops(name: str) -> float | None:
 
 
 def make_photo(args: tuple[Path, int, int, int]) -> tuple[str, int, int]:
-    """A smooth random photo-like JPEG (gradients + blobs + grain), quality 90."""
+    """A smooth random photo-like JPEG (gradients + blobs at 1/4 size, upscaled, + full-size grain), quality 90."""
     from PIL import Image
 
     path, w, h, seed = args
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.zeros((h, w, 3), np.float32)
+    sw, sh = max(1, w // 4), max(1, h // 4)
+    yy, xx = np.mgrid[0:sh, 0:sw].astype(np.float32)
+    img = np.zeros((sh, sw, 3), np.float32)
     for c in range(3):
-        img[..., c] = rng.uniform(40, 200) + rng.uniform(-60, 60) * xx / w + rng.uniform(-60, 60) * yy / h
+        img[..., c] = rng.uniform(40, 200) + rng.uniform(-60, 60) * xx / sw + rng.uniform(-60, 60) * yy / sh
     for _ in range(4):
-        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.05, 0.3) * min(w, h)
+        cx, cy, r = rng.uniform(0, sw), rng.uniform(0, sh), rng.uniform(0.05, 0.3) * min(sw, sh)
         img += (np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None] * rng.uniform(-80, 80, 3))
-    img += rng.normal(0, 6, img.shape).astype(np.float32)
-    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    smooth = np.asarray(Image.fromarray(img.clip(0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR))
+    grain = rng.integers(-10, 11, smooth.shape, dtype=np.int16)  # sensor noise: what makes JPEG decode cost real
+    Image.fromarray((smooth + grain).clip(0, 255).astype(np.uint8)).save(path, quality=90)
     return path.name, w, h
 
 
@@ -93,36 +106,22 @@ def prepare(base: Path, n: int, tiny: bool, variant: str) -> Path:
     return manifest
 
 
-def decode_rate(paths: list[Path], threads: int) -> float:
-    """img/s of what a saliency worker does on the CPU per image: sha256, JPEG decode, EAT preprocess."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from stages.saliency.eat import preprocess
-    from storage.images import open_rgb, sha256_file
-
-    def one(p: Path) -> None:
-        sha256_file(p)
-        preprocess(open_rgb(p))
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(one, paths))
-    return len(paths) / (time.perf_counter() - start)
-
-
 def stage1(manifest: Path, base: Path, n: int, cuda: bool) -> dict:
     import torch
+    from saliency_job import decode_rate  # tests/bench/saliency_job.py
 
     from pipeline.manifest import load_manifest
-    from stages.saliency.job import run_saliency
+    from stages.saliency.job import cores, decode_threads, run_saliency
 
     workers = torch.cuda.device_count() if cuda else 0
     summary = run_saliency(load_manifest(manifest), ["gpu"], workers=workers, batch_size=32 if cuda else 4)
     paths = sorted((base / "photos").glob("*.jpg"))[:n]
-    sample = paths[: min(len(paths), 400)]
+    sample = paths[: min(len(paths), 300)]
+    threads = decode_threads(workers)
     return {"images": summary.computed, "workers": workers, "img_s": summary.computed / max(summary.compute_s, 1e-9),
-            "wall_s": summary.wall_s, "decode_img_s_1_thread": decode_rate(sample, 1),
-            "decode_img_s_all_cores": decode_rate(sample, os.cpu_count() or 1)}
+            "wall_s": summary.wall_s, "decode_threads": threads,
+            "decode_img_s_worker_threads": decode_rate(sample, threads), "decode_img_s_1_thread": decode_rate(sample, 1),
+            "decode_img_s_all_cores": decode_rate(sample, cores())}
 
 
 def save_base(base: Path, tiny: bool) -> Path:
@@ -148,18 +147,37 @@ def save_base(base: Path, tiny: bool) -> Path:
     return out
 
 
-def stage2(base_dir: Path, manifest: Path, tiny: bool, cuda: bool) -> dict:
+def sample_flops(config: Any, example: dict, tokens_per_tile: int) -> dict:
+    """One training example's model FLOPs (plan.training_flops) from its own tiles, tokens and labelled tokens."""
+    from stages.finetune.plan import Setting, training_flops
+
+    tiles = int(example["pixel_values"].shape[0])  # thumbnail included: 1, or 3 and more
+    if tiles == 2:
+        raise ValueError("2 tiles (no thumbnail) cannot be expressed as a plan Setting")
+    text = len(example["input_ids"]) - tiles * tokens_per_tile
+    labelled = sum(1 for t in example["labels"] if t != -100)
+    setting = Setting(max_tiles=max(1, tiles - 1), text_tokens=text, labelled_tokens=labelled)
+    return {"tiles": tiles, "tokens": len(example["input_ids"]), "labelled": labelled,
+            "flops": training_flops(config, setting)}
+
+
+def stage2(base_dir: Path, manifest: Path, tiny: bool, cuda: bool, deadline: float) -> dict:
     import torch
     from transformers import TrainerCallback
 
     from pipeline.manifest import load_manifest
-    from stages.finetune.plan import Setting, load_config, training_flops
-    from stages.finetune.train import TrainConfig, finetune
+    from stages.finetune.dataset import CritiqueDataset, TileSpec
+    from stages.finetune.model import tokens_per_tile
+    from stages.finetune.plan import load_config
+    from stages.finetune.tokenizer import load_tokenizer
+    from stages.finetune.train import TrainConfig, finetune, tile_size
 
     steps, warmup = (3, 1) if tiny else (30, 5)
     max_tiles, per_device = (4, 2) if tiny else (12, 4)
 
     class Timer(TrainerCallback):
+        """Step end times; stops training MARGIN_S before the phase's box closes (after two timed steps)."""
+
         def __init__(self) -> None:
             self.times: list[float] = []
 
@@ -167,6 +185,8 @@ def stage2(base_dir: Path, manifest: Path, tiny: bool, cuda: bool) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter())
+            if len(self.times) >= warmup + 2 and time.time() > deadline - MARGIN_S:
+                control.should_training_stop = True
 
     timer = Timer()
     if cuda:
@@ -177,34 +197,29 @@ def stage2(base_dir: Path, manifest: Path, tiny: bool, cuda: bool) -> dict:
                       extra={"save_strategy": "no"})
     summary = finetune(cfg, load_manifest(manifest), callbacks=(timer,))
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    # tokens per step from the examples each step trained on (sample log), over the timed steps
-    from stages.finetune.dataset import CritiqueDataset, TileSpec
-    from stages.finetune.tokenizer import load_tokenizer
-    from stages.finetune.model import tokens_per_tile
-    from stages.finetune.train import tile_size
-
+    # each timed step's examples (sample log), each charged its own tiles and tokens
     config = load_config(base_dir)
-    tok = load_tokenizer(base_dir)
-    tiles = TileSpec(tile_size=tile_size(config), max_tiles=max_tiles, tokens_per_tile=tokens_per_tile(config))
-    data = CritiqueDataset("gpu", "train", tok, tiles, None, allow_missing_saliency=True)
+    per_tile = tokens_per_tile(config)
+    tiles = TileSpec(tile_size=tile_size(config), max_tiles=max_tiles, tokens_per_tile=per_tile)
+    data = CritiqueDataset("gpu", "train", load_tokenizer(base_dir), tiles, None, allow_missing_saliency=True)
     log = (summary.run_dir / "samples" / "rank0.txt").read_text().splitlines()
-    timed = [[int(i) for i in line.split()] for line in log[warmup:steps]]
-    lengths = {i: len(data[i]["input_ids"]) for step in timed for i in step}
-    tokens = sum(lengths[i] for step in timed for i in step)
-    seconds = timer.times[steps - 1] - timer.times[warmup - 1]
-    setting = Setting(max_tiles=max_tiles, per_device=per_device, text_tokens=data.text_tokens,
-                      labelled_tokens=data.text_tokens)
-    flops = training_flops(config, setting) * sum(len(step) for step in timed) / seconds
+    done = len(timer.times)
+    timed = [[int(i) for i in line.split()] for line in log[warmup:done]]
+    samples = {i: sample_flops(config, data[i], per_tile) for step in timed for i in step}
+    tokens = sum(samples[i]["tokens"] for step in timed for i in step)
+    seconds = timer.times[done - 1] - timer.times[warmup - 1]
+    flops = sum(samples[i]["flops"] for step in timed for i in step) / seconds
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak_tf = peak_tflops(name) if cuda else None
     return {"steps_timed": len(timed), "per_device": per_device, "max_tiles": max_tiles,
             "tokens_per_step": tokens / len(timed), "tokens_s": tokens / seconds, "step_s": seconds / len(timed),
             "peak_memory_gb": peak / 1024**3 if peak is not None else None, "model_tflops_s": flops / 1e12,
             "mfu": flops / (peak_tf * 1e12) if peak_tf else None, "gpu_peak_bf16_tflops": peak_tf,
-            "loss": [summary.start_loss, summary.end_loss]}
+            "loss": [summary.start_loss, summary.end_loss],
+            "samples": [{"id": i, **samples[i]} for i in sorted(samples)]}
 
 
-def generation(tiny: bool) -> dict:
+def generation(tiny: bool, deadline: float) -> dict:
     import torch
     from PIL import Image
 
@@ -221,50 +236,128 @@ def generation(tiny: bool) -> dict:
     cuda = captioner.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
-    start, produced = time.perf_counter(), 0
+    start, produced, batches = time.perf_counter(), 0, 0
     for i in range(batch, len(prompts), batch):
+        if batches and time.time() > deadline - MARGIN_S:
+            break
         produced += sum(len(ids) for ids in captioner.generate_ids(prompts[i:i + batch], decode))
+        batches += 1
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"batch": batch, "max_new_tokens": new, "new_tokens": produced, "tokens_s": produced / seconds}
+    return {"batch": batch, "batches": batches, "max_new_tokens": new, "new_tokens": produced,
+            "tokens_s": produced / seconds}
+
+
+def phase(name: str, out: Path, tiny: bool, images: int | None, deadline: float) -> dict:
+    """Run one phase in this process; its numbers."""
+    import torch
+
+    base = out / ("gpu_check_tiny" if tiny else "gpu_check")
+    base.mkdir(parents=True, exist_ok=True)
+    os.environ["ASE_WORK"] = str(base / "work")
+    cuda = torch.cuda.is_available()
+    n = images or (8 if tiny else 1500)
+    variant = "tiny" if tiny else "dat_base"
+    manifest = base / "manifest.yaml"
+    if name == "prepare":
+        prepare(base, n, tiny, variant)
+        save_base(base, tiny)
+        return {"images": n}
+    if name == "stage1":
+        return {"eat": variant, **stage1(manifest, base, n, cuda)}
+    if name == "stage2":
+        return {"model": "tiny" if tiny else "internvit300m-qwen2-0.5b",
+                **stage2(save_base(base, tiny), manifest, tiny, cuda, deadline)}
+    return generation(tiny, deadline)
+
+
+def run_boxed(name: str, argv: list[str], budget: float, result_file: Path) -> dict:
+    """``name`` in a child process killed (with its own children) when its wall-clock box closes."""
+    import psutil
+
+    result_file.unlink(missing_ok=True)
+    start = time.perf_counter()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--deadline", str(time.time() + budget),
+           "--result", str(result_file), *argv]
+    proc = subprocess.Popen(cmd)
+    try:
+        proc.wait(timeout=budget)
+        killed = False
+    except subprocess.TimeoutExpired:
+        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        for p in tree:
+            p.kill()
+        psutil.wait_procs(tree, timeout=10)
+        proc.wait()
+        killed = True
+    box = {"budget_s": budget, "wall_s": round(time.perf_counter() - start, 1)}
+    if proc.returncode == 0 and result_file.exists():
+        return {**json.loads(result_file.read_text()), **box, "status": "done"}
+    return {**box, "status": f"killed at its {budget:.0f} s box" if killed else f"failed (exit {proc.returncode})"}
+
+
+def write_json(path: Path, result: dict) -> None:
+    """Atomically (temp + rename): a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and a few images (CPU, seconds)")
-    parser.add_argument("--images", type=int, default=None, help="stage-1 photos (default 2000; --tiny 8)")
+    parser.add_argument("--images", type=int, default=None, help="stage-1 photos (default 1500; --tiny 8)")
+    parser.add_argument("--phase", choices=list(BUDGETS), help=argparse.SUPPRESS)  # internal: one boxed phase
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    out = Path(os.environ.get("OUT") or REPO / "work")
+    if args.phase:
+        write_json(args.result, phase(args.phase, out, args.tiny, args.images, args.deadline))
+        return
     import torch
 
-    out = Path(os.environ.get("OUT") or REPO / "work")
-    base = out / ("gpu_check_tiny" if args.tiny else "gpu_check")
-    base.mkdir(parents=True, exist_ok=True)
-    os.environ["ASE_WORK"] = str(base / "work")
     cuda = torch.cuda.is_available()
-    n = args.images or (8 if args.tiny else 2000)
-    variant = "tiny" if args.tiny else "dat_base"
-    result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": args.tiny,
-                    "cpu_cores": os.cpu_count(), "torch": torch.__version__}
-    t0 = time.perf_counter()
-    manifest = prepare(base, n, args.tiny, variant)
-    result["prepare_s"] = time.perf_counter() - t0
-    result["stage1"] = {"eat": variant, **stage1(manifest, base, n, cuda)}
-    base_dir = save_base(base, args.tiny)
-    result["stage2"] = {"model": "tiny" if args.tiny else "internvit300m-qwen2-0.5b",
-                        **stage2(base_dir, manifest, args.tiny, cuda)}
-    result["generation"] = generation(args.tiny)
-    result["total_s"] = time.perf_counter() - t0
     path = out / ("gpu_check_tiny.json" if args.tiny else "gpu_check.json")
-    path.write_text(json.dumps(result, indent=2))
-    s1, s2, g = result["stage1"], result["stage2"], result["generation"]
+    out.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": args.tiny,
+                    "cpu_cores": os.cpu_count(), "torch": torch.__version__, "budgets_s": BUDGETS}
+    argv = (["--tiny"] if args.tiny else []) + (["--images", str(args.images)] if args.images else [])
+    t0 = time.perf_counter()
+    for name, budget in BUDGETS.items():
+        if name == "generation" and result["stage2"]["status"] != "done":
+            result[name] = {"budget_s": budget, "status": "skipped: no trained weights (stage 2 did not finish)"}
+        else:
+            result[name] = run_boxed(name, argv, budget, out / f".gpu_check_{name}.json")
+        result["total_s"] = time.perf_counter() - t0
+        write_json(path, result)
+        print(f"gpu check: {name} {result[name]['status']} ({result[name].get('wall_s', 0):.0f} of {budget:.0f} s)"
+              f" -> {path}", flush=True)
+        if name == "prepare" and result[name]["status"] != "done":
+            raise SystemExit("gpu check: no data to measure (prepare did not finish)")
+    report(result, path)
+
+
+def report(result: dict, path: Path) -> None:
+    """The short table."""
     fmt = lambda x, f="{:.1f}": "n/a" if x is None else f.format(x)  # noqa: E731
     print(f"\nGPU check on {result['device']} ({result['cpu_cores']} cores), {result['total_s']:.0f} s -> {path}")
-    print(f"  stage 1  {s1['images']} photos, EAT {s1['eat']}: {s1['img_s']:.1f} img/s; decode-only "
-          f"{s1['decode_img_s_1_thread']:.1f} img/s on 1 thread, {s1['decode_img_s_all_cores']:.1f} on all cores")
-    print(f"  stage 2  {s2['model']}, {s2['max_tiles']} tiles, batch {s2['per_device']}: {s2['tokens_s']:.0f} tokens/s, "
-          f"{s2['step_s']:.3f} s/step, peak {fmt(s2['peak_memory_gb'])} GB, MFU {fmt(s2['mfu'], '{:.1%}')}")
-    print(f"  generate batch {g['batch']}: {g['tokens_s']:.1f} new tokens/s")
+    s1, s2, g = result["stage1"], result["stage2"], result["generation"]
+    if s1["status"] == "done":
+        print(f"  stage 1  {s1['images']} photos, EAT {s1['eat']}: {s1['img_s']:.1f} img/s; decode-only "
+              f"{s1['decode_img_s_worker_threads']:.1f} img/s on a worker's {s1['decode_threads']} decode threads, "
+              f"{s1['decode_img_s_1_thread']:.1f} on 1, {s1['decode_img_s_all_cores']:.1f} on all cores")
+    if s2["status"] == "done":
+        print(f"  stage 2  {s2['model']}, {s2['max_tiles']} tiles, batch {s2['per_device']}: {s2['tokens_s']:.0f} "
+              f"tokens/s, {s2['step_s']:.3f} s/step, peak {fmt(s2['peak_memory_gb'])} GB, "
+              f"MFU {fmt(s2['mfu'], '{:.1%}')}")
+    if g["status"] == "done":
+        print(f"  generate batch {g['batch']}: {g['tokens_s']:.1f} new tokens/s")
+    for name in BUDGETS:
+        if result[name]["status"] != "done":
+            print(f"  {name}: {result[name]['status']}")
 
 
 if __name__ == "__main__":
