@@ -12,7 +12,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def finetune(
         dataset: str = typer.Option(..., "--dataset", help="Ingested dataset to train on."),
-        run: str = typer.Option("default", "--run", help="Run name: runs/<dataset>/<run>/."),
+        run: str = typer.Option("default", "--run-name", "--run", help="Run name: runs/<dataset>/<run>/ (under "
+                                                                         "torchrun spell it --run-name)."),
         base: Optional[Path] = typer.Option(None, "--base", help="Local HF InternVL or Qwen2.5-VL dir; its "
                                                                  "config.json picks the family (default: manifest's)."),
         fusion: str = typer.Option("cross_attention", "--fusion", help="cross_attention, or none (w/o IASC)."),

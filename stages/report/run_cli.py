@@ -30,7 +30,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def generate(
         dataset: str = typer.Option(..., "--dataset", help="Ingested dataset."),
-        run: str = typer.Option("default", "--run", help="Run under runs/<dataset>/ ('untrained': the base)."),
+        run: str = typer.Option("default", "--run-name", "--run",
+                                 help="Run under runs/<dataset>/ ('untrained': the base); under torchrun spell "
+                                      "it --run-name."),
         split: str = typer.Option("test", "--split"),
         checkpoint: Optional[str] = _CHECKPOINT,
         batch_size: int = _BATCH,
@@ -56,7 +58,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def report(
         dataset: str = typer.Option("demo", "--dataset", help="Ingested dataset."),
-        run: str = typer.Option("default", "--run", help="Run under runs/<dataset>/."),
+        run: str = typer.Option("default", "--run-name", "--run",
+                                 help="Run under runs/<dataset>/ (under torchrun spell it --run-name)."),
         split: str = typer.Option("test", "--split"),
         checkpoint: Optional[str] = _CHECKPOINT,
         batch_size: int = _BATCH,
@@ -90,7 +93,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def caption(
         paths: list[Path] = typer.Argument(..., help="Image files and / or folders (searched recursively)."),
-        run: Optional[str] = typer.Option(None, "--run", help="DATASET/RUN or RUN (default: the newest trained run)."),
+        run: Optional[str] = typer.Option(None, "--run-name", "--run", help="DATASET/RUN or RUN (default: the newest trained run)."),
         out: Path = typer.Option(Path("captions"), "--out", help="Output folder."),
         checkpoint: Optional[str] = _CHECKPOINT,
         batch_size: int = typer.Option(4, "--batch-size"),
