@@ -1,6 +1,7 @@
 """CLI: ``ase-mllm generate``, ``ase-mllm report`` and ``ase-mllm caption`` (heavy imports inside)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -69,10 +70,13 @@ def register(app: typer.Typer) -> None:
         baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Untrained and retrieval rows."),
         ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="Table II from the dataset's runs."),
         gallery: int = typer.Option(60, "--gallery", help="Images in the index.html gallery."),
+        allow_partial: bool = typer.Option(False, "--allow-partial",
+                                           help="Score a split with images lacking a prediction (the tables say so)."),
         max_new_tokens: int = _MAX_NEW, num_beams: int = _BEAMS, do_sample: bool = _SAMPLE,
         temperature: float = _TEMP, top_p: float = _TOP_P, seed: int = _SEED, no_repeat: int = _NO_REPEAT,
     ) -> None:
-        """Generate (if needed), score against the baselines and write reports/<dataset>/<run>/."""
+        """Generate (if needed), score against the baselines and write reports/<dataset>/<run>/ (under torchrun
+        the ranks share generation and rank 0 scores)."""
         from pipeline.context import manifest
         from stages.report.build import build_report
         from stages.report.metrics import JavaNotFoundError
@@ -80,9 +84,12 @@ def register(app: typer.Typer) -> None:
         try:
             s = build_report(dataset, run, manifest(), split, checkpoint,
                              _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed, no_repeat),
-                             batch_size, limit, spice_lib, baselines, ablation, gallery)
+                             batch_size, limit, spice_lib, baselines, ablation, gallery, allow_partial=allow_partial)
         except (FileNotFoundError, ValueError, JavaNotFoundError) as e:
             fail(str(e))
+        if s is None:
+            typer.echo(f"report: rank {os.environ.get('RANK')} generated its share; rank 0 scores the split")
+            return
         for markdown in s.tables.values():
             typer.echo(markdown)
         for note in s.notes:
