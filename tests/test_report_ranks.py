@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,13 @@ java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's 
 # the toy run's 5 training images, one per generate() call so both runs decode each image alike
 REPORT = ["report", "--dataset", "toy", "--run-name", "r", "--split", "train", "--max-new-tokens", "12",
           "--batch-size", "1", "--no-baselines", "--no-ablation", "--gallery", "2"]
+
+
+def free_port() -> int:
+    """A TCP port no one listens on now (fixed ports collide with other torchrun jobs on the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _numbers(path: Path) -> dict[str, float]:
@@ -42,7 +50,7 @@ def test_torchrun_report_equals_single_process(toy_runs: Path) -> None:  # noqa:
     shutil.rmtree(out)
     shutil.rmtree(runs_dir("toy") / "r" / "predictions")
 
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29571"]
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(free_port())]
     shared = subprocess.run([*torchrun, "-m", "pipeline", "--manifest", str(toy_runs), *REPORT], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert shared.returncode == 0, shared.stdout[-3000:] + shared.stderr[-3000:]

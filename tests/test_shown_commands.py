@@ -2,13 +2,15 @@
 config files' headers and the manifest's comments. ``torchrun`` lines go through torchrun's own argument
 parser (torch.distributed.run), which must hand every pipeline argument through untouched; the pipeline
 part must parse with the CLI (typer's parser, no command runs); ``make`` targets are expanded with
-``make -n`` and their ``ase-mllm`` lines parsed the same way."""
+``make -n`` and their ``ase-mllm`` lines parsed the same way; ``tensorboard`` lines by TensorBoard's own flag
+parser."""
 from __future__ import annotations
 
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import typer
 from pipeline.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("ase-mllm", "torchrun", "make", "python")
+COMMANDS = ("ase-mllm", "torchrun", "make", "python", "tensorboard")
 PLACEHOLDERS = {"...", "…"}  # "the rest of the command": dropped
 SOURCES = [REPO / "README.md", REPO / "data_manifest.yaml", *sorted((REPO / "stages").glob("*/configs/*.yaml"))]
 
@@ -112,6 +114,11 @@ def check(words: list[str], complete: bool) -> None:
     elif words[0] == "make":
         for argv in _make_lines(words):
             parse_cli(argv)
+    elif words[0] == "tensorboard":  # installed with the package, its flags as typed (exits on a bad one)
+        from tensorboard import program
+
+        assert Path(sys.executable).with_name("tensorboard").exists(), "the tensorboard command is not installed"
+        program.TensorBoard().configure(argv=words)
     else:  # ase-mllm ARGS or python -m pipeline ARGS
         parse_cli(words[3:] if words[0] == "python" else words[1:], complete)
 
@@ -121,7 +128,7 @@ COMMAND_LINES = shown_commands()
 
 def test_the_shown_commands_are_found() -> None:
     kinds = {words[0] for _, words, _ in COMMAND_LINES}
-    assert kinds >= {"ase-mllm", "torchrun", "make", "python"}, kinds
+    assert kinds >= {"ase-mllm", "torchrun", "make", "python", "tensorboard"}, kinds
     assert any("configs/fsdp.yaml" in where for where, _, _ in COMMAND_LINES)
     assert any(w[0] == "torchrun" and "report" in w for _, w, _ in COMMAND_LINES)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from test_finetune_scale import save_base
+from test_report_ranks import free_port
 from test_finetune_train import toy_run  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def test_zero3_precision_line_states_deepspeeds_dtypes(toy_run: Path, tmp_path: 
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "1", "--master_port",
-                           "29561", str(script), str(toy_run), str(base)], cwd=REPO, env=env, capture_output=True, text=True,
+                           str(free_port()), str(script), str(toy_run), str(base)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     seen = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("DTYPES "))[7:])
