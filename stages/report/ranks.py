@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, TypeVar
 
 import torch.distributed as dist
 
 T = TypeVar("T")
+WAIT = timedelta(hours=12)  # a rank done with its share waits for the slowest one (gloo's default: 30 minutes)
 
 
 @dataclass
@@ -28,7 +30,7 @@ class Ranks:
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         owns = world > 1 and not dist.is_initialized()
         if owns:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=WAIT)
         return cls(rank, world, owns)
 
     @property
