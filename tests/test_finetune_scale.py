@@ -355,23 +355,21 @@ def test_plan_is_within_25_percent_of_measured_peak_memory() -> None:
 # ---------------------------------------------------------------- sharded training (2 gloo processes)
 
 
-def _launch(tmp_path: Path, manifest: Path, run: str, base: Path, *args: str, ranks: int = 1) -> list[str]:
-    """``ase-mllm finetune`` (as test_finetune_train launches it), under torchrun when ``ranks`` > 1, on a free
-    port (fixed ports collide with other test runs on the same machine)."""
+def _launch(manifest: Path, run: str, base: Path, *args: str, ranks: int = 1) -> list[str]:
+    """``ase-mllm finetune`` typed as a user would: ``python -m pipeline ...``, or under ``torchrun`` when
+    ``ranks`` > 1, on a free port (fixed ports collide with other test runs on the same machine)."""
     import socket
-    from test_finetune_train import LAUNCH
 
-    argv = [str(manifest), "finetune", "--dataset", "toy", "--run", run, "--base", str(base), "--workers", "0",
-            "--lr", "1e-3", "--batch-size", "4", "--per-device", "2", "--max-tiles", "2", "--logging-steps", "1", *args]
-    script = tmp_path / f"launch-{run}.py"  # arguments inside: torchrun would take --run for its own --run-path
-    script.write_text(f"import sys\nsys.argv[1:] = {argv!r}\n{LAUNCH}")
+    argv = ["-m", "pipeline", "--manifest", str(manifest), "finetune", "--dataset", "toy", "--run-name", run,
+            "--base", str(base), "--workers", "0", "--lr", "1e-3", "--batch-size", "4", "--per-device", "2",
+            "--max-tiles", "2", "--logging-steps", "1", *args]
     if ranks == 1:
-        return [sys.executable, str(script)]
+        return [sys.executable, *argv]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(ranks), "--master_port",
-            str(port), str(script)]
+            str(port), *argv]
 
 
 def _final(run: Path) -> dict[str, torch.Tensor]:
@@ -405,7 +403,7 @@ def test_sharded_two_ranks_equal_one_process(strategy: str, toy_run: Path, tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     steps = ["--max-steps", "2", "--save-steps", "100", "--log-sample-ids"]  # 2 full steps of the 10-pair epoch
     for run, ranks, extra in (("single", 1, []), (strategy, 2, ["--strategy", strategy])):
-        proc = subprocess.run(_launch(tmp_path, toy_run, run, base, *steps, *extra, ranks=ranks), cwd=REPO,
+        proc = subprocess.run(_launch(toy_run, run, base, *steps, *extra, ranks=ranks), cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     def micro_batches(run: str, rank: int) -> list[list[int]]:
@@ -427,7 +425,7 @@ def test_fsdp_sigkill_then_rerun_equals_uninterrupted(toy_run: Path, tmp_path: P
     runs = Path(os.environ["ASE_WORK"]) / "runs" / "toy"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["--strategy", "fsdp", "--gradient-checkpointing", "--max-steps", "6", "--save-steps", "2"]
-    proc = subprocess.Popen(_launch(tmp_path, toy_run, "killed", base, *args, ranks=2), cwd=REPO,
+    proc = subprocess.Popen(_launch(toy_run, "killed", base, *args, ranks=2), cwd=REPO,
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = runs / "killed" / "checkpoint-2" / "trainer_state.json"
     deadline = time.time() + 240
@@ -437,7 +435,7 @@ def test_fsdp_sigkill_then_rerun_equals_uninterrupted(toy_run: Path, tmp_path: P
     proc.wait()
     assert not (runs / "killed" / "final").exists(), "the run ended before it could be killed"
     for run in ("killed", "whole"):
-        done = subprocess.run(_launch(tmp_path, toy_run, run, base, *args, ranks=2), cwd=REPO, env=env,
+        done = subprocess.run(_launch(toy_run, run, base, *args, ranks=2), cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         if run == "killed":
@@ -475,7 +473,7 @@ def test_fsdp_lora_checkpoint_is_sharded_and_resumes_exactly(toy_run: Path, tmp_
     args = ["--strategy", "fsdp", "--lora", "--max-steps", "3", "--save-steps", "2"]
     outputs = []
     for attempt in range(2):
-        proc = subprocess.run(_launch(tmp_path, toy_run, "lora", base, *args, ranks=2),
+        proc = subprocess.run(_launch(toy_run, "lora", base, *args, ranks=2),
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         outputs.append(load_file(run / "final" / "adapter_model.safetensors"))
@@ -496,8 +494,6 @@ def test_zero3_config_is_accepted_by_deepspeed_and_the_trainer() -> None:
 
     from stages.finetune.sharding import CONFIG_DIR, load_config
 
-    for name in ("fsdp.yaml", "zero3.yaml"):
-        assert (CONFIG_DIR / name).read_text().startswith("# torchrun --nproc_per_node 8 -m pipeline finetune")
     settings = load_config("zero3")
     zero = DeepSpeedZeroConfig(**settings["zero_optimization"])
     assert zero.stage == 3 and zero.gather_16bit_weights_on_model_save

@@ -39,24 +39,9 @@ def _cfg(**kw):
     return TrainConfig(**{**base, **kw})
 
 
-# `ase-mllm finetune` as registered by stages/finetune/commands.py (independent of the other stages' CLIs)
-LAUNCH = """
-import sys
-from pathlib import Path
-import typer
-from pipeline import context
-from stages.finetune.commands import register
-context.set_manifest_path(Path(sys.argv.pop(1)))
-app = typer.Typer()
-register(app)
-@app.callback()
-def main() -> None: ...
-app()
-"""
-
-
 def _cli(manifest: Path, *args: str) -> list[str]:
-    return [PY, "-c", LAUNCH, str(manifest), "finetune", "--dataset", "toy", *FAST, *args]
+    """``ase-mllm finetune`` on the toy dataset, typed as a user would (``python -m pipeline``)."""
+    return [PY, "-m", "pipeline", "--manifest", str(manifest), "finetune", "--dataset", "toy", *FAST, *args]
 
 
 def test_default_trainable_parts_freeze_only_the_vit_base() -> None:

@@ -173,21 +173,17 @@ def test_fsdp_two_ranks_equal_one_process(pccd_run: Path, tmp_path: Path) -> Non
     too, 49 s, and is left out to keep the suite short.)"""
     strategy = "fsdp"
     from test_finetune_scale import SHARDED_ATOL, _assert_same_weights
-    from test_finetune_train import LAUNCH
 
     from stages.finetune.qwen_model import IASQwen2_5_VLForConditionalGeneration
 
     base = save_qwen_base(tmp_path / "base")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for run, ranks, extra in (("single", 1, []), (strategy, 2, ["--strategy", strategy])):
-        argv = [str(pccd_run), "finetune", "--dataset", "pccd", "--run", run, "--base", str(base), "--workers", "0",
-                "--lr", "1e-3", "--batch-size", "4", "--per-device", "2", "--max-steps", "2", "--save-steps", "100",
-                "--logging-steps", "1", *extra]
-        script = tmp_path / f"launch-{run}.py"
-        script.write_text(f"import sys\nsys.argv[1:] = {argv!r}\n{LAUNCH}")
-        cmd = [sys.executable, str(script)] if ranks == 1 else [
-            str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29547",
-            str(script)]
+        argv = ["-m", "pipeline", "--manifest", str(pccd_run), "finetune", "--dataset", "pccd", "--run-name", run,
+                "--base", str(base), "--workers", "0", "--lr", "1e-3", "--batch-size", "4", "--per-device", "2",
+                "--max-steps", "2", "--save-steps", "100", "--logging-steps", "1", *extra]
+        cmd = [sys.executable, *argv] if ranks == 1 else [
+            str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29547", *argv]
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

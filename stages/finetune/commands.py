@@ -12,7 +12,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def finetune(
         dataset: str = typer.Option(..., "--dataset", help="Ingested dataset to train on."),
-        run: str = typer.Option("default", "--run", help="Run name: runs/<dataset>/<run>/."),
+        run: str = typer.Option("default", "--run-name", "--run", help="Run name: runs/<dataset>/<run>/ (under "
+                                                                         "torchrun spell it --run-name)."),
         base: Optional[Path] = typer.Option(None, "--base", help="Local HF InternVL or Qwen2.5-VL dir; its "
                                                                  "config.json picks the family (default: manifest's)."),
         fusion: str = typer.Option("cross_attention", "--fusion", help="cross_attention, or none (w/o IASC)."),
@@ -50,6 +51,8 @@ def register(app: typer.Typer) -> None:
         logging_steps: int = typer.Option(10, "--logging-steps"),
         seed: int = typer.Option(0, "--seed"),
         log_sample_ids: bool = typer.Option(False, "--log-sample-ids", help="Log each rank's sample ids."),
+        report_to: str = typer.Option("tensorboard", "--report-to",
+                                      help="Training curves to: tensorboard (<run dir>/tensorboard/), wandb or none."),
         tiny_model: str = typer.Option("tiny", "--tiny-model",
                                        help="Registered small model to build when there is no base: tiny, demo "
                                             "(InternVL), tiny-qwen, demo-qwen (Qwen2.5-VL)."),
@@ -69,6 +72,7 @@ def register(app: typer.Typer) -> None:
             precision=precision,
             allow_missing_saliency=allow_missing_saliency, saliency=saliency, limit=limit, workers=workers, save_steps=save_steps,
             logging_steps=logging_steps, seed=seed, log_sample_ids=log_sample_ids, tiny_model=tiny_model,
+            report_to=report_to,
         )
         run_finetune(cfg, manifest())
 

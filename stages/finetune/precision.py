@@ -6,9 +6,12 @@
 - Compute runs under autocast: bf16 on GPUs that support it, fp16 with loss scaling on older
   GPUs, fp32 on CPU (``--precision`` overrides; bf16 autocast also runs on CPU).
 - Frozen weight matrices get no update, so under DDP they are stored in the compute dtype (half
-  the memory of a frozen 8B LLM under LoRA). Under FSDP and ZeRO-3 every parameter stays fp32: the
-  sharding engine casts a gathered layer to the compute dtype itself (FSDP2 needs one dtype per
-  sharded group; DeepSpeed keeps bf16 weights plus its own fp32 optimizer copy).
+  the memory of a frozen 8B LLM under LoRA). Under FSDP every parameter stays fp32 and FSDP2 casts
+  a gathered layer to the compute dtype itself (one dtype per sharded group).
+- ZeRO-3 is DeepSpeed's own policy, not ours: with bf16 (fp16) on, it casts every weight, trainable
+  and frozen, to bf16, reduces and accumulates gradients in bf16 (its ``grad_accum_dtype`` defaults
+  to the model dtype) and keeps fp32 master copies of the trainable weights with fp32 AdamW states
+  in its optimizer; the forward runs in the weights' dtype, without autocast.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class Precision:
     compute: str  # "bf16" | "fp16" | "fp32": autocast dtype of the forward / backward
     frozen: str  # storage of frozen parameters
     device: str  # "cuda" | "cpu"
+    strategy: str = "ddp"  # zero3: DeepSpeed's own mixed precision (see the module docstring)
 
     @property
     def trainer_flags(self) -> dict[str, bool]:
@@ -34,6 +38,11 @@ class Precision:
 
     def line(self) -> str:
         scaler = " + dynamic loss scaling" if self.compute == "fp16" else ""
+        if self.strategy == "zero3" and self.compute != "fp32":
+            return (f"finetune: precision on {self.device} (DeepSpeed ZeRO-3): every weight, trainable and frozen, "
+                    f"held in {self.compute}; gradients reduced and accumulated in {self.compute}{scaler}; fp32 "
+                    f"master copies of the trainable weights and fp32 AdamW states in DeepSpeed's optimizer; "
+                    f"compute {self.compute} (the weights' dtype, no autocast)")
         compute = f"{self.compute} autocast{scaler}" if self.compute != "fp32" else "fp32"
         return (f"finetune: precision on {self.device}: trainable weights, gradients and AdamW states fp32; "
                 f"compute {compute}; frozen weights {self.frozen}")
@@ -52,8 +61,8 @@ def choose(precision: str = "auto", strategy: str = "ddp", cuda: bool | None = N
         compute = ("bf16" if bf16_supported else "fp16") if cuda else "fp32"
     if compute == "fp16" and not cuda:
         raise ValueError("fp16 autocast with loss scaling needs a GPU; use --precision bf16 or fp32 on CPU")
-    frozen = compute if strategy == "ddp" else "fp32"
-    return Precision(compute=compute, frozen=frozen, device="cuda" if cuda else "cpu")
+    frozen = compute if strategy in ("ddp", "zero3") else "fp32"
+    return Precision(compute=compute, frozen=frozen, device="cuda" if cuda else "cpu", strategy=strategy)
 
 
 def apply(model: nn.Module, policy: Precision) -> dict[str, int]:

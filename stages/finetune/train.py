@@ -2,8 +2,10 @@
 
 Run dir ``runs/<dataset>/<run>/``: ``run_config.json`` (resolved config), ``tokenizer/`` (demo
 BPE), ``checkpoint-N/`` (HF Trainer: safetensors weights, optimizer, RNG, trainer_state.json; under FSDP
-the weights and optimizer as per-rank distributed-checkpoint shards),
-``metrics.jsonl`` (every Trainer log), ``final/`` (weights + tokenizer, written via temp + rename).
+the weights and optimizer as per-rank distributed-checkpoint shards), ``metrics.jsonl`` (every Trainer log),
+``tensorboard/`` (the same curves, ``--report-to``), ``final/`` (weights + tokenizer, written via temp + rename).
+Every training log carries loss, lr, the cross-attention gates' magnitudes and the throughput since the previous
+log.
 Rerunning the same command resumes from the newest *complete* checkpoint: the Trainer writes
 ``trainer_state.json`` last, so a checkpoint without a readable one was cut off and is removed.
 Works unchanged under ``torchrun``: ``strategy`` ddp (replicated), fsdp (FSDP2) or zero3 (DeepSpeed
@@ -12,9 +14,11 @@ ZeRO-3), see sharding.py; gloo on CPU. The precision policy (precision.py) and t
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
+from pipeline.errors import PipelineError
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
 from stages.finetune.ias_vit import FUSIONS
@@ -36,6 +41,7 @@ GLOBAL_BATCH = {"dpc2022": 64, "pccd": 16, "rpcd": 16}  # paper, Sec. IV-A
 DEFAULT_GLOBAL_BATCH = 16
 PARTS = ("vision", "cross_attention", "projector", "llm")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+REPORT_TO = ("tensorboard", "wandb", "none")  # where training curves go (the Trainer's own integrations)
 
 
 @dataclass
@@ -83,6 +89,7 @@ class TrainConfig:
     save_total_limit: int | None = 2
     logging_steps: int = 10
     log_sample_ids: bool = False  # write each rank's sample ids to samples/rank<r>.txt
+    report_to: str = "tensorboard"  # REPORT_TO: tensorboard writes <run dir>/tensorboard/
     extra: dict[str, Any] = field(default_factory=dict)  # passed to TrainingArguments
 
     def __post_init__(self) -> None:
@@ -97,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
         self.trainable = tuple(self.trainable)
 
 
@@ -262,6 +271,22 @@ class CritiqueTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.sample_log = sample_log
         self.cross_attention_lr = cross_attention_lr
+        self._last_log: tuple[float, int, int] | None = None  # (time, global step, input tokens) of the last log
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs also carry the gates' magnitudes and the throughput since the previous log. Added here,
+        before any callback runs: callbacks given to the Trainer see a log after its reporting integrations
+        (TensorBoard, W&B) have written it. Every rank calls ``log`` (sharded gates are gathered)."""
+        if "loss" in logs:
+            logs.update(gate_magnitudes(self.model))
+            now, last = (time.time(), self.state.global_step, self.state.num_input_tokens_seen), self._last_log
+            if last is not None and now[1] > last[1] and now[0] > last[0]:
+                seconds, a = now[0] - last[0], self.args
+                samples = (now[1] - last[1]) * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+                logs["samples_per_second"] = samples / seconds
+                logs["tokens_per_second"] = (now[2] - last[2]) / seconds  # non-padding input tokens, all ranks
+            self._last_log = now
+        super().log(logs, start_time)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
@@ -307,6 +332,28 @@ class CritiqueTrainer(Trainer):
         # fp32 holds both the fp32 trainable and the compute-dtype frozen weights exactly; copy_ keeps each dtype
         loaded = type(model).from_pretrained(str(ckpt), config=model.config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict(), strict=True)
+
+
+def gate_magnitudes(model: nn.Module) -> dict[str, float]:
+    """Mean |gate| of the new cross-attention per vision layer (``gate/layerNN``), their mean and largest: 0 while
+    the model equals its base, growing as IASC opens. Gathers FSDP2 and ZeRO-3 shards (every rank must call it)."""
+    gates = [p for name, p in model.named_parameters()
+             if p.requires_grad and part_of(name) == "cross_attention" and name.endswith("gate")]
+    if not gates:
+        return {}
+    partitioned = [p for p in gates if hasattr(p, "ds_id")]  # ZeRO-3
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned):
+            return gate_magnitudes_of([p.detach().clone() for p in gates])
+    return gate_magnitudes_of([p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in gates])  # DTensor
+
+
+def gate_magnitudes_of(gates: list[torch.Tensor]) -> dict[str, float]:
+    means = [g.float().abs().mean().item() for g in gates]
+    return {"gate/mean_abs": sum(means) / len(means), "gate/max_abs": max(g.float().abs().max().item() for g in gates),
+            **{f"gate/layer{i:02d}": m for i, m in enumerate(means)}}
 
 
 def own_lr_for_cross_attention(optimizer: torch.optim.Optimizer, model: nn.Module, lr: float) -> int:
@@ -398,7 +445,9 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, config: Any = None) -> T
         dataloader_num_workers=cfg.workers,
         dataloader_persistent_workers=cfg.workers > 0,
         remove_unused_columns=False,
-        report_to="none",
+        report_to=cfg.report_to,
+        run_name=f"{cfg.dataset}/{cfg.run}",
+        include_num_input_tokens_seen="non_padding",  # tokens/s in the logs
         ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
@@ -461,6 +510,11 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
 
     cfg = resolve(cfg, manifest)
     run_dir = runs_dir(cfg.dataset) / cfg.run
+    if cfg.report_to == "wandb":
+        if importlib.util.find_spec("wandb") is None:
+            raise PipelineError("--report-to wandb needs the wandb package (`pip install wandb`, then `wandb login`); "
+                                "or use --report-to tensorboard")
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
     family.check_run(run_dir, family.of_train(cfg.base, cfg.tiny_model))
     run_dir.mkdir(parents=True, exist_ok=True)
     config = model_config(cfg)
@@ -498,6 +552,9 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
         callbacks=[_MetricsLog(run_dir / "metrics.jsonl"), *callbacks], sample_log=sample_log,
         cross_attention_lr=cfg.cross_attention_lr if cfg.fusion != "none" else None,
     )
+    for callback in trainer.callback_handler.callbacks:  # curves under the run's folder (read at train begin)
+        if type(callback).__name__ == "TensorBoardCallback":
+            callback.logging_dir = str(run_dir / "tensorboard")
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_ProgressBar(f"{cfg.dataset}/{cfg.run}"))

@@ -23,8 +23,8 @@ import pyarrow as pa
 from pipeline.manifest import Manifest
 from pipeline.paths import reports_dir, runs_dir, study_dir
 from stages.finetune import family
-from stages.report.generate import DecodeConfig, generate_split, is_untrained, predictions_dir, prepare_untrained, \
-    read_predictions, run_config
+from stages.report.generate import DecodeConfig, generate_split, is_untrained, prepare_untrained, read_predictions, \
+    run_config, split_images
 from storage.atomic import write_bytes_atomic, write_json_atomic, write_parquet_atomic
 
 UNTRAINED_ROW = "untrained (same model before fine-tuning)"
@@ -107,51 +107,73 @@ def build_report(
     ablation: bool = True,
     gallery: int = 60,
     progress: bool = True,
-) -> ReportSummary:
-    """Everything of ``reports/<dataset>/<run>/`` (see the module docstring); returns the summary."""
+    allow_partial: bool = False,
+) -> ReportSummary | None:
+    """Everything of ``reports/<dataset>/<run>/`` (see the module docstring); returns the summary.
+
+    Under torchrun every rank generates its share of each row's predictions; then rank 0 alone scores the
+    complete split and writes the report, and the other ranks return None. A row with images lacking a
+    prediction is refused unless ``allow_partial`` (the tables then say how many images each row covers).
+    """
     from stages.report.attributes import attribute_scores
     from stages.report.diversity import diversity
     from stages.report.metrics import score_to_file
+    from stages.report.ranks import Ranks
     from stages.report.tables import write_attribute_table, write_tables
 
     start = time.perf_counter()
+    ranks = Ranks.start()
+    try:
+        untrained = ranks.first(lambda: prepare_untrained(dataset, run, manifest)).name if baselines or ablation else None
+        runs_by_condition = ablation_runs(dataset, run) if ablation else {}
+        to_generate = {run: checkpoint}
+        for name in (untrained, *runs_by_condition.values()):
+            if name is not None and name not in to_generate:
+                to_generate[name] = None
+        directories, failed = {}, {}
+        for name, ckpt in to_generate.items():
+            g = generate_split(dataset, name, manifest, split, ckpt, decode, batch_size, limit=limit, progress=progress)
+            print(g.line())
+            directories[name], failed[name] = g.directory, g.failed
+        failed = {name: [f for per_rank in ranks.gather(failed) for f in per_rank[name]] for name in failed}
+    finally:
+        ranks.close()
+    if not ranks.main:
+        return None
+
     out = reports_dir(dataset) / run
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     refs = references(dataset, split)
-
-    def predictions(name: str, ckpt: str | None = None) -> dict[str, str]:
-        g = generate_split(dataset, name, manifest, split, ckpt, decode, batch_size, limit=limit, progress=progress)
-        print(g.line())
-        if g.failed:
-            notes.append(f"{name}: {len(g.failed)} images without a prediction (e.g. {g.failed[0][0]}: {g.failed[0][1]})")
-        return {i: c for i, c in read_predictions(g.directory, split).items() if i in refs}
-
-    ours = predictions(run, checkpoint)
+    expected = [i for i in split_images(dataset, split, limit)["image_id"].to_pylist() if i in refs]
+    generated = {name: {i: c for i, c in read_predictions(directories[name], split).items() if i in refs}
+                 for name in to_generate}
+    ours = generated[run]
     if not ours:
         raise ValueError(f"no predictions with references for split '{split}' of '{dataset}'")
-    candidates: dict[str, dict[str, str]] = {f"ASE-MLLM ({run})": ours}
-    runs_by_condition: dict[tuple[bool, bool], str] = {}
-    untrained = prepare_untrained(dataset, run, manifest).name if baselines or ablation else None
+    row_of = {run: f"ASE-MLLM ({run})", untrained: UNTRAINED_ROW,
+              **{n: f"ASE-MLLM ({n})" for n in to_generate if n not in (run, untrained)}}
+    partial = _coverage({row_of[n]: caps for n, caps in generated.items()}, expected,
+                        {row_of[n]: f for n, f in failed.items()}, split, allow_partial)
+    notes += [f"{row}: scored on {cover} (--allow-partial)" for row, cover in partial.items()]
+
+    candidates: dict[str, dict[str, str]] = {row_of[run]: ours}
     if untrained:
-        candidates[UNTRAINED_ROW] = predictions(untrained)
+        candidates[UNTRAINED_ROW] = generated[untrained]
     if baselines:
         from stages.report.baselines import retrieval_baselines
 
         for name, caps in retrieval_baselines(dataset, split).items():
             candidates[name] = {i: caps[i] for i in ours if i in caps}
-    if ablation:
-        runs_by_condition = ablation_runs(dataset, run)
     truth = _attribute_truth(dataset, split)
     if truth is not None and baselines:
         candidates[CONSTANT_ROW] = {i: truth.constant for i in ours}
 
-    run_of_row = {f"ASE-MLLM ({run})": run, UNTRAINED_ROW: untrained}
+    run_of_row = {row_of[run]: run, UNTRAINED_ROW: untrained}
     for cond, name in runs_by_condition.items():
         if name not in run_of_row.values():
-            row = f"ASE-MLLM ({name})"
-            candidates[row] = predictions(name)
-            run_of_row[row] = name
+            candidates[row_of[name]] = generated[name]
+            run_of_row[row_of[name]] = name
 
     rows: dict[str, dict[str, Any]] = {}
     rescored: list[str] = []
@@ -163,6 +185,8 @@ def build_report(
         spice_notes.update(result.get("notes", {}))
         if fresh:
             rescored.append(row)
+    for row, cover in partial.items():
+        rows[row]["partial"] = cover
     write_json_atomic(out / "rows.json", {row: {k: v for k, v in m.items() if k not in ("notes", "fingerprint")}
                                           for row, m in rows.items()})
 
@@ -171,7 +195,7 @@ def build_report(
     ablation_rows = {c: rows[row_of_run[n]] for c, n in runs_by_condition.items()}
     base_family = family.of_run(run_config(runs_dir(dataset) / run))  # its table: II (InternVL), III (Qwen2.5-VL)
     tables = write_tables(out, dataset, table_rows, ablation_rows, spice_notes, paper_table=base_family.paper_table,
-                          base=None if base_family is family.DEFAULT else base_family.label)
+                          base=None if base_family is family.DEFAULT else base_family.label, partial=partial)
     if truth is not None:
         first_reference = {i: refs[i][0] for i in ours}
         reference_row = {**attribute_scores(first_reference, truth.values), **diversity(first_reference)}
@@ -187,6 +211,24 @@ def build_report(
     _write_predictions(out / "predictions.parquet", ours, candidates, refs)
     index = _gallery(out, dataset, run, manifest, ours, refs, tables, gallery)
     return ReportSummary(out, rows, rescored, tables, index, notes, time.perf_counter() - start)
+
+
+def _coverage(predictions: dict[str, dict[str, str]], expected: list[str], failed: dict[str, list[tuple[str, str]]],
+              split: str, allow_partial: bool) -> dict[str, str]:
+    """{row: "N of M images"} for the rows missing predictions of ``expected`` images; without ``allow_partial``
+    the first such row is refused with the reason of one of its images."""
+    partial = {}
+    for row, caps in predictions.items():
+        missing = [i for i in expected if i not in caps]
+        if not missing:
+            continue
+        if not allow_partial:
+            reasons = dict(failed.get(row, []))
+            example = f"{missing[0]}: {reasons.get(missing[0], 'no prediction')}"
+            raise ValueError(f"{row}: {len(missing)} of {len(expected)} {split} images have no prediction (e.g. "
+                             f"{example}); fix and rerun to generate them, or pass --allow-partial to score the rest")
+        partial[row] = f"{len(expected) - len(missing)} of {len(expected)} images"
+    return partial
 
 
 @dataclass(frozen=True)

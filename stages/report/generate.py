@@ -377,6 +377,17 @@ def _prefetched(items: list[Any], prepare: Callable[[Any], Any], batch_size: int
             yield batch, [f.result() for f in current]
 
 
+def split_images(dataset: str, split: str, limit: int | None = None) -> pa.Table:
+    """The images table rows of ``split`` sorted by id (the first ``limit`` of them): what generation covers."""
+    import pyarrow.compute as pc
+
+    from storage.tables import read_table
+
+    images = read_table(dataset, "images")
+    images = images.filter(pc.equal(images["split"], split)).sort_by("image_id")
+    return images if limit is None else images.slice(0, limit)
+
+
 def generate_split(
     dataset: str,
     run: str,
@@ -398,11 +409,10 @@ def generate_split(
     restricts the split to its first N images by id. Under torchrun, ``rank`` / ``world`` default
     to RANK / WORLD_SIZE.
     """
-    import pyarrow.compute as pc
     from tqdm import tqdm
 
     from storage.images import open_rgb, safe_join
-    from storage.tables import image_root, read_table
+    from storage.tables import image_root
 
     start = time.perf_counter()
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
@@ -415,10 +425,7 @@ def generate_split(
     key = _open_predictions(directory, {"checkpoint_fingerprint": fingerprint, "decode": asdict(decode),
                                         "tiles": asdict(captioner.tiles)})
 
-    images = read_table(dataset, "images")
-    images = images.filter(pc.equal(images["split"], split)).sort_by("image_id")
-    if limit is not None:
-        images = images.slice(0, limit)
+    images = split_images(dataset, split, limit)
     done = read_predictions(directory, split)
     mine = images.to_pylist()[rank::world]  # by position in the whole split: independent of progress
     rows = [r for r in mine if r["image_id"] not in done]

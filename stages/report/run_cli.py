@@ -1,6 +1,7 @@
 """CLI: ``ase-mllm generate``, ``ase-mllm report`` and ``ase-mllm caption`` (heavy imports inside)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +31,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def generate(
         dataset: str = typer.Option(..., "--dataset", help="Ingested dataset."),
-        run: str = typer.Option("default", "--run", help="Run under runs/<dataset>/ ('untrained': the base)."),
+        run: str = typer.Option("default", "--run-name", "--run",
+                                 help="Run under runs/<dataset>/ ('untrained': the base); under torchrun spell "
+                                      "it --run-name."),
         split: str = typer.Option("test", "--split"),
         checkpoint: Optional[str] = _CHECKPOINT,
         batch_size: int = _BATCH,
@@ -56,7 +59,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def report(
         dataset: str = typer.Option("demo", "--dataset", help="Ingested dataset."),
-        run: str = typer.Option("default", "--run", help="Run under runs/<dataset>/."),
+        run: str = typer.Option("default", "--run-name", "--run",
+                                 help="Run under runs/<dataset>/ (under torchrun spell it --run-name)."),
         split: str = typer.Option("test", "--split"),
         checkpoint: Optional[str] = _CHECKPOINT,
         batch_size: int = _BATCH,
@@ -66,10 +70,13 @@ def register(app: typer.Typer) -> None:
         baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Untrained and retrieval rows."),
         ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="Table II from the dataset's runs."),
         gallery: int = typer.Option(60, "--gallery", help="Images in the index.html gallery."),
+        allow_partial: bool = typer.Option(False, "--allow-partial",
+                                           help="Score a split with images lacking a prediction (the tables say so)."),
         max_new_tokens: int = _MAX_NEW, num_beams: int = _BEAMS, do_sample: bool = _SAMPLE,
         temperature: float = _TEMP, top_p: float = _TOP_P, seed: int = _SEED, no_repeat: int = _NO_REPEAT,
     ) -> None:
-        """Generate (if needed), score against the baselines and write reports/<dataset>/<run>/."""
+        """Generate (if needed), score against the baselines and write reports/<dataset>/<run>/ (under torchrun
+        the ranks share generation and rank 0 scores)."""
         from pipeline.context import manifest
         from stages.report.build import build_report
         from stages.report.metrics import JavaNotFoundError
@@ -77,9 +84,12 @@ def register(app: typer.Typer) -> None:
         try:
             s = build_report(dataset, run, manifest(), split, checkpoint,
                              _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed, no_repeat),
-                             batch_size, limit, spice_lib, baselines, ablation, gallery)
+                             batch_size, limit, spice_lib, baselines, ablation, gallery, allow_partial=allow_partial)
         except (FileNotFoundError, ValueError, JavaNotFoundError) as e:
             fail(str(e))
+        if s is None:
+            typer.echo(f"report: rank {os.environ.get('RANK')} generated its share; rank 0 scores the split")
+            return
         for markdown in s.tables.values():
             typer.echo(markdown)
         for note in s.notes:
@@ -90,7 +100,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def caption(
         paths: list[Path] = typer.Argument(..., help="Image files and / or folders (searched recursively)."),
-        run: Optional[str] = typer.Option(None, "--run", help="DATASET/RUN or RUN (default: the newest trained run)."),
+        run: Optional[str] = typer.Option(None, "--run-name", "--run", help="DATASET/RUN or RUN (default: the newest trained run)."),
         out: Path = typer.Option(Path("captions"), "--out", help="Output folder."),
         checkpoint: Optional[str] = _CHECKPOINT,
         batch_size: int = typer.Option(4, "--batch-size"),

@@ -86,8 +86,10 @@ def _fmt(value: float | None, key: str = "") -> str:
     return f"{value:.1f}" if key == "mean_length" else f"{value:.3f}"
 
 
-def to_markdown(rows: list[Row], title: str, dataset: str, notes: dict[str, str] | None = None) -> str:
-    """A Markdown table; "—" marks values not available, explained under the table."""
+def to_markdown(rows: list[Row], title: str, dataset: str, notes: dict[str, str] | None = None,
+                partial: dict[str, str] | None = None) -> str:
+    """A Markdown table; "—" marks values not available, explained under the table; ``partial`` (row ->
+    "N of M images") names the rows scored on part of the split."""
     head = ["Method", "Source"] + [h for h, _ in TABLE_COLUMNS]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join([r.method.replace("|", "/"), r.source] + [_fmt(r.values[k], k) for _, k in TABLE_COLUMNS])
@@ -102,6 +104,8 @@ def to_markdown(rows: list[Row], title: str, dataset: str, notes: dict[str, str]
     for reason in sorted({(notes or {}).get(k, "not computed") for k in missing}):
         keys = ", ".join(h for h, k in COLUMNS if k in missing and (notes or {}).get(k, "not computed") == reason)
         lines.append(f"— ({keys}): {reason}")
+    for row, cover in (partial or {}).items():
+        lines.append(f"Partial: {row} scored on {cover} of the split only (--allow-partial).")
     return "\n".join(lines) + "\n"
 
 
@@ -123,14 +127,15 @@ def write_tables(
     notes: dict[str, str] | None = None,
     paper_table: str = "II",
     base: str | None = None,
+    partial: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Write table.md / table.csv (Table I) and, with two or more ablation conditions, ablation.md /
-    ablation.csv (Table ``paper_table``; ``base``: our base when it is not the paper's). Returns {title:
-    markdown} for the HTML report."""
+    ablation.csv (Table ``paper_table``; ``base``: our base when it is not the paper's; ``partial``: rows scored
+    on part of the split). Returns {title: markdown} for the HTML report."""
     written = {}
     rows = table_one(dataset, ours)
     title = f"Table I layout: {dataset} test split"
-    written[title] = to_markdown(rows, title, dataset, notes)
+    written[title] = to_markdown(rows, title, dataset, notes, partial)
     write_bytes_atomic(out_dir / "table.md", written[title].encode())
     write_bytes_atomic(out_dir / "table.csv", to_csv(rows).encode())
     if runs and len(runs) >= 2:
@@ -139,7 +144,7 @@ def write_tables(
         title = (f"Table {paper_table} layout: ablation on {dataset} ({paper_base} in the paper)" if not base else
                  f"Table {paper_table} layout: ablation on {dataset} (ours on {base}; the paper's rows on "
                  f"{paper_base}, a different base)")
-        written[title] = to_markdown(rows, title, dataset, notes)
+        written[title] = to_markdown(rows, title, dataset, notes, partial)
         write_bytes_atomic(out_dir / "ablation.md", written[title].encode())
         write_bytes_atomic(out_dir / "ablation.csv", to_csv(rows).encode())
     return written
