@@ -4,10 +4,12 @@ Parameter counts are exact (the model is built on the meta device from its confi
 read). Activations are counted tensor by tensor from what autograd saves for backward in one IAS-ViT
 layer and one decoder layer (measured facts: a frozen Linear saves no input, LayerNorm / RMSNorm save
 their input, SDPA saves q, k, v, its output and the log-sum-exp; under autocast every Linear saves its
-own cast copy of its input; the residual stream stays fp32 because trainable weights are fp32). With
+own cast copy of its input; under DDP the residual stream stays fp32 because trainable weights and norms
+are fp32, while FSDP (gathering every parameter in the compute dtype) and ZeRO-3 (bf16 weights) run
+whole layers, norms and embeddings included, in bf16: a bf16 residual stream and no cast copies). With
 gradient checkpointing a layer keeps only its input, and one layer at a time is recomputed. Logits
 exist only for labelled (critique) positions (model.py). Tests check the totals against the peak
-memory of real CPU training steps. Both base families: InternVL (tiles of 448 px) and Qwen2.5-VL (one
+memory of real CPU training steps (fp32, and bf16 under each strategy on 2 ranks). Both base families: InternVL (tiles of 448 px) and Qwen2.5-VL (one
 native-resolution image of up to ``max_pixels``; window attention, RMSNorm, SwiGLU and rope in its blocks).
 
 Per GPU, by strategy (P = parameters, T = trainable, G = GPUs):

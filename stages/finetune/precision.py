@@ -8,7 +8,8 @@
 - Frozen weight matrices get no update, so under DDP they are stored in the compute dtype (half
   the memory of a frozen 8B LLM under LoRA). Under FSDP and ZeRO-3 every parameter stays fp32: the
   sharding engine casts a gathered layer to the compute dtype itself (FSDP2 needs one dtype per
-  sharded group; DeepSpeed keeps bf16 weights plus its own fp32 optimizer copy).
+  sharded group; DeepSpeed keeps bf16 weights plus its own fp32 optimizer copy). FSDP reduce-scatters
+  the gradients in fp32 (sharding.fsdp_mixed_precision).
 """
 from __future__ import annotations
 
