@@ -1,9 +1,9 @@
 """One rank of a real ``finetune`` run that records what FSDP does (test helper, run under torchrun).
 
-Usage: python tests/fsdp_probe.py '<json: manifest, out, train config, fsdp overrides>'. Writes
-``out/rank<r>.json``: every gradient reduce-scatter FSDP issued (its input dtype) between the Trainer's
-micro-batch events, and this rank's peak resident memory above its resident memory before ``finetune``:
-until training begins (model built, loaded and sharded: ``loaded``) and over the whole run (``peak``).
+Usage: torchrun --nproc_per_node 2 tests/fsdp_probe.py '<json: manifest, out, train config, fsdp overrides>'.
+Writes ``out/rank<r>.json``: every gradient reduce-scatter FSDP issued (its input dtype) between the Trainer's
+micro-batch events, and this rank's peak resident memory until training begins (model built, loaded and
+sharded) above its resident memory before ``finetune`` (``loaded``).
 The reduce-scatter is observed by a wrapper that calls torch's own collective unchanged.
 """
 from __future__ import annotations
@@ -59,8 +59,7 @@ def main(spec: dict) -> None:
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    (out / f"rank{rank}.json").write_text(json.dumps({"events": EVENTS, "loaded": LOADED[0] - base,
-                                                             "peak": rss("VmHWM") - base}))
+    (out / f"rank{rank}.json").write_text(json.dumps({"events": EVENTS, "loaded": LOADED[0] - base}))
 
 
 if __name__ == "__main__":
