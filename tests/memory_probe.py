@@ -2,12 +2,15 @@
 
 Peak resident memory (VmHWM) minus the resident memory before the model exists, with glibc's
 malloc returning every block of 64 KiB or more to the OS on free, so the resident size follows the
-live tensors. Usage: python tests/memory_probe.py '<json list of cases>' -> one JSON line per case.
+live tensors. Usage: python tests/memory_probe.py '<json list of cases>' -> one JSON line per case (plain training steps), or
+torchrun --nproc_per_node 2 tests/memory_probe.py '<json case>' OUT_DIR -> OUT_DIR/rank<r>.json (Trainer steps
+under the case's strategy).
 """
 from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -116,7 +119,55 @@ def measure(case: dict) -> dict:
     return {"name": case["name"], "peak": peak}
 
 
+
+
+def measure_trainer(case: dict, out: Path) -> None:
+    """One rank of 2 real Trainer steps under ``case["strategy"]`` (torchrun, gloo) with the run's own wiring
+    (training_arguments, precision policy, CritiqueTrainer), the batch of :func:`batch` each micro-batch.
+
+    Peak resident memory from the first step on (the model is built, sharded and placed by then; what a GPU
+    would hold) minus the resident memory before the model existed, written to ``out/rank<r>.json``.
+    """
+    from transformers import TrainerCallback
+
+    from stages.finetune import precision
+    from stages.finetune.sharding import init_deepspeed_on_cpu
+    from stages.finetune.train import CritiqueTrainer, TrainConfig, set_trainable, training_arguments
+
+    config, cls = build(case)
+    inputs = batch(config, case)
+    cfg = TrainConfig(dataset="probe", strategy=case["strategy"], precision=case["compute"], workers=0,
+                      trainable=tuple(case["trainable"]), gradient_checkpointing=case["gradient_checkpointing"],
+                      per_device_batch_size=case["per_device"], max_steps=2, save_steps=100, logging_steps=100,
+                      global_batch_size=case["per_device"] * case["accumulation"] * int(os.environ["WORLD_SIZE"]),
+                      extra={"disable_tqdm": True})
+    args = training_arguments(cfg, out / "run", config)
+    if cfg.strategy == "zero3":
+        init_deepspeed_on_cpu()
+    gc.collect()
+    base = rss("VmRSS")
+    torch.manual_seed(0)
+    model = cls._from_config(config)  # as from_pretrained builds a base: under ZeRO-3, partitioned as it is built
+    set_trainable(model, cfg.trainable)
+    if cfg.strategy != "zero3":
+        precision.apply(model, precision.choose(cfg.precision, cfg.strategy))
+
+    class FromFirstStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            gc.collect()
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: loading and sharding are not counted
+
+    trainer = CritiqueTrainer(model=model, args=args, train_dataset=[{}] * (8 * cfg.global_batch_size),
+                              data_collator=lambda _: dict(inputs), callbacks=[FromFirstStep()])
+    trainer.train()
+    peak = rss("VmHWM") - base
+    (out / f"rank{args.process_index}.json").write_text(json.dumps({"name": case["name"], "peak": peak}))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    for case in json.loads(sys.argv[1]):
-        print(json.dumps(measure(case)), flush=True)
+    if "WORLD_SIZE" in os.environ:  # under torchrun: one case, through the Trainer
+        measure_trainer(json.loads(sys.argv[1]), Path(sys.argv[2]))
+    else:
+        for case in json.loads(sys.argv[1]):
+            print(json.dumps(measure(case)), flush=True)

@@ -4,15 +4,19 @@ Parameter counts are exact (the model is built on the meta device from its confi
 read). Activations are counted tensor by tensor from what autograd saves for backward in one IAS-ViT
 layer and one decoder layer (measured facts: a frozen Linear saves no input, LayerNorm / RMSNorm save
 their input, SDPA saves q, k, v, its output and the log-sum-exp; under autocast every Linear saves its
-own cast copy of its input; the residual stream stays fp32 because trainable weights are fp32). With
+own cast copy of its input; under DDP the residual stream stays fp32 because trainable weights and norms
+are fp32, while FSDP (gathering every parameter in the compute dtype) and ZeRO-3 (bf16 weights) run
+whole layers, norms and embeddings included, in bf16: a bf16 residual stream and no cast copies). With
 gradient checkpointing a layer keeps only its input, and one layer at a time is recomputed. Logits
 exist only for labelled (critique) positions (model.py). Tests check the totals against the peak
-memory of real CPU training steps. Both base families: InternVL (tiles of 448 px) and Qwen2.5-VL (one
+memory of real CPU training steps (fp32, and bf16 under each strategy on 2 ranks). Both base families: InternVL (tiles of 448 px) and Qwen2.5-VL (one
 native-resolution image of up to ``max_pixels``; window attention, RMSNorm, SwiGLU and rope in its blocks).
 
 Per GPU, by strategy (P = parameters, T = trainable, G = GPUs):
 - ddp:   weights T*4 + (P-T)*frozen bytes; grads T*4 (+ T*4 DDP buckets when G > 1); AdamW T*8
-- fsdp:  (P*4 + T*4 + T*8) / G, plus two gathered layers in the compute dtype
+- fsdp:  (P*4 + T*4 + T*8) / G, plus two gathered layers and the output embedding in the compute dtype and
+         one group's unsharded gradients + fp32 reduce-scatter input (gradients are reduced on every
+         micro-batch, so only the sharded fp32 gradients stay across accumulation steps)
 - zero3: (P*2 + T*4 master + T*4 + T*8) / G, parameters under the persistence threshold replicated,
          plus the reduce bucket and the live-parameter budget of configs/zero3.yaml
 """
@@ -125,6 +129,8 @@ class Counts:
     persistent: int  # parameters in tensors under ZeRO-3's persistence threshold
     llm_layer_trainable: int = 0  # trainable parameters of one decoder layer
     vision_layer_trainable: int = 0  # of one IAS-ViT layer (its cross-attention when the ViT base is frozen)
+    head: int = 0  # the output embedding (lm_head): an FSDP group of its own, kept gathered from forward to backward
+    head_trainable: int = 0
 
 
 def meta_model(config: Any) -> Any:
@@ -177,7 +183,9 @@ def count_parameters(config: Any, setting: Setting, persistence_threshold: float
     if setting.lora and layers:
         llm_layer += by_part["lora"] // config.text_config.num_hidden_layers
     vision_layer = layer_trainable(vision_layers[0])
-    return Counts(total, trainable, by_part, largest, persistent, llm_layer, vision_layer)
+    head = model.get_output_embeddings().weight.numel()
+    head_trainable = head if "llm" in lora_parts else 0
+    return Counts(total, trainable, by_part, largest, persistent, llm_layer, vision_layer, head, head_trainable)
 
 
 # ---------------------------------------------------------------- activations
@@ -235,9 +243,10 @@ class Shapes:
         return f"{setting.max_tiles} tiles"
 
 
-def _vision_layer_bytes(s: Shapes, a: int, trainable_vit: bool, cross: bool) -> int:
-    """Bytes autograd keeps per vision token for one IAS-ViT layer (residual stream fp32)."""
-    r, d, cast = 4, s.d, a != 4
+def _vision_layer_bytes(s: Shapes, a: int, r: int, cast: bool, trainable_vit: bool, cross: bool) -> int:
+    """Bytes autograd keeps per vision token for one IAS-ViT layer (residual stream of ``r`` bytes; ``cast``:
+    autocast keeps a compute-dtype copy of each fp32 Linear input)."""
+    d = s.d
     n = r * d + 4 * a * d  # layernorm_before input; SDPA q, k, v, out
     n += r * d + a * s.vision_mlp  # layernorm_after input; GELU input
     if trainable_vit:  # the layer's own Linears and layer-scale products keep their inputs
@@ -247,12 +256,12 @@ def _vision_layer_bytes(s: Shapes, a: int, trainable_vit: bool, cross: bool) -> 
     return n
 
 
-def _qwen_vision_layer_bytes(s: Shapes, a: int, trainable_vit: bool, cross: bool) -> int:
+def _qwen_vision_layer_bytes(s: Shapes, a: int, r: int, cast: bool, trainable_vit: bool, cross: bool) -> int:
     """Bytes autograd keeps per patch for one Qwen2.5-VL vision block (+ IAS) (residual stream fp32).
 
     RMSNorm keeps its input and the normalised input; the vision rope keeps fp32 q, k and their rotated
     halves; SwiGLU keeps the gate and up outputs and the SiLU output."""
-    r, d, cast = 4, s.d, a != 4
+    d = s.d
     n = 2 * r * d + 4 * r * d + 4 * a * d  # norm1; rope on q and k; SDPA q, k, v, out
     n += 2 * r * d + 3 * a * s.vision_mlp  # norm2; SwiGLU
     if trainable_vit:  # qkv, proj, gate / up (one input) and down inputs
@@ -263,10 +272,10 @@ def _qwen_vision_layer_bytes(s: Shapes, a: int, trainable_vit: bool, cross: bool
     return n
 
 
-def _llm_layer_bytes(s: Shapes, a: int, kv_saved: int, trainable: bool) -> int:
-    """Bytes autograd keeps per LLM token for one decoder layer (fp32 residual stream, RMSNorm in fp32)."""
-    r, h, cast = 4, s.h, a != 4
-    n = 2 * (2 * r * h)  # the two RMSNorms: input and normalised input
+def _llm_layer_bytes(s: Shapes, a: int, r: int, cast: bool, kv_saved: int, trainable: bool) -> int:
+    """Bytes autograd keeps per LLM token for one decoder layer (residual stream of ``r`` bytes, RMSNorm in fp32)."""
+    h = s.h
+    n = 2 * (4 * h + r * h)  # the two RMSNorms: fp32 input and normalised input
     n += a * h + 2 * a * kv_saved + a * h  # SDPA q, k, v, out
     if trainable:  # Linear inputs (cast copies each, or the shared norm outputs), o_proj input, SwiGLU
         n += (3 * a * h if cast else r * h) + a * h + (2 * a * h if cast else r * h) + 4 * a * s.mlp
@@ -288,25 +297,30 @@ class Activations:
 def activation_bytes(config: Any, setting: Setting, counts: Counts) -> Activations:
     s = Shapes.of(config, setting)
     a = DTYPE_BYTES[setting.compute]
+    # FSDP gathers every parameter (norms and embeddings too) in the compute dtype and ZeRO-3 stores them in it:
+    # the residual stream is in the compute dtype and Linear inputs need no cast copy. DDP keeps fp32 trainable
+    # weights and norms: an fp32 residual stream, autocast casting each Linear input.
+    pure = a != 4 and setting.strategy in ("fsdp", "zero3")
+    r, cast = (a if pure else 4), a != 4 and not pure
     parts = set(setting.trainable)
     cross = config.ias_fusion == "cross_attention" and "cross_attention" in parts
     vision_grad = cross or "vision" in parts
     vtok = s.tiles * s.vision_tokens  # vision tokens per sample
     layer_bytes = _qwen_vision_layer_bytes if s.qwen else _vision_layer_bytes
-    vision_layer = layer_bytes(s, a, "vision" in parts, cross) * vtok if vision_grad else 0
+    vision_layer = layer_bytes(s, a, r, cast, "vision" in parts, cross) * vtok if vision_grad else 0
     kv_saved = s.h if setting.per_device > 1 else s.kv  # padded batches repeat k/v (no GQA kernel with a mask)
     llm_trainable = "llm" in parts or setting.lora
-    llm_layer = _llm_layer_bytes(s, a, kv_saved, llm_trainable) * s.seq
+    llm_layer = _llm_layer_bytes(s, a, r, cast, kv_saved, llm_trainable) * s.seq
     # outside the layers: model inputs, saliency tokens, projector, final norm, label-only logits
     tiles_in = s.pixel_bytes
     merged = 3 * a * 4 * s.d if s.qwen else 2 * a * s.h  # Qwen2.5-VL's merger MLP is 4d -> 4d -> h wide
     projector = s.image_tokens * (2 * 4 * 4 * s.d + merged) if "projector" in parts or vision_grad else 0
     logits = s.labelled * (a + 4 + 4) * s.vocab + s.labelled * a * s.h
-    fixed = tiles_in + (vtok * a * s.d if cross else 0) + projector + 2 * 4 * s.h * s.seq + logits
+    fixed = tiles_in + (vtok * a * s.d if cross else 0) + projector + 2 * r * s.h * s.seq + logits
     mask = s.seq * s.seq if setting.per_device > 1 else 0
-    working = 3 * 4 * max(s.h * s.seq, s.d * vtok)  # activation gradients in flight
+    working = 3 * r * max(s.h * s.seq, s.d * vtok)  # activation gradients in flight
     if setting.gradient_checkpointing:  # a layer keeps its input; one layer at a time is recomputed
-        llm_kept, vision_kept = 4 * s.h * s.seq, (4 * s.d * vtok if vision_grad else 0)
+        llm_kept, vision_kept = r * s.h * s.seq, (r * s.d * vtok if vision_grad else 0)
         peak_extra = max(vision_layer, llm_layer) + working
     else:
         llm_kept, vision_kept = llm_layer, vision_layer
@@ -388,7 +402,10 @@ def _state_bytes(counts: Counts, setting: Setting, frozen_bytes: int) -> tuple[f
         buckets = 4 * t if g > 1 else 0
         return 4 * t + frozen_bytes * (p - t), 4 * t, 8 * t, buckets
     if setting.strategy == "fsdp":
-        return 4 * p / g, 4 * t / g, 8 * t / g, 2 * a * counts.largest_layer
+        # gathered in the compute dtype: two layers (the next one prefetched) and the output embedding; a group's
+        # unsharded gradients (compute dtype) and their fp32 reduce-scatter input, one group at a time
+        group = max(counts.llm_layer_trainable, counts.vision_layer_trainable, counts.head_trainable)
+        return 4 * p / g, 4 * t / g, 8 * t / g, a * (2 * counts.largest_layer + counts.head) + (a + 4) * group
     # zero3 (configs/zero3.yaml): bf16 partitions + replicated small tensors, fp32 master + grads + AdamW
     live = min(1e9, p) * a  # stage3_max_live_parameters
     bucket = min(1e9, t) * a  # reduce_bucket_size

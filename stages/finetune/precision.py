@@ -7,7 +7,8 @@
   GPUs, fp32 on CPU (``--precision`` overrides; bf16 autocast also runs on CPU).
 - Frozen weight matrices get no update, so under DDP they are stored in the compute dtype (half
   the memory of a frozen 8B LLM under LoRA). Under FSDP every parameter stays fp32 and FSDP2 casts
-  a gathered layer to the compute dtype itself (one dtype per sharded group).
+  a gathered layer to the compute dtype itself (one dtype per sharded group); it reduce-scatters the
+  gradients in fp32 (sharding.fsdp_mixed_precision).
 - ZeRO-3 is DeepSpeed's own policy, not ours: with bf16 (fp16) on, it casts every weight, trainable
   and frozen, to bf16, reduces and accumulates gradients in bf16 (its ``grad_accum_dtype`` defaults
   to the model dtype) and keeps fp32 master copies of the trainable weights with fp32 AdamW states

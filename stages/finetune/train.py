@@ -14,6 +14,7 @@ ZeRO-3), see sharding.py; gloo on CPU. The precision policy (precision.py) and t
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
@@ -34,7 +36,7 @@ from pipeline.paths import runs_dir
 from stages.finetune.ias_vit import FUSIONS
 from stages.finetune.saliency_source import SOURCES
 from stages.finetune.precision import PRECISIONS
-from stages.finetune.sharding import STRATEGIES, training_kwargs
+from stages.finetune.sharding import STRATEGIES, builds_on_meta, training_kwargs
 from storage.atomic import write_json_atomic
 
 GLOBAL_BATCH = {"dpc2022": 64, "pccd": 16, "rpcd": 16}  # paper, Sec. IV-A
@@ -295,10 +297,11 @@ class CritiqueTrainer(Trainer):
         return optimizer
 
     def create_accelerator_and_postprocess(self) -> None:
-        from stages.finetune.sharding import enable_fsdp_on_cpu
+        from stages.finetune.sharding import enable_fsdp_on_cpu, fsdp_mixed_precision
 
         super().create_accelerator_and_postprocess()
         enable_fsdp_on_cpu(self)
+        fsdp_mixed_precision(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         ids = inputs.pop("sample_ids", None)
@@ -469,17 +472,26 @@ def build_tokenizer(cfg: TrainConfig, run_dir: Path):  # noqa: ANN201
     return base_family.dataset_tokenizer(comments["text"].to_pylist(), run_dir / "tokenizer", cfg.vocab_size)
 
 
-def build_model(cfg: TrainConfig, tokenizer, policy: Any = None) -> nn.Module:  # noqa: ANN001
-    """The base (fp32 master weights) or the tiny demo model, parts frozen, cast by the precision policy."""
+def build_model(cfg: TrainConfig, tokenizer, policy: Any = None, meta: bool = False) -> nn.Module:  # noqa: ANN001
+    """The base (fp32 master weights) or the tiny demo model, parts frozen, cast by the precision policy.
+
+    ``meta``: parameters without storage (an FSDP rank that receives its shards from rank 0, sharding.builds_on_meta).
+    """
     from stages.finetune import family, precision
 
     base_family = family.of_train(cfg.base, cfg.tiny_model)
-    if cfg.base:
-        model, missing = base_family.load_base(Path(cfg.base), fusion=cfg.fusion, dtype=torch.float32)
-        if missing:
-            print(f"finetune: {len(missing)} new parameters initialised (not in {cfg.base})")
-    else:
-        model = base_family.build_tiny(cfg.tiny_model, tokenizer, cfg.fusion)
+    # buffers (rope tables) are computed, not loaded: they stay real
+    with init_empty_weights(include_buffers=False) if meta else contextlib.nullcontext():
+        if cfg.base and meta:
+            model = base_family.model_class()(model_config(cfg))
+        elif cfg.base:
+            model, missing = base_family.load_base(Path(cfg.base), fusion=cfg.fusion, dtype=torch.float32)
+            if missing:
+                print(f"finetune: {len(missing)} new parameters initialised (not in {cfg.base})")
+        else:
+            model = base_family.build_tiny(cfg.tiny_model, tokenizer, cfg.fusion)
+    if meta:
+        model.tie_weights()  # init_empty_weights makes a new Parameter per name, untying shared ones
     if cfg.lora:
         model = apply_lora(model, cfg)
     else:
@@ -534,7 +546,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
     data = base_family.dataset(cfg, tokenizer, spec, open_store(cfg, manifest))
     if main:
         print(memory_plan(cfg, config, args, data).line())
-    model = build_model(cfg, tokenizer, policy)
+    model = build_model(cfg, tokenizer, policy, meta=builds_on_meta(args))
     if main:
         write_json_atomic(run_dir / "run_config.json", {
             **asdict(cfg), **family.spec_record(base_family, spec), "world_size": args.world_size,

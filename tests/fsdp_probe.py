@@ -1,0 +1,66 @@
+"""One rank of a real ``finetune`` run that records what FSDP does (test helper, run under torchrun).
+
+Usage: torchrun --nproc_per_node 2 tests/fsdp_probe.py '<json: manifest, out, train config, fsdp overrides>'.
+Writes ``out/rank<r>.json``: every gradient reduce-scatter FSDP issued (its input dtype) between the Trainer's
+micro-batch events, and this rank's peak resident memory until training begins (model built, loaded and
+sharded) above its resident memory before ``finetune`` (``loaded``).
+The reduce-scatter is observed by a wrapper that calls torch's own collective unchanged.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memory_probe import rss  # noqa: E402
+from pipeline.manifest import load_manifest  # noqa: E402
+from stages.finetune import model as _model, train  # noqa: E402, F401  (imported before the baseline)
+
+EVENTS: list[list[str]] = []
+LOADED: list[int] = []
+_reduce_scatter = dist.reduce_scatter_single
+
+
+def _recording_reduce_scatter(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    tensor = kwargs.get("input", args[1] if len(args) > 1 else None)
+    EVENTS.append(["reduce", str(tensor.dtype).removeprefix("torch.")])
+    return _reduce_scatter(*args, **kwargs)
+
+
+class MicroBatches(TrainerCallback):
+    """Marks the end of every micro-batch (``substep``) and of every optimizer step (``step``)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        LOADED.append(rss("VmHWM"))  # the model is built, loaded and sharded; no step has run yet
+
+    def on_substep_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        EVENTS.append(["substep", ""])
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        EVENTS.append(["step", ""])
+
+
+def main(spec: dict) -> None:
+    dist.reduce_scatter_single = _recording_reduce_scatter
+    cfg = train.TrainConfig(**spec["config"])
+    if spec.get("fsdp"):  # overrides of configs/fsdp.yaml for this run
+        from stages.finetune.sharding import training_kwargs
+
+        fsdp = training_kwargs("fsdp", train.model_config(cfg), cfg.gradient_checkpointing)
+        cfg.extra = {"fsdp_config": {**fsdp["fsdp_config"], **spec["fsdp"]}}
+    base = rss("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
+    train.finetune(cfg, load_manifest(Path(spec["manifest"])), callbacks=(MicroBatches(),))
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    (out / f"rank{rank}.json").write_text(json.dumps({"events": EVENTS, "loaded": LOADED[0] - base}))
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
