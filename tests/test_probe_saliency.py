@@ -1,0 +1,69 @@
+"""``ase-mllm probe-saliency`` as a user types it, on a tiny run whose output depends on its map: the own-map
+critiques are the ones ``generate`` writes for the report, another image's maps change some, the counts
+match the critiques in probe.json, a rerun generates nothing and leaves probe.json as it was, and a run
+trained without IASC is refused with one line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.manifest import load_manifest
+from pipeline.paths import reports_dir
+from test_finetune_data import make_manifest, make_store, make_toy
+from test_generate import make_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(manifest: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline", "--manifest", str(manifest), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_probe_saliency_cli_on_a_trained_run(tmp_path: Path) -> None:
+    from stages.report.generate import generate_split, read_predictions
+
+    shas = make_toy(tmp_path, n_test=4)
+    manifest = make_manifest(tmp_path)
+    make_store(load_manifest(manifest), shas)
+    make_run("toy", "r")  # weights perturbed, gates open: its critiques depend on the image and the map
+    make_run("toy", "plain", fusion="none")
+
+    first = _cli(manifest, "probe-saliency", "--dataset", "toy", "--run", "r")
+    assert first.returncode == 0, first.stderr
+    probe_json = reports_dir("toy") / "r" / "probe.json"
+    probe = json.loads(probe_json.read_text())
+    captions = probe["captions"]
+    assert len(probe["image_ids"]) == 4 and all(len(captions[c]) == 4 for c in ("own", "other", "uniform"))
+    for c in ("other", "uniform"):
+        assert probe["changed_vs_own"][c] == sum(a != b for a, b in zip(captions["own"], captions[c]))
+    assert probe["changed_vs_own"]["other"] > 0  # this model reads its map
+    assert probe["attribute_scores"] == {}  # no ground truth for a folder dataset
+    summary = first.stdout.strip().splitlines()[-1]
+    assert summary.startswith("probe-saliency r (test, 4 images): another image's maps change "
+                              f"{probe['changed_vs_own']['other']}/4 critiques")
+    assert "12 generated" in summary and "| another image's maps |" in first.stdout
+
+    # oracle: the critiques `generate` (the report's path) writes with the store's maps
+    g = generate_split("toy", "r", load_manifest(manifest), "test", progress=False)
+    report = read_predictions(g.directory, "test")
+    assert captions["own"] == [report[i] for i in probe["image_ids"]]
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    before = probe_json.read_bytes()  # the rerun and the refusal in-process (the command's code, no new interpreter)
+    again = CliRunner().invoke(app, ["--manifest", str(manifest), "probe-saliency", "--dataset", "toy", "--run", "r"])
+    assert again.exit_code == 0, again.output
+    assert "0 generated" in again.output and probe_json.read_bytes() == before
+
+    refused = CliRunner().invoke(app, ["--manifest", str(manifest), "probe-saliency", "--dataset", "toy",
+                                       "--run", "plain"])
+    assert refused.exit_code == 1
+    assert refused.output.strip().splitlines() == ["error: run 'plain' was trained without IASC (--fusion none): its "
+                                                   "critiques cannot depend on a saliency map"]
