@@ -6,8 +6,9 @@ scratch on it with the real model, prompt, collator (saliency path included) and
 then greedy generation on held-out images (the real Captioner) is scored:
 - IASC with the true map answers the marked colour (>= 0.95);
 - a ``--fusion none`` model trained the same way, and the IASC model given uniform maps, cannot know the
-  quadrant: every colour is in every image and the marked quadrant is uniform, so any map-blind answer is
-  right a quarter of the time (chance 0.25 +/- 0.1);
+  quadrant: every colour is in every image, the marked quadrant is uniform and each colour is marked in
+  exactly a quarter of the held-out images, so a map-blind answer is right a quarter of the time (chance
+  0.25 +/- 0.1; a constant answer exactly 0.25);
 - moving the map onto another quadrant moves the answer (>= 0.9 name the new quadrant's colour).
 """
 from __future__ import annotations
@@ -35,15 +36,16 @@ HELD_OUT = 200
 SEED = 0
 
 
-def toy_image(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[str], int]:
-    """(image, colour of each quadrant in row-major order, the marked quadrant)."""
+def toy_image(rng: np.random.Generator, size: int, marked: str | None = None) -> tuple[Image.Image, list[str], int]:
+    """(image, colour of each quadrant in row-major order, the marked quadrant): the quadrant of colour ``marked``,
+    else a random one."""
     order = [NAMES[i] for i in rng.permutation(len(NAMES))]
     pixels = np.zeros((size, size, 3), np.uint8)
     half = size // 2
     for quadrant, name in enumerate(order):
         r, c = divmod(quadrant, 2)
         pixels[r * half:(r + 1) * half, c * half:(c + 1) * half] = PALETTE[name]
-    return Image.fromarray(pixels), order, int(rng.integers(len(NAMES)))
+    return Image.fromarray(pixels), order, int(rng.integers(len(NAMES))) if marked is None else order.index(marked)
 
 
 def quadrant_map(quadrant: int) -> np.ndarray:
@@ -54,7 +56,7 @@ def quadrant_map(quadrant: int) -> np.ndarray:
     return m
 
 
-def train_toy(tiny_model: str, spec: Any, size: int, fusion: str, tmp: Path, seed: int = SEED) -> Any:
+def train_toy(tiny_model: str, spec: Any, size: int, fusion: str, tmp: Path, seed: int) -> Any:
     """A tiny model of ``tiny_model``'s family trained from scratch on the toy task; returns its Captioner."""
     family = families.of_tiny(tiny_model)
     texts = [" ".join(NAMES)] * 20 + ["Comment on this image from an aesthetic perspective."] * 5
@@ -98,14 +100,14 @@ def accuracy(captioner: Any, tests: list[tuple[Image.Image, list[str], int]], sh
     return sum(a.strip() == w for a, w in zip(answers, wanted)) / len(tests)
 
 
-def follows_map(tiny_model: str, spec: Any, size: int, tmp: Path) -> dict[str, float]:
+def follows_map(tiny_model: str, spec: Any, size: int, tmp: Path, seed: int = SEED) -> dict[str, float]:
     """The four accuracies of the module docstring, on the same held-out images."""
-    rng = np.random.default_rng(10_000 + SEED)
-    tests = [toy_image(rng, size) for _ in range(HELD_OUT)]
+    rng = np.random.default_rng(10_000 + seed)
+    tests = [toy_image(rng, size, NAMES[i % len(NAMES)]) for i in range(HELD_OUT)]  # each colour marked equally often
     marked = [m for _, _, m in tests]
     moved = [(m + 1 + int(rng.integers(len(NAMES) - 1))) % len(NAMES) for m in marked]  # another quadrant
-    ias = train_toy(tiny_model, spec, size, "cross_attention", tmp)
-    plain = train_toy(tiny_model, spec, size, "none", tmp)
+    ias = train_toy(tiny_model, spec, size, "cross_attention", tmp, seed)
+    plain = train_toy(tiny_model, spec, size, "none", tmp, seed)
     return {"true map": accuracy(ias, tests, marked), "fusion none": accuracy(plain, tests, marked),
             "uniform map": accuracy(ias, tests, [None] * len(tests)), "moved map": accuracy(ias, tests, moved)}
 

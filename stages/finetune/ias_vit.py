@@ -62,7 +62,8 @@ class SaliencyCrossAttention(nn.Module):
         self.o_proj = nn.Linear(d, d)
         self.gate = nn.Parameter(torch.zeros(d))  # per channel, zero at init (see IASVisionModel._init_weights)
 
-    def forward(self, image_tokens: torch.Tensor, saliency_tokens: torch.Tensor, key_prior: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_tokens: torch.Tensor, saliency_tokens: torch.Tensor,
+                key_prior: torch.Tensor) -> torch.Tensor:
         """image_tokens [B, N, D], saliency_tokens [B, M, D], key_prior [B, N] (``saliency_prior``) -> [B, M, D]."""
         b, n, d = image_tokens.shape
         m = saliency_tokens.shape[1]
@@ -83,7 +84,8 @@ class IASVisionLayer(InternVLVisionLayer):
         super().__init__(config)
         self.cross_attention = SaliencyCrossAttention(config)
 
-    def forward(self, hidden_states: torch.Tensor, saliency_tokens: torch.Tensor, key_prior: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, saliency_tokens: torch.Tensor,
+                key_prior: torch.Tensor) -> torch.Tensor:
         attention_output, _ = self.attention(self.layernorm_before(hidden_states))
         hidden_states = self.lambda_1 * attention_output + hidden_states  # first residual
         hidden_states = hidden_states + self.cross_attention(hidden_states, saliency_tokens, key_prior)  # saliency
