@@ -1,7 +1,7 @@
 """``ase-mllm probe-saliency`` as a user types it, on a tiny run whose output depends on its map: the own-map
 critiques are the ones ``generate`` writes for the report, another image's maps change some, the counts
-match the critiques in probe.json, a rerun generates nothing and leaves probe.json as it was, and a run
-trained without IASC is refused with one line."""
+match the critiques in probe.json, a rerun generates nothing and leaves probe.json as it was, a probe killed
+after one condition resumes to the same file, and a run trained without IASC is refused with one line."""
 from __future__ import annotations
 
 import json
@@ -61,6 +61,14 @@ def test_probe_saliency_cli_on_a_trained_run(tmp_path: Path) -> None:
     again = CliRunner().invoke(app, ["--manifest", str(manifest), "probe-saliency", "--dataset", "toy", "--run", "r"])
     assert again.exit_code == 0, again.output
     assert "0 generated" in again.output and probe_json.read_bytes() == before
+
+    # a probe killed after its first condition left probe.json with that condition only: the rerun generates
+    # the other two and ends where the uninterrupted probe ended
+    killed = {**probe, "captions": {"own": captions["own"]}, "changed_vs_own": {}, "attribute_scores": {}}
+    probe_json.write_text(json.dumps(killed))
+    resumed = CliRunner().invoke(app, ["--manifest", str(manifest), "probe-saliency", "--dataset", "toy", "--run", "r"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "8 generated" in resumed.output and probe_json.read_bytes() == before
 
     refused = CliRunner().invoke(app, ["--manifest", str(manifest), "probe-saliency", "--dataset", "toy",
                                        "--run", "plain"])
