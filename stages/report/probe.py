@@ -84,7 +84,7 @@ def probe_saliency(dataset: str, run: str, manifest: Manifest | None, split: str
 
     from stages.report.build import _attribute_truth
     from stages.report.generate import _saliency_store
-    from storage.images import open_rgb, safe_join
+    from storage.images import ImageError, open_rgb, safe_join
     from storage.tables import image_root, read_table
 
     start = time.perf_counter()
@@ -98,9 +98,16 @@ def probe_saliency(dataset: str, run: str, manifest: Manifest | None, split: str
         raise ValueError(f"run '{run}' was trained without IASC (--fusion {cfg.get('fusion')}): its critiques "
                          "cannot depend on a saliency map")
     images = read_table(dataset, "images")
-    rows = sample_rows(images.filter(pc.equal(images["split"], split)).to_pylist(), sample, seed)
+    root = image_root(dataset)
+    rows = []
+    for r in sample_rows(images.filter(pc.equal(images["split"], split)).to_pylist(), sample, seed):
+        try:
+            open_rgb(safe_join(root, r["path"]))
+        except ImageError:  # unreadable since ingest: left out of the probe, as generate leaves it without a critique
+            continue
+        rows.append(r)
     if len(rows) < 2:
-        raise ValueError(f"split '{split}' of '{dataset}' has {len(rows)} image(s): the probe needs at least 2")
+        raise ValueError(f"split '{split}' of '{dataset}' has {len(rows)} readable image(s): the probe needs at least 2")
     captioner, ckpt_name, fingerprint = load_run(dataset, run, checkpoint)
     source = cfg.get("saliency", "eat")
     allow_missing = cfg.get("allow_missing_saliency", False) or source == "uniform"
@@ -118,7 +125,6 @@ def probe_saliency(dataset: str, run: str, manifest: Manifest | None, split: str
     key = key.hexdigest()[:16]
     previous = json.loads(out.read_text()) if out.exists() else {}
     done: dict[str, list[str]] = previous.get("captions", {}) if previous.get("key") == key else {}
-    root = image_root(dataset)
     todo = [c for c in CONDITIONS if c not in done]
     generated = 0
     with tqdm(total=len(todo) * len(rows), desc=f"probe-saliency {run}", unit="img", disable=not progress) as bar:
