@@ -75,3 +75,41 @@ def test_probe_saliency_cli_on_a_trained_run(tmp_path: Path) -> None:
     assert refused.exit_code == 1
     assert refused.output.strip().splitlines() == ["error: run 'plain' was trained without IASC (--fusion none): its "
                                                    "critiques cannot depend on a saliency map"]
+
+
+def test_probe_scores_attributes_where_the_dataset_knows_them(tmp_path: Path) -> None:
+    """On a synthetic split, each condition's critiques are scored against the generator's attributes; the own-map
+    scores equal those of the critiques `generate` writes, matched by image id. The shipped demo base, loaded
+    with zero gates, ignores its map: the probe reports no critique changed."""
+    from pipeline.manifest import DatasetSpec
+    from pipeline.paths import runs_dir
+    from stages.finetune.model import load_base
+    from stages.finetune.tokenizer import load_tokenizer
+    from stages.ingest.formats.synthetic import ground_truth
+    from stages.ingest.run import ingest_dataset
+    from stages.report.attributes import attribute_scores
+    from stages.report.generate import generate_split, read_predictions
+    from stages.report.probe import probe_saliency
+    from storage.tables import read_table
+
+    spec = DatasetSpec(name="syn", format="synthetic", root=tmp_path / "syn", options={"n": 24, "seed": 3})
+    ingest_dataset(spec, echo=lambda s: None)
+    manifest = load_manifest(make_manifest(tmp_path))
+    make_store(manifest, read_table("syn", "images")["sha256"].to_pylist())
+    base = REPO / "stages" / "finetune" / "data" / "demo_base"
+    model, _ = load_base(base)
+    run_dir = runs_dir("syn") / "r"
+    model.save_pretrained(str(run_dir / "final"))
+    load_tokenizer(base).save_pretrained(str(run_dir / "final"))
+    tiles = {"tile_size": 224, "max_tiles": 1, "tokens_per_tile": 64}  # the demo's `--max-tiles 1`
+    (run_dir / "run_config.json").write_text(json.dumps({"fusion": "cross_attention", "base": str(base),
+                                                         "tiles": tiles}))
+
+    probe = probe_saliency("syn", "r", manifest, progress=False)
+    assert probe.n >= 2 and probe.changed == {"own": 0, "other": 0, "uniform": 0}
+    report = read_predictions(generate_split("syn", "r", manifest, progress=False).directory, "test")
+    ids = json.loads(probe.path.read_text())["image_ids"]
+    assert sorted(ids) == sorted(report)  # the whole (small) split
+    truth = {i: t["attributes"] for i, t in ground_truth("syn").items()}
+    expected = attribute_scores({i: report[i] for i in ids}, truth)
+    assert probe.scores["own"] == expected and expected["macro_precision"] > 0  # the base remarks on attributes
