@@ -107,7 +107,7 @@ def probe_saliency(dataset: str, run: str, manifest: Manifest | None, split: str
             continue
         rows.append(r)
     if len(rows) < 2:
-        raise ValueError(f"split '{split}' of '{dataset}' has {len(rows)} readable image(s): the probe needs at least 2")
+        raise ValueError(f"split '{split}' of '{dataset}' has {len(rows)} readable image(s): the probe needs 2")
     captioner, ckpt_name, fingerprint = load_run(dataset, run, checkpoint)
     source = cfg.get("saliency", "eat")
     allow_missing = cfg.get("allow_missing_saliency", False) or source == "uniform"
