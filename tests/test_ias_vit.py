@@ -6,7 +6,14 @@ import torch
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 from transformers.models.internvl.modeling_internvl import InternVLVisionLayer, InternVLVisionModel
 
-from stages.finetune.ias_vit import IASVisionLayer, IASVisionModel, SaliencyCrossAttention, cross_attention_parameters
+from stages.finetune.ias_vit import (
+    PRIOR_FLOOR,
+    IASVisionLayer,
+    IASVisionModel,
+    SaliencyCrossAttention,
+    cross_attention_parameters,
+    saliency_prior,
+)
 from stages.finetune.model import TINY_CONFIGS
 
 # InternViT-300M (InternVL2/2.5/3 vision encoder): 24 layers x 1024, 16 heads, MLP 4096, qkv bias, 448 px, patch 14
@@ -47,7 +54,7 @@ def test_real_internvit300m_layer_with_zero_gate_is_the_unmodified_layer() -> No
     n = (REAL.image_size[0] // REAL.patch_size[0]) ** 2 + 1
     h, s = torch.randn(1, n, REAL.hidden_size), torch.randn(1, n, REAL.hidden_size)
     with torch.no_grad():
-        assert torch.equal(ias(h, s), base(h))
+        assert torch.equal(ias(h, s, saliency_prior(torch.rand(1, n))), base(h))
 
 
 def test_full_depth_tower_with_zero_gates_equals_unmodified_tower() -> None:
@@ -106,28 +113,35 @@ def test_tiles_are_independent() -> None:
     torch.testing.assert_close(together[1:2], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_cross_attention_matches_torch_multihead_attention() -> None:
-    """Queries from saliency tokens, keys/values from image tokens (after their LayerNorms)."""
+@pytest.mark.parametrize("uniform", [False, True])
+def test_cross_attention_matches_torch_multihead_attention(uniform: bool) -> None:
+    """Queries from saliency tokens, keys/values from image tokens (after their LayerNorms), log(s + floor) of the
+    keys' saliency added to the logits (torch's float attn_mask); a uniform map is plain attention."""
     cfg = _small()
     torch.manual_seed(0)
     xattn = SaliencyCrossAttention(cfg)
     for p in xattn.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    d = cfg.hidden_size
-    mha = torch.nn.MultiheadAttention(d, cfg.num_attention_heads, bias=True, batch_first=True)
+    d, heads = cfg.hidden_size, cfg.num_attention_heads
+    mha = torch.nn.MultiheadAttention(d, heads, bias=True, batch_first=True)
     with torch.no_grad():
         mha.in_proj_weight.copy_(torch.cat([xattn.q_proj.weight, xattn.k_proj.weight, xattn.v_proj.weight]))
         mha.in_proj_bias.zero_()  # attention_bias=False in this config
         mha.out_proj.weight.copy_(xattn.o_proj.weight)
         mha.out_proj.bias.copy_(xattn.o_proj.bias)
     image, saliency = torch.randn(2, 17, d), torch.randn(2, 17, d)
-    ref, _ = mha(xattn.norm_query(saliency), xattn.norm_context(image), xattn.norm_context(image))
-    torch.testing.assert_close(xattn(image, saliency), xattn.gate * ref, rtol=1e-5, atol=1e-5)
+    key_saliency = torch.ones(2, 17) if uniform else torch.rand(2, 17)
+    logits = torch.log(key_saliency + PRIOR_FLOOR)  # [B, N]
+    mask = None if uniform else logits[:, None, :].expand(-1, 17, -1).repeat_interleave(heads, 0)  # [B*H, M, N]
+    ref, _ = mha(xattn.norm_query(saliency), xattn.norm_context(image), xattn.norm_context(image), attn_mask=mask)
+    torch.testing.assert_close(xattn(image, saliency, saliency_prior(key_saliency)), xattn.gate * ref,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_one_embedding_call_gives_the_image_tokens_and_the_weighted_tile_tokens() -> None:
     """Image tokens equal the unmodified tower's embedding exactly; saliency tokens equal patch conv + CLS +
-    position embedding of tile x saliency tile, computed directly."""
+    position embedding of tile x saliency tile, computed directly; the key prior is log(floor + each patch's
+    mean saliency), the tile's mean for CLS, computed by a loop."""
     cfg = _small()
     base, ias = _pair(cfg)
     for model in (base, ias):
@@ -137,13 +151,17 @@ def test_one_embedding_call_gives_the_image_tokens_and_the_weighted_tile_tokens(
     calls = []
     ias.embeddings.patch_embeddings.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
-        image, tokens = ias.embed(x, sal)
+        image, tokens, prior = ias.embed(x, sal)
         assert torch.equal(image, base.embeddings(x))
     assert len(calls) == 1
     patches = torch.nn.functional.conv2d(x * sal, ias.embeddings.patch_embeddings.projection.weight,
                                          ias.embeddings.patch_embeddings.projection.bias, stride=14)
     expected = torch.cat([ias.embeddings.cls_token.expand(3, -1, -1), patches.flatten(2).transpose(1, 2)], 1)
     torch.testing.assert_close(tokens, expected + ias.embeddings.position_embeddings, rtol=1e-5, atol=1e-5)
+    g = x.shape[-1] // 14
+    means = [[sal[t, 0].mean().item()] + [sal[t, 0, 14 * r:14 * r + 14, 14 * c:14 * c + 14].mean().item()
+                                          for r in range(g) for c in range(g)] for t in range(3)]
+    torch.testing.assert_close(prior, torch.log(torch.tensor(means) + PRIOR_FLOOR), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

@@ -18,6 +18,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
+from stages.finetune.ias_vit import PRIOR_FLOOR
 from stages.finetune.qwen_model import VISION_QWEN25VL
 from stages.finetune.qwen_vit import (
     IASQwenVisionBlock,
@@ -235,7 +236,8 @@ def test_queries_are_the_embedded_saliency_weighted_patches_rms_scaled_by_their_
 def _segment_attention_loop(xattn: QwenSaliencyCrossAttention, image: torch.Tensor, patches: torch.Tensor,
                             saliency: torch.Tensor, cu_seqlens: torch.Tensor,
                             position: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Per query token, softmax attention over exactly the tokens of its own segment."""
+    """Per query token, softmax attention over exactly the tokens of its own segment, each key's logit plus
+    log(its saliency + floor)."""
     n, h = image.shape[0], xattn.num_heads
     q = xattn.q_proj(xattn.norm_query(patches) * saliency[:, None]).view(n, h, -1)
     k = xattn.k_proj(xattn.norm_context(image)).view(n, h, -1)
@@ -247,7 +249,8 @@ def _segment_attention_loop(xattn: QwenSaliencyCrossAttention, image: torch.Tens
     for t in range(n):
         keys = [u for u in range(n) if segment[u] == segment[t]]
         for head in range(h):
-            weights = torch.softmax(torch.stack([q[t, head] @ k[u, head] for u in keys]) / math.sqrt(q.shape[-1]), 0)
+            weights = torch.softmax(torch.stack([q[t, head] @ k[u, head] / math.sqrt(q.shape[-1])
+                                                 + math.log(saliency[u] + PRIOR_FLOOR) for u in keys]), 0)
             out[t, head] = sum(w * v[u, head] for w, u in zip(weights, keys))
     return xattn.gate * xattn.o_proj(out.reshape(n, -1))
 

@@ -59,6 +59,10 @@ def test_report_files_tables_and_gallery(toy_runs: Path) -> None:  # noqa: F811
     assert all(p["references"] == refs[p["image_id"]] for p in preds)
     html = (out / "index.html").read_text()
     assert "Table I layout" in html and html.count('class="item"') == 5
+    # run r has IASC: the saliency probe is in the report, its own-map critiques are the report's
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["captions"]["own"] == [ours[i] for i in probe["image_ids"]] and len(ours) == 5
+    assert "Saliency probe: 5 train images" in html and "probe-saliency r (train, 5 images)" in first.line()
     assert len(list((out / "overlays").glob("*.png"))) == 5  # heatmaps from the store, one per image
 
 

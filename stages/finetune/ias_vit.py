@@ -3,13 +3,18 @@
 Each ``InternVLVisionLayer`` (layernorm_before -> attention * lambda_1 -> residual ->
 layernorm_after -> mlp * lambda_2 -> residual) gains, between its two residual branches,
 
-    h = h + gate * CrossAttn(q = saliency tokens, k = v = image tokens h)
+    h = h + gate * softmax(q k^T / sqrt(d) + log(s + floor)) v,   q = saliency tokens, k = v = image tokens h
 
 with ``gate`` zero-initialised, so at initialisation the tower equals the pretrained one exactly.
 Saliency tokens are the tower's own embeddings (patch + position, CLS slot included) of the
 saliency-weighted tile ``pixel_values * saliency_values``, made in the same embedding call as the
-image tokens (one patch-embedding pass over both) and shared by all layers. ``fusion="none"``
-builds the plain tower (the "w/o IASC" ablation).
+image tokens (one patch-embedding pass over both) and shared by all layers. ``s`` is each key
+token's saliency (its patch's mean; the tile's mean for CLS): the map is also an attention prior
+over the keys, so every query reads mostly from the salient region. Without it the map reached the
+output only through the queries, and an output is a convex mix of image-token values: where the
+values agree (a uniform region, a window inside one region) the map could not change anything and a
+model learnt to ignore where it points (README, "IAS-ViT follows its map"). A uniform map adds a
+constant to every logit: no effect. ``fusion="none"`` builds the plain tower (the "w/o IASC" ablation).
 """
 from __future__ import annotations
 
@@ -32,10 +37,17 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 FUSIONS = ("cross_attention", "none")
+PRIOR_FLOOR = 0.01  # a key of saliency 0 gets log(0.01) = -4.6 on its logits: 1 % of a fully salient key's weight
+
+
+def saliency_prior(saliency: torch.Tensor) -> torch.Tensor:
+    """The keys' saliency [..., N] in [0, 1] as additive attention logits ``log(s + floor)`` [..., N]."""
+    return torch.log(saliency.float() + PRIOR_FLOOR)
 
 
 class SaliencyCrossAttention(nn.Module):
-    """Multi-head cross-attention: queries from saliency tokens, keys/values from image tokens."""
+    """Multi-head cross-attention: queries from saliency tokens, keys/values from image tokens, the keys'
+    saliency as an additive prior on the logits."""
 
     def __init__(self, config: InternVLVisionConfig) -> None:
         super().__init__()
@@ -50,14 +62,17 @@ class SaliencyCrossAttention(nn.Module):
         self.o_proj = nn.Linear(d, d)
         self.gate = nn.Parameter(torch.zeros(d))  # per channel, zero at init (see IASVisionModel._init_weights)
 
-    def forward(self, image_tokens: torch.Tensor, saliency_tokens: torch.Tensor) -> torch.Tensor:
-        b, n, d = image_tokens.shape  # [B, N, D]; saliency_tokens [B, M, D]
+    def forward(self, image_tokens: torch.Tensor, saliency_tokens: torch.Tensor,
+                key_prior: torch.Tensor) -> torch.Tensor:
+        """image_tokens [B, N, D], saliency_tokens [B, M, D], key_prior [B, N] (``saliency_prior``) -> [B, M, D]."""
+        b, n, d = image_tokens.shape
         m = saliency_tokens.shape[1]
         context = self.norm_context(image_tokens)
         q = self.q_proj(self.norm_query(saliency_tokens)).view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(context).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, N, Dh]
         v = self.v_proj(context).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, H, M, Dh]
+        bias = key_prior.to(q.dtype)[:, None, None, :]  # [B, 1, 1, N]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, H, M, Dh]
         out = self.o_proj(out.transpose(1, 2).reshape(b, m, d))  # [B, M, D]
         return self.gate * out
 
@@ -69,16 +84,18 @@ class IASVisionLayer(InternVLVisionLayer):
         super().__init__(config)
         self.cross_attention = SaliencyCrossAttention(config)
 
-    def forward(self, hidden_states: torch.Tensor, saliency_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, saliency_tokens: torch.Tensor,
+                key_prior: torch.Tensor) -> torch.Tensor:
         attention_output, _ = self.attention(self.layernorm_before(hidden_states))
         hidden_states = self.lambda_1 * attention_output + hidden_states  # first residual
-        hidden_states = hidden_states + self.cross_attention(hidden_states, saliency_tokens)  # saliency residual
+        hidden_states = hidden_states + self.cross_attention(hidden_states, saliency_tokens, key_prior)  # saliency
         layer_output = self.dropout(self.mlp(self.layernorm_after(hidden_states)))
         return self.lambda_2 * layer_output + hidden_states  # second residual
 
 
 class IASVisionEncoder(InternVLVisionEncoder):
-    """The layer stack; saliency tokens go to every layer (positionally, for gradient checkpointing)."""
+    """The layer stack; saliency tokens and the key prior go to every layer (positionally, for gradient
+    checkpointing)."""
 
     def __init__(self, config: InternVLVisionConfig) -> None:
         nn.Module.__init__(self)
@@ -86,9 +103,10 @@ class IASVisionEncoder(InternVLVisionEncoder):
         self.layer = nn.ModuleList([IASVisionLayer(config) for _ in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
 
-    def forward(self, hidden_states: torch.Tensor, saliency_tokens: torch.Tensor) -> BaseModelOutput:
+    def forward(self, hidden_states: torch.Tensor, saliency_tokens: torch.Tensor,
+                key_prior: torch.Tensor) -> BaseModelOutput:
         for layer_module in self.layer:
-            hidden_states = layer_module(hidden_states, saliency_tokens)
+            hidden_states = layer_module(hidden_states, saliency_tokens, key_prior)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 
@@ -115,15 +133,18 @@ class IASVisionModel(InternVLVisionModel):
 
     def embed(
         self, pixel_values: torch.Tensor, saliency_values: torch.Tensor, bool_masked_pos: torch.BoolTensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image tokens, saliency tokens), each [T, 1+N, D]: the tower's own patch + position embedding of the
-        tiles and of tile x saliency tile, in one embedding call (the saliency tokens are never masked)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image tokens, saliency tokens, key prior): the tower's own patch + position embedding of the tiles and
+        of tile x saliency tile, each [T, 1+N, D], in one embedding call (the saliency tokens are never masked),
+        and ``saliency_prior`` of each token's saliency [T, 1+N] (its patch's mean; CLS: the tile's mean)."""
         t = pixel_values.shape[0]
         weighted = pixel_values * saliency_values.to(pixel_values.dtype)  # [T, 3, S, S]
         if bool_masked_pos is not None:
             bool_masked_pos = torch.cat([bool_masked_pos, torch.zeros_like(bool_masked_pos)])
         tokens = self.embeddings(torch.cat([pixel_values, weighted]), bool_masked_pos=bool_masked_pos)  # [2T, 1+N, D]
-        return tokens[:t], tokens[t:]
+        patch = F.avg_pool2d(saliency_values.float(), self.config.patch_size).flatten(1)  # [T, N]
+        per_token = torch.cat([patch.mean(1, keepdim=True), patch], 1)  # [T, 1+N]
+        return tokens[:t], tokens[t:], saliency_prior(per_token)
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)

@@ -3,9 +3,10 @@
 Each ``Qwen2_5_VLVisionBlock`` (h + attn(norm1(h)) -> h + mlp(norm2(h))) gains, between the two, the
 IAS-ViT fusion of stages/finetune/ias_vit.py:
 
-    h = h + gate * CrossAttn(q = saliency tokens, k = v = image tokens h)
+    h = h + gate * softmax(q k^T / sqrt(d) + log(s + floor)) v,   q = saliency tokens, k = v = image tokens h
 
-with ``gate`` zero-initialised, so at initialisation the tower equals the pretrained one bit for bit.
+with ``gate`` zero-initialised, so at initialisation the tower equals the pretrained one bit for bit, and
+``s`` each key patch's saliency (the map as an attention prior over the keys; see ias_vit.py for why).
 
 Qwen2.5-VL sees native-resolution patches, not fixed tiles, so the saliency side follows the tower:
 - one saliency value per 14 x 14 patch: the image's raw map (normalised full-image coordinates) min-max
@@ -20,7 +21,9 @@ Qwen2.5-VL sees native-resolution patches, not fixed tiles, so the saliency side
   (Qwen2.5-VL has no absolute position embedding: rope is its position signal);
 - tokens run in the forward's window order, and the cross-attention attends within the same segments as
   the block's self-attention: the window in window-attention blocks, the whole image in the
-  ``fullatt_block_indexes`` blocks, never across images.
+  ``fullatt_block_indexes`` blocks, never across images. Segments of equal length run as one batched
+  attention call with the prior as its additive mask (with flash attention requested too: its kernels take
+  no additive mask, so the cross-attention uses sdpa there).
 ``fusion="none"`` is the unmodified tower (the "w/o IASC" ablation).
 """
 from __future__ import annotations
@@ -49,7 +52,7 @@ from transformers.utils.generic import get_max_seqlen, is_flash_attention_reques
 from transformers.utils.output_capturing import capture_outputs
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
-from stages.finetune.ias_vit import FUSIONS
+from stages.finetune.ias_vit import FUSIONS, saliency_prior
 
 
 # ---------------------------------------------------------------- saliency per patch (on the device)
@@ -102,7 +105,8 @@ def patch_saliency(
 
 class QwenSaliencyCrossAttention(nn.Module):
     """Cross-attention over packed image tokens: queries from saliency tokens, keys/values from image tokens,
-    attending only within the segments of ``cu_seqlens`` (windows or whole images), rope on queries and keys.
+    attending only within the segments of ``cu_seqlens`` (windows or whole images), rope on queries and keys,
+    the keys' saliency as an additive prior on the logits.
 
     The same semantics as ias_vit.SaliencyCrossAttention, in Qwen2.5-VL's own terms: RMSNorm, packed
     [N, D] sequences with cu_seqlens, rotary positions, and the block's attention backend.
@@ -131,10 +135,10 @@ class QwenSaliencyCrossAttention(nn.Module):
         saliency: torch.Tensor,
         cu_seqlens: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        max_seqlen: int | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """image_tokens, patch_tokens (the patch embeddings) [N, D] and saliency [N] in window order."""
+        """image_tokens, patch_tokens (the patch embeddings) [N, D] and saliency [N] in window order (the block's
+        other keyword arguments, e.g. max_seqlen, are its self-attention's)."""
         n = image_tokens.shape[0]
         context = self.norm_context(image_tokens)
         query = self.norm_query(patch_tokens) * saliency.to(patch_tokens.dtype)[:, None]  # saliency token, RMS-scaled
@@ -143,22 +147,18 @@ class QwenSaliencyCrossAttention(nn.Module):
         v = self.v_proj(context).view(n, self.num_heads, self.head_dim)
         q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, N, Dh]
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                                     eager_attention_forward)
-        if is_flash_attention_requested(self.config):  # varlen kernel: all segments in one call
-            max_seqlen = get_max_seqlen(cu_seqlens, self.config, kwargs={"max_seqlen": max_seqlen})
-            out, _ = attention(self, q, k, v, attention_mask=None, scaling=self.scaling, dropout=0.0,
-                               cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
-                               max_length_k=max_seqlen, is_causal=False)
-        else:  # segments of equal length batched: one call per distinct length (most windows are full)
-            out = torch.empty(n, self.num_heads, self.head_dim, dtype=v.dtype, device=v.device)  # [N, H, Dh]
-            starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-            for length in lengths.unique().tolist():
-                index = (starts[lengths == length][:, None] + torch.arange(length, device=v.device)).reshape(-1)
-                qs, ks, vs = (x[0][:, index].unflatten(1, (-1, length)).transpose(0, 1) for x in (q, k, v))
-                o, _ = attention(self, qs, ks, vs, attention_mask=None, scaling=self.scaling, dropout=0.0,
-                                 is_causal=False)  # [S, length, H, Dh]
-                out[index] = o.reshape(-1, self.num_heads, self.head_dim)
+        backend = "sdpa" if is_flash_attention_requested(self.config) else self.config._attn_implementation
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(backend, eager_attention_forward)
+        prior = saliency_prior(saliency).to(v.dtype)  # [N]
+        out = torch.empty(n, self.num_heads, self.head_dim, dtype=v.dtype, device=v.device)  # [N, H, Dh]
+        starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        for length in lengths.unique().tolist():  # segments of equal length batched: most windows are full
+            index = (starts[lengths == length][:, None] + torch.arange(length, device=v.device)).reshape(-1)
+            qs, ks, vs = (x[0][:, index].unflatten(1, (-1, length)).transpose(0, 1) for x in (q, k, v))
+            mask = prior[index].view(-1, 1, 1, length)  # [S, 1, 1, length]
+            o, _ = attention(self, qs, ks, vs, attention_mask=mask, scaling=self.scaling, dropout=0.0,
+                             is_causal=False)  # [S, length, H, Dh]
+            out[index] = o.reshape(-1, self.num_heads, self.head_dim)
         return self.gate * self.o_proj(out.reshape(n, -1))  # [N, D]
 
 

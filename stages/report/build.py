@@ -41,11 +41,13 @@ class ReportSummary:
     index: Path | None
     notes: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    probe: str | None = None  # the saliency probe's summary line (runs trained with IASC)
 
     def line(self) -> str:
         kept = len(self.rows) - len(self.rescored)
-        return (f"report: {len(self.rows)} rows ({len(self.rescored)} scored, {kept} unchanged) in {self.wall_s:.1f} s "
+        line = (f"report: {len(self.rows)} rows ({len(self.rescored)} scored, {kept} unchanged) in {self.wall_s:.1f} s "
                 f"-> {self.directory / 'table.md'}, {self.index or 'no index.html'}")
+        return line + (f"\n{self.probe}" if self.probe else "")
 
 
 def references(dataset: str, split: str) -> dict[str, list[str]]:
@@ -208,9 +210,21 @@ def build_report(
             write_bytes_atomic(out / "images" / "study.png", (study / "study.png").read_bytes())
             markdown += "\n![Ablation study: mean and sd over seeds per variant](images/study.png)\n"
         tables[markdown.splitlines()[0][4:]] = markdown
+    probe = None
+    if condition(dataset, run)[1]:  # trained with IASC: does it follow where its map points? (stages/report/probe.py)
+        from stages.report.probe import probe_saliency
+
+        try:
+            p = probe_saliency(dataset, run, manifest, split, limit or 48, checkpoint=checkpoint,
+                               batch_size=batch_size, decode=decode, progress=progress)
+        except ValueError as e:  # e.g. a split of one image: no other image's map to move
+            notes.append(f"saliency probe skipped: {e}")
+        else:
+            probe, markdown = p.line(), p.markdown()
+            tables[markdown.splitlines()[0][4:]] = markdown
     _write_predictions(out / "predictions.parquet", ours, candidates, refs)
     index = _gallery(out, dataset, run, manifest, ours, refs, tables, gallery)
-    return ReportSummary(out, rows, rescored, tables, index, notes, time.perf_counter() - start)
+    return ReportSummary(out, rows, rescored, tables, index, notes, time.perf_counter() - start, probe)
 
 
 def _coverage(predictions: dict[str, dict[str, str]], expected: list[str], failed: dict[str, list[tuple[str, str]]],

@@ -1,10 +1,14 @@
-"""CLI commands of the report stage: ``score`` (metrics of any candidates / references pair)."""
+"""CLI commands of the report stage: ``score`` (metrics of any candidates / references pair) and
+``probe-saliency`` (does a run follow its saliency map?)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
+
+from pipeline.errors import fail
 
 
 def read_jsonl(path: Path, field: str) -> dict[str, object]:
@@ -48,3 +52,24 @@ def register(app: typer.Typer) -> None:
         summary = " ".join(f"{k}={'—' if result[k] is None else f'{result[k]:.3f}'}" for k in METRIC_KEYS)
         state = "scored" if rescored else "unchanged, not rescored"
         typer.echo(f"{result['n_images']} images {state}: {summary} -> {out} (+ {per_image_path(out).name})")
+
+    @app.command("probe-saliency")
+    def probe_saliency(
+        run: str = typer.Option(..., "--run", help="A run under runs/<dataset>/ trained with IASC."),
+        dataset: str = typer.Option("demo", "--dataset", help="Ingested dataset."),
+        split: str = typer.Option("test", "--split"),
+        sample: int = typer.Option(48, "--sample", help="Images of the split to probe (seeded sample)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the sample."),
+        checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="checkpoint-N / final / a path."),
+        batch_size: int = typer.Option(8, "--batch-size", help="Images per generate() call."),
+    ) -> None:
+        """Regenerate a sample with its own maps, another image's maps and uniform maps: what changes?"""
+        from pipeline.context import manifest
+        from stages.report.probe import probe_saliency as probe
+
+        try:
+            s = probe(dataset, run, manifest(), split, sample, seed, checkpoint, batch_size)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        typer.echo(s.markdown())
+        typer.echo(s.line())
