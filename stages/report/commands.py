@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("probe-saliency")
     def probe_saliency(
-        run: str = typer.Option(..., "--run", help="A run under runs/<dataset>/ trained with IASC."),
+        run: str = typer.Option(..., "--run-name", "--run", help="A run under runs/<dataset>/ trained with IASC."),
         dataset: str = typer.Option("demo", "--dataset", help="Ingested dataset."),
         split: str = typer.Option("test", "--split"),
         sample: int = typer.Option(48, "--sample", help="Images of the split to probe (seeded sample)."),
