@@ -584,7 +584,18 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
                       losses[-1] if losses else None, data.missing_saliency, resume, data.max_length, data.truncated)
     if trainer.is_world_process_zero():
         print(summary.line())
+    leave_process_group()
     return summary
+
+
+def leave_process_group() -> None:
+    """Under torchrun: wait for every rank, then close the process group, so no rank exits while another still
+    talks to it (a rank leaving with gloo's threads alive can abort with "terminate called ...")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def memory_plan(cfg: TrainConfig, config: Any, args: TrainingArguments, data: Any) -> Any:
