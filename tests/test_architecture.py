@@ -15,12 +15,25 @@ def tracked_files() -> list[Path]:
 
 
 def test_import_contracts_hold() -> None:
-    """import-linter's contracts in pyproject.toml (layers: command line, stages, storage, configuration), counting
-    imports made inside functions."""
+    """import-linter's contracts in pyproject.toml (layers: command line, stages, storage, configuration; no cycle
+    among sibling modules or packages), counting imports made inside functions."""
     lint = Path(sys.executable).with_name("lint-imports")
     proc = subprocess.run([str(lint), "--no-cache"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "0 broken" in proc.stdout
+
+
+def test_no_module_import_cycle() -> None:
+    """Independently of import-linter: grimp's module graph (imports inside functions included) has no strongly
+    connected component of more than one module (networkx finds them)."""
+    import grimp
+    import networkx as nx
+
+    graph = grimp.build_graph("pipeline", "stages", "storage", cache_dir=None)
+    edges = nx.DiGraph([(m, n) for m in graph.modules for n in graph.find_modules_directly_imported_by(m)])
+    assert len(edges) > 50, "the module graph came out nearly empty"
+    cycles = [sorted(c) for c in nx.strongly_connected_components(edges) if len(c) > 1]
+    assert not cycles, f"modules importing each other in a circle: {cycles}"
 
 
 def test_repository_stands_alone() -> None:

@@ -84,8 +84,8 @@ def test_bf16_base_first_step_moves_weights_like_fp32_adamw(toy_run: Path, tmp_p
     float noise in the gradients; a lost or bf16-rounded update is off by 4e-5 or more."""
     from stages.finetune.collate import Collator
     from stages.finetune.dataset import CritiqueDataset, TileSpec
-    from stages.finetune.model import IASInternVLForConditionalGeneration, tokens_per_tile
-    from stages.finetune.train import TrainConfig, finetune, set_trainable, tile_size
+    from stages.finetune.model import IASInternVLForConditionalGeneration, tile_size, tokens_per_tile
+    from stages.finetune.train import TrainConfig, finetune, set_trainable
     from stages.finetune.tokenizer import load_tokenizer
     from storage.saliency_store import find_store
 
@@ -277,7 +277,7 @@ def test_forty_tiles_train_and_generate(tmp_path: Path, capsys: pytest.CaptureFi
     assert "plan: ddp x1, 40 tiles" in out and "finetune: precision on cpu" in out
 
     captioner, _, _ = load_run("big", "t40")
-    assert captioner.tiles.max_tiles == 40
+    assert captioner.spec.max_tiles == 40
     img = Image.open(tmp_path / "big_images" / "b0.png")
     prompt = captioner.prepare(img, np.random.default_rng(0).random((14, 14)))
     assert prompt.pixel_values.shape[0] == 41
@@ -290,7 +290,8 @@ def test_forty_tiles_train_and_generate(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_plan_reads_only_a_config_and_counts_the_real_bases(tmp_path: Path) -> None:
-    from stages.finetune.plan import Setting, load_config, named_config, plan
+    from stages.finetune.model import named_config
+    from stages.finetune.plan import Setting, load_model_config, plan
 
     # InternVL2-8B as published: InternViT-300M (304 M) + MLP projector + InternLM2.5-7B (7.74 B) = 8.08 B
     cfg = named_config("internvl2-8b")
@@ -309,7 +310,7 @@ def test_plan_reads_only_a_config_and_counts_the_real_bases(tmp_path: Path) -> N
     # a config.json alone (no weights) is enough
     cfg.save_pretrained(tmp_path / "cfg")
     assert not list((tmp_path / "cfg").glob("*.safetensors"))
-    again = plan(load_config(tmp_path / "cfg" / "config.json"), Setting(max_tiles=40, gpus=8, strategy="fsdp"))
+    again = plan(load_model_config(tmp_path / "cfg" / "config.json"), Setting(max_tiles=40, gpus=8, strategy="fsdp"))
     assert again.counts.total == p.counts.total
     assert named_config("internvl3-8b").text_config.num_hidden_layers == 28
 
@@ -527,9 +528,9 @@ def test_zero3_config_is_accepted_by_deepspeed_and_the_trainer() -> None:
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    from stages.finetune.sharding import CONFIG_DIR, load_config
+    from stages.finetune.sharding import load_strategy_config
 
-    settings = load_config("zero3")
+    settings = load_strategy_config("zero3")
     zero = DeepSpeedZeroConfig(**settings["zero_optimization"])
     assert zero.stage == 3 and zero.gather_16bit_weights_on_model_save
     hf = HfTrainerDeepSpeedConfig(settings)

@@ -79,7 +79,7 @@ def _images(n: int = 4) -> list[Image.Image]:
 
 
 def test_batched_decoding_equals_batch_one_and_plain_argmax() -> None:
-    from stages.report.generate import Captioner, DecodeConfig
+    from stages.finetune.captioner import Captioner, DecodeConfig
 
     model, tok = tiny_captioner_parts()
     cap = Captioner(model, tok, tiles_for(model), torch.device("cpu"))
@@ -113,7 +113,7 @@ def test_no_map_and_constant_map_both_mean_uniform_saliency() -> None:
     """Generation: a missing map and a constant map (all zeros, as LayerCAM gives when no gradient is positive)
     both give all-ones saliency tiles, hence the same critique; a real map gives different tiles."""
     from stages.finetune.collate import saliency_inputs
-    from stages.report.generate import Captioner, DecodeConfig
+    from stages.finetune.captioner import Captioner, DecodeConfig
 
     model, tok = tiny_captioner_parts()
     cap = Captioner(model, tok, tiles_for(model), torch.device("cpu"))

@@ -57,14 +57,13 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     # each timed sample's FLOPs: its own tiles and tokens, against what torch counts for that very example
     from stages.finetune.dataset import CritiqueDataset, TileSpec
-    from stages.finetune.model import tokens_per_tile
-    from stages.finetune.plan import load_config
+    from stages.finetune.model import tile_size, tokens_per_tile
+    from stages.finetune.plan import load_model_config
     from stages.finetune.tokenizer import load_tokenizer
-    from stages.finetune.train import tile_size
 
     base_dir = tmp_path / "gpu_check_tiny" / "base-tiny"
     monkeypatch.setenv("ASE_WORK", str(tmp_path / "gpu_check_tiny" / "work"))
-    config = load_config(base_dir)
+    config = load_model_config(base_dir)
     spec = TileSpec(tile_size=tile_size(config), max_tiles=result["stage2"]["max_tiles"],
                     tokens_per_tile=tokens_per_tile(config))
     data = CritiqueDataset("gpu", "train", load_tokenizer(base_dir), spec, None, allow_missing_saliency=True)

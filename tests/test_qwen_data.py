@@ -159,7 +159,7 @@ def test_an_aspect_ratio_the_processor_refuses_is_a_clear_error(toy, tok) -> Non
     from stages.finetune.dataset import SequenceLengthError
     from stages.finetune.qwen_data import special_ids
     from stages.finetune.qwen_model import build_tiny_model
-    from stages.report.qwen_generate import QwenCaptioner
+    from stages.finetune.qwen_captioner import QwenCaptioner
 
     with pytest.raises(ImageError, match="aspect ratios up to 200"):
         _spec().image_tokens(4020, 20)

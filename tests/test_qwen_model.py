@@ -238,7 +238,7 @@ def _images() -> list[Image.Image]:
 def test_batched_decoding_equals_batch_one_and_a_plain_argmax_loop() -> None:
     from stages.finetune.qwen_data import ImageSpec
     from stages.report.generate import DecodeConfig
-    from stages.report.qwen_generate import QwenCaptioner
+    from stages.finetune.qwen_captioner import QwenCaptioner
 
     model, tok = _captioner_parts()
     cap = QwenCaptioner(model, tok, ImageSpec(max_pixels=4 * 224 * 224), torch.device("cpu"))

@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option("bf16", "--precision", help="Compute dtype: bf16, fp16 or fp32."),
     ) -> None:
         """Per-GPU memory of a fine-tuning setting (weights, gradients, optimizer, activations); reads no weights."""
-        from stages.finetune.plan import Setting, load_config
+        from stages.finetune.plan import Setting, load_model_config
         from stages.finetune.plan import plan as make_plan
         from stages.finetune.sharding import STRATEGIES
 
@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
                           gradient_checkpointing=gradient_checkpointing, lora=lora,
                           trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
                           text_tokens=text_tokens, compute=precision)
-        result = make_plan(load_config(base), setting, gpu_memory, name=Path(base).name)
+        result = make_plan(load_model_config(base), setting, gpu_memory, name=Path(base).name)
         typer.echo(result.table())
         typer.echo(result.line())
 

@@ -3,8 +3,8 @@
 ``--base DIR`` picks the family from ``DIR/config.json``'s ``model_type``; without a base the tiny config
 name does (``--tiny-model demo`` or ``demo-qwen``); a run's ``run_config.json`` records its family for
 the report. Each family adapts its own modules (InternVL: model.py, ias_vit.py, dataset.py, collate.py,
-tokenizer.py, report/generate.py; Qwen2.5-VL: qwen_model.py, qwen_vit.py, qwen_data.py,
-report/qwen_generate.py) to the few calls training, planning and generation make. Heavy imports stay
+tokenizer.py, captioner.py; Qwen2.5-VL: qwen_model.py, qwen_vit.py, qwen_data.py,
+qwen_captioner.py) to the few calls training, planning and generation make. Heavy imports stay
 inside the methods.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ class InternVL(Family):
         return list(TINY_CONFIGS)
 
     def named_names(self) -> list[str]:
-        from stages.finetune.plan import NAMED_CONFIGS
+        from stages.finetune.model import NAMED_CONFIGS
 
         return list(NAMED_CONFIGS)
 
@@ -59,7 +59,7 @@ class InternVL(Family):
         return tiny_internvl_config(name, vocab_size=vocab_size, fusion=fusion)
 
     def named_config(self, name: str, fusion: str) -> Any:
-        from stages.finetune.plan import named_config
+        from stages.finetune.model import named_config
 
         return named_config(name, fusion)
 
@@ -108,16 +108,19 @@ class InternVL(Family):
     # ---- data
     def data_spec(self, cfg: Any, config: Any) -> Any:
         from stages.finetune.dataset import TileSpec
-        from stages.finetune.model import tokens_per_tile
-        from stages.finetune.train import tile_size
+        from stages.finetune.model import tile_size, tokens_per_tile
 
         return TileSpec(tile_size=tile_size(config), min_tiles=cfg.min_tiles, max_tiles=cfg.max_tiles,
                         use_thumbnail=cfg.use_thumbnail, tokens_per_tile=tokens_per_tile(config))
 
     def spec_from_run(self, config: Any, run_cfg: dict[str, Any]) -> Any:
-        from stages.report.generate import tile_spec
+        """The run's tiling (run_config.json ``tiles``), else the model's tile size with InternVL defaults."""
+        from stages.finetune.dataset import TileSpec
+        from stages.finetune.model import tile_size, tokens_per_tile
 
-        return tile_spec(config, run_cfg)
+        if run_cfg.get("tiles"):
+            return TileSpec(**run_cfg["tiles"])
+        return TileSpec(tile_size=tile_size(config), tokens_per_tile=tokens_per_tile(config))
 
     def dataset(self, cfg: Any, tokenizer: Any, spec: Any, store: Any) -> Any:
         from stages.finetune.dataset import CritiqueDataset
@@ -132,7 +135,7 @@ class InternVL(Family):
 
     # ---- generation
     def captioner(self, model: Any, tokenizer: Any, spec: Any, device: Any = None) -> Any:
-        from stages.report.generate import Captioner
+        from stages.finetune.captioner import Captioner
 
         return Captioner(model, tokenizer, spec, device)
 
@@ -227,7 +230,7 @@ class Qwen25VL(Family):
         return QwenCollator(tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(IMAGE_PAD), keep_sample_ids)
 
     def captioner(self, model: Any, tokenizer: Any, spec: Any, device: Any = None) -> Any:
-        from stages.report.qwen_generate import QwenCaptioner
+        from stages.finetune.qwen_captioner import QwenCaptioner
 
         return QwenCaptioner(model, tokenizer, spec, device)
 

@@ -28,7 +28,7 @@ STRATEGIES = ("ddp", "fsdp", "zero3")
 CONFIG_DIR = Path(__file__).with_name("configs")
 
 
-def load_config(strategy: str) -> dict[str, Any]:
+def load_strategy_config(strategy: str) -> dict[str, Any]:
     """The strategy's YAML config as a dict (``ddp`` has none)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -49,7 +49,7 @@ def wrap_classes(config: Any) -> list[str]:
 
 def training_kwargs(strategy: str, config: Any, gradient_checkpointing: bool) -> dict[str, Any]:
     """TrainingArguments entries for ``strategy`` (FSDP / DeepSpeed settings and checkpointing switches)."""
-    settings = load_config(strategy)
+    settings = load_strategy_config(strategy)
     checkpointing = {"activation_checkpointing": gradient_checkpointing,
                      "activation_checkpointing_kwargs": {"use_reentrant": False}}
     if strategy == "ddp":

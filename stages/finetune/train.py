@@ -34,6 +34,7 @@ from pipeline.errors import PipelineError
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
 from stages.finetune.ias_vit import FUSIONS
+from stages.finetune.parts import LORA_TARGETS, PARTS, part_of
 from stages.finetune.saliency_source import SOURCES
 from stages.finetune.precision import PRECISIONS
 from stages.finetune.sharding import STRATEGIES, builds_on_meta, training_kwargs
@@ -41,8 +42,6 @@ from storage.atomic import write_json_atomic
 
 GLOBAL_BATCH = {"dpc2022": 64, "pccd": 16, "rpcd": 16}  # paper, Sec. IV-A
 DEFAULT_GLOBAL_BATCH = 16
-PARTS = ("vision", "cross_attention", "projector", "llm")
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 REPORT_TO = ("tensorboard", "wandb", "none")  # where training curves go (the Trainer's own integrations)
 
 
@@ -179,19 +178,6 @@ def last_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Path | No
 # ---------------------------------------------------------------- model parts
 
 
-def part_of(name: str) -> str | None:
-    """Which trainable part a parameter belongs to (None: unknown)."""
-    if ".cross_attention." in f".{name}":  # the parameters IAS-ViT adds (ias_vit.cross_attention_parameters)
-        return "cross_attention"
-    if "multi_modal_projector" in name or ".visual.merger." in f".{name}":  # Qwen2.5-VL's projector: its merger
-        return "projector"
-    if "vision_tower" in name or ".visual." in f".{name}":
-        return "vision"
-    if "language_model" in name or "lm_head" in name:
-        return "llm"
-    return None
-
-
 def set_trainable(model: nn.Module, parts: tuple[str, ...]) -> dict[str, int]:
     """Freeze everything except ``parts``; returns trainable parameter counts per part."""
     counts = dict.fromkeys(PARTS, 0)
@@ -218,12 +204,6 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=LORA_TARGETS, modules_to_save=keep)
     return get_peft_model(model, lora)
-
-
-def tile_size(config: Any) -> int:
-    """Tile side in pixels: the vision tower's input size."""
-    size = config.vision_config.image_size
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 # ---------------------------------------------------------------- trainer pieces
@@ -411,10 +391,10 @@ def resolve(cfg: TrainConfig, manifest: Manifest | None) -> TrainConfig:
 def model_config(cfg: TrainConfig) -> Any:
     """The model's config before the model exists (the base's config.json, or the tiny config)."""
     from stages.finetune import family
-    from stages.finetune.plan import load_config
+    from stages.finetune.plan import load_model_config
 
     if cfg.base:
-        return load_config(cfg.base, cfg.fusion)
+        return load_model_config(cfg.base, cfg.fusion)
     return family.of_tiny(cfg.tiny_model).tiny_config(cfg.tiny_model, cfg.vocab_size, cfg.fusion)
 
 

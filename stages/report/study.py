@@ -47,7 +47,7 @@ def score_run(dataset: str, run: str, manifest: Manifest | None, split: str = "t
     """Generate (what is missing) and score one run: caption metrics, attribute P / R, diversity."""
     from stages.ingest.formats.synthetic import ground_truth
     from stages.report.attributes import attribute_scores
-    from stages.report.build import references
+    from stages.report.references import references
     from stages.report.diversity import diversity
     from stages.report.generate import generate_split, read_predictions
     from stages.report.metrics import score_to_file

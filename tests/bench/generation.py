@@ -22,7 +22,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.bench import require_device, skip  # noqa: E402
-from stages.report.generate import Captioner, DecodeConfig, load_run  # noqa: E402
+from stages.finetune.captioner import Captioner, DecodeConfig  # noqa: E402
+from stages.report.generate import load_run  # noqa: E402
 
 
 def demo_captioner(device: torch.device, max_tiles: int) -> Captioner:

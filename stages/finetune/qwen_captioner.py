@@ -1,4 +1,4 @@
-"""Critique generation for the Qwen2.5-VL family: the Captioner of generate.py with Qwen2.5-VL's inputs.
+"""Critique generation for the Qwen2.5-VL family: the Captioner of captioner.py with Qwen2.5-VL's inputs.
 
 An image becomes the processor's patches + grid, its raw saliency map (None: uniform) and the chat
 prompt with one ``<|image_pad|>`` per merged patch. A batch's image features (IAS tower -> merger) are
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from stages.finetune.captioner import Captioner, DecodeConfig
 from stages.finetune.qwen_data import ImageSpec, prompt_ids, stack_maps
-from stages.report.generate import Captioner, DecodeConfig
 from storage.images import ImageError
 
 
@@ -39,15 +39,15 @@ class QwenCaptioner(Captioner):
     def image_cost(self, width: int, height: int) -> int:
         """Prompt-length key for batching: the image's LLM tokens (0 for an image prepare will refuse)."""
         try:
-            return self.tiles.image_tokens(width, height)
+            return self.spec.image_tokens(width, height)
         except ImageError:
             return 0
 
     def prepare(self, img: Image.Image, saliency_map: np.ndarray | None) -> QwenPrompt:
-        self.tiles.image_tokens(img.width, img.height)  # an image the processor refuses: ImageError, a failed row
+        self.spec.image_tokens(img.width, img.height)  # an image the processor refuses: ImageError, a failed row
         features = self.processor(images=[img.convert("RGB")], return_tensors="pt")
         grid = features["image_grid_thw"]  # [1, 3]
-        ids = prompt_ids(self.tokenizer, int(grid.prod()) // self.tiles.merge_size**2)
+        ids = prompt_ids(self.tokenizer, int(grid.prod()) // self.spec.merge_size**2)
         saliency = torch.as_tensor(saliency_map, dtype=torch.float32) if saliency_map is not None else None
         return QwenPrompt(ids, features["pixel_values"], grid, saliency)
 

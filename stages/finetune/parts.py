@@ -1,0 +1,18 @@
+"""The trainable parts of an ASE-MLLM (either family) and which parameters LoRA adapts."""
+from __future__ import annotations
+
+PARTS = ("vision", "cross_attention", "projector", "llm")
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def part_of(name: str) -> str | None:
+    """Which trainable part a parameter belongs to (None: unknown)."""
+    if ".cross_attention." in f".{name}":  # the parameters IAS-ViT adds (ias_vit.cross_attention_parameters)
+        return "cross_attention"
+    if "multi_modal_projector" in name or ".visual.merger." in f".{name}":  # Qwen2.5-VL's projector: its merger
+        return "projector"
+    if "vision_tower" in name or ".visual." in f".{name}":
+        return "vision"
+    if "language_model" in name or "lm_head" in name:
+        return "llm"
+    return None
