@@ -42,15 +42,15 @@ def toy_run(tmp_path: Path) -> Path:
 
 
 def _tokenizer():
-    from stages.finetune.tokenizer import train_bpe
+    from stages.families.internvl.tokenizer import train_bpe
 
     return train_bpe([f"{a} and {b}." for a in WORDS for b in WORDS], vocab_size=300)
 
 
 def save_base(directory: Path, dtype: torch.dtype, seed: int = 0) -> Path:
     """A tiny InternVL-style base checkpoint (weights in ``dtype``) with its tokenizer."""
-    from stages.finetune.model import build_tiny_model
-    from stages.finetune.tokenizer import IMG_CONTEXT
+    from stages.families.internvl.model import build_tiny_model
+    from stages.families.internvl.tokenizer import IMG_CONTEXT
 
     tok = _tokenizer()
     torch.manual_seed(seed)
@@ -82,11 +82,11 @@ def test_bf16_base_first_step_moves_weights_like_fp32_adamw(toy_run: Path, tmp_p
     bf16 master weights resolve only 2^-8 of a weight (~1e-4 at 0.02), so most updates would vanish.
     Tolerance 1e-6 (2.5 % of one update): fp32 rounding of the weights (<= 5e-7 for |w| <= 4) and
     float noise in the gradients; a lost or bf16-rounded update is off by 4e-5 or more."""
-    from stages.finetune.collate import Collator
-    from stages.finetune.dataset import CritiqueDataset, TileSpec
-    from stages.finetune.model import IASInternVLForConditionalGeneration, tile_size, tokens_per_tile
+    from stages.families.internvl.collate import Collator
+    from stages.families.internvl.dataset import CritiqueDataset, TileSpec
+    from stages.families.internvl.model import IASInternVLForConditionalGeneration, tile_size, tokens_per_tile
     from stages.finetune.train import TrainConfig, finetune, set_trainable
-    from stages.finetune.tokenizer import load_tokenizer
+    from stages.families.internvl.tokenizer import load_tokenizer
     from storage.saliency_store import find_store
 
     base = save_base(tmp_path / "base", torch.bfloat16)
@@ -151,7 +151,7 @@ def test_bf16_autocast_policy_trains_with_frozen_matrices_in_bf16(toy_run: Path,
 
 
 def _open_gates(model) -> None:
-    from stages.finetune.ias_vit import cross_attention_parameters
+    from stages.families.internvl.ias_vit import cross_attention_parameters
 
     with torch.no_grad():
         for name, p in cross_attention_parameters(model):
@@ -171,7 +171,7 @@ def test_gradient_checkpointing_with_frozen_vit_keeps_cross_attention_gradients(
     something forces the embeddings' outputs to require grad (transformers' input hooks do, for the
     models it knows). The training arguments pin non-reentrant checkpointing, which needs no hook:
     its gradients equal the model's without checkpointing, hooks or not."""
-    from stages.finetune.model import build_tiny_model
+    from stages.families.internvl.model import build_tiny_model
     from stages.finetune.sharding import training_kwargs
     from stages.finetune.train import set_trainable
     from test_model_assembly import _batch
@@ -208,9 +208,9 @@ def test_gradient_checkpointing_with_frozen_vit_keeps_cross_attention_gradients(
 
 
 def test_max_length_comes_from_the_data_and_a_cap_truncates_and_counts(toy_run: Path) -> None:
-    from stages.finetune.dataset import CritiqueDataset, SequenceLengthError, TileSpec
-    from stages.finetune.prompting import encode_example
-    from stages.finetune.tiling import plan_tiles
+    from stages.families.internvl.dataset import CritiqueDataset, SequenceLengthError, TileSpec
+    from stages.families.internvl.prompting import encode_example
+    from stages.families.internvl.tiling import plan_tiles
     from storage.saliency_store import find_store
 
     tok = _tokenizer()
@@ -260,7 +260,7 @@ def _forty_tile_dataset(tmp: Path) -> list[str]:
 
 
 def test_forty_tiles_train_and_generate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from stages.finetune.tiling import plan_tiles
+    from stages.families.internvl.tiling import plan_tiles
     from stages.finetune.train import TrainConfig, finetune
     from stages.report.generate import load_run
 
@@ -290,7 +290,7 @@ def test_forty_tiles_train_and_generate(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_plan_reads_only_a_config_and_counts_the_real_bases(tmp_path: Path) -> None:
-    from stages.finetune.model import named_config
+    from stages.families.internvl.model import named_config
     from stages.finetune.plan import Setting, load_model_config, plan
 
     # InternVL2-8B as published: InternViT-300M (304 M) + MLP projector + InternLM2.5-7B (7.74 B) = 8.08 B
@@ -410,7 +410,7 @@ def _launch(manifest: Path, run: str, base: Path, *args: str, ranks: int = 1) ->
 
 def _final(run: Path) -> dict[str, torch.Tensor]:
     """The run's final weights as the report stage loads them (each engine writes its own key layout)."""
-    from stages.finetune.model import IASInternVLForConditionalGeneration
+    from stages.families.internvl.model import IASInternVLForConditionalGeneration
 
     model, info = IASInternVLForConditionalGeneration.from_pretrained(str(run / "final"), dtype=torch.float32,
                                                                       output_loading_info=True)

@@ -119,6 +119,6 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it holds another conversion."),
     ) -> None:
         """Convert an original InternVL2 checkpoint to native transformers classes (no remote code runs)."""
-        from stages.finetune.convert import convert
+        from stages.families.internvl.convert import convert
 
         typer.echo(convert(src, out, max_shard_bytes=max_shard_size, overwrite=overwrite).line())

@@ -40,19 +40,19 @@ def load_model_config(base: str | Path, fusion: str = "cross_attention") -> Any:
     """``base``: a registered name (either family), a checkpoint dir or its config.json (weights are never read)."""
     from transformers import AutoConfig
 
-    from stages.finetune import family
+    from stages import families
 
-    named = family.of_name(str(base))
+    named = families.of_name(str(base))
     if named is not None:
         if str(base) in named.named_names():
             return named.named_config(str(base), fusion)
         return named.tiny_config(str(base), 2048, fusion)
     path = Path(base)
     if not path.exists():
-        known = ", ".join(n for f in family.FAMILIES.values() for n in [*f.named_names(), *f.tiny_names()])
+        known = ", ".join(n for f in families.FAMILIES.values() for n in [*f.named_names(), *f.tiny_names()])
         raise FileNotFoundError(f"{base}: neither a registered config ({known}) nor a checkpoint dir / config.json")
     config = AutoConfig.from_pretrained(path.parent if path.is_file() else path)
-    return family.of_base(path).ias_config(config, fusion)
+    return families.of_base(path).ias_config(config, fusion)
 
 
 # ---------------------------------------------------------------- the setting
@@ -95,19 +95,19 @@ def meta_model(config: Any) -> Any:
     which transformers would otherwise enter (a collective) once a ZeRO-3 TrainingArguments exists."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    from stages.finetune import family
+    from stages import families
 
     saved, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
     try:
         with torch.device("meta"):
-            return family.of_config(config).model_class()(config)
+            return families.of_config(config).model_class()(config)
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def count_parameters(config: Any, setting: Setting, persistence_threshold: float = 1e7) -> Counts:
     """Exact parameter counts from the config (meta device)."""
-    from stages.finetune import family
+    from stages import families
     from stages.finetune.parts import LORA_TARGETS, part_of
 
     model = meta_model(config)
@@ -127,7 +127,7 @@ def count_parameters(config: Any, setting: Setting, persistence_threshold: float
         by_part["lora"] = lora
         total += lora
         trainable += lora
-    vision_layers, llm_layers = family.of_config(config).layers(model)
+    vision_layers, llm_layers = families.of_config(config).layers(model)
     layers = [*vision_layers, *llm_layers]
     largest = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
     prefix = {id(m): n for n, m in model.named_modules()}
@@ -170,7 +170,7 @@ class Shapes:
 
     @staticmethod
     def of(config: Any, setting: Setting) -> Shapes:
-        from stages.finetune.model import tokens_per_tile
+        from stages.families.internvl.model import tokens_per_tile
 
         v, t = config.vision_config, config.text_config
         labelled = setting.labelled_tokens if setting.labelled_tokens is not None else max(1, setting.text_tokens - 32)

@@ -40,10 +40,10 @@ def load_strategy_config(strategy: str) -> dict[str, Any]:
 def wrap_classes(config: Any) -> list[str]:
     """Class names of the vision layer (IAS-ViT layer, Qwen2.5-VL vision block) and the LLM decoder layer of
     ``config`` (built on the meta device)."""
-    from stages.finetune import family
+    from stages import families
     from stages.finetune.plan import meta_model
 
-    vision, llm = family.of_config(config).layers(meta_model(config))
+    vision, llm = families.of_config(config).layers(meta_model(config))
     return [type(vision[0]).__name__, type(llm[0]).__name__]
 
 

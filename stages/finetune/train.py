@@ -33,7 +33,7 @@ from transformers.trainer_callback import ProgressCallback
 from pipeline.errors import PipelineError
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
-from stages.finetune.ias_vit import FUSIONS
+from stages.families.internvl.ias_vit import FUSIONS
 from stages.finetune.parts import LORA_TARGETS, PARTS, part_of
 from stages.finetune.saliency_source import SOURCES
 from stages.finetune.precision import PRECISIONS
@@ -49,7 +49,7 @@ REPORT_TO = ("tensorboard", "wandb", "none")  # where training curves go (the Tr
 class TrainConfig:
     dataset: str
     run: str = "default"
-    base: str | None = None  # local HF InternVL or Qwen2.5-VL dir (family.py); None: manifest's, else a tiny model
+    base: str | None = None  # local HF InternVL or Qwen2.5-VL dir (stages/families); None: manifest's, else a tiny model
     fusion: str = "cross_attention"  # or "none" (the "w/o IASC" ablation)
     split: str = "train"
     # paper recipe
@@ -195,9 +195,9 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """LoRA on the LLM's linear layers; the other chosen parts stay fully trainable (and saved)."""
     from peft import LoraConfig, get_peft_model
 
-    from stages.finetune import family
+    from stages import families
 
-    names = family.of_train(cfg.base, cfg.tiny_model).lora_modules
+    names = families.of_train(cfg.base, cfg.tiny_model).lora_modules
     full = set(cfg.trainable) - {"llm"}
     keep = [names["vision"]] if "vision" in full else (["cross_attention"] if "cross_attention" in full else [])
     keep += [names["projector"]] if "projector" in full else []
@@ -390,12 +390,12 @@ def resolve(cfg: TrainConfig, manifest: Manifest | None) -> TrainConfig:
 
 def model_config(cfg: TrainConfig) -> Any:
     """The model's config before the model exists (the base's config.json, or the tiny config)."""
-    from stages.finetune import family
+    from stages import families
     from stages.finetune.plan import load_model_config
 
     if cfg.base:
         return load_model_config(cfg.base, cfg.fusion)
-    return family.of_tiny(cfg.tiny_model).tiny_config(cfg.tiny_model, cfg.vocab_size, cfg.fusion)
+    return families.of_tiny(cfg.tiny_model).tiny_config(cfg.tiny_model, cfg.vocab_size, cfg.fusion)
 
 
 def training_arguments(cfg: TrainConfig, run_dir: Path, config: Any = None) -> TrainingArguments:
@@ -442,10 +442,10 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, config: Any = None) -> T
 
 
 def build_tokenizer(cfg: TrainConfig, run_dir: Path):  # noqa: ANN201
-    from stages.finetune import family
-    from stages.finetune.dataset import pairs
+    from stages import families
+    from stages.families.internvl.dataset import pairs
 
-    base_family = family.of_train(cfg.base, cfg.tiny_model)
+    base_family = families.of_train(cfg.base, cfg.tiny_model)
     if cfg.base:
         return base_family.load_tokenizer(Path(cfg.base))
     _, comments = pairs(cfg.dataset, cfg.split)
@@ -457,9 +457,10 @@ def build_model(cfg: TrainConfig, tokenizer, policy: Any = None, meta: bool = Fa
 
     ``meta``: parameters without storage (an FSDP rank that receives its shards from rank 0, sharding.builds_on_meta).
     """
-    from stages.finetune import family, precision
+    from stages import families
+    from stages.finetune import precision
 
-    base_family = family.of_train(cfg.base, cfg.tiny_model)
+    base_family = families.of_train(cfg.base, cfg.tiny_model)
     # buffers (rope tables) are computed, not loaded: they stay real
     with init_empty_weights(include_buffers=False) if meta else contextlib.nullcontext():
         if cfg.base and meta:
@@ -483,7 +484,7 @@ def build_model(cfg: TrainConfig, tokenizer, policy: Any = None, meta: bool = Fa
 
 def open_store(cfg: TrainConfig, manifest: Manifest | None):  # noqa: ANN201
     """The run's saliency source (store-like), or None for uniform maps where that is allowed."""
-    from stages.finetune.dataset import MissingSaliencyError
+    from stages.families.internvl.dataset import MissingSaliencyError
     from stages.finetune.saliency_source import open_source
 
     store, why = open_source(cfg.saliency, cfg.dataset, manifest)
@@ -497,7 +498,8 @@ def open_store(cfg: TrainConfig, manifest: Manifest | None):  # noqa: ANN201
 
 def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[TrainerCallback, ...] = ()) -> Summary:
     """Train (or resume) one run; returns the start / end loss summary. ``callbacks`` join the Trainer's."""
-    from stages.finetune import family, precision
+    from stages import families
+    from stages.finetune import precision
     from stages.finetune.sharding import init_deepspeed_on_cpu
 
     cfg = resolve(cfg, manifest)
@@ -507,7 +509,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
             raise PipelineError("--report-to wandb needs the wandb package (`pip install wandb`, then `wandb login`); "
                                 "or use --report-to tensorboard")
         os.environ.setdefault("WANDB_DIR", str(run_dir))
-    family.check_run(run_dir, family.of_train(cfg.base, cfg.tiny_model))
+    families.check_run(run_dir, families.of_train(cfg.base, cfg.tiny_model))
     run_dir.mkdir(parents=True, exist_ok=True)
     config = model_config(cfg)
     args = training_arguments(cfg, run_dir, config)
@@ -521,7 +523,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
     with args.main_process_first(desc="tokenizer + checkpoint check"):
         tokenizer = build_tokenizer(cfg, run_dir)
         resume = last_checkpoint(run_dir, remove_incomplete=main)
-    base_family = family.of_train(cfg.base, cfg.tiny_model)
+    base_family = families.of_train(cfg.base, cfg.tiny_model)
     spec = base_family.data_spec(cfg, config)  # TileSpec (InternVL) or ImageSpec (Qwen2.5-VL)
     data = base_family.dataset(cfg, tokenizer, spec, open_store(cfg, manifest))
     if main:
@@ -529,7 +531,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
     model = build_model(cfg, tokenizer, policy, meta=builds_on_meta(args))
     if main:
         write_json_atomic(run_dir / "run_config.json", {
-            **asdict(cfg), **family.spec_record(base_family, spec), "world_size": args.world_size,
+            **asdict(cfg), **families.spec_record(base_family, spec), "world_size": args.world_size,
             "per_device_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "train_pairs": len(data),
             "max_length_used": data.max_length, "truncated": data.truncated,

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from pipeline.manifest import Manifest
 from pipeline.paths import reports_dir, runs_dir, study_dir
-from stages.finetune import family
+from stages import families
 from stages.report.generate import DecodeConfig, generate_split, is_untrained, prepare_untrained, read_predictions, \
     run_config, split_images
 from stages.report.references import references
@@ -64,16 +64,16 @@ def condition(dataset: str, run: str) -> tuple[bool, bool]:
 
 def ablation_runs(dataset: str, run: str) -> dict[tuple[bool, bool], str]:
     """One run per (fine-tuned, IASC) condition: ``run`` and its family's untrained base, then the newest other
-    trained run of the same base family (stages/finetune/family.py)."""
+    trained run of the same base family (stages/families/__init__.py)."""
     from stages.finetune.train import is_sharded, last_checkpoint
 
-    base_family = family.of_run(run_config(runs_dir(dataset) / run))
+    base_family = families.of_run(run_config(runs_dir(dataset) / run))
     chosen = {condition(dataset, run): run, (False, False): base_family.untrained_run}
     others = []
     for d in runs_dir(dataset).iterdir() if runs_dir(dataset).is_dir() else []:
         if d.name == run or is_untrained(d.name) or not d.is_dir() or not (d / "run_config.json").exists():
             continue
-        if family.of_run(run_config(d)) is not base_family:
+        if families.of_run(run_config(d)) is not base_family:
             continue
         ckpt = d / "final" if (d / "final" / "config.json").exists() else last_checkpoint(d)
         if ckpt is not None and not is_sharded(ckpt):  # an unfinished FSDP run has no model to report yet
@@ -183,9 +183,9 @@ def build_report(
     table_rows = {r: m for r, m in rows.items() if run_of_row.get(r) in (None, run, untrained)}
     row_of_run = {n: r for r, n in run_of_row.items()}
     ablation_rows = {c: rows[row_of_run[n]] for c, n in runs_by_condition.items()}
-    base_family = family.of_run(run_config(runs_dir(dataset) / run))  # its table: II (InternVL), III (Qwen2.5-VL)
+    base_family = families.of_run(run_config(runs_dir(dataset) / run))  # its table: II (InternVL), III (Qwen2.5-VL)
     tables = write_tables(out, dataset, table_rows, ablation_rows, spice_notes, paper_table=base_family.paper_table,
-                          base=None if base_family is family.DEFAULT else base_family.label, partial=partial)
+                          base=None if base_family is families.DEFAULT else base_family.label, partial=partial)
     if truth is not None:
         first_reference = {i: refs[i][0] for i in ours}
         reference_row = {**attribute_scores(first_reference, truth.values), **diversity(first_reference)}

@@ -2,7 +2,7 @@
 
 Images are sorted by prompt length (tile count) so a batch carries little padding; prompts are
 left-padded so every sequence ends at the same position and ``model.generate`` (KV cache) appends
-to all of them at once (the run family's captioner, stages/finetune/captioner.py).
+to all of them at once (the run family's captioner, stages/families/internvl/captioner.py).
 
 Predictions live in ``runs/<dataset>/<run>/predictions/<checkpoint>[@<decoding>]/``: parquet part
 files (image_id, split, caption), each written temp + rename, plus ``generation.json`` (checkpoint
@@ -32,7 +32,7 @@ import torch
 
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
-from stages.finetune.captioner import Captioner, DecodeConfig, Prompt
+from stages.families.internvl.captioner import Captioner, DecodeConfig, Prompt
 from storage.atomic import write_json_atomic, write_parquet_atomic
 from storage.images import ImageError
 
@@ -45,7 +45,7 @@ PREDICTION_SCHEMA = pa.schema([("image_id", pa.string()), ("split", pa.string())
 def is_untrained(run: str) -> bool:
     """Whether ``run`` names a base family's run of its base model without fine-tuning (the baseline row):
     ``untrained`` (InternVL), ``untrained-qwen2.5-vl``."""
-    from stages.finetune.family import FAMILIES
+    from stages.families import FAMILIES
 
     return run in {f.untrained_run for f in FAMILIES.values()}
 
@@ -85,20 +85,20 @@ def checkpoint_fingerprint(path: Path) -> str:
 
 
 def _tokenizer_for(ckpt: Path, run_dir: Path, cfg: dict[str, Any]) -> Any:
-    from stages.finetune import family
+    from stages import families
 
     for directory in (ckpt, run_dir / "tokenizer", Path(cfg["base"]) if cfg.get("base") else None):
         if directory is not None and (directory / "tokenizer_config.json").exists():
-            return family.of_run(cfg).load_tokenizer(directory)
+            return families.of_run(cfg).load_tokenizer(directory)
     raise FileNotFoundError(f"no tokenizer for {ckpt} (looked in the checkpoint, {run_dir / 'tokenizer'} and the base)")
 
 
 def load_checkpoint(run_dir: Path, ckpt: Path, device: torch.device | None = None) -> Captioner:
     """A run's checkpoint as a :class:`Captioner` (full weights, or LoRA adapters on the run's base)."""
-    from stages.finetune import family
+    from stages import families
 
     cfg = run_config(run_dir)
-    base_family = family.of_run(cfg)
+    base_family = families.of_run(cfg)
     if (ckpt / "config.json").exists():
         model = base_family.model_class().from_pretrained(str(ckpt))
     elif (ckpt / "adapter_config.json").exists():
@@ -125,11 +125,11 @@ def prepare_untrained(dataset: str, like: str, manifest: Manifest | None) -> Pat
     """
     from transformers import set_seed
 
-    from stages.finetune import family
+    from stages import families
 
     src = runs_dir(dataset) / like
     cfg = run_config(src)
-    base_family = family.of_run(cfg)
+    base_family = families.of_run(cfg)
     run_dir = runs_dir(dataset) / base_family.untrained_run
     base = cfg.get("base") or (str(manifest.mllm.base) if manifest and manifest.mllm.base else None)
     fusion = cfg.get("fusion", "cross_attention")
@@ -153,12 +153,12 @@ def prepare_untrained(dataset: str, like: str, manifest: Manifest | None) -> Pat
 def load_run(dataset: str, run: str, checkpoint: str | None = None,
              device: torch.device | None = None) -> tuple[Captioner, str, str]:
     """(captioner, checkpoint name, checkpoint fingerprint) of a run; ``untrained`` may mean the base model."""
-    from stages.finetune import family
+    from stages import families
 
     run_dir = runs_dir(dataset) / run
     cfg = run_config(run_dir)
     if is_untrained(run) and cfg.get("base") and checkpoint is None:
-        base, base_family = Path(cfg["base"]), family.of_run(cfg)
+        base, base_family = Path(cfg["base"]), families.of_run(cfg)
         model, _ = base_family.load_base(base, fusion=cfg.get("fusion", "cross_attention"))
         captioner = base_family.captioner(model, base_family.load_tokenizer(base),
                                           base_family.spec_from_run(model.config, cfg), device)

@@ -129,8 +129,8 @@ def save_base(base: Path, tiny: bool) -> Path:
     import pyarrow.parquet as pq
     import torch
 
-    from stages.finetune.model import IASInternVLForConditionalGeneration, named_config, tiny_internvl_config
-    from stages.finetune.tokenizer import IMG_CONTEXT, train_bpe
+    from stages.families.internvl.model import IASInternVLForConditionalGeneration, named_config, tiny_internvl_config
+    from stages.families.internvl.tokenizer import IMG_CONTEXT, train_bpe
 
     out = base / ("base-tiny" if tiny else "base-internvit300m-qwen2-0.5b")
     if (out / "config.json").exists():
@@ -165,10 +165,10 @@ def stage2(base_dir: Path, manifest: Path, tiny: bool, cuda: bool, deadline: flo
     from transformers import TrainerCallback
 
     from pipeline.manifest import load_manifest
-    from stages.finetune.dataset import CritiqueDataset, TileSpec
-    from stages.finetune.model import tile_size, tokens_per_tile
+    from stages.families.internvl.dataset import CritiqueDataset, TileSpec
+    from stages.families.internvl.model import tile_size, tokens_per_tile
     from stages.finetune.plan import load_model_config
-    from stages.finetune.tokenizer import load_tokenizer
+    from stages.families.internvl.tokenizer import load_tokenizer
     from stages.finetune.train import TrainConfig, finetune
 
     steps, warmup = (3, 1) if tiny else (30, 5)

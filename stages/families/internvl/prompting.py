@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from stages.finetune.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+from stages.families.internvl.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 
 PROMPT = "Comment on this image from an aesthetic perspective."
 IGNORE = -100

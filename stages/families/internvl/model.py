@@ -1,6 +1,6 @@
 """ASE-MLLM model: transformers' InternVL with the IAS-ViT vision tower.
 
-IAS-ViT (stages/finetune/ias_vit.py) -> pixel shuffle (1/4 tokens) -> projector (LayerNorm, Linear,
+IAS-ViT (stages/families/internvl/ias_vit.py) -> pixel shuffle (1/4 tokens) -> projector (LayerNorm, Linear,
 GELU, Linear) -> LLM, exactly as ``InternVLForConditionalGeneration``; the only additions are the
 saliency inputs (per image: its raw map and its tile grid, ``collate.saliency_inputs``; cut into
 saliency tiles aligned with ``pixel_values`` on the model's device by ``tiling.expand_saliency``)
@@ -27,8 +27,8 @@ from transformers.models.internvl.modeling_internvl import (
     InternVLPreTrainedModel,
 )
 
-from stages.finetune.ias_vit import FUSIONS, IASVisionModel
-from stages.finetune.tiling import expand_saliency
+from stages.families.internvl.ias_vit import FUSIONS, IASVisionModel
+from stages.families.internvl.tiling import expand_saliency
 
 IGNORE_INDEX = -100  # label of positions without loss (prompting.IGNORE)
 
@@ -90,7 +90,7 @@ class IASInternVLModel(InternVLModel):
         """The saliency tile of every tile of ``pixel_values``, made on its device: [T, 1, S, S]."""
         if saliency_maps is None or saliency_map_sizes is None or tile_grids is None:
             raise ValueError("IAS-ViT with cross-attention fusion needs saliency_maps, saliency_map_sizes and "
-                             "tile_grids (stages/finetune/collate.py saliency_inputs)")
+                             "tile_grids (stages/families/internvl/collate.py saliency_inputs)")
         maps = saliency_maps.to(pixel_values.device)
         tiles = expand_saliency(maps, saliency_map_sizes.to(maps.device), tile_grids, pixel_values.shape[-1])
         if tiles.shape[0] != pixel_values.shape[0]:
@@ -316,7 +316,7 @@ def load_base(
     """
     config_file = Path(path) / "config.json"
     if config_file.exists() and json.loads(config_file.read_text()).get("model_type") == "internvl_chat":
-        from stages.finetune.convert import ConversionError
+        from stages.families.internvl.convert import ConversionError
 
         raise ConversionError(f"{path}: an original InternVL checkpoint (remote code, never run here): convert it "
                               f"once with `ase-mllm convert-base {path} OUT_DIR` and pass OUT_DIR as the base")

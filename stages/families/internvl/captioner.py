@@ -2,7 +2,7 @@
 
 Image features (vision tower -> projector) are computed once per batch and handed to ``generate`` as
 ``mm_encoder_outputs``, which transformers expands correctly for beam search (tiles of one image stay
-together). :class:`Captioner` is the InternVL family's; ``qwen_captioner.py`` adapts it to Qwen2.5-VL.
+together). :class:`Captioner` is the InternVL family's; ``qwen/captioner.py`` adapts it to Qwen2.5-VL.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class Captioner:
 
     def image_cost(self, width: int, height: int) -> int:
         """Prompt-length key for batching: the image's tile count."""
-        from stages.finetune.tiling import plan_tiles
+        from stages.families.internvl.tiling import plan_tiles
 
         t = self.spec
         return plan_tiles(width, height, t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail).num_tiles
@@ -75,8 +75,8 @@ class Captioner:
     def prepare(self, img: Image.Image, saliency_map: np.ndarray | None) -> Prompt:
         """Tiles, raw saliency map (None or constant: uniform) + tile grid and prompt ids of one image; the model
         cuts the map into saliency tiles on its device, as in training."""
-        from stages.finetune.prompting import prompt_ids
-        from stages.finetune.tiling import plan_tiles, tile_image
+        from stages.families.internvl.prompting import prompt_ids
+        from stages.families.internvl.tiling import plan_tiles, tile_image
 
         t = self.spec
         tiling = plan_tiles(img.width, img.height, t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail)
@@ -98,7 +98,7 @@ class Captioner:
         for i, p in enumerate(prompts):  # left padding: every prompt ends at column L-1
             input_ids[i, length - len(p.input_ids):] = torch.as_tensor(p.input_ids)
             attention_mask[i, length - len(p.input_ids):] = 1
-        from stages.finetune.collate import saliency_inputs
+        from stages.families.internvl.collate import saliency_inputs
 
         dtype = next(self.model.parameters()).dtype
         pixel_values = torch.cat([p.pixel_values for p in prompts]).to(self.device, dtype)  # [sum T, 3, S, S]

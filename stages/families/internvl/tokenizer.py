@@ -32,7 +32,7 @@ def train_bpe(
     special_tokens: list[str] = SPECIAL_TOKENS, chat_template: str = CHAT_TEMPLATE,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts`` and wrap it with the special tokens (ids 0.., pad first) and chat
-    template (InternVL's by default; the Qwen2.5-VL family passes its own, qwen_data.py)."""
+    template (InternVL's by default; the Qwen2.5-VL family passes its own, qwen/data.py)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

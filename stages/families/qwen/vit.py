@@ -1,7 +1,7 @@
 """IAS for Qwen2.5-VL: transformers' Qwen2.5-VL vision tower with saliency cross-attention in every block.
 
 Each ``Qwen2_5_VLVisionBlock`` (h + attn(norm1(h)) -> h + mlp(norm2(h))) gains, between the two, the
-IAS-ViT fusion of stages/finetune/ias_vit.py:
+IAS-ViT fusion of stages/families/internvl/ias_vit.py:
 
     h = h + gate * softmax(q k^T / sqrt(d) + log(s + floor)) v,   q = saliency tokens, k = v = image tokens h
 
@@ -52,7 +52,7 @@ from transformers.utils.generic import get_max_seqlen, is_flash_attention_reques
 from transformers.utils.output_capturing import capture_outputs
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
-from stages.finetune.ias_vit import FUSIONS, saliency_prior
+from stages.families.internvl.ias_vit import FUSIONS, saliency_prior
 
 
 # ---------------------------------------------------------------- saliency per patch (on the device)

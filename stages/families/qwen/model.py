@@ -1,4 +1,4 @@
-"""ASE-MLLM on Qwen2.5-VL: transformers' Qwen2.5-VL with the IAS vision tower (stages/finetune/qwen_vit.py).
+"""ASE-MLLM on Qwen2.5-VL: transformers' Qwen2.5-VL with the IAS vision tower (stages/families/qwen/vit.py).
 
 The second base family (the paper's Table III uses Qwen-VL-Chat, remote code only; its native successor
 in transformers is Qwen2.5-VL). IAS tower -> the tower's own 2x2 patch merger (RMSNorm, Linear, GELU,
@@ -30,8 +30,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 from transformers.utils.generic import accepts_precomputed_kwargs, can_return_tuple
 
-from stages.finetune.ias_vit import FUSIONS
-from stages.finetune.qwen_vit import IASQwenVisionModel, vision_tower
+from stages.families.internvl.ias_vit import FUSIONS
+from stages.families.qwen.vit import IASQwenVisionModel, vision_tower
 
 IGNORE_INDEX = -100
 

@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
-from stages.finetune.prompting import encode_example, prompt_ids
-from stages.finetune.tiling import plan_tiles, tile_image
+from stages.families.internvl.prompting import encode_example, prompt_ids
+from stages.families.internvl.tiling import plan_tiles, tile_image
 from storage.images import open_rgb, safe_join
 from storage.tables import image_root, read_table
 

@@ -2,9 +2,8 @@
 
 ``--base DIR`` picks the family from ``DIR/config.json``'s ``model_type``; without a base the tiny config
 name does (``--tiny-model demo`` or ``demo-qwen``); a run's ``run_config.json`` records its family for
-the report. Each family adapts its own modules (InternVL: model.py, ias_vit.py, dataset.py, collate.py,
-tokenizer.py, captioner.py; Qwen2.5-VL: qwen_model.py, qwen_vit.py, qwen_data.py,
-qwen_captioner.py) to the few calls training, planning and generation make. Heavy imports stay
+the report. Each family adapts the modules of its folder (internvl/, qwen/) to the few calls training,
+planning and generation make. Heavy imports stay
 inside the methods.
 """
 from __future__ import annotations
@@ -44,29 +43,29 @@ class InternVL(Family):
 
     # ---- configs and models
     def tiny_names(self) -> list[str]:
-        from stages.finetune.model import TINY_CONFIGS
+        from stages.families.internvl.model import TINY_CONFIGS
 
         return list(TINY_CONFIGS)
 
     def named_names(self) -> list[str]:
-        from stages.finetune.model import NAMED_CONFIGS
+        from stages.families.internvl.model import NAMED_CONFIGS
 
         return list(NAMED_CONFIGS)
 
     def tiny_config(self, name: str, vocab_size: int, fusion: str) -> Any:
-        from stages.finetune.model import tiny_internvl_config
+        from stages.families.internvl.model import tiny_internvl_config
 
         return tiny_internvl_config(name, vocab_size=vocab_size, fusion=fusion)
 
     def named_config(self, name: str, fusion: str) -> Any:
-        from stages.finetune.model import named_config
+        from stages.families.internvl.model import named_config
 
         return named_config(name, fusion)
 
     def ias_config(self, config: Any, fusion: str) -> Any:
         from transformers.models.internvl.configuration_internvl import InternVLConfig
 
-        from stages.finetune.model import _NOT_CONFIG_KEYS, IASInternVLConfig
+        from stages.families.internvl.model import _NOT_CONFIG_KEYS, IASInternVLConfig
 
         if not isinstance(config, InternVLConfig):
             raise ValueError(f"expected an InternVL config, got model_type '{config.model_type}'")
@@ -74,19 +73,19 @@ class InternVL(Family):
         return IASInternVLConfig(**{**fields, "ias_fusion": fusion})
 
     def model_class(self) -> type:
-        from stages.finetune.model import IASInternVLForConditionalGeneration
+        from stages.families.internvl.model import IASInternVLForConditionalGeneration
 
         return IASInternVLForConditionalGeneration
 
     def build_tiny(self, name: str, tokenizer: Any, fusion: str) -> Any:
-        from stages.finetune.model import build_tiny_model
-        from stages.finetune.tokenizer import IMG_CONTEXT
+        from stages.families.internvl.model import build_tiny_model
+        from stages.families.internvl.tokenizer import IMG_CONTEXT
 
         return build_tiny_model(name, vocab_size=len(tokenizer), fusion=fusion,
                                 image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT))
 
     def load_base(self, path: str | Path, fusion: str, **kwargs: Any) -> tuple[Any, list[str]]:
-        from stages.finetune.model import load_base
+        from stages.families.internvl.model import load_base
 
         return load_base(path, fusion=fusion, **kwargs)
 
@@ -96,46 +95,46 @@ class InternVL(Family):
 
     # ---- tokenizer
     def dataset_tokenizer(self, texts: list[str], directory: Path, vocab_size: int) -> Any:
-        from stages.finetune.tokenizer import dataset_tokenizer
+        from stages.families.internvl.tokenizer import dataset_tokenizer
 
         return dataset_tokenizer(texts, directory, vocab_size)
 
     def load_tokenizer(self, directory: Path) -> Any:
-        from stages.finetune.tokenizer import load_tokenizer
+        from stages.families.internvl.tokenizer import load_tokenizer
 
         return load_tokenizer(directory)
 
     # ---- data
     def data_spec(self, cfg: Any, config: Any) -> Any:
-        from stages.finetune.dataset import TileSpec
-        from stages.finetune.model import tile_size, tokens_per_tile
+        from stages.families.internvl.dataset import TileSpec
+        from stages.families.internvl.model import tile_size, tokens_per_tile
 
         return TileSpec(tile_size=tile_size(config), min_tiles=cfg.min_tiles, max_tiles=cfg.max_tiles,
                         use_thumbnail=cfg.use_thumbnail, tokens_per_tile=tokens_per_tile(config))
 
     def spec_from_run(self, config: Any, run_cfg: dict[str, Any]) -> Any:
         """The run's tiling (run_config.json ``tiles``), else the model's tile size with InternVL defaults."""
-        from stages.finetune.dataset import TileSpec
-        from stages.finetune.model import tile_size, tokens_per_tile
+        from stages.families.internvl.dataset import TileSpec
+        from stages.families.internvl.model import tile_size, tokens_per_tile
 
         if run_cfg.get("tiles"):
             return TileSpec(**run_cfg["tiles"])
         return TileSpec(tile_size=tile_size(config), tokens_per_tile=tokens_per_tile(config))
 
     def dataset(self, cfg: Any, tokenizer: Any, spec: Any, store: Any) -> Any:
-        from stages.finetune.dataset import CritiqueDataset
+        from stages.families.internvl.dataset import CritiqueDataset
 
         return CritiqueDataset(cfg.dataset, cfg.split, tokenizer, spec, store,
                                cfg.allow_missing_saliency or cfg.saliency == "uniform", cfg.max_length, cfg.limit)
 
     def collator(self, tokenizer: Any, keep_sample_ids: bool) -> Any:
-        from stages.finetune.collate import Collator
+        from stages.families.internvl.collate import Collator
 
         return Collator(tokenizer.pad_token_id, keep_sample_ids=keep_sample_ids)
 
     # ---- generation
     def captioner(self, model: Any, tokenizer: Any, spec: Any, device: Any = None) -> Any:
-        from stages.finetune.captioner import Captioner
+        from stages.families.internvl.captioner import Captioner
 
         return Captioner(model, tokenizer, spec, device)
 
@@ -150,43 +149,43 @@ class Qwen25VL(Family):
     lora_modules = {"vision": "visual", "projector": "merger"}
 
     def tiny_names(self) -> list[str]:
-        from stages.finetune.qwen_model import TINY_CONFIGS
+        from stages.families.qwen.model import TINY_CONFIGS
 
         return list(TINY_CONFIGS)
 
     def named_names(self) -> list[str]:
-        from stages.finetune.qwen_model import NAMED_CONFIGS
+        from stages.families.qwen.model import NAMED_CONFIGS
 
         return list(NAMED_CONFIGS)
 
     def tiny_config(self, name: str, vocab_size: int, fusion: str) -> Any:
-        from stages.finetune.qwen_model import tiny_config
+        from stages.families.qwen.model import tiny_config
 
         return tiny_config(name, vocab_size=vocab_size, fusion=fusion)
 
     def named_config(self, name: str, fusion: str) -> Any:
-        from stages.finetune.qwen_model import named_config
+        from stages.families.qwen.model import named_config
 
         return named_config(name, fusion)
 
     def ias_config(self, config: Any, fusion: str) -> Any:
-        from stages.finetune.qwen_model import ias_config
+        from stages.families.qwen.model import ias_config
 
         return ias_config(config, fusion)
 
     def model_class(self) -> type:
-        from stages.finetune.qwen_model import IASQwen2_5_VLForConditionalGeneration
+        from stages.families.qwen.model import IASQwen2_5_VLForConditionalGeneration
 
         return IASQwen2_5_VLForConditionalGeneration
 
     def build_tiny(self, name: str, tokenizer: Any, fusion: str) -> Any:
-        from stages.finetune.qwen_data import special_ids
-        from stages.finetune.qwen_model import build_tiny_model
+        from stages.families.qwen.data import special_ids
+        from stages.families.qwen.model import build_tiny_model
 
         return build_tiny_model(name, vocab_size=len(tokenizer), special_ids=special_ids(tokenizer), fusion=fusion)
 
     def load_base(self, path: str | Path, fusion: str, **kwargs: Any) -> tuple[Any, list[str]]:
-        from stages.finetune.qwen_model import load_base
+        from stages.families.qwen.model import load_base
 
         return load_base(path, fusion=fusion, **kwargs)
 
@@ -194,24 +193,24 @@ class Qwen25VL(Family):
         return model.model.visual.blocks, model.model.language_model.layers
 
     def dataset_tokenizer(self, texts: list[str], directory: Path, vocab_size: int) -> Any:
-        from stages.finetune.qwen_data import dataset_tokenizer
+        from stages.families.qwen.data import dataset_tokenizer
 
         return dataset_tokenizer(texts, directory, vocab_size)
 
     def load_tokenizer(self, directory: Path) -> Any:
-        from stages.finetune.qwen_data import load_tokenizer
+        from stages.families.qwen.data import load_tokenizer
 
         return load_tokenizer(directory)
 
     def data_spec(self, cfg: Any, config: Any) -> Any:
-        from stages.finetune.qwen_data import ImageSpec
-        from stages.finetune.qwen_model import image_budget
+        from stages.families.qwen.data import ImageSpec
+        from stages.families.qwen.model import image_budget
 
         return ImageSpec.of(cfg.base, image_budget(cfg.base, cfg.tiny_model), cfg.max_pixels)
 
     def spec_from_run(self, config: Any, run_cfg: dict[str, Any]) -> Any:
-        from stages.finetune.qwen_data import ImageSpec
-        from stages.finetune.qwen_model import image_budget
+        from stages.families.qwen.data import ImageSpec
+        from stages.families.qwen.model import image_budget
 
         if run_cfg.get(self.spec_key):
             return ImageSpec.from_dict(run_cfg[self.spec_key])
@@ -219,18 +218,18 @@ class Qwen25VL(Family):
         return ImageSpec.of(base, image_budget(base, run_cfg.get("tiny_model") or "tiny-qwen"))
 
     def dataset(self, cfg: Any, tokenizer: Any, spec: Any, store: Any) -> Any:
-        from stages.finetune.qwen_data import QwenCritiqueDataset
+        from stages.families.qwen.data import QwenCritiqueDataset
 
         return QwenCritiqueDataset(cfg.dataset, cfg.split, tokenizer, spec, store,
                                    cfg.allow_missing_saliency or cfg.saliency == "uniform", cfg.max_length, cfg.limit)
 
     def collator(self, tokenizer: Any, keep_sample_ids: bool) -> Any:
-        from stages.finetune.qwen_data import IMAGE_PAD, QwenCollator
+        from stages.families.qwen.data import IMAGE_PAD, QwenCollator
 
         return QwenCollator(tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(IMAGE_PAD), keep_sample_ids)
 
     def captioner(self, model: Any, tokenizer: Any, spec: Any, device: Any = None) -> Any:
-        from stages.finetune.qwen_captioner import QwenCaptioner
+        from stages.families.qwen.captioner import QwenCaptioner
 
         return QwenCaptioner(model, tokenizer, spec, device)
 

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from stages.finetune.prompting import IGNORE
+from stages.families.internvl.prompting import IGNORE
 
 
 def saliency_inputs(maps: Sequence[np.ndarray | torch.Tensor | None],

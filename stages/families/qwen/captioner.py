@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages.finetune.captioner import Captioner, DecodeConfig
-from stages.finetune.qwen_data import ImageSpec, prompt_ids, stack_maps
+from stages.families.internvl.captioner import Captioner, DecodeConfig
+from stages.families.qwen.data import ImageSpec, prompt_ids, stack_maps
 from storage.images import ImageError
 
 

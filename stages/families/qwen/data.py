@@ -7,7 +7,7 @@ follows Qwen2.5-VL's chat convention: the user turn is ``<|vision_start|>`` + ``
 (patches / 4) + ``<|vision_end|>`` + the paper's prompt, after the default system turn; labels as
 for InternVL (the critique and the end-of-turn eos). Each example ships its image's raw saliency map
 (or None: no map, the uniform rule of tiling.uniform_saliency); the model expands it to patches on the
-device (qwen_vit.patch_saliency).
+device (qwen/vit.py patch_saliency).
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
-from stages.finetune.dataset import MissingSaliencyError, SequenceLengthError, pairs
-from stages.finetune.prompting import IGNORE, PROMPT, Encoded, encode_after
-from stages.finetune.tokenizer import IM_END, IM_START, PAD, save_tokenizer, train_bpe
+from stages.families.internvl.dataset import MissingSaliencyError, SequenceLengthError, pairs
+from stages.families.internvl.prompting import IGNORE, PROMPT, Encoded, encode_after
+from stages.families.internvl.tokenizer import IM_END, IM_START, PAD, save_tokenizer, train_bpe
 from storage.images import ImageError, open_rgb, safe_join
 from storage.tables import image_root
 
