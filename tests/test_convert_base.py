@@ -183,7 +183,7 @@ def test_load_base_on_the_converted_fixture_misses_only_cross_attention(shared_d
     """The ASE-MLLM model built from the conversion starts as the official model (zero gates)."""
     from stages.families.internvl.collate import saliency_inputs
     from stages.families.internvl.convert import convert
-    from stages.families.internvl.ias_vit import cross_attention_parameters
+    from stages.families.fusion import cross_attention_parameters
     from stages.families.internvl.model import load_base
 
     convert(fixture_checkpoint(shared_dir, tmp_path / "src"), tmp_path / "out", show_progress=False)

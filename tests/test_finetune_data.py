@@ -124,7 +124,8 @@ def test_tokenizer_round_trip_and_special_tokens(tok, tmp_path: Path) -> None:
 
 
 def test_encode_example_matches_whole_string_tokenisation(tok) -> None:
-    from stages.families.internvl.prompting import IGNORE, PROMPT, encode_example, prompt_ids
+    from stages.families.internvl.prompting import encode_example, prompt_ids
+    from stages.families.text import IGNORE, PROMPT
 
     critique = "Nice leading lines, crop tighter on the subject."
     n = 7
@@ -175,7 +176,7 @@ def test_dataset_items_tiles_saliency_and_tokens(toy, tok) -> None:
 
 
 def test_missing_saliency_names_stage_or_counts(toy, tok) -> None:
-    from stages.families.internvl.dataset import MissingSaliencyError
+    from stages.families.data import MissingSaliencyError
 
     manifest, shas = toy
     make_store(manifest, shas[:2])  # images 2..4 of the train split have no map yet

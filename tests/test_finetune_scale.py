@@ -151,7 +151,7 @@ def test_bf16_autocast_policy_trains_with_frozen_matrices_in_bf16(toy_run: Path,
 
 
 def _open_gates(model) -> None:
-    from stages.families.internvl.ias_vit import cross_attention_parameters
+    from stages.families.fusion import cross_attention_parameters
 
     with torch.no_grad():
         for name, p in cross_attention_parameters(model):
@@ -208,7 +208,8 @@ def test_gradient_checkpointing_with_frozen_vit_keeps_cross_attention_gradients(
 
 
 def test_max_length_comes_from_the_data_and_a_cap_truncates_and_counts(toy_run: Path) -> None:
-    from stages.families.internvl.dataset import CritiqueDataset, SequenceLengthError, TileSpec
+    from stages.families.data import SequenceLengthError
+    from stages.families.internvl.dataset import CritiqueDataset, TileSpec
     from stages.families.internvl.prompting import encode_example
     from stages.families.internvl.tiling import plan_tiles
     from storage.saliency_store import find_store

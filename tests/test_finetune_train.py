@@ -45,7 +45,7 @@ def _cli(manifest: Path, *args: str) -> list[str]:
 
 
 def test_default_trainable_parts_freeze_only_the_vit_base() -> None:
-    from stages.families.internvl.ias_vit import cross_attention_parameters
+    from stages.families.fusion import cross_attention_parameters
     from stages.families.internvl.model import build_tiny_model
     from stages.finetune.train import set_trainable
 

@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import set_seed
 
 from stages import families
-from stages.families.internvl.prompting import encode_after
+from stages.families.text import encode_after
 from stages.finetune.train import own_lr_for_cross_attention
 from stages.report.generate import DecodeConfig
 

@@ -79,10 +79,11 @@ def _images(n: int = 4) -> list[Image.Image]:
 
 
 def test_batched_decoding_equals_batch_one_and_plain_argmax() -> None:
-    from stages.families.internvl.captioner import Captioner, DecodeConfig
+    from stages.families.captioner import DecodeConfig
+    from stages.families.internvl.captioner import InternVLCaptioner
 
     model, tok = tiny_captioner_parts()
-    cap = Captioner(model, tok, tiles_for(model), torch.device("cpu"))
+    cap = InternVLCaptioner(model, tok, tiles_for(model), torch.device("cpu"))
     rng = np.random.default_rng(1)
     shapes = [(14, 14), (56, 56), (7, 9), (14, 14)]  # EAT's, ground-truth masks', odd: padded in one batch
     prompts = [cap.prepare(img, rng.random(shape)) for img, shape in zip(_images(), shapes)]
@@ -113,10 +114,11 @@ def test_no_map_and_constant_map_both_mean_uniform_saliency() -> None:
     """Generation: a missing map and a constant map (all zeros, as LayerCAM gives when no gradient is positive)
     both give all-ones saliency tiles, hence the same critique; a real map gives different tiles."""
     from stages.families.internvl.collate import saliency_inputs
-    from stages.families.internvl.captioner import Captioner, DecodeConfig
+    from stages.families.captioner import DecodeConfig
+    from stages.families.internvl.captioner import InternVLCaptioner
 
     model, tok = tiny_captioner_parts()
-    cap = Captioner(model, tok, tiles_for(model), torch.device("cpu"))
+    cap = InternVLCaptioner(model, tok, tiles_for(model), torch.device("cpu"))
     img = _images()[1]  # 3 tiles (2 + thumbnail)
 
     def tiles(p):  # the saliency tiles the model makes of a prompt

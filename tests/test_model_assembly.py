@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, InternVLConfig, InternVLForConditionalGeneration
 
 from stages.families.internvl.collate import saliency_inputs
-from stages.families.internvl.ias_vit import cross_attention_parameters
+from stages.families.fusion import cross_attention_parameters
 from stages.families.internvl.model import (
     IASInternVLConfig,
     IASInternVLForConditionalGeneration,

@@ -50,7 +50,7 @@ def _dataset(manifest, tok, **kw):
 
 def test_tokenizer_special_tokens_and_qwen25vl_prompt_layout(tok, tmp_path: Path) -> None:
     from stages.families.qwen.data import CHAT_TEMPLATE, IMAGE_PAD, dataset_tokenizer, load_tokenizer, prompt_ids
-    from stages.families.internvl.prompting import PROMPT
+    from stages.families.text import PROMPT
 
     for special in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"):
         ids = tok(special, add_special_tokens=False)["input_ids"]
@@ -81,7 +81,7 @@ def test_tokenizer_special_tokens_and_qwen25vl_prompt_layout(tok, tmp_path: Path
 def test_batch_equals_the_qwen25vl_processors_output(toy, tok) -> None:
     """Two odd-sized images through our dataset + collator vs transformers' Qwen2.5-VL processor on the same
     images and the same conversation: identical pixel_values, grids, prompt tokens and token types."""
-    from stages.families.internvl.prompting import PROMPT
+    from stages.families.text import PROMPT
     from stages.families.qwen.data import CHAT_TEMPLATE, IMAGE_PAD, QwenCollator
 
     manifest, shas = toy
@@ -111,7 +111,7 @@ def test_batch_equals_the_qwen25vl_processors_output(toy, tok) -> None:
 
 def test_items_carry_the_stored_raw_map_and_the_data_derived_length(toy, tok) -> None:
     from stages.families.qwen.data import encode_example
-    from stages.families.internvl.dataset import SequenceLengthError
+    from stages.families.data import SequenceLengthError
 
     manifest, shas = toy
     maps = make_store(manifest, shas)
@@ -133,7 +133,7 @@ def test_items_carry_the_stored_raw_map_and_the_data_derived_length(toy, tok) ->
 
 
 def test_missing_and_constant_maps_are_uniform(toy, tok) -> None:
-    from stages.families.internvl.dataset import MissingSaliencyError
+    from stages.families.data import MissingSaliencyError
     from stages.families.qwen.data import IMAGE_PAD, QwenCollator, stack_maps
 
     manifest, shas = toy
@@ -156,7 +156,7 @@ def test_missing_and_constant_maps_are_uniform(toy, tok) -> None:
 def test_an_aspect_ratio_the_processor_refuses_is_a_clear_error(toy, tok) -> None:
     """The Qwen2.5-VL processor refuses aspect ratios above 200: training names the image before it starts,
     generation records the image as failed (ImageError) instead of stopping."""
-    from stages.families.internvl.dataset import SequenceLengthError
+    from stages.families.data import SequenceLengthError
     from stages.families.qwen.data import special_ids
     from stages.families.qwen.model import build_tiny_model
     from stages.families.qwen.captioner import QwenCaptioner

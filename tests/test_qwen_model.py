@@ -22,7 +22,7 @@ from stages.families.qwen.model import (
     named_config,
     tiny_config,
 )
-from stages.families.qwen.vit import cross_attention_parameters
+from stages.families.fusion import cross_attention_parameters
 
 VOCAB = 300
 WORDS = ["lovely light", "strong composition", "the horizon is tilted", "colours feel muted"]

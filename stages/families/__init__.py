@@ -134,9 +134,9 @@ class InternVL(Family):
 
     # ---- generation
     def captioner(self, model: Any, tokenizer: Any, spec: Any, device: Any = None) -> Any:
-        from stages.families.internvl.captioner import Captioner
+        from stages.families.internvl.captioner import InternVLCaptioner
 
-        return Captioner(model, tokenizer, spec, device)
+        return InternVLCaptioner(model, tokenizer, spec, device)
 
 
 class Qwen25VL(Family):

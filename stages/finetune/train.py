@@ -33,7 +33,7 @@ from transformers.trainer_callback import ProgressCallback
 from pipeline.errors import PipelineError
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
-from stages.families.internvl.ias_vit import FUSIONS
+from stages.families.fusion import FUSIONS
 from stages.finetune.parts import LORA_TARGETS, PARTS, part_of
 from stages.finetune.saliency_source import SOURCES
 from stages.finetune.precision import PRECISIONS
@@ -443,7 +443,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, config: Any = None) -> T
 
 def build_tokenizer(cfg: TrainConfig, run_dir: Path):  # noqa: ANN201
     from stages import families
-    from stages.families.internvl.dataset import pairs
+    from stages.families.data import pairs
 
     base_family = families.of_train(cfg.base, cfg.tiny_model)
     if cfg.base:
@@ -484,14 +484,11 @@ def build_model(cfg: TrainConfig, tokenizer, policy: Any = None, meta: bool = Fa
 
 def open_store(cfg: TrainConfig, manifest: Manifest | None):  # noqa: ANN201
     """The run's saliency source (store-like), or None for uniform maps where that is allowed."""
-    from stages.families.internvl.dataset import MissingSaliencyError
-    from stages.finetune.saliency_source import open_source
+    from stages.finetune.saliency_source import open_saliency
 
-    store, why = open_source(cfg.saliency, cfg.dataset, manifest)
+    allow = cfg.allow_missing_saliency or cfg.saliency == "uniform"
+    store, why = open_saliency(cfg.saliency, cfg.dataset, manifest, allow)
     if store is None:
-        if not cfg.allow_missing_saliency and cfg.saliency != "uniform":
-            raise MissingSaliencyError(f"no saliency store ({why}): run the saliency stage first "
-                                       "(`ase-mllm saliency`), or pass --allow-missing-saliency to use uniform maps")
         print(f"finetune: no saliency maps ({why}); every image gets the uniform map")
     return store
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pipeline.paths import work_dir
-from stages.families.internvl.prompting import PROMPT, Encoded
+from stages.families.text import PROMPT, Encoded
 from stages.ingest.synthetic_attributes import ATTRIBUTES, described_values, full_critique, scene_description
 from stages.pretrain.targets import AuxHeads, Targets
 from stages.schedule import warmup_cosine

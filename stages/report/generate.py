@@ -32,7 +32,7 @@ import torch
 
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
-from stages.families.internvl.captioner import Captioner, DecodeConfig, Prompt
+from stages.families.captioner import Captioner, DecodeConfig
 from storage.atomic import write_json_atomic, write_parquet_atomic
 from storage.images import ImageError
 
@@ -312,7 +312,7 @@ def generate_split(
         store = saliency_store(manifest, allow or cfg.get("saliency") == "uniform", cfg.get("saliency", "eat"), dataset)
     root = image_root(dataset)
 
-    def prepare(row: dict[str, Any]) -> Prompt | ImageError:
+    def prepare(row: dict[str, Any]) -> Any:
         try:
             img = open_rgb(safe_join(root, row["path"]))
         except ImageError as e:
@@ -337,7 +337,7 @@ def generate_split(
     desc = f"generate {run}/{ckpt_name}" + (f" rank {rank}/{world}" if world > 1 else "")
     with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
         for batch, prepared in _prefetched(rows, prepare, batch_size):
-            ok = [(r, p) for r, p in zip(batch, prepared) if not isinstance(p, ImageError)]  # Prompt or QwenPrompt
+            ok = [(r, p) for r, p in zip(batch, prepared) if not isinstance(p, ImageError)]  # the family's prompts
             summary.failed += [(r["image_id"], p.reason) for r, p in zip(batch, prepared) if isinstance(p, ImageError)]
             if ok:
                 captions = captioner.generate([p for _, p in ok], decode)
@@ -365,11 +365,9 @@ class _Store:
 
 
 def saliency_store(manifest: Manifest | None, allow_missing: bool, source: str = "eat", dataset: str = "") -> _Store:
-    """The run's saliency source (stages/finetune/saliency_source.py), with its policy for images it lacks."""
-    from stages.finetune.saliency_source import open_source
+    """The run's saliency source (stages/finetune/saliency_source.py), with its policy for images it lacks; a
+    MissingSaliencyError without a store unless ``allow_missing``."""
+    from stages.finetune.saliency_source import open_saliency
 
-    store, why = open_source(source, dataset, manifest)
-    if store is None and not allow_missing:
-        raise FileNotFoundError(f"no saliency store ({why}): run `ase-mllm saliency` first, or pass "
-                                "--allow-missing-saliency to use uniform maps")
+    store, _why = open_saliency(source, dataset, manifest, allow_missing)
     return _Store(store, allow_missing)

@@ -22,7 +22,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.bench import require_device, skip  # noqa: E402
-from stages.families.internvl.captioner import Captioner, DecodeConfig  # noqa: E402
+from stages.families.captioner import Captioner, DecodeConfig  # noqa: E402
+from stages.families.internvl.captioner import InternVLCaptioner  # noqa: E402
 from stages.report.generate import load_run  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def demo_captioner(device: torch.device, max_tiles: int) -> Captioner:
     torch.manual_seed(0)
     model = build_tiny_model("demo", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
     tiles = TileSpec(tile_size=224, max_tiles=max_tiles, tokens_per_tile=tokens_per_tile(model.config))
-    return Captioner(model, tok, tiles, device)
+    return InternVLCaptioner(model, tok, tiles, device)
 
 
 def main() -> None:

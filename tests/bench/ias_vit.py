@@ -33,7 +33,8 @@ from transformers.models.internvl.modeling_internvl import InternVLVisionModel  
 
 from pipeline.bench import require_device  # noqa: E402
 from stages.families.internvl.collate import saliency_inputs  # noqa: E402
-from stages.families.internvl.ias_vit import IASVisionModel, cross_attention_parameters  # noqa: E402
+from stages.families.fusion import cross_attention_parameters  # noqa: E402
+from stages.families.internvl.ias_vit import IASVisionModel  # noqa: E402
 from stages.families.internvl.model import TINY_CONFIGS  # noqa: E402
 from stages.families.internvl.tiling import expand_saliency  # noqa: E402
 

@@ -27,7 +27,8 @@ from transformers.models.internvl.modeling_internvl import (
     InternVLPreTrainedModel,
 )
 
-from stages.families.internvl.ias_vit import FUSIONS, IASVisionModel
+from stages.families.fusion import FUSIONS
+from stages.families.internvl.ias_vit import IASVisionModel
 from stages.families.internvl.tiling import expand_saliency
 
 IGNORE_INDEX = -100  # label of positions without loss (prompting.IGNORE)

@@ -30,7 +30,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 from transformers.utils.generic import accepts_precomputed_kwargs, can_return_tuple
 
-from stages.families.internvl.ias_vit import FUSIONS
+from stages.families.fusion import FUSIONS
 from stages.families.qwen.vit import IASQwenVisionModel, vision_tower
 
 IGNORE_INDEX = -100

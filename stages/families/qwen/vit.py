@@ -52,7 +52,7 @@ from transformers.utils.generic import get_max_seqlen, is_flash_attention_reques
 from transformers.utils.output_capturing import capture_outputs
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
-from stages.families.internvl.ias_vit import FUSIONS, saliency_prior
+from stages.families.fusion import FUSIONS, saliency_prior
 
 
 # ---------------------------------------------------------------- saliency per patch (on the device)
@@ -262,8 +262,3 @@ def vision_tower(config: Qwen2_5_VLVisionConfig, fusion: str = "cross_attention"
     if fusion == "none":
         return Qwen2_5_VisionTransformerPretrainedModel(config)
     return IASQwenVisionModel(config)
-
-
-def cross_attention_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """All parameters the IAS fusion adds (what a base Qwen2.5-VL checkpoint lacks)."""
-    return [(n, p) for n, p in model.named_parameters() if ".cross_attention." in f".{n}"]
