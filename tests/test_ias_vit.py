@@ -7,8 +7,8 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 from transformers.models.internvl.modeling_internvl import InternVLVisionLayer, InternVLVisionModel
 
 from stages.families.fusion import PRIOR_FLOOR, cross_attention_parameters, saliency_prior
+from stages.families.internvl.configs import TINY_CONFIGS
 from stages.families.internvl.ias_vit import IASVisionLayer, IASVisionModel, SaliencyCrossAttention
-from stages.families.internvl.model import TINY_CONFIGS
 
 # InternViT-300M (InternVL2/2.5/3 vision encoder): 24 layers x 1024, 16 heads, MLP 4096, qkv bias, 448 px, patch 14
 REAL = InternVLVisionConfig(**TINY_CONFIGS["internvit300m-shape"][0])

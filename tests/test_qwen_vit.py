@@ -19,7 +19,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from stages.families.fusion import PRIOR_FLOOR, cross_attention_parameters
-from stages.families.qwen.model import VISION_QWEN25VL
+from stages.families.qwen.configs import VISION_QWEN25VL
 from stages.families.qwen.vit import (
     IASQwenVisionBlock,
     IASQwenVisionModel,

@@ -2,7 +2,7 @@
 
 Images are sorted by prompt length (tile count) so a batch carries little padding; prompts are
 left-padded so every sequence ends at the same position and ``model.generate`` (KV cache) appends
-to all of them at once (the run family's captioner, stages/families/internvl/captioner.py).
+to all of them at once (the run family's captioner: the loop in stages/families/captioner.py).
 
 Predictions live in ``runs/<dataset>/<run>/predictions/<checkpoint>[@<decoding>]/``: parquet part
 files (image_id, split, caption), each written temp + rename, plus ``generation.json`` (checkpoint

@@ -35,7 +35,7 @@ from pipeline.bench import require_device  # noqa: E402
 from stages.families.internvl.collate import saliency_inputs  # noqa: E402
 from stages.families.fusion import cross_attention_parameters  # noqa: E402
 from stages.families.internvl.ias_vit import IASVisionModel  # noqa: E402
-from stages.families.internvl.model import TINY_CONFIGS  # noqa: E402
+from stages.families.internvl.configs import TINY_CONFIGS  # noqa: E402
 from stages.families.internvl.tiling import expand_saliency  # noqa: E402
 
 
