@@ -51,8 +51,10 @@ def load_model_config(base: str | Path, fusion: str = "cross_attention") -> Any:
     if not path.exists():
         known = ", ".join(n for f in families.FAMILIES.values() for n in [*f.named_names(), *f.tiny_names()])
         raise FileNotFoundError(f"{base}: neither a registered config ({known}) nor a checkpoint dir / config.json")
+    family = families.of_base(path)
+    family.model_class()  # imports the family's model module, which registers its IAS config type with AutoConfig
     config = AutoConfig.from_pretrained(path.parent if path.is_file() else path)
-    return families.of_base(path).ias_config(config, fusion)
+    return family.ias_config(config, fusion)
 
 
 # ---------------------------------------------------------------- the setting
