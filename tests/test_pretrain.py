@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.ingest.synthetic_attributes import ATTRIBUTES
-from stages.ingest.synthetic_corpus import SKY_NAMES, generate_corpus
-from stages.pretrain import corpus as pc
+from stages.synthetic.attributes import ATTRIBUTES
+from stages.synthetic.corpus import SKY_NAMES, generate_corpus
+from stages.synthetic import pretraining_corpus as pc
 from stages.pretrain.targets import CLASSES, REGRESSIONS, AuxHeads, Targets
 
 

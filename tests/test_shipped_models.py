@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.ingest.synthetic_attributes import ATTRIBUTES
+from stages.synthetic.attributes import ATTRIBUTES
 from stages.pretrain.commands import CORPUS_SEED
-from stages.pretrain.corpus import validation_set
+from stages.synthetic.pretraining_corpus import validation_set
 from stages.pretrain.shipped import SHIPPED_BASE, SHIPPED_EAT, sidecar_path
 
 HELD_OUT = 2_000_000  # renders used by neither pretraining nor its validation

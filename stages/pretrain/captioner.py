@@ -4,12 +4,12 @@ The analogue of a real pretrained, instruction-tuned InternVL (what users fine-t
 ``InternVLForConditionalGeneration`` (the ``demo`` shape of stages/families/internvl/model.py, no saliency fusion),
 from scratch, in two phases on the seed-1 stream (the demo corpus is seed 0):
 
-1. describe (``epochs``): every image's plain scene description (``synthetic_attributes.scene_description``:
+1. describe (``epochs``): every image's plain scene description (``synthetic.attributes.scene_description``:
    what is where, then every attribute value in judgement-free words), answering the aesthetic prompt; the
    vision tower also feeds the auxiliary image-level heads of stages/pretrain/targets.py (dropped when
    saving). Cached under ``work/pretrain/`` so phase 2 can be rerun alone.
 2. critique (``critique_steps``): batches mixing critiques of the pretraining images that remark on every
-   attribute (``synthetic_attributes.full_critique``: the critics' phrase bank, aesthetic prompt) with their
+   attribute (``synthetic.attributes.full_critique``: the critics' phrase bank, aesthetic prompt) with their
    descriptions (``DESCRIBE_PROMPT``), so the critic's words stay tied to what the vision tower sees. (Trained
    on the generator's 1-3 remark reference critiques instead, 600 steps gave one constant critique for every
    held-out image: which attributes a reference remarks on is random, so its likeliest sentence is the
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from pipeline.paths import work_dir
 from stages.families.text import PROMPT, Encoded
-from stages.ingest.synthetic_attributes import ATTRIBUTES, described_values, full_critique, scene_description
+from stages.synthetic.attributes import ATTRIBUTES, described_values, full_critique, scene_description
 from stages.pretrain.targets import AuxHeads, Targets
 from stages.schedule import warmup_cosine
 
@@ -72,7 +72,7 @@ def normalise(u8: Tensor) -> Tensor:
 
 def tokenizer_texts(records: list[dict[str, Any]], seed: int, n_reference_images: int = 3000) -> list[str]:
     """Every description, plus the five reference critiques of the first images (the critics' vocabulary)."""
-    from stages.ingest.synthetic_corpus import annotation
+    from stages.synthetic.corpus import annotation
 
     texts = [scene_description(r["attributes"], r["scene"]) for r in records]
     texts += [ref for r in records[:n_reference_images] for ref in annotation(r["index"], seed)["references"]]

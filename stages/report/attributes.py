@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Hashable
 
-from stages.ingest.synthetic_attributes import ATTRIBUTES, asserted_values, critique_of
+from stages.synthetic.attributes import ATTRIBUTES, asserted_values, critique_of
 
 Truth = dict[str, str]  # attribute -> true value
 

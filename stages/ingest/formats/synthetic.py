@@ -10,7 +10,7 @@ import json
 
 from pipeline.manifest import DatasetSpec
 from stages.ingest.formats import Converted, Record, as_score, read_text
-from stages.ingest.synthetic_attributes import description
+from stages.synthetic.attributes import description
 
 VERSION = 1
 CREATES_ROOT = True  # the generator writes the corpus on first use
@@ -18,7 +18,7 @@ CREATES_ROOT = True  # the generator writes the corpus on first use
 
 def convert(spec: DatasetSpec) -> Converted:
     if spec.options.get("generate", True):
-        from stages.ingest.synthetic_corpus import generate_corpus
+        from stages.synthetic.corpus import generate_corpus
 
         generate_corpus(spec.root, int(spec.options.get("n", 240)), int(spec.options.get("seed", 0)))
     captions = spec.options.get("captions", "references")

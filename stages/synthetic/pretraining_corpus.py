@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.paths import work_dir
-from stages.ingest.synthetic_corpus import GENERATOR_VERSION, JPEG_QUALITY, _rngs, annotation, render
+from stages.synthetic.corpus import GENERATOR_VERSION, JPEG_QUALITY, _rngs, annotation, render
 from storage.atomic import write_json_atomic
 
 SIZE = 224

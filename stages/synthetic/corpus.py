@@ -26,7 +26,7 @@ The weights are roughly zero-mean per attribute, so scores centre near 5.5 and s
 
 The mask (255 = aesthetically relevant) is the union of the visible subject (with its blur halo),
 a band along the horizon line and the blown patches. Five colloquial references per image mention
-random subsets of the true attributes (``synthetic_attributes.PHRASES``) and an overall verdict tied to the score.
+random subsets of the true attributes (``attributes.PHRASES``) and an overall verdict tied to the score.
 Same (n, seed) gives byte-identical files.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ from PIL import Image
 from scipy.ndimage import uniform_filter
 from tqdm import tqdm
 
-from stages.ingest.synthetic_attributes import ATTRIBUTES, SCORE_WEIGHTS, reference
+from stages.synthetic.attributes import ATTRIBUTES, SCORE_WEIGHTS, reference
 from storage.atomic import write_bytes_atomic
 
 GENERATOR_VERSION = 1
