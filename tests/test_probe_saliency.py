@@ -85,7 +85,7 @@ def test_probe_scores_attributes_where_the_dataset_knows_them(tmp_path: Path) ->
     from pipeline.paths import runs_dir
     from stages.families.internvl.model import load_base
     from stages.families.internvl.tokenizer import load_tokenizer
-    from stages.ingest.formats.synthetic import ground_truth
+    from stages.synthetic.truth import ground_truth
     from stages.ingest.run import ingest_dataset
     from stages.report.attributes import attribute_scores
     from stages.report.generate import generate_split, read_predictions

@@ -22,7 +22,7 @@ class TruthMaps:
     """Ground-truth masks of a synthetic dataset as saliency maps, keyed by image sha256."""
 
     def __init__(self, dataset: str) -> None:
-        from stages.ingest.formats.synthetic import ground_truth
+        from stages.synthetic.truth import ground_truth
         from storage.tables import read_table
 
         truth = ground_truth(dataset)

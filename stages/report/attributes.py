@@ -92,7 +92,7 @@ class AttributeTruth:
 
 def attribute_truth(dataset: str, split: str) -> AttributeTruth | None:
     """Ground-truth attributes of a synthetic dataset's split and its best constant critique; None for real data."""
-    from stages.ingest.formats.synthetic import ground_truth
+    from stages.synthetic.truth import ground_truth
     from stages.report.references import references
 
     truth = ground_truth(dataset)

@@ -108,7 +108,7 @@ def image_id(index: int) -> str:
     return f"syn{index:05d}"
 
 
-def _rngs(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+def rngs(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
     """Independent streams for the annotation and the rendering of one image."""
     ann, img = np.random.SeedSequence([seed, index]).spawn(2)
     return np.random.default_rng(ann), np.random.default_rng(img)
@@ -116,7 +116,7 @@ def _rngs(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generat
 
 def annotation(index: int, seed: int) -> dict[str, Any]:
     """Attributes, score and references of image ``index`` (no rendering needed)."""
-    rng, _ = _rngs(seed, index)
+    rng, _ = rngs(seed, index)
     attrs = sample_attributes(rng)
     score = score_of(attrs, rng)
     return {"attributes": attrs, "score": round(score, 3), "references": [reference(rng, attrs, score) for _ in range(5)]}
@@ -351,7 +351,7 @@ def _make_image(root: Path, seed: int, index: int) -> tuple[int, int, float]:
     if image_done and mask_done:
         with Image.open(image_path) as img, Image.open(mask_path) as m:
             return img.width, img.height, float((np.asarray(m) > 0).mean())
-    image, mask = render(annotation(index, seed)["attributes"], _rngs(seed, index)[1])
+    image, mask = render(annotation(index, seed)["attributes"], rngs(seed, index)[1])
     if not image_done:
         write_bytes_atomic(image_path, _encode(image, "JPEG"))
     if not mask_done:

@@ -1,4 +1,5 @@
-"""The embedded demo corpus: generated on demand, then read from ``annotations.jsonl``.
+"""The embedded demo corpus (stages/synthetic): generated on demand by its generator, then read from
+``annotations.jsonl``.
 
 Each line: {"image_id", "split", "file", "score", "references": [...], "attributes", "mask"}. Option
 ``captions``: ``references`` (default: the five critiques) or ``description`` (one plain scene description
@@ -44,25 +45,3 @@ def convert(spec: DatasetSpec) -> Converted:
             continue
         out.records.append(record)
     return out
-
-
-def ground_truth(dataset: str) -> dict[str, dict] | None:
-    """image_id -> {"attributes", "score", "mask" (absolute path)} of an ingested synthetic dataset, else None.
-
-    The generator knows what it drew; real datasets have no such truth (None).
-    """
-    from pathlib import Path
-
-    from storage.tables import read_meta
-
-    meta = read_meta(dataset)
-    path = Path(meta["root"]) / "annotations.jsonl"
-    if meta.get("format") != "synthetic" or not path.is_file():
-        return None
-    truth = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            truth[str(rec["image_id"])] = {"attributes": rec["attributes"], "score": rec["score"],
-                                           "mask": str(Path(meta["root"]) / rec["mask"])}
-    return truth
