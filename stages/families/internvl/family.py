@@ -38,14 +38,9 @@ class InternVL(Family):
         return named_config(name, fusion)
 
     def ias_config(self, config: Any, fusion: str) -> Any:
-        from transformers.models.internvl.configuration_internvl import InternVLConfig
+        from stages.families.internvl.model import ias_config
 
-        from stages.families.internvl.model import _NOT_CONFIG_KEYS, IASInternVLConfig
-
-        if not isinstance(config, InternVLConfig):
-            raise ValueError(f"expected an InternVL config, got model_type '{config.model_type}'")
-        fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_CONFIG_KEYS}
-        return IASInternVLConfig(**{**fields, "ias_fusion": fusion})
+        return ias_config(config, fusion)
 
     def model_class(self) -> type:
         from stages.families.internvl.model import IASInternVLForConditionalGeneration

@@ -36,7 +36,7 @@ from transformers.models.internvl.modeling_internvl import (
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from stages.families.fusion import FUSIONS, saliency_prior
+from stages.families.fusion import check_fusion, saliency_prior
 
 class SaliencyCrossAttention(nn.Module):
     """Multi-head cross-attention: queries from saliency tokens, keys/values from image tokens, the keys'
@@ -107,8 +107,7 @@ class IASVisionModel(InternVLVisionModel):
     """InternVL vision tower whose forward also takes per-tile saliency maps."""
 
     def __init__(self, config: InternVLVisionConfig, fusion: str = "cross_attention") -> None:
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        check_fusion(fusion)
         InternVLVisionPreTrainedModel.__init__(self, config)
         self.fusion = fusion
         self.embeddings = InternVLVisionEmbeddings(config)

@@ -27,7 +27,7 @@ from transformers.models.internvl.modeling_internvl import (
     InternVLPreTrainedModel,
 )
 
-from stages.families.fusion import FUSIONS
+from stages.families.fusion import check_fusion, with_fusion
 from stages.families.internvl.configs import NAMED_CONFIGS, TINY_CONFIGS
 from stages.families.internvl.ias_vit import IASVisionModel
 from stages.families.internvl.tiling import expand_saliency
@@ -43,8 +43,7 @@ class IASInternVLConfig(InternVLConfig):
     ias_fusion: str = "cross_attention"
 
     def __post_init__(self, **kwargs: Any) -> None:
-        if self.ias_fusion not in FUSIONS:
-            raise ValueError(f"ias_fusion must be one of {FUSIONS}, got {self.ias_fusion!r}")
+        check_fusion(self.ias_fusion, "ias_fusion")
         super().__post_init__(**kwargs)
 
 
@@ -251,7 +250,11 @@ def named_config(name: str, fusion: str = "cross_attention") -> IASInternVLConfi
                              ias_fusion=fusion, tie_word_embeddings=text_config.tie_word_embeddings)
 
 
-_NOT_CONFIG_KEYS = ("model_type", "transformers_version", "architectures", "auto_map")
+def ias_config(base: Any, fusion: str = "cross_attention") -> IASInternVLConfig:
+    """The IAS config of an InternVL (or IAS InternVL) config."""
+    if not isinstance(base, InternVLConfig):
+        raise ValueError(f"expected an InternVL config, got model_type '{base.model_type}'")
+    return with_fusion(IASInternVLConfig, base, fusion)
 
 
 def load_base(
@@ -275,8 +278,7 @@ def load_base(
     base = AutoConfig.from_pretrained(path)
     if not isinstance(base, InternVLConfig):
         raise ValueError(f"{path}: expected an InternVL (-hf, model_type 'internvl') checkpoint, got '{base.model_type}'")
-    fields = {k: v for k, v in base.to_dict().items() if k not in _NOT_CONFIG_KEYS}
-    config = IASInternVLConfig(**{**fields, "ias_fusion": fusion})
+    config = ias_config(base, fusion)
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()

@@ -30,7 +30,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 from transformers.utils.generic import accepts_precomputed_kwargs, can_return_tuple
 
-from stages.families.fusion import FUSIONS
+from stages.families.fusion import check_fusion, with_fusion
 from stages.families.qwen.configs import NAMED_CONFIGS, SPECIAL_IDS, TINY_CONFIGS
 from stages.families.qwen.vit import IASQwenVisionModel, vision_tower
 
@@ -45,8 +45,7 @@ class IASQwen2_5_VLConfig(Qwen2_5_VLConfig):
     ias_fusion: str = "cross_attention"
 
     def __post_init__(self, **kwargs: Any) -> None:
-        if self.ias_fusion not in FUSIONS:
-            raise ValueError(f"ias_fusion must be one of {FUSIONS}, got {self.ias_fusion!r}")
+        check_fusion(self.ias_fusion, "ias_fusion")
         super().__post_init__(**kwargs)
 
 
@@ -196,15 +195,11 @@ def build_tiny_model(name: str = "tiny-qwen", vocab_size: int = 1024, special_id
     return IASQwen2_5_VLForConditionalGeneration(tiny_config(name, vocab_size, special_ids, fusion))
 
 
-_NOT_CONFIG_KEYS = ("model_type", "transformers_version", "architectures", "auto_map")
-
-
 def ias_config(base: Any, fusion: str = "cross_attention") -> IASQwen2_5_VLConfig:
     """The IAS config of a Qwen2.5-VL (or IAS Qwen2.5-VL) config."""
     if not isinstance(base, Qwen2_5_VLConfig):
         raise ValueError(f"expected a Qwen2.5-VL config (model_type 'qwen2_5_vl'), got '{base.model_type}'")
-    fields = {k: v for k, v in base.to_dict().items() if k not in _NOT_CONFIG_KEYS}
-    return IASQwen2_5_VLConfig(**{**fields, "ias_fusion": fusion})
+    return with_fusion(IASQwen2_5_VLConfig, base, fusion)
 
 
 def load_base(path: Path | str, fusion: str = "cross_attention",

@@ -52,7 +52,7 @@ from transformers.utils.generic import get_max_seqlen, is_flash_attention_reques
 from transformers.utils.output_capturing import capture_outputs
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
-from stages.families.fusion import FUSIONS, saliency_prior
+from stages.families.fusion import check_fusion, saliency_prior
 
 
 # ---------------------------------------------------------------- saliency per patch (on the device)
@@ -257,8 +257,7 @@ class IASQwenVisionModel(Qwen2_5_VisionTransformerPretrainedModel):
 
 def vision_tower(config: Qwen2_5_VLVisionConfig, fusion: str = "cross_attention") -> nn.Module:
     """The IAS tower, or for ``fusion="none"`` the unmodified transformers tower."""
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    check_fusion(fusion)
     if fusion == "none":
         return Qwen2_5_VisionTransformerPretrainedModel(config)
     return IASQwenVisionModel(config)
