@@ -32,11 +32,11 @@ def _register_stages() -> None:
     from stages.finetune import commands as finetune
     from stages.ingest import commands as ingest
     from stages.pretrain import commands as pretrain
-    from stages.report import commands as report
     from stages.report import run_cli as report_runs
+    from stages.report import score_cli
     from stages.saliency import commands as saliency
 
-    for module in (status, ingest, saliency, finetune, report_runs, report, demo, study, pretrain, bench):
+    for module in (status, ingest, saliency, finetune, report_runs, score_cli, demo, study, pretrain, bench):
         module.register(app)
 
 

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory_probe import rss  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
-from stages.finetune import model as _model, train  # noqa: E402, F401  (imported before the baseline)
+from stages.families.internvl import model as _model  # noqa: E402, F401  (imported before the baseline)
+from stages.finetune import train  # noqa: E402, F401
 
 EVENTS: list[list[str]] = []
 LOADED: list[int] = []

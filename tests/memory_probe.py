@@ -32,7 +32,7 @@ def build(case: dict):
     from transformers import Qwen2Config
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-    from stages.finetune.model import IASInternVLConfig, IASInternVLForConditionalGeneration
+    from stages.families.internvl.model import IASInternVLConfig, IASInternVLForConditionalGeneration
 
     v, t = case["vision"], case["text"]
     vision = InternVLVisionConfig(**v)
@@ -46,7 +46,7 @@ def build_qwen(case: dict):
     """Qwen2.5-VL family: ``pixels`` per sample as one square image of (28 k)^2 pixels."""
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
 
-    from stages.finetune.qwen_model import IASQwen2_5_VLConfig, IASQwen2_5_VLForConditionalGeneration
+    from stages.families.qwen.model import IASQwen2_5_VLConfig, IASQwen2_5_VLForConditionalGeneration
 
     v, t = case["vision"], case["text"]
     ids = dict(zip(("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"),
@@ -73,8 +73,8 @@ def batch_qwen(config, case: dict) -> dict:
 
 
 def batch(config, case: dict) -> dict:
-    from stages.finetune.collate import saliency_inputs
-    from stages.finetune.model import tokens_per_tile
+    from stages.families.internvl.collate import saliency_inputs
+    from stages.families.internvl.model import tokens_per_tile
 
     if case.get("family") == "qwen2_5_vl":
         return batch_qwen(config, case)

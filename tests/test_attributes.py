@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from stages.ingest import synthetic_attributes as sa
-from stages.ingest.synthetic_corpus import annotation
+from stages.synthetic import attributes as sa
+from stages.synthetic.corpus import annotation
 from stages.report.attributes import attribute_scores, best_constant_critique, majority_critique
 from stages.report.diversity import diversity
 

@@ -111,7 +111,7 @@ def _load_native(out: Path):
 
 @pytest.mark.parametrize("variant", [None, "variant_dynamic_ntk"])
 def test_converted_fixture_reproduces_the_official_model(shared_dir: Path, tmp_path: Path, variant: str | None) -> None:
-    from stages.finetune.convert import convert
+    from stages.families.internvl.convert import convert
 
     src = fixture_checkpoint(shared_dir, tmp_path / "src", variant)
     done = convert(src, tmp_path / "out", show_progress=False)
@@ -140,8 +140,8 @@ def test_qwen2_and_llama_llms_convert_faithfully(shared_dir: Path, tmp_path: Pat
     Oracle: the official ``vit_embeds`` placed into that LLM's own forward (inputs_embeds)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from stages.finetune.convert import convert
-    from stages.finetune.tokenizer import train_bpe
+    from stages.families.internvl.convert import convert
+    from stages.families.internvl.tokenizer import train_bpe
 
     llm_config = {"architectures": [arch], "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
@@ -181,10 +181,10 @@ def test_qwen2_and_llama_llms_convert_faithfully(shared_dir: Path, tmp_path: Pat
 
 def test_load_base_on_the_converted_fixture_misses_only_cross_attention(shared_dir: Path, tmp_path: Path) -> None:
     """The ASE-MLLM model built from the conversion starts as the official model (zero gates)."""
-    from stages.finetune.collate import saliency_inputs
-    from stages.finetune.convert import convert
-    from stages.finetune.ias_vit import cross_attention_parameters
-    from stages.finetune.model import load_base
+    from stages.families.internvl.collate import saliency_inputs
+    from stages.families.internvl.convert import convert
+    from stages.families.fusion import cross_attention_parameters
+    from stages.families.internvl.model import load_base
 
     convert(fixture_checkpoint(shared_dir, tmp_path / "src"), tmp_path / "out", show_progress=False)
     model, missing = load_base(tmp_path / "out", dtype=torch.float32)
@@ -201,7 +201,7 @@ def test_load_base_on_the_converted_fixture_misses_only_cross_attention(shared_d
 
 
 def test_load_base_points_an_original_checkpoint_at_convert_base(shared_dir: Path, tmp_path: Path) -> None:
-    from stages.finetune.model import load_base
+    from stages.families.internvl.model import load_base
 
     from pipeline.errors import PipelineError
 
@@ -248,8 +248,8 @@ def test_tokenizer_encodes_like_sentencepiece_and_loads_without_remote_code(tmp_
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from stages.finetune.convert_tokenizer import convert_tokenizer
-    from stages.finetune.tokenizer import load_tokenizer
+    from stages.families.internvl.convert_tokenizer import convert_tokenizer
+    from stages.families.internvl.tokenizer import load_tokenizer
 
     src = tmp_path / "src"
     ids = write_internlm2_tokenizer(src, image_ids=(400, 401, 402), vocab_size=400, byte_fallback=True)
@@ -282,7 +282,7 @@ def test_tokenizer_encodes_like_sentencepiece_and_loads_without_remote_code(tmp_
 def test_chat_templates_render_internvl_conversations(tmp_path: Path) -> None:
     """Expected strings: InternVL conversation.py, MPT style: system_template.format(system) + sep, then
     role + message + sep per turn, and the bare assistant role to prompt (the official chat() / training format)."""
-    from stages.finetune.convert_tokenizer import convert_tokenizer
+    from stages.families.internvl.convert_tokenizer import convert_tokenizer
 
     src = tmp_path / "src"
     write_internlm2_tokenizer(src)
@@ -439,7 +439,7 @@ def make_original_checkpoint(dest: Path, config: dict, shard_bytes: int = 1 << 3
 def test_internvit_6b_style_vision_tower_maps_completely(tmp_path: Path) -> None:
     """InternViT-6B's variant (InternVL2-26B and up): RMSNorm, q/k normalisation, no qkv bias; every tensor lands
     in the native model (nothing missing or left over) with its values."""
-    from stages.finetune.convert import convert
+    from stages.families.internvl.convert import convert
 
     config = internvl2_config(llm_layers=1, vit_layers=2, vocab=512, vit_hidden=64, llm_hidden=64, llm_ffn=128,
                               heads=4, kv_heads=2)
@@ -456,7 +456,7 @@ def test_internvit_6b_style_vision_tower_maps_completely(tmp_path: Path) -> None
 
 CONVERT = """
 import sys
-from stages.finetune.convert import convert
+from stages.families.internvl.convert import convert
 print(convert(sys.argv[1], sys.argv[2], max_shard_bytes=int(sys.argv[3]), show_progress=False).line())
 """
 
@@ -465,7 +465,7 @@ print(convert(sys.argv[1], sys.argv[2], max_shard_bytes=int(sys.argv[3]), show_p
 def test_a_killed_conversion_leaves_nothing_and_the_rerun_matches(tmp_path: Path) -> None:
     """SIGKILL while shards are being written: no OUT_DIR; the rerun equals an uninterrupted conversion, byte for
     byte."""
-    from stages.finetune.convert import convert
+    from stages.families.internvl.convert import convert
 
     config = internvl2_config(llm_layers=4, vit_layers=2, vocab=8000, vit_hidden=64, llm_hidden=256, llm_ffn=512,
                               heads=4, kv_heads=2)

@@ -89,7 +89,7 @@ def make_store(
 
 @pytest.fixture
 def tok():
-    from stages.finetune.tokenizer import train_bpe
+    from stages.families.internvl.tokenizer import train_bpe
 
     return train_bpe([f"{a}, {b}." for a in WORDS for b in WORDS], vocab_size=300)
 
@@ -105,7 +105,7 @@ def toy(tmp_path: Path):
 
 
 def test_tokenizer_round_trip_and_special_tokens(tok, tmp_path: Path) -> None:
-    from stages.finetune.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer, save_tokenizer
+    from stages.families.internvl.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer, save_tokenizer
 
     text = "Strong composition, but the horizon is tilted! Ünïcode ✓ 123"
     assert tok.decode(tok(text)["input_ids"]) == text  # byte-level BPE is lossless
@@ -124,7 +124,8 @@ def test_tokenizer_round_trip_and_special_tokens(tok, tmp_path: Path) -> None:
 
 
 def test_encode_example_matches_whole_string_tokenisation(tok) -> None:
-    from stages.finetune.prompting import IGNORE, PROMPT, encode_example, prompt_ids
+    from stages.families.internvl.prompting import encode_example, prompt_ids
+    from stages.families.text import IGNORE, PROMPT
 
     critique = "Nice leading lines, crop tighter on the subject."
     n = 7
@@ -146,7 +147,7 @@ def test_encode_example_matches_whole_string_tokenisation(tok) -> None:
 
 
 def _dataset(toy, tok, **kw):
-    from stages.finetune.dataset import CritiqueDataset, TileSpec
+    from stages.families.internvl.dataset import CritiqueDataset, TileSpec
     from storage.saliency_store import current_store
 
     manifest, _ = toy
@@ -175,7 +176,7 @@ def test_dataset_items_tiles_saliency_and_tokens(toy, tok) -> None:
 
 
 def test_missing_saliency_names_stage_or_counts(toy, tok) -> None:
-    from stages.finetune.dataset import MissingSaliencyError
+    from stages.families.data import MissingSaliencyError
 
     manifest, shas = toy
     make_store(manifest, shas[:2])  # images 2..4 of the train split have no map yet
@@ -188,8 +189,8 @@ def test_missing_saliency_names_stage_or_counts(toy, tok) -> None:
 
 def test_constant_stored_map_is_uniform_like_a_missing_one(toy, tok) -> None:
     """One rule for "no saliency": a stored all-zero map trains on the same all-ones tiles as a missing map."""
-    from stages.finetune.collate import Collator
-    from stages.finetune.model import IASInternVLModel
+    from stages.families.internvl.collate import Collator
+    from stages.families.internvl.model import IASInternVLModel
 
     manifest, shas = toy
     make_store(manifest, shas[:2], maps={shas[1]: np.zeros((14, 14), np.float32)})
@@ -201,7 +202,7 @@ def test_constant_stored_map_is_uniform_like_a_missing_one(toy, tok) -> None:
 
 
 def test_collator_pads_and_keeps_tile_order(toy, tok) -> None:
-    from stages.finetune.collate import Collator
+    from stages.families.internvl.collate import Collator
 
     manifest, shas = toy
     make_store(manifest, shas)
@@ -224,7 +225,7 @@ def test_collator_pads_and_keeps_tile_order(toy, tok) -> None:
 
 
 def test_loader_workers_and_rank_shares_are_disjoint(toy, tok) -> None:
-    from stages.finetune.collate import Collator
+    from stages.families.internvl.collate import Collator
 
     manifest, shas = toy
     make_store(manifest, shas)

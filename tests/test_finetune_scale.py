@@ -42,15 +42,15 @@ def toy_run(tmp_path: Path) -> Path:
 
 
 def _tokenizer():
-    from stages.finetune.tokenizer import train_bpe
+    from stages.families.internvl.tokenizer import train_bpe
 
     return train_bpe([f"{a} and {b}." for a in WORDS for b in WORDS], vocab_size=300)
 
 
 def save_base(directory: Path, dtype: torch.dtype, seed: int = 0) -> Path:
     """A tiny InternVL-style base checkpoint (weights in ``dtype``) with its tokenizer."""
-    from stages.finetune.model import build_tiny_model
-    from stages.finetune.tokenizer import IMG_CONTEXT
+    from stages.families.internvl.model import build_tiny_model
+    from stages.families.internvl.tokenizer import IMG_CONTEXT
 
     tok = _tokenizer()
     torch.manual_seed(seed)
@@ -82,11 +82,11 @@ def test_bf16_base_first_step_moves_weights_like_fp32_adamw(toy_run: Path, tmp_p
     bf16 master weights resolve only 2^-8 of a weight (~1e-4 at 0.02), so most updates would vanish.
     Tolerance 1e-6 (2.5 % of one update): fp32 rounding of the weights (<= 5e-7 for |w| <= 4) and
     float noise in the gradients; a lost or bf16-rounded update is off by 4e-5 or more."""
-    from stages.finetune.collate import Collator
-    from stages.finetune.dataset import CritiqueDataset, TileSpec
-    from stages.finetune.model import IASInternVLForConditionalGeneration, tokens_per_tile
-    from stages.finetune.train import TrainConfig, finetune, set_trainable, tile_size
-    from stages.finetune.tokenizer import load_tokenizer
+    from stages.families.internvl.collate import Collator
+    from stages.families.internvl.dataset import CritiqueDataset, TileSpec
+    from stages.families.internvl.model import IASInternVLForConditionalGeneration, tile_size, tokens_per_tile
+    from stages.finetune.train import TrainConfig, finetune, set_trainable
+    from stages.families.internvl.tokenizer import load_tokenizer
     from storage.saliency_store import find_store
 
     base = save_base(tmp_path / "base", torch.bfloat16)
@@ -151,7 +151,7 @@ def test_bf16_autocast_policy_trains_with_frozen_matrices_in_bf16(toy_run: Path,
 
 
 def _open_gates(model) -> None:
-    from stages.finetune.ias_vit import cross_attention_parameters
+    from stages.families.fusion import cross_attention_parameters
 
     with torch.no_grad():
         for name, p in cross_attention_parameters(model):
@@ -171,7 +171,7 @@ def test_gradient_checkpointing_with_frozen_vit_keeps_cross_attention_gradients(
     something forces the embeddings' outputs to require grad (transformers' input hooks do, for the
     models it knows). The training arguments pin non-reentrant checkpointing, which needs no hook:
     its gradients equal the model's without checkpointing, hooks or not."""
-    from stages.finetune.model import build_tiny_model
+    from stages.families.internvl.model import build_tiny_model
     from stages.finetune.sharding import training_kwargs
     from stages.finetune.train import set_trainable
     from test_model_assembly import _batch
@@ -208,9 +208,10 @@ def test_gradient_checkpointing_with_frozen_vit_keeps_cross_attention_gradients(
 
 
 def test_max_length_comes_from_the_data_and_a_cap_truncates_and_counts(toy_run: Path) -> None:
-    from stages.finetune.dataset import CritiqueDataset, SequenceLengthError, TileSpec
-    from stages.finetune.prompting import encode_example
-    from stages.finetune.tiling import plan_tiles
+    from stages.families.data import SequenceLengthError
+    from stages.families.internvl.dataset import CritiqueDataset, TileSpec
+    from stages.families.internvl.prompting import encode_example
+    from stages.families.internvl.tiling import plan_tiles
     from storage.saliency_store import find_store
 
     tok = _tokenizer()
@@ -260,7 +261,7 @@ def _forty_tile_dataset(tmp: Path) -> list[str]:
 
 
 def test_forty_tiles_train_and_generate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from stages.finetune.tiling import plan_tiles
+    from stages.families.internvl.tiling import plan_tiles
     from stages.finetune.train import TrainConfig, finetune
     from stages.report.generate import load_run
 
@@ -277,7 +278,7 @@ def test_forty_tiles_train_and_generate(tmp_path: Path, capsys: pytest.CaptureFi
     assert "plan: ddp x1, 40 tiles" in out and "finetune: precision on cpu" in out
 
     captioner, _, _ = load_run("big", "t40")
-    assert captioner.tiles.max_tiles == 40
+    assert captioner.spec.max_tiles == 40
     img = Image.open(tmp_path / "big_images" / "b0.png")
     prompt = captioner.prepare(img, np.random.default_rng(0).random((14, 14)))
     assert prompt.pixel_values.shape[0] == 41
@@ -290,7 +291,8 @@ def test_forty_tiles_train_and_generate(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_plan_reads_only_a_config_and_counts_the_real_bases(tmp_path: Path) -> None:
-    from stages.finetune.plan import Setting, load_config, named_config, plan
+    from stages.families.internvl.model import named_config
+    from stages.finetune.plan import Setting, load_model_config, plan
 
     # InternVL2-8B as published: InternViT-300M (304 M) + MLP projector + InternLM2.5-7B (7.74 B) = 8.08 B
     cfg = named_config("internvl2-8b")
@@ -309,7 +311,7 @@ def test_plan_reads_only_a_config_and_counts_the_real_bases(tmp_path: Path) -> N
     # a config.json alone (no weights) is enough
     cfg.save_pretrained(tmp_path / "cfg")
     assert not list((tmp_path / "cfg").glob("*.safetensors"))
-    again = plan(load_config(tmp_path / "cfg" / "config.json"), Setting(max_tiles=40, gpus=8, strategy="fsdp"))
+    again = plan(load_model_config(tmp_path / "cfg" / "config.json"), Setting(max_tiles=40, gpus=8, strategy="fsdp"))
     assert again.counts.total == p.counts.total
     assert named_config("internvl3-8b").text_config.num_hidden_layers == 28
 
@@ -409,7 +411,7 @@ def _launch(manifest: Path, run: str, base: Path, *args: str, ranks: int = 1) ->
 
 def _final(run: Path) -> dict[str, torch.Tensor]:
     """The run's final weights as the report stage loads them (each engine writes its own key layout)."""
-    from stages.finetune.model import IASInternVLForConditionalGeneration
+    from stages.families.internvl.model import IASInternVLForConditionalGeneration
 
     model, info = IASInternVLForConditionalGeneration.from_pretrained(str(run / "final"), dtype=torch.float32,
                                                                       output_loading_info=True)
@@ -527,9 +529,9 @@ def test_zero3_config_is_accepted_by_deepspeed_and_the_trainer() -> None:
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    from stages.finetune.sharding import CONFIG_DIR, load_config
+    from stages.finetune.sharding import load_strategy_config
 
-    settings = load_config("zero3")
+    settings = load_strategy_config("zero3")
     zero = DeepSpeedZeroConfig(**settings["zero_optimization"])
     assert zero.stage == 3 and zero.gather_16bit_weights_on_model_save
     hf = HfTrainerDeepSpeedConfig(settings)

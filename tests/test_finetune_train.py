@@ -45,8 +45,8 @@ def _cli(manifest: Path, *args: str) -> list[str]:
 
 
 def test_default_trainable_parts_freeze_only_the_vit_base() -> None:
-    from stages.finetune.ias_vit import cross_attention_parameters
-    from stages.finetune.model import build_tiny_model
+    from stages.families.fusion import cross_attention_parameters
+    from stages.families.internvl.model import build_tiny_model
     from stages.finetune.train import set_trainable
 
     model = build_tiny_model("tiny", vocab_size=300, image_token_id=5, fusion="cross_attention")
@@ -257,7 +257,7 @@ def test_lora_trains_adapters_only_and_resumes_exactly(toy_run: Path) -> None:
 def test_cross_attention_lr_gets_its_own_groups_and_moves_the_gates_faster(toy_run: Path) -> None:
     """--cross-attention-lr: exactly the cross-attention parameters train at their own peak lr (weight decay
     kept), the rest at --lr; in a real run the zero-initialised gates then move far more."""
-    from stages.finetune.model import build_tiny_model
+    from stages.families.internvl.model import build_tiny_model
     from stages.finetune.train import finetune, own_lr_for_cross_attention, part_of
 
     model = build_tiny_model("tiny", vocab_size=300, image_token_id=299)

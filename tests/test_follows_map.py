@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from transformers import set_seed
 
-from stages.finetune import family as families
-from stages.finetune.prompting import encode_after
+from stages import families
+from stages.families.text import encode_after
 from stages.finetune.train import own_lr_for_cross_attention
 from stages.report.generate import DecodeConfig
 
@@ -120,7 +120,7 @@ def check(scores: dict[str, float]) -> None:
 
 
 def test_internvl_follows_map(tmp_path: Path) -> None:
-    from stages.finetune.dataset import TileSpec
+    from stages.families.internvl.dataset import TileSpec
 
     start = time.perf_counter()
     scores = follows_map("tiny", TileSpec(tile_size=224, max_tiles=1, tokens_per_tile=64), 224, tmp_path)
@@ -129,8 +129,8 @@ def test_internvl_follows_map(tmp_path: Path) -> None:
 
 
 def test_qwen_follows_map(tmp_path: Path) -> None:
-    from stages.finetune.qwen_data import ImageSpec
-    from stages.finetune.qwen_model import image_budget
+    from stages.families.qwen.data import ImageSpec
+    from stages.families.qwen.model import image_budget
 
     start = time.perf_counter()
     scores = follows_map("tiny-qwen", ImageSpec.of(None, image_budget(None, "tiny-qwen")), 112, tmp_path)

@@ -80,8 +80,9 @@ def _save_heavy_base(directory: Path) -> int:
     from transformers import Qwen2Config
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-    from stages.finetune.model import TINY_CONFIGS, IASInternVLConfig, IASInternVLForConditionalGeneration
-    from stages.finetune.tokenizer import IMG_CONTEXT
+    from stages.families.internvl.configs import TINY_CONFIGS
+    from stages.families.internvl.model import IASInternVLConfig, IASInternVLForConditionalGeneration
+    from stages.families.internvl.tokenizer import IMG_CONTEXT
     from test_finetune_scale import _tokenizer
 
     tok = _tokenizer()

@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_captioner_parts(fusion: str = "cross_attention", seed: int = 0):
     """Tokenizer + a tiny model whose weights are perturbed so its output depends on the image and history."""
-    from stages.finetune.model import build_tiny_model
-    from stages.finetune.tokenizer import IMG_CONTEXT, train_bpe
+    from stages.families.internvl.model import build_tiny_model
+    from stages.families.internvl.tokenizer import IMG_CONTEXT, train_bpe
 
     tok = train_bpe([f"{a}, {b}." for a in WORDS for b in WORDS], vocab_size=300)
     torch.manual_seed(seed)
@@ -43,8 +43,8 @@ def tiny_captioner_parts(fusion: str = "cross_attention", seed: int = 0):
 
 
 def tiles_for(model):
-    from stages.finetune.dataset import TileSpec
-    from stages.finetune.model import tokens_per_tile
+    from stages.families.internvl.dataset import TileSpec
+    from stages.families.internvl.model import tokens_per_tile
 
     return TileSpec(tile_size=224, max_tiles=2, tokens_per_tile=tokens_per_tile(model.config))
 
@@ -79,10 +79,11 @@ def _images(n: int = 4) -> list[Image.Image]:
 
 
 def test_batched_decoding_equals_batch_one_and_plain_argmax() -> None:
-    from stages.report.generate import Captioner, DecodeConfig
+    from stages.families.captioner import DecodeConfig
+    from stages.families.internvl.captioner import InternVLCaptioner
 
     model, tok = tiny_captioner_parts()
-    cap = Captioner(model, tok, tiles_for(model), torch.device("cpu"))
+    cap = InternVLCaptioner(model, tok, tiles_for(model), torch.device("cpu"))
     rng = np.random.default_rng(1)
     shapes = [(14, 14), (56, 56), (7, 9), (14, 14)]  # EAT's, ground-truth masks', odd: padded in one batch
     prompts = [cap.prepare(img, rng.random(shape)) for img, shape in zip(_images(), shapes)]
@@ -94,7 +95,7 @@ def test_batched_decoding_equals_batch_one_and_plain_argmax() -> None:
     assert len({tuple(s) for s in single}) > 1  # outputs depend on the image
 
     # oracle: greedy as a plain loop of full forwards (no KV cache, no generate, no precomputed features)
-    from stages.finetune.collate import saliency_inputs
+    from stages.families.internvl.collate import saliency_inputs
 
     p = prompts[1]
     ids = torch.tensor([p.input_ids])
@@ -112,11 +113,12 @@ def test_batched_decoding_equals_batch_one_and_plain_argmax() -> None:
 def test_no_map_and_constant_map_both_mean_uniform_saliency() -> None:
     """Generation: a missing map and a constant map (all zeros, as LayerCAM gives when no gradient is positive)
     both give all-ones saliency tiles, hence the same critique; a real map gives different tiles."""
-    from stages.finetune.collate import saliency_inputs
-    from stages.report.generate import Captioner, DecodeConfig
+    from stages.families.internvl.collate import saliency_inputs
+    from stages.families.captioner import DecodeConfig
+    from stages.families.internvl.captioner import InternVLCaptioner
 
     model, tok = tiny_captioner_parts()
-    cap = Captioner(model, tok, tiles_for(model), torch.device("cpu"))
+    cap = InternVLCaptioner(model, tok, tiles_for(model), torch.device("cpu"))
     img = _images()[1]  # 3 tiles (2 + thumbnail)
 
     def tiles(p):  # the saliency tiles the model makes of a prompt

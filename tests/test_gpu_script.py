@@ -25,9 +25,9 @@ def _measured_flops(base_dir: Path, example: dict) -> int:
     """FLOPs torch counts in one forward + backward of the example (eager attention: its matmuls are counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stages.finetune.collate import Collator
-    from stages.finetune.model import IASInternVLForConditionalGeneration
-    from stages.finetune.tokenizer import load_tokenizer
+    from stages.families.internvl.collate import Collator
+    from stages.families.internvl.model import IASInternVLForConditionalGeneration
+    from stages.families.internvl.tokenizer import load_tokenizer
     from stages.finetune.train import TrainConfig, set_trainable
 
     model = IASInternVLForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32,
@@ -56,15 +56,14 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert all(result[p]["status"] == "done" and result[p]["wall_s"] <= budgets[p] for p in budgets)
 
     # each timed sample's FLOPs: its own tiles and tokens, against what torch counts for that very example
-    from stages.finetune.dataset import CritiqueDataset, TileSpec
-    from stages.finetune.model import tokens_per_tile
-    from stages.finetune.plan import load_config
-    from stages.finetune.tokenizer import load_tokenizer
-    from stages.finetune.train import tile_size
+    from stages.families.internvl.dataset import CritiqueDataset, TileSpec
+    from stages.families.internvl.model import tile_size, tokens_per_tile
+    from stages.finetune.plan import load_model_config
+    from stages.families.internvl.tokenizer import load_tokenizer
 
     base_dir = tmp_path / "gpu_check_tiny" / "base-tiny"
     monkeypatch.setenv("ASE_WORK", str(tmp_path / "gpu_check_tiny" / "work"))
-    config = load_config(base_dir)
+    config = load_model_config(base_dir)
     spec = TileSpec(tile_size=tile_size(config), max_tiles=result["stage2"]["max_tiles"],
                     tokens_per_tile=tokens_per_tile(config))
     data = CritiqueDataset("gpu", "train", load_tokenizer(base_dir), spec, None, allow_missing_saliency=True)

@@ -6,15 +6,9 @@ import torch
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 from transformers.models.internvl.modeling_internvl import InternVLVisionLayer, InternVLVisionModel
 
-from stages.finetune.ias_vit import (
-    PRIOR_FLOOR,
-    IASVisionLayer,
-    IASVisionModel,
-    SaliencyCrossAttention,
-    cross_attention_parameters,
-    saliency_prior,
-)
-from stages.finetune.model import TINY_CONFIGS
+from stages.families.fusion import PRIOR_FLOOR, cross_attention_parameters, saliency_prior
+from stages.families.internvl.configs import TINY_CONFIGS
+from stages.families.internvl.ias_vit import IASVisionLayer, IASVisionModel, SaliencyCrossAttention
 
 # InternViT-300M (InternVL2/2.5/3 vision encoder): 24 layers x 1024, 16 heads, MLP 4096, qkv bias, 448 px, patch 14
 REAL = InternVLVisionConfig(**TINY_CONFIGS["internvit300m-shape"][0])

@@ -142,7 +142,7 @@ def test_synthetic_handwritten(tmp_path: Path) -> None:
 
 
 def test_synthetic_generated_corpus(tmp_path: Path) -> None:
-    pytest.importorskip("stages.ingest.synthetic_corpus")
+    pytest.importorskip("stages.synthetic.corpus")
     root = tmp_path / "demo"
     spec = DatasetSpec(name="demo", format="synthetic", root=root, options={"n": 12, "seed": 3})
     result = ingest_dataset(spec, echo=lambda s: None)

@@ -8,7 +8,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from stages.report import commands, metrics
+from stages.report import metrics, score_cli
 from stages.report.metrics import METRIC_KEYS, SPICE_KEYS
 from stages.report.spice import find_spice_lib
 
@@ -38,7 +38,7 @@ def scored(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         "".join(json.dumps({"image_id": i, "captions": r}) + "\n" for i, r in {**refs, **extra}.items())
     )
     app = typer.Typer()
-    commands.register(app)
+    score_cli.register(app)
     app.command("noop")(lambda: None)  # keep `score` a named sub-command
     args = ["score", "--candidates", str(tmp / "c.jsonl"), "--references", str(tmp / "r.jsonl"), "--out", str(tmp / "metrics.json")]
     result = CliRunner().invoke(app, args)

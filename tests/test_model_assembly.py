@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, InternVLConfig, InternVLForConditionalGeneration
 
-from stages.finetune.collate import saliency_inputs
-from stages.finetune.ias_vit import cross_attention_parameters
-from stages.finetune.model import (
+from stages.families.internvl.collate import saliency_inputs
+from stages.families.fusion import cross_attention_parameters
+from stages.families.internvl.model import (
     IASInternVLConfig,
     IASInternVLForConditionalGeneration,
     build_tiny_model,

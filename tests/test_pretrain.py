@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.ingest.synthetic_attributes import ATTRIBUTES
-from stages.ingest.synthetic_corpus import SKY_NAMES, generate_corpus
-from stages.pretrain import corpus as pc
+from stages.synthetic.attributes import ATTRIBUTES
+from stages.synthetic.corpus import SKY_NAMES, generate_corpus
+from stages.synthetic import pretraining_corpus as pc
 from stages.pretrain.targets import CLASSES, REGRESSIONS, AuxHeads, Targets
 
 
@@ -70,8 +70,8 @@ def test_targets_follow_the_records(small: pc.PretrainCorpus) -> None:
 @pytest.mark.slow
 def test_pretraining_runs_save_what_the_pipeline_loads(small: pc.PretrainCorpus, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.finetune.model import load_base
-    from stages.finetune.tokenizer import load_tokenizer
+    from stages.families.internvl.model import load_base
+    from stages.families.internvl.tokenizer import load_tokenizer
     from stages.pretrain.captioner import CaptionerRecipe, describe_cache, pretrain_captioner
     from stages.pretrain.eat import EatRecipe, pretrain_eat
     from stages.saliency.eat import build_eat, load_eat_weights

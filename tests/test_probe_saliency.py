@@ -83,9 +83,9 @@ def test_probe_scores_attributes_where_the_dataset_knows_them(tmp_path: Path) ->
     with zero gates, ignores its map: the probe reports no critique changed."""
     from pipeline.manifest import DatasetSpec
     from pipeline.paths import runs_dir
-    from stages.finetune.model import load_base
-    from stages.finetune.tokenizer import load_tokenizer
-    from stages.ingest.formats.synthetic import ground_truth
+    from stages.families.internvl.model import load_base
+    from stages.families.internvl.tokenizer import load_tokenizer
+    from stages.synthetic.truth import ground_truth
     from stages.ingest.run import ingest_dataset
     from stages.report.attributes import attribute_scores
     from stages.report.generate import generate_split, read_predictions

@@ -23,7 +23,7 @@ from test_finetune_data import SIZES, WORDS, make_manifest, make_store, make_toy
 
 @pytest.fixture
 def tok():
-    from stages.finetune.qwen_data import train_tokenizer
+    from stages.families.qwen.data import train_tokenizer
 
     return train_tokenizer([f"{a}, {b}." for a in WORDS for b in WORDS], vocab_size=300)
 
@@ -35,13 +35,13 @@ def toy(tmp_path: Path):
 
 
 def _spec():
-    from stages.finetune.qwen_data import ImageSpec
+    from stages.families.qwen.data import ImageSpec
 
     return ImageSpec(min_pixels=56 * 56, max_pixels=4 * 224 * 224)
 
 
 def _dataset(manifest, tok, **kw):
-    from stages.finetune.qwen_data import QwenCritiqueDataset
+    from stages.families.qwen.data import QwenCritiqueDataset
     from storage.saliency_store import current_store
 
     store = kw.pop("store", None) or current_store(manifest)
@@ -49,8 +49,8 @@ def _dataset(manifest, tok, **kw):
 
 
 def test_tokenizer_special_tokens_and_qwen25vl_prompt_layout(tok, tmp_path: Path) -> None:
-    from stages.finetune.qwen_data import CHAT_TEMPLATE, IMAGE_PAD, dataset_tokenizer, load_tokenizer, prompt_ids
-    from stages.finetune.prompting import PROMPT
+    from stages.families.qwen.data import CHAT_TEMPLATE, IMAGE_PAD, dataset_tokenizer, load_tokenizer, prompt_ids
+    from stages.families.text import PROMPT
 
     for special in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"):
         ids = tok(special, add_special_tokens=False)["input_ids"]
@@ -72,7 +72,7 @@ def test_tokenizer_special_tokens_and_qwen25vl_prompt_layout(tok, tmp_path: Path
     (tmp_path / "release" / "chat_template.json").write_text(__import__("json").dumps({"chat_template": CHAT_TEMPLATE}))
     assert load_tokenizer(tmp_path / "release").chat_template == CHAT_TEMPLATE
     with pytest.raises(ValueError, match="Qwen2.5-VL image tokens"):
-        from stages.finetune.tokenizer import train_bpe
+        from stages.families.internvl.tokenizer import train_bpe
 
         train_bpe(WORDS, vocab_size=300).save_pretrained(tmp_path / "internvl")
         load_tokenizer(tmp_path / "internvl")
@@ -81,8 +81,8 @@ def test_tokenizer_special_tokens_and_qwen25vl_prompt_layout(tok, tmp_path: Path
 def test_batch_equals_the_qwen25vl_processors_output(toy, tok) -> None:
     """Two odd-sized images through our dataset + collator vs transformers' Qwen2.5-VL processor on the same
     images and the same conversation: identical pixel_values, grids, prompt tokens and token types."""
-    from stages.finetune.prompting import PROMPT
-    from stages.finetune.qwen_data import CHAT_TEMPLATE, IMAGE_PAD, QwenCollator
+    from stages.families.text import PROMPT
+    from stages.families.qwen.data import CHAT_TEMPLATE, IMAGE_PAD, QwenCollator
 
     manifest, shas = toy
     make_store(manifest, shas)
@@ -110,8 +110,8 @@ def test_batch_equals_the_qwen25vl_processors_output(toy, tok) -> None:
 
 
 def test_items_carry_the_stored_raw_map_and_the_data_derived_length(toy, tok) -> None:
-    from stages.finetune.qwen_data import encode_example
-    from stages.finetune.dataset import SequenceLengthError
+    from stages.families.qwen.data import encode_example
+    from stages.families.data import SequenceLengthError
 
     manifest, shas = toy
     maps = make_store(manifest, shas)
@@ -133,8 +133,8 @@ def test_items_carry_the_stored_raw_map_and_the_data_derived_length(toy, tok) ->
 
 
 def test_missing_and_constant_maps_are_uniform(toy, tok) -> None:
-    from stages.finetune.dataset import MissingSaliencyError
-    from stages.finetune.qwen_data import IMAGE_PAD, QwenCollator, stack_maps
+    from stages.families.data import MissingSaliencyError
+    from stages.families.qwen.data import IMAGE_PAD, QwenCollator, stack_maps
 
     manifest, shas = toy
     make_store(manifest, shas[:2], maps={shas[1]: np.zeros((14, 14), np.float32)})
@@ -145,7 +145,7 @@ def test_missing_and_constant_maps_are_uniform(toy, tok) -> None:
     batch = QwenCollator(tok.pad_token_id, tok.convert_tokens_to_ids(IMAGE_PAD))([data[0], data[2], data[4]])
     maps = batch["saliency_maps"]
     assert maps.shape == (3, 14, 14) and torch.equal(maps[2], torch.ones(14, 14))
-    from stages.finetune.qwen_vit import patch_saliency
+    from stages.families.qwen.vit import patch_saliency
 
     values = patch_saliency(maps, batch["image_grid_thw"], 14, 2).split(batch["image_grid_thw"].prod(-1).tolist())
     assert torch.equal(values[1], torch.ones_like(values[1])) and torch.equal(values[2], torch.ones_like(values[2]))
@@ -156,10 +156,10 @@ def test_missing_and_constant_maps_are_uniform(toy, tok) -> None:
 def test_an_aspect_ratio_the_processor_refuses_is_a_clear_error(toy, tok) -> None:
     """The Qwen2.5-VL processor refuses aspect ratios above 200: training names the image before it starts,
     generation records the image as failed (ImageError) instead of stopping."""
-    from stages.finetune.dataset import SequenceLengthError
-    from stages.finetune.qwen_data import special_ids
-    from stages.finetune.qwen_model import build_tiny_model
-    from stages.report.qwen_generate import QwenCaptioner
+    from stages.families.data import SequenceLengthError
+    from stages.families.qwen.data import special_ids
+    from stages.families.qwen.model import build_tiny_model
+    from stages.families.qwen.captioner import QwenCaptioner
 
     with pytest.raises(ImageError, match="aspect ratios up to 200"):
         _spec().image_tokens(4020, 20)

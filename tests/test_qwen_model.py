@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
-from stages.finetune.qwen_model import (
+from stages.families.qwen.model import (
     IASQwen2_5_VLConfig,
     IASQwen2_5_VLForConditionalGeneration,
     build_tiny_model,
@@ -22,7 +22,7 @@ from stages.finetune.qwen_model import (
     named_config,
     tiny_config,
 )
-from stages.finetune.qwen_vit import cross_attention_parameters
+from stages.families.fusion import cross_attention_parameters
 
 VOCAB = 300
 WORDS = ["lovely light", "strong composition", "the horizon is tilted", "colours feel muted"]
@@ -216,7 +216,7 @@ def test_registered_shapes() -> None:
 
 
 def _captioner_parts(seed: int = 0):
-    from stages.finetune.qwen_data import special_ids, train_tokenizer
+    from stages.families.qwen.data import special_ids, train_tokenizer
 
     tok = train_tokenizer([f"{a}, {b}." for a in WORDS for b in WORDS], vocab_size=300)
     torch.manual_seed(seed)
@@ -236,9 +236,9 @@ def _images() -> list[Image.Image]:
 
 
 def test_batched_decoding_equals_batch_one_and_a_plain_argmax_loop() -> None:
-    from stages.finetune.qwen_data import ImageSpec
+    from stages.families.qwen.data import ImageSpec
     from stages.report.generate import DecodeConfig
-    from stages.report.qwen_generate import QwenCaptioner
+    from stages.families.qwen.captioner import QwenCaptioner
 
     model, tok = _captioner_parts()
     cap = QwenCaptioner(model, tok, ImageSpec(max_pixels=4 * 224 * 224), torch.device("cpu"))

@@ -150,8 +150,8 @@ def save_qwen_base(directory: Path) -> Path:
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
-    from stages.finetune.qwen_data import special_ids, train_tokenizer
-    from stages.finetune.qwen_model import tiny_config
+    from stages.families.qwen.data import special_ids, train_tokenizer
+    from stages.families.qwen.model import tiny_config
 
     tok = train_tokenizer([f"{a}, {b}." for a in WORDS for b in WORDS], vocab_size=300)
     ias = tiny_config("tiny-qwen", len(tok), special_ids(tok))
@@ -174,7 +174,7 @@ def test_fsdp_two_ranks_equal_one_process(pccd_run: Path, tmp_path: Path) -> Non
     strategy = "fsdp"
     from test_finetune_scale import SHARDED_ATOL, _assert_same_weights
 
-    from stages.finetune.qwen_model import IASQwen2_5_VLForConditionalGeneration
+    from stages.families.qwen.model import IASQwen2_5_VLForConditionalGeneration
 
     base = save_qwen_base(tmp_path / "base")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

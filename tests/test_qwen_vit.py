@@ -18,13 +18,12 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
-from stages.finetune.ias_vit import PRIOR_FLOOR
-from stages.finetune.qwen_model import VISION_QWEN25VL
-from stages.finetune.qwen_vit import (
+from stages.families.fusion import PRIOR_FLOOR, cross_attention_parameters
+from stages.families.qwen.configs import VISION_QWEN25VL
+from stages.families.qwen.vit import (
     IASQwenVisionBlock,
     IASQwenVisionModel,
     QwenSaliencyCrossAttention,
-    cross_attention_parameters,
     patch_saliency,
     vision_tower,
 )

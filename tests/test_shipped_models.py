@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.ingest.synthetic_attributes import ATTRIBUTES
+from stages.synthetic.attributes import ATTRIBUTES
 from stages.pretrain.commands import CORPUS_SEED
-from stages.pretrain.corpus import validation_set
+from stages.synthetic.pretraining_corpus import validation_set
 from stages.pretrain.shipped import SHIPPED_BASE, SHIPPED_EAT, sidecar_path
 
 HELD_OUT = 2_000_000  # renders used by neither pretraining nor its validation
@@ -47,8 +47,8 @@ def test_shipped_base_describes_and_critiques_unseen_images(renders) -> None:
     """A plain InternVL (only the new cross-attention keys missing) whose greedy descriptions name the true
     exposure far above chance, and whose greedy critiques assert true attribute values far more often than the
     best a constant critique can (the majority value of every attribute), both differing from image to image."""
-    from stages.finetune.model import load_base
-    from stages.finetune.tokenizer import load_tokenizer
+    from stages.families.internvl.model import load_base
+    from stages.families.internvl.tokenizer import load_tokenizer
     from stages.pretrain.captioner import DESCRIBE_PROMPT, evaluate, evaluate_critiques
     from stages.report.attributes import attribute_scores, majority_critique
 

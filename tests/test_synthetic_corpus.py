@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.ingest import synthetic_attributes as sa
-from stages.ingest import synthetic_corpus as sc
+from stages.synthetic import attributes as sa
+from stages.synthetic import corpus as sc
 
 
 def _records(root: Path) -> list[dict]:
@@ -203,7 +203,7 @@ def test_parallel_generation_killed_midway_resumes_identically(tmp_path: Path) -
 
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     sc.generate_corpus(clean, n=40, seed=5, workers=1)
-    code = f"from stages.ingest.synthetic_corpus import generate_corpus; generate_corpus({str(killed)!r}, n=40, seed=5, workers=2)"
+    code = f"from stages.synthetic.corpus import generate_corpus; generate_corpus({str(killed)!r}, n=40, seed=5, workers=2)"
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     deadline = time.time() + 120
     while len(list((killed / "images").glob("syn*.jpg"))) < 10 and time.time() < deadline:

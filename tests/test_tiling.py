@@ -11,8 +11,8 @@ from PIL import Image
 from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-from stages.finetune.collate import saliency_inputs
-from stages.finetune.tiling import IMAGENET_MEAN, IMAGENET_STD, Tiling, expand_saliency, plan_tiles, tile_image
+from stages.families.internvl.collate import saliency_inputs
+from stages.families.internvl.tiling import IMAGENET_MEAN, IMAGENET_STD, Tiling, expand_saliency, plan_tiles, tile_image
 
 # odd sizes and aspect ratios x (tile size, min tiles, max tiles), including max_tiles = 40
 CASES = [

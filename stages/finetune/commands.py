@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from stages import families
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -54,8 +56,8 @@ def register(app: typer.Typer) -> None:
         report_to: str = typer.Option("tensorboard", "--report-to",
                                       help="Training curves to: tensorboard (<run dir>/tensorboard/), wandb or none."),
         tiny_model: str = typer.Option("tiny", "--tiny-model",
-                                       help="Registered small model to build when there is no base: tiny, demo "
-                                            "(InternVL), tiny-qwen, demo-qwen (Qwen2.5-VL)."),
+                                       help="Registered small model to build when there is no base: "
+                                            f"{families.model_names(tiny_only=True)}."),
     ) -> None:
         """Fine-tune the saliency-enhanced MLLM on a dataset's critiques (resumes if interrupted)."""
         from pipeline.context import manifest
@@ -79,8 +81,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def plan(
         base: str = typer.Option(..., "--base", help="Checkpoint dir, its config.json, or a registered config: "
-                                                     "internvl2-8b, internvl3-8b, internvit300m-qwen2-0.5b, "
-                                                     "qwen2.5-vl-7b, qwen2.5-vl-3b, tiny, demo, tiny-qwen, demo-qwen."),
+                                                     f"{families.model_names()}."),
         max_tiles: int = typer.Option(12, "--max-tiles", help="InternVL: tiles per image."),
         max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Qwen2.5-VL: pixels per image "
                                                                            "(default 1,003,520 = 1,280 LLM tokens)."),
@@ -96,7 +97,7 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option("bf16", "--precision", help="Compute dtype: bf16, fp16 or fp32."),
     ) -> None:
         """Per-GPU memory of a fine-tuning setting (weights, gradients, optimizer, activations); reads no weights."""
-        from stages.finetune.plan import Setting, load_config
+        from stages.finetune.plan import Setting, load_model_config
         from stages.finetune.plan import plan as make_plan
         from stages.finetune.sharding import STRATEGIES
 
@@ -107,7 +108,7 @@ def register(app: typer.Typer) -> None:
                           gradient_checkpointing=gradient_checkpointing, lora=lora,
                           trainable=tuple(p.strip() for p in trainable.split(",") if p.strip()),
                           text_tokens=text_tokens, compute=precision)
-        result = make_plan(load_config(base), setting, gpu_memory, name=Path(base).name)
+        result = make_plan(load_model_config(base), setting, gpu_memory, name=Path(base).name)
         typer.echo(result.table())
         typer.echo(result.line())
 
@@ -119,6 +120,6 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it holds another conversion."),
     ) -> None:
         """Convert an original InternVL2 checkpoint to native transformers classes (no remote code runs)."""
-        from stages.finetune.convert import convert
+        from stages.families.internvl.convert import convert
 
         typer.echo(convert(src, out, max_shard_bytes=max_shard_size, overwrite=overwrite).line())

@@ -36,66 +36,25 @@ ALLOCATOR_RESERVE = 0.08  # of GPU memory: CUDA context, allocator fragmentation
 DEFAULT_QWEN_PIXELS = 28 * 28 * 1280  # the Qwen2.5-VL image processor's default budget (1,280 LLM tokens)
 
 
-# ---------------------------------------------------------------- named configs (no weights needed)
-
-
-def _internvit_300m() -> dict[str, Any]:
-    """InternViT-300M-448px (InternVL2-8B / InternVL3-8B vision tower): 24 x 1024, 16 heads, MLP 4096."""
-    return dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                attention_bias=True, image_size=448, patch_size=14, use_qk_norm=False, norm_type="layer_norm",
-                layer_scale_init_value=0.1, use_mean_pooling=True)
-
-
-NAMED_CONFIGS: dict[str, dict[str, Any]] = {
-    # the paper's base: InternViT-300M + InternLM2-7B/8B-chat (InternLM2 runs as Llama: convert-base)
-    "internvl2-8b": dict(vision=_internvit_300m(), text=dict(
-        model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=14336, vocab_size=92553, max_position_embeddings=32768, tie_word_embeddings=False)),
-    # InternVL3-8B-hf: InternViT-300M-448px-V2_5 + Qwen2.5-7B
-    "internvl3-8b": dict(vision=_internvit_300m(), text=dict(
-        model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-        intermediate_size=18944, vocab_size=151674, max_position_embeddings=32768, tie_word_embeddings=False)),
-    # the GPU script's model: InternViT-300M + a Qwen2-0.5B-shaped LLM (InternVL2.5-1B / InternVL3-1B class)
-    "internvit300m-qwen2-0.5b": dict(vision=_internvit_300m(), text=dict(
-        model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-        intermediate_size=4864, vocab_size=151674, max_position_embeddings=32768, tie_word_embeddings=True)),
-}
-
-
-def named_config(name: str, fusion: str = "cross_attention") -> Any:
-    """An IASInternVLConfig of a registered real shape."""
-    from transformers import AutoConfig
-    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
-
-    from stages.finetune.model import IASInternVLConfig
-
-    if name not in NAMED_CONFIGS:
-        raise KeyError(f"unknown config {name!r} (known: {', '.join(NAMED_CONFIGS)})")
-    spec = NAMED_CONFIGS[name]
-    text = dict(spec["text"])
-    text_config = AutoConfig.for_model(text.pop("model_type"), **text)
-    return IASInternVLConfig(vision_config=InternVLVisionConfig(**spec["vision"]), text_config=text_config,
-                             image_token_id=text_config.vocab_size - 1, image_seq_length=256, downsample_ratio=0.5,
-                             ias_fusion=fusion, tie_word_embeddings=text_config.tie_word_embeddings)
-
-
-def load_config(base: str | Path, fusion: str = "cross_attention") -> Any:
+def load_model_config(base: str | Path, fusion: str = "cross_attention") -> Any:
     """``base``: a registered name (either family), a checkpoint dir or its config.json (weights are never read)."""
     from transformers import AutoConfig
 
-    from stages.finetune import family
+    from stages import families
 
-    named = family.of_name(str(base))
+    named = families.of_name(str(base))
     if named is not None:
         if str(base) in named.named_names():
             return named.named_config(str(base), fusion)
         return named.tiny_config(str(base), 2048, fusion)
     path = Path(base)
     if not path.exists():
-        known = ", ".join(n for f in family.FAMILIES.values() for n in [*f.named_names(), *f.tiny_names()])
+        known = ", ".join(n for f in families.FAMILIES.values() for n in [*f.named_names(), *f.tiny_names()])
         raise FileNotFoundError(f"{base}: neither a registered config ({known}) nor a checkpoint dir / config.json")
+    family = families.of_base(path)
+    family.model_class()  # imports the family's model module, which registers its IAS config type with AutoConfig
     config = AutoConfig.from_pretrained(path.parent if path.is_file() else path)
-    return family.of_base(path).ias_config(config, fusion)
+    return family.ias_config(config, fusion)
 
 
 # ---------------------------------------------------------------- the setting
@@ -138,20 +97,20 @@ def meta_model(config: Any) -> Any:
     which transformers would otherwise enter (a collective) once a ZeRO-3 TrainingArguments exists."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    from stages.finetune import family
+    from stages import families
 
     saved, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
     try:
         with torch.device("meta"):
-            return family.of_config(config).model_class()(config)
+            return families.of_config(config).model_class()(config)
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def count_parameters(config: Any, setting: Setting, persistence_threshold: float = 1e7) -> Counts:
     """Exact parameter counts from the config (meta device)."""
-    from stages.finetune import family
-    from stages.finetune.train import LORA_TARGETS, part_of
+    from stages import families
+    from stages.finetune.parts import LORA_TARGETS, part_of
 
     model = meta_model(config)
     by_part: dict[str, int] = {}
@@ -170,7 +129,7 @@ def count_parameters(config: Any, setting: Setting, persistence_threshold: float
         by_part["lora"] = lora
         total += lora
         trainable += lora
-    vision_layers, llm_layers = family.of_config(config).layers(model)
+    vision_layers, llm_layers = families.of_config(config).layers(model)
     layers = [*vision_layers, *llm_layers]
     largest = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
     prefix = {id(m): n for n, m in model.named_modules()}
@@ -213,7 +172,7 @@ class Shapes:
 
     @staticmethod
     def of(config: Any, setting: Setting) -> Shapes:
-        from stages.finetune.model import tokens_per_tile
+        from stages.families.internvl.model import tokens_per_tile
 
         v, t = config.vision_config, config.text_config
         labelled = setting.labelled_tokens if setting.labelled_tokens is not None else max(1, setting.text_tokens - 32)

@@ -22,7 +22,7 @@ class TruthMaps:
     """Ground-truth masks of a synthetic dataset as saliency maps, keyed by image sha256."""
 
     def __init__(self, dataset: str) -> None:
-        from stages.ingest.formats.synthetic import ground_truth
+        from stages.synthetic.truth import ground_truth
         from storage.tables import read_table
 
         truth = ground_truth(dataset)
@@ -53,3 +53,15 @@ def open_source(source: str, dataset: str, manifest: Any) -> tuple[Any | None, s
     from storage.saliency_store import find_store
 
     return find_store(manifest)
+
+
+def open_saliency(source: str, dataset: str, manifest: Any, allow_missing: bool) -> tuple[Any | None, str]:
+    """(saliency source or None, why None) for training and generation alike: without a store, and unless
+    uniform maps are allowed, a :class:`MissingSaliencyError` that names the saliency stage."""
+    from stages.families.data import MissingSaliencyError
+
+    store, why = open_source(source, dataset, manifest)
+    if store is None and not allow_missing:
+        raise MissingSaliencyError(f"no saliency store ({why}): run the saliency stage first (`ase-mllm saliency`), "
+                                   "or pass --allow-missing-saliency to use uniform maps")
+    return store, why

@@ -28,7 +28,7 @@ STRATEGIES = ("ddp", "fsdp", "zero3")
 CONFIG_DIR = Path(__file__).with_name("configs")
 
 
-def load_config(strategy: str) -> dict[str, Any]:
+def load_strategy_config(strategy: str) -> dict[str, Any]:
     """The strategy's YAML config as a dict (``ddp`` has none)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -40,16 +40,16 @@ def load_config(strategy: str) -> dict[str, Any]:
 def wrap_classes(config: Any) -> list[str]:
     """Class names of the vision layer (IAS-ViT layer, Qwen2.5-VL vision block) and the LLM decoder layer of
     ``config`` (built on the meta device)."""
-    from stages.finetune import family
+    from stages import families
     from stages.finetune.plan import meta_model
 
-    vision, llm = family.of_config(config).layers(meta_model(config))
+    vision, llm = families.of_config(config).layers(meta_model(config))
     return [type(vision[0]).__name__, type(llm[0]).__name__]
 
 
 def training_kwargs(strategy: str, config: Any, gradient_checkpointing: bool) -> dict[str, Any]:
     """TrainingArguments entries for ``strategy`` (FSDP / DeepSpeed settings and checkpointing switches)."""
-    settings = load_config(strategy)
+    settings = load_strategy_config(strategy)
     checkpointing = {"activation_checkpointing": gradient_checkpointing,
                      "activation_checkpointing_kwargs": {"use_reentrant": False}}
     if strategy == "ddp":

@@ -33,7 +33,8 @@ from transformers.trainer_callback import ProgressCallback
 from pipeline.errors import PipelineError
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
-from stages.finetune.ias_vit import FUSIONS
+from stages.families.fusion import FUSIONS
+from stages.finetune.parts import LORA_TARGETS, PARTS, part_of
 from stages.finetune.saliency_source import SOURCES
 from stages.finetune.precision import PRECISIONS
 from stages.finetune.sharding import STRATEGIES, builds_on_meta, training_kwargs
@@ -41,8 +42,6 @@ from storage.atomic import write_json_atomic
 
 GLOBAL_BATCH = {"dpc2022": 64, "pccd": 16, "rpcd": 16}  # paper, Sec. IV-A
 DEFAULT_GLOBAL_BATCH = 16
-PARTS = ("vision", "cross_attention", "projector", "llm")
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 REPORT_TO = ("tensorboard", "wandb", "none")  # where training curves go (the Trainer's own integrations)
 
 
@@ -50,7 +49,7 @@ REPORT_TO = ("tensorboard", "wandb", "none")  # where training curves go (the Tr
 class TrainConfig:
     dataset: str
     run: str = "default"
-    base: str | None = None  # local HF InternVL or Qwen2.5-VL dir (family.py); None: manifest's, else a tiny model
+    base: str | None = None  # local HF InternVL or Qwen2.5-VL dir (stages/families); None: manifest's, else a tiny model
     fusion: str = "cross_attention"  # or "none" (the "w/o IASC" ablation)
     split: str = "train"
     # paper recipe
@@ -179,19 +178,6 @@ def last_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Path | No
 # ---------------------------------------------------------------- model parts
 
 
-def part_of(name: str) -> str | None:
-    """Which trainable part a parameter belongs to (None: unknown)."""
-    if ".cross_attention." in f".{name}":  # the parameters IAS-ViT adds (ias_vit.cross_attention_parameters)
-        return "cross_attention"
-    if "multi_modal_projector" in name or ".visual.merger." in f".{name}":  # Qwen2.5-VL's projector: its merger
-        return "projector"
-    if "vision_tower" in name or ".visual." in f".{name}":
-        return "vision"
-    if "language_model" in name or "lm_head" in name:
-        return "llm"
-    return None
-
-
 def set_trainable(model: nn.Module, parts: tuple[str, ...]) -> dict[str, int]:
     """Freeze everything except ``parts``; returns trainable parameter counts per part."""
     counts = dict.fromkeys(PARTS, 0)
@@ -209,21 +195,15 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """LoRA on the LLM's linear layers; the other chosen parts stay fully trainable (and saved)."""
     from peft import LoraConfig, get_peft_model
 
-    from stages.finetune import family
+    from stages import families
 
-    names = family.of_train(cfg.base, cfg.tiny_model).lora_modules
+    names = families.of_train(cfg.base, cfg.tiny_model).lora_modules
     full = set(cfg.trainable) - {"llm"}
     keep = [names["vision"]] if "vision" in full else (["cross_attention"] if "cross_attention" in full else [])
     keep += [names["projector"]] if "projector" in full else []
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=LORA_TARGETS, modules_to_save=keep)
     return get_peft_model(model, lora)
-
-
-def tile_size(config: Any) -> int:
-    """Tile side in pixels: the vision tower's input size."""
-    size = config.vision_config.image_size
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 # ---------------------------------------------------------------- trainer pieces
@@ -410,12 +390,12 @@ def resolve(cfg: TrainConfig, manifest: Manifest | None) -> TrainConfig:
 
 def model_config(cfg: TrainConfig) -> Any:
     """The model's config before the model exists (the base's config.json, or the tiny config)."""
-    from stages.finetune import family
-    from stages.finetune.plan import load_config
+    from stages import families
+    from stages.finetune.plan import load_model_config
 
     if cfg.base:
-        return load_config(cfg.base, cfg.fusion)
-    return family.of_tiny(cfg.tiny_model).tiny_config(cfg.tiny_model, cfg.vocab_size, cfg.fusion)
+        return load_model_config(cfg.base, cfg.fusion)
+    return families.of_tiny(cfg.tiny_model).tiny_config(cfg.tiny_model, cfg.vocab_size, cfg.fusion)
 
 
 def training_arguments(cfg: TrainConfig, run_dir: Path, config: Any = None) -> TrainingArguments:
@@ -462,10 +442,10 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, config: Any = None) -> T
 
 
 def build_tokenizer(cfg: TrainConfig, run_dir: Path):  # noqa: ANN201
-    from stages.finetune import family
-    from stages.finetune.dataset import pairs
+    from stages import families
+    from stages.families.data import pairs
 
-    base_family = family.of_train(cfg.base, cfg.tiny_model)
+    base_family = families.of_train(cfg.base, cfg.tiny_model)
     if cfg.base:
         return base_family.load_tokenizer(Path(cfg.base))
     _, comments = pairs(cfg.dataset, cfg.split)
@@ -477,9 +457,10 @@ def build_model(cfg: TrainConfig, tokenizer, policy: Any = None, meta: bool = Fa
 
     ``meta``: parameters without storage (an FSDP rank that receives its shards from rank 0, sharding.builds_on_meta).
     """
-    from stages.finetune import family, precision
+    from stages import families
+    from stages.finetune import precision
 
-    base_family = family.of_train(cfg.base, cfg.tiny_model)
+    base_family = families.of_train(cfg.base, cfg.tiny_model)
     # buffers (rope tables) are computed, not loaded: they stay real
     with init_empty_weights(include_buffers=False) if meta else contextlib.nullcontext():
         if cfg.base and meta:
@@ -503,21 +484,19 @@ def build_model(cfg: TrainConfig, tokenizer, policy: Any = None, meta: bool = Fa
 
 def open_store(cfg: TrainConfig, manifest: Manifest | None):  # noqa: ANN201
     """The run's saliency source (store-like), or None for uniform maps where that is allowed."""
-    from stages.finetune.dataset import MissingSaliencyError
-    from stages.finetune.saliency_source import open_source
+    from stages.finetune.saliency_source import open_saliency
 
-    store, why = open_source(cfg.saliency, cfg.dataset, manifest)
+    allow = cfg.allow_missing_saliency or cfg.saliency == "uniform"
+    store, why = open_saliency(cfg.saliency, cfg.dataset, manifest, allow)
     if store is None:
-        if not cfg.allow_missing_saliency and cfg.saliency != "uniform":
-            raise MissingSaliencyError(f"no saliency store ({why}): run the saliency stage first "
-                                       "(`ase-mllm saliency`), or pass --allow-missing-saliency to use uniform maps")
         print(f"finetune: no saliency maps ({why}); every image gets the uniform map")
     return store
 
 
 def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[TrainerCallback, ...] = ()) -> Summary:
     """Train (or resume) one run; returns the start / end loss summary. ``callbacks`` join the Trainer's."""
-    from stages.finetune import family, precision
+    from stages import families
+    from stages.finetune import precision
     from stages.finetune.sharding import init_deepspeed_on_cpu
 
     cfg = resolve(cfg, manifest)
@@ -527,7 +506,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
             raise PipelineError("--report-to wandb needs the wandb package (`pip install wandb`, then `wandb login`); "
                                 "or use --report-to tensorboard")
         os.environ.setdefault("WANDB_DIR", str(run_dir))
-    family.check_run(run_dir, family.of_train(cfg.base, cfg.tiny_model))
+    families.check_run(run_dir, families.of_train(cfg.base, cfg.tiny_model))
     run_dir.mkdir(parents=True, exist_ok=True)
     config = model_config(cfg)
     args = training_arguments(cfg, run_dir, config)
@@ -541,7 +520,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
     with args.main_process_first(desc="tokenizer + checkpoint check"):
         tokenizer = build_tokenizer(cfg, run_dir)
         resume = last_checkpoint(run_dir, remove_incomplete=main)
-    base_family = family.of_train(cfg.base, cfg.tiny_model)
+    base_family = families.of_train(cfg.base, cfg.tiny_model)
     spec = base_family.data_spec(cfg, config)  # TileSpec (InternVL) or ImageSpec (Qwen2.5-VL)
     data = base_family.dataset(cfg, tokenizer, spec, open_store(cfg, manifest))
     if main:
@@ -549,7 +528,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
     model = build_model(cfg, tokenizer, policy, meta=builds_on_meta(args))
     if main:
         write_json_atomic(run_dir / "run_config.json", {
-            **asdict(cfg), **family.spec_record(base_family, spec), "world_size": args.world_size,
+            **asdict(cfg), **families.spec_record(base_family, spec), "world_size": args.world_size,
             "per_device_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "train_pairs": len(data),
             "max_length_used": data.max_length, "truncated": data.truncated,

@@ -1,15 +1,15 @@
 """Pretrain the demo's base MLLM: a tiny InternVL taught to see the synthetic scenes, then to critique them.
 
 The analogue of a real pretrained, instruction-tuned InternVL (what users fine-tune): a plain
-``InternVLForConditionalGeneration`` (the ``demo`` shape of stages/finetune/model.py, no saliency fusion),
+``InternVLForConditionalGeneration`` (the ``demo`` shape of stages/families/internvl/model.py, no saliency fusion),
 from scratch, in two phases on the seed-1 stream (the demo corpus is seed 0):
 
-1. describe (``epochs``): every image's plain scene description (``synthetic_attributes.scene_description``:
+1. describe (``epochs``): every image's plain scene description (``synthetic.attributes.scene_description``:
    what is where, then every attribute value in judgement-free words), answering the aesthetic prompt; the
    vision tower also feeds the auxiliary image-level heads of stages/pretrain/targets.py (dropped when
    saving). Cached under ``work/pretrain/`` so phase 2 can be rerun alone.
 2. critique (``critique_steps``): batches mixing critiques of the pretraining images that remark on every
-   attribute (``synthetic_attributes.full_critique``: the critics' phrase bank, aesthetic prompt) with their
+   attribute (``synthetic.attributes.full_critique``: the critics' phrase bank, aesthetic prompt) with their
    descriptions (``DESCRIBE_PROMPT``), so the critic's words stay tied to what the vision tower sees. (Trained
    on the generator's 1-3 remark reference critiques instead, 600 steps gave one constant critique for every
    held-out image: which attributes a reference remarks on is random, so its likeliest sentence is the
@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pipeline.paths import work_dir
-from stages.finetune.prompting import PROMPT, Encoded
-from stages.ingest.synthetic_attributes import ATTRIBUTES, described_values, full_critique, scene_description
+from stages.families.text import PROMPT, Encoded
+from stages.synthetic.attributes import ATTRIBUTES, described_values, full_critique, scene_description
 from stages.pretrain.targets import AuxHeads, Targets
 from stages.schedule import warmup_cosine
 
@@ -44,7 +44,7 @@ DESCRIBE_PROMPT = "Describe this image."
 
 @dataclass(frozen=True)
 class CaptionerRecipe:
-    shape: str = "demo"  # a registered tiny shape (stages/finetune/model.py TINY_CONFIGS)
+    shape: str = "demo"  # a registered tiny shape (stages/families/internvl/model.py TINY_CONFIGS)
     epochs: int = 10  # phase 1, descriptions
     batch_size: int = 32
     lr: float = 3e-3
@@ -64,7 +64,7 @@ class CaptionerRecipe:
 
 def normalise(u8: Tensor) -> Tensor:
     """[B, H, W, 3] uint8 -> [B, 3, H, W] float with InternVL's (ImageNet) mean / std."""
-    from stages.finetune.tiling import IMAGENET_MEAN, IMAGENET_STD
+    from stages.families.internvl.tiling import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (u8.permute(0, 3, 1, 2).float() / 255 - mean) / std
@@ -72,7 +72,7 @@ def normalise(u8: Tensor) -> Tensor:
 
 def tokenizer_texts(records: list[dict[str, Any]], seed: int, n_reference_images: int = 3000) -> list[str]:
     """Every description, plus the five reference critiques of the first images (the critics' vocabulary)."""
-    from stages.ingest.synthetic_corpus import annotation
+    from stages.synthetic.corpus import annotation
 
     texts = [scene_description(r["attributes"], r["scene"]) for r in records]
     texts += [ref for r in records[:n_reference_images] for ref in annotation(r["index"], seed)["references"]]
@@ -83,8 +83,8 @@ def tokenizer_texts(records: list[dict[str, Any]], seed: int, n_reference_images
 def generate_texts(model: nn.Module, tokenizer: Any, images: np.ndarray, prompt: str, batch_size: int = 32,
                    max_new_tokens: int = 90) -> list[str]:
     """Greedy answers to ``prompt`` for [N, 224, 224, 3] images (one tile each)."""
-    from stages.finetune.model import tokens_per_tile
-    from stages.finetune.prompting import prompt_ids
+    from stages.families.internvl.model import tokens_per_tile
+    from stages.families.internvl.prompting import prompt_ids
 
     model.eval()
     ids = prompt_ids(tokenizer, tokens_per_tile(model.config), prompt)
@@ -128,7 +128,7 @@ def _train(model: nn.Module, params: list[nn.Parameter], images: np.ndarray, pad
            weight_decay: float, desc: str, extra_loss: Callable[[Tensor], Tensor] | None = None) -> Iterator[float]:
     """AdamW with linear warmup then cosine over ``total`` batches of (image row, example), rows unique and
     ascending; ``extra_loss(rows)`` (after the forward) adds to the LM loss. Yields each step's LM loss."""
-    from stages.finetune.collate import Collator
+    from stages.families.internvl.collate import Collator
 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = warmup_cosine(optimizer, total, warmup)
@@ -157,9 +157,9 @@ def _train(model: nn.Module, params: list[nn.Parameter], images: np.ndarray, pad
 def _describe_phase(images: np.ndarray, records: list[dict[str, Any]], val: tuple[np.ndarray, list[dict[str, Any]]],
                     recipe: CaptionerRecipe, corpus_seed: int) -> tuple[nn.Module, Any, list[dict[str, Any]]]:
     """Phase 1 from scratch: descriptions (aesthetic prompt) + auxiliary heads, ``epochs`` passes."""
-    from stages.finetune.model import build_tiny_model, tokens_per_tile
-    from stages.finetune.prompting import encode_example
-    from stages.finetune.tokenizer import IMG_CONTEXT, train_bpe
+    from stages.families.internvl.model import build_tiny_model, tokens_per_tile
+    from stages.families.internvl.prompting import encode_example
+    from stages.families.internvl.tokenizer import IMG_CONTEXT, train_bpe
 
     torch.manual_seed(recipe.seed)
     tokenizer = train_bpe(tokenizer_texts(records, corpus_seed), vocab_size=recipe.vocab_size)
@@ -204,8 +204,8 @@ def _critique_phase(model: nn.Module, tokenizer: Any, images: np.ndarray, record
     """Phase 2: ``critique_steps`` batches, each example a critique of its image remarking on every attribute
     (aesthetic prompt) with probability ``critique_share``, else its description (``DESCRIBE_PROMPT``);
     held-out critiques are scored every ``critique_eval_every`` steps."""
-    from stages.finetune.model import tokens_per_tile
-    from stages.finetune.prompting import encode_example
+    from stages.families.internvl.model import tokens_per_tile
+    from stages.families.internvl.prompting import encode_example
 
     n_context = tokens_per_tile(model.config)
     rng = np.random.default_rng(recipe.seed)
@@ -250,7 +250,7 @@ def pretrain_captioner(images: np.ndarray, records: list[dict[str, Any]], val: t
     InternVL ``-hf`` directory + tokenizer."""
     from transformers import InternVLForConditionalGeneration
 
-    from stages.finetune.tokenizer import load_tokenizer
+    from stages.families.internvl.tokenizer import load_tokenizer
     from storage.atomic import write_json_atomic
 
     start = time.perf_counter()

@@ -34,8 +34,8 @@ def register(app: typer.Typer) -> None:
         """Pretrain the demo's EAT and / or base MLLM on the procedural corpus and write them with sidecars."""
         import time
 
-        from stages.ingest.synthetic_corpus import GENERATOR_VERSION
-        from stages.pretrain.corpus import build_corpus, validation_set
+        from stages.synthetic.corpus import GENERATOR_VERSION
+        from stages.synthetic.pretraining_corpus import build_corpus, validation_set
         from stages.pretrain.shipped import write_sidecar
 
         if what not in ("eat", "base", "all"):

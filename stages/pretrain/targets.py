@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.ingest.synthetic_attributes import ATTRIBUTES
-from stages.ingest.synthetic_corpus import GROUND_NAMES, PATTERN_NAMES, SKY_NAMES
+from stages.synthetic.attributes import ATTRIBUTES
+from stages.synthetic.corpus import GROUND_NAMES, PATTERN_NAMES, SKY_NAMES
 
 HUE_BINS = 12
 CLASSES: dict[str, int] = {**{k: len(v) for k, v in ATTRIBUTES.items()}, "pattern": len(PATTERN_NAMES),

@@ -18,9 +18,10 @@ precision on the training split, used unchanged for every test image.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Hashable
 
-from stages.ingest.synthetic_attributes import ATTRIBUTES, asserted_values, critique_of
+from stages.synthetic.attributes import ATTRIBUTES, asserted_values, critique_of
 
 Truth = dict[str, str]  # attribute -> true value
 
@@ -81,3 +82,24 @@ def best_constant_critique(train_truth: dict[Hashable, Truth], train_references:
         return sum(sum(share[k][v] for v in said[k]) / (n * len(said[k])) for k in said) / len(ATTRIBUTES)
 
     return max(candidates, key=macro_precision)  # max keeps the first of equals: the majority critique
+
+
+@dataclass(frozen=True)
+class AttributeTruth:
+    values: dict[str, dict[str, str]]  # image_id -> attribute -> true value, of the split
+    constant: str  # the best constant critique (chosen on the training split)
+
+
+def attribute_truth(dataset: str, split: str) -> AttributeTruth | None:
+    """Ground-truth attributes of a synthetic dataset's split and its best constant critique; None for real data."""
+    from stages.synthetic.truth import ground_truth
+    from stages.report.references import references
+
+    truth = ground_truth(dataset)
+    if truth is None:
+        return None
+    train_refs = references(dataset, "train")
+    train = {i: truth[i]["attributes"] for i in train_refs}
+    constant = best_constant_critique(train, [r for i in sorted(train_refs) for r in train_refs[i]])
+    ids = references(dataset, split)
+    return AttributeTruth({i: truth[i]["attributes"] for i in ids}, constant)

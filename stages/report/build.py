@@ -22,9 +22,10 @@ import pyarrow as pa
 
 from pipeline.manifest import Manifest
 from pipeline.paths import reports_dir, runs_dir, study_dir
-from stages.finetune import family
+from stages import families
 from stages.report.generate import DecodeConfig, generate_split, is_untrained, prepare_untrained, read_predictions, \
     run_config, split_images
+from stages.report.references import references
 from storage.atomic import write_bytes_atomic, write_json_atomic, write_parquet_atomic
 
 UNTRAINED_ROW = "untrained (same model before fine-tuning)"
@@ -50,19 +51,6 @@ class ReportSummary:
         return line + (f"\n{self.probe}" if self.probe else "")
 
 
-def references(dataset: str, split: str) -> dict[str, list[str]]:
-    """image_id -> non-empty reference critiques of the split's images."""
-    from storage.tables import read_table
-
-    ids = {r["image_id"] for r in read_table(dataset, "images").select(["image_id", "split"]).to_pylist()
-           if r["split"] == split}
-    refs: dict[str, list[str]] = {}
-    for row in read_table(dataset, "comments").select(["image_id", "text"]).to_pylist():
-        if row["image_id"] in ids and row["text"] and row["text"].strip():
-            refs.setdefault(row["image_id"], []).append(row["text"])
-    return refs
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
 
@@ -76,16 +64,16 @@ def condition(dataset: str, run: str) -> tuple[bool, bool]:
 
 def ablation_runs(dataset: str, run: str) -> dict[tuple[bool, bool], str]:
     """One run per (fine-tuned, IASC) condition: ``run`` and its family's untrained base, then the newest other
-    trained run of the same base family (stages/finetune/family.py)."""
+    trained run of the same base family (stages/families/__init__.py)."""
     from stages.finetune.train import is_sharded, last_checkpoint
 
-    base_family = family.of_run(run_config(runs_dir(dataset) / run))
+    base_family = families.of_run(run_config(runs_dir(dataset) / run))
     chosen = {condition(dataset, run): run, (False, False): base_family.untrained_run}
     others = []
     for d in runs_dir(dataset).iterdir() if runs_dir(dataset).is_dir() else []:
         if d.name == run or is_untrained(d.name) or not d.is_dir() or not (d / "run_config.json").exists():
             continue
-        if family.of_run(run_config(d)) is not base_family:
+        if families.of_run(run_config(d)) is not base_family:
             continue
         ckpt = d / "final" if (d / "final" / "config.json").exists() else last_checkpoint(d)
         if ckpt is not None and not is_sharded(ckpt):  # an unfinished FSDP run has no model to report yet
@@ -117,7 +105,7 @@ def build_report(
     complete split and writes the report, and the other ranks return None. A row with images lacking a
     prediction is refused unless ``allow_partial`` (the tables then say how many images each row covers).
     """
-    from stages.report.attributes import attribute_scores
+    from stages.report.attributes import attribute_scores, attribute_truth
     from stages.report.diversity import diversity
     from stages.report.metrics import score_to_file
     from stages.report.ranks import Ranks
@@ -167,7 +155,7 @@ def build_report(
 
         for name, caps in retrieval_baselines(dataset, split).items():
             candidates[name] = {i: caps[i] for i in ours if i in caps}
-    truth = _attribute_truth(dataset, split)
+    truth = attribute_truth(dataset, split)
     if truth is not None and baselines:
         candidates[CONSTANT_ROW] = {i: truth.constant for i in ours}
 
@@ -195,9 +183,9 @@ def build_report(
     table_rows = {r: m for r, m in rows.items() if run_of_row.get(r) in (None, run, untrained)}
     row_of_run = {n: r for r, n in run_of_row.items()}
     ablation_rows = {c: rows[row_of_run[n]] for c, n in runs_by_condition.items()}
-    base_family = family.of_run(run_config(runs_dir(dataset) / run))  # its table: II (InternVL), III (Qwen2.5-VL)
+    base_family = families.of_run(run_config(runs_dir(dataset) / run))  # its table: II (InternVL), III (Qwen2.5-VL)
     tables = write_tables(out, dataset, table_rows, ablation_rows, spice_notes, paper_table=base_family.paper_table,
-                          base=None if base_family is family.DEFAULT else base_family.label, partial=partial)
+                          base=None if base_family is families.DEFAULT else base_family.label, partial=partial)
     if truth is not None:
         first_reference = {i: refs[i][0] for i in ours}
         reference_row = {**attribute_scores(first_reference, truth.values), **diversity(first_reference)}
@@ -243,27 +231,6 @@ def _coverage(predictions: dict[str, dict[str, str]], expected: list[str], faile
                              f"{example}); fix and rerun to generate them, or pass --allow-partial to score the rest")
         partial[row] = f"{len(expected) - len(missing)} of {len(expected)} images"
     return partial
-
-
-@dataclass(frozen=True)
-class AttributeTruth:
-    values: dict[str, dict[str, str]]  # image_id -> attribute -> true value, of the split
-    constant: str  # the best constant critique (chosen on the training split)
-
-
-def _attribute_truth(dataset: str, split: str) -> AttributeTruth | None:
-    """Ground-truth attributes of a synthetic dataset's split and its best constant critique; None for real data."""
-    from stages.ingest.formats.synthetic import ground_truth
-    from stages.report.attributes import best_constant_critique
-
-    truth = ground_truth(dataset)
-    if truth is None:
-        return None
-    train_refs = references(dataset, "train")
-    train = {i: truth[i]["attributes"] for i in train_refs}
-    constant = best_constant_critique(train, [r for i in sorted(train_refs) for r in train_refs[i]])
-    ids = references(dataset, split)
-    return AttributeTruth({i: truth[i]["attributes"] for i in ids}, constant)
 
 
 def _write_predictions(path: Path, ours: dict[str, str], candidates: dict[str, dict[str, str]],

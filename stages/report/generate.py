@@ -2,9 +2,7 @@
 
 Images are sorted by prompt length (tile count) so a batch carries little padding; prompts are
 left-padded so every sequence ends at the same position and ``model.generate`` (KV cache) appends
-to all of them at once. Image features (IAS-ViT -> pixel shuffle -> projector) are computed once
-per batch and handed to ``generate`` as ``mm_encoder_outputs``, which transformers expands
-correctly for beam search (tiles of one image stay together).
+to all of them at once (the run family's captioner: the loop in stages/families/captioner.py).
 
 Predictions live in ``runs/<dataset>/<run>/predictions/<checkpoint>[@<decoding>]/``: parquet part
 files (image_id, split, caption), each written temp + rename, plus ``generation.json`` (checkpoint
@@ -31,130 +29,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
-from stages.finetune.dataset import TileSpec
+from stages.families.captioner import Captioner, DecodeConfig
 from storage.atomic import write_json_atomic, write_parquet_atomic
 from storage.images import ImageError
 
 PREDICTION_SCHEMA = pa.schema([("image_id", pa.string()), ("split", pa.string()), ("caption", pa.string())])
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    """How critiques are decoded: greedy by default, beam search or nucleus sampling on request."""
-
-    max_new_tokens: int = 64
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0  # sampling only: reseeded per batch
-    no_repeat_ngram_size: int = 0  # > 0: an n-gram of this size never repeats within a critique
-
-    def tag(self) -> str:
-        """'' for the default (greedy), else a short stable name for the predictions directory."""
-        if self == DecodeConfig():
-            return ""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample)
-        if self.do_sample:
-            kw.update(temperature=self.temperature, top_p=self.top_p)
-        if self.no_repeat_ngram_size:
-            kw.update(no_repeat_ngram_size=self.no_repeat_ngram_size)
-        return kw
-
-
-@dataclass
-class Prompt:
-    """One image ready for the model."""
-
-    input_ids: list[int]
-    pixel_values: torch.Tensor  # [T, 3, S, S]
-    saliency_map: np.ndarray | None  # raw map [h, w]; None: uniform (no map, or a model without saliency fusion)
-    tile_grid: tuple[int, int, int]  # (cols, rows, thumbnail) of pixel_values
-
-
-# ---------------------------------------------------------------- the model
-
-
-class Captioner:
-    """A loaded ASE-MLLM + tokenizer + tiling: (image, saliency map) -> critique, in batches."""
-
-    def __init__(self, model: Any, tokenizer: Any, tiles: TileSpec, device: torch.device | None = None) -> None:
-        self.device = device or default_device()
-        dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        self.model = model.to(self.device, dtype=dtype).eval().requires_grad_(False)
-        self.tokenizer, self.tiles = tokenizer, tiles
-        self.needs_saliency = getattr(model.config, "ias_fusion", "none") == "cross_attention"
-
-    def image_cost(self, width: int, height: int) -> int:
-        """Prompt-length key for batching: the image's tile count."""
-        from stages.finetune.tiling import plan_tiles
-
-        t = self.tiles
-        return plan_tiles(width, height, t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail).num_tiles
-
-    def prepare(self, img: Image.Image, saliency_map: np.ndarray | None) -> Prompt:
-        """Tiles, raw saliency map (None or constant: uniform) + tile grid and prompt ids of one image; the model
-        cuts the map into saliency tiles on its device, as in training."""
-        from stages.finetune.prompting import prompt_ids
-        from stages.finetune.tiling import plan_tiles, tile_image
-
-        t = self.tiles
-        tiling = plan_tiles(img.width, img.height, t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail)
-        pixel_values = tile_image(img, tiling, t.tile_size)  # [T, 3, S, S]
-        ids = prompt_ids(self.tokenizer, t.tokens_per_tile * tiling.num_tiles)
-        return Prompt(ids, pixel_values, saliency_map if self.needs_saliency else None, tiling.tile_grid)
-
-    def generate(self, prompts: list[Prompt], decode: DecodeConfig = DecodeConfig()) -> list[str]:
-        """Critiques of a batch of prompts (left-padded, one ``generate`` call)."""
-        texts = self.tokenizer.batch_decode(self.generate_ids(prompts, decode), skip_special_tokens=True)
-        return [" ".join(t.split()) for t in texts]
-
-    @torch.inference_mode()
-    def generate_ids(self, prompts: list[Prompt], decode: DecodeConfig = DecodeConfig()) -> list[list[int]]:
-        """New token ids per prompt, up to and including eos (padding after it removed)."""
-        n, length = len(prompts), max(len(p.input_ids) for p in prompts)
-        input_ids = torch.full((n, length), self.tokenizer.pad_token_id, dtype=torch.long)  # [B, L]
-        attention_mask = torch.zeros((n, length), dtype=torch.long)  # [B, L]
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at column L-1
-            input_ids[i, length - len(p.input_ids):] = torch.as_tensor(p.input_ids)
-            attention_mask[i, length - len(p.input_ids):] = 1
-        from stages.finetune.collate import saliency_inputs
-
-        dtype = next(self.model.parameters()).dtype
-        pixel_values = torch.cat([p.pixel_values for p in prompts]).to(self.device, dtype)  # [sum T, 3, S, S]
-        saliency = ({k: v.to(self.device) for k, v in  # maps [B, h, w] float32, sizes [B, 2], grids [B, 3]
-                     saliency_inputs([p.saliency_map for p in prompts], [p.tile_grid for p in prompts]).items()}
-                    if self.needs_saliency else {})
-        image = self.model.get_image_features(pixel_values, **saliency, return_dict=True)
-        if decode.do_sample:
-            torch.manual_seed(decode.seed)
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            mm_encoder_outputs={"image": image},
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            **decode.generate_kwargs(),
-        )  # [B, L + new]
-        eos = self.tokenizer.eos_token_id
-        ids = []
-        for row in out[:, length:].tolist():
-            ids.append(row[: row.index(eos) + 1] if eos in row else row)
-        return ids
-
-
-def default_device() -> torch.device:
-    """cuda:<LOCAL_RANK> when a GPU is present (one per torchrun rank), else CPU."""
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}")
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------- runs and checkpoints
@@ -163,7 +45,7 @@ def default_device() -> torch.device:
 def is_untrained(run: str) -> bool:
     """Whether ``run`` names a base family's run of its base model without fine-tuning (the baseline row):
     ``untrained`` (InternVL), ``untrained-qwen2.5-vl``."""
-    from stages.finetune.family import FAMILIES
+    from stages.families import FAMILIES
 
     return run in {f.untrained_run for f in FAMILIES.values()}
 
@@ -202,31 +84,21 @@ def checkpoint_fingerprint(path: Path) -> str:
     return hashlib.sha256(json.dumps([str(Path(path).resolve()), key]).encode()).hexdigest()[:16]
 
 
-def tile_spec(config: Any, cfg: dict[str, Any]) -> TileSpec:
-    """The run's tiling (run_config.json ``tiles``), else the model's tile size with InternVL defaults."""
-    from stages.finetune.model import tokens_per_tile
-    from stages.finetune.train import tile_size
-
-    if cfg.get("tiles"):
-        return TileSpec(**cfg["tiles"])
-    return TileSpec(tile_size=tile_size(config), tokens_per_tile=tokens_per_tile(config))
-
-
 def _tokenizer_for(ckpt: Path, run_dir: Path, cfg: dict[str, Any]) -> Any:
-    from stages.finetune import family
+    from stages import families
 
     for directory in (ckpt, run_dir / "tokenizer", Path(cfg["base"]) if cfg.get("base") else None):
         if directory is not None and (directory / "tokenizer_config.json").exists():
-            return family.of_run(cfg).load_tokenizer(directory)
+            return families.of_run(cfg).load_tokenizer(directory)
     raise FileNotFoundError(f"no tokenizer for {ckpt} (looked in the checkpoint, {run_dir / 'tokenizer'} and the base)")
 
 
 def load_checkpoint(run_dir: Path, ckpt: Path, device: torch.device | None = None) -> Captioner:
     """A run's checkpoint as a :class:`Captioner` (full weights, or LoRA adapters on the run's base)."""
-    from stages.finetune import family
+    from stages import families
 
     cfg = run_config(run_dir)
-    base_family = family.of_run(cfg)
+    base_family = families.of_run(cfg)
     if (ckpt / "config.json").exists():
         model = base_family.model_class().from_pretrained(str(ckpt))
     elif (ckpt / "adapter_config.json").exists():
@@ -253,11 +125,11 @@ def prepare_untrained(dataset: str, like: str, manifest: Manifest | None) -> Pat
     """
     from transformers import set_seed
 
-    from stages.finetune import family
+    from stages import families
 
     src = runs_dir(dataset) / like
     cfg = run_config(src)
-    base_family = family.of_run(cfg)
+    base_family = families.of_run(cfg)
     run_dir = runs_dir(dataset) / base_family.untrained_run
     base = cfg.get("base") or (str(manifest.mllm.base) if manifest and manifest.mllm.base else None)
     fusion = cfg.get("fusion", "cross_attention")
@@ -281,12 +153,12 @@ def prepare_untrained(dataset: str, like: str, manifest: Manifest | None) -> Pat
 def load_run(dataset: str, run: str, checkpoint: str | None = None,
              device: torch.device | None = None) -> tuple[Captioner, str, str]:
     """(captioner, checkpoint name, checkpoint fingerprint) of a run; ``untrained`` may mean the base model."""
-    from stages.finetune import family
+    from stages import families
 
     run_dir = runs_dir(dataset) / run
     cfg = run_config(run_dir)
     if is_untrained(run) and cfg.get("base") and checkpoint is None:
-        base, base_family = Path(cfg["base"]), family.of_run(cfg)
+        base, base_family = Path(cfg["base"]), families.of_run(cfg)
         model, _ = base_family.load_base(base, fusion=cfg.get("fusion", "cross_attention"))
         captioner = base_family.captioner(model, base_family.load_tokenizer(base),
                                           base_family.spec_from_run(model.config, cfg), device)
@@ -423,7 +295,7 @@ def generate_split(
     captioner, ckpt_name, fingerprint = load_run(dataset, run, checkpoint)
     directory = predictions_dir(dataset, run, ckpt_name, decode)
     key = _open_predictions(directory, {"checkpoint_fingerprint": fingerprint, "decode": asdict(decode),
-                                        "tiles": asdict(captioner.tiles)})
+                                        "tiles": asdict(captioner.spec)})
 
     images = split_images(dataset, split, limit)
     done = read_predictions(directory, split)
@@ -437,10 +309,10 @@ def generate_split(
     if captioner.needs_saliency and rows:
         cfg = run_config(runs_dir(dataset) / run)
         allow = cfg.get("allow_missing_saliency", False) if allow_missing_saliency is None else allow_missing_saliency
-        store = _saliency_store(manifest, allow or cfg.get("saliency") == "uniform", cfg.get("saliency", "eat"), dataset)
+        store = saliency_store(manifest, allow or cfg.get("saliency") == "uniform", cfg.get("saliency", "eat"), dataset)
     root = image_root(dataset)
 
-    def prepare(row: dict[str, Any]) -> Prompt | ImageError:
+    def prepare(row: dict[str, Any]) -> Any:
         try:
             img = open_rgb(safe_join(root, row["path"]))
         except ImageError as e:
@@ -465,7 +337,7 @@ def generate_split(
     desc = f"generate {run}/{ckpt_name}" + (f" rank {rank}/{world}" if world > 1 else "")
     with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
         for batch, prepared in _prefetched(rows, prepare, batch_size):
-            ok = [(r, p) for r, p in zip(batch, prepared) if not isinstance(p, ImageError)]  # Prompt or QwenPrompt
+            ok = [(r, p) for r, p in zip(batch, prepared) if not isinstance(p, ImageError)]  # the family's prompts
             summary.failed += [(r["image_id"], p.reason) for r, p in zip(batch, prepared) if isinstance(p, ImageError)]
             if ok:
                 captions = captioner.generate([p for _, p in ok], decode)
@@ -492,12 +364,10 @@ class _Store:
         return self.store.read(sha)
 
 
-def _saliency_store(manifest: Manifest | None, allow_missing: bool, source: str = "eat", dataset: str = "") -> _Store:
-    """The run's saliency source (stages/finetune/saliency_source.py), with its policy for images it lacks."""
-    from stages.finetune.saliency_source import open_source
+def saliency_store(manifest: Manifest | None, allow_missing: bool, source: str = "eat", dataset: str = "") -> _Store:
+    """The run's saliency source (stages/finetune/saliency_source.py), with its policy for images it lacks; a
+    MissingSaliencyError without a store unless ``allow_missing``."""
+    from stages.finetune.saliency_source import open_saliency
 
-    store, why = open_source(source, dataset, manifest)
-    if store is None and not allow_missing:
-        raise FileNotFoundError(f"no saliency store ({why}): run `ase-mllm saliency` first, or pass "
-                                "--allow-missing-saliency to use uniform maps")
+    store, _why = open_saliency(source, dataset, manifest, allow_missing)
     return _Store(store, allow_missing)

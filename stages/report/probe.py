@@ -82,8 +82,8 @@ def probe_saliency(dataset: str, run: str, manifest: Manifest | None, split: str
     import pyarrow.compute as pc
     from tqdm import tqdm
 
-    from stages.report.build import _attribute_truth
-    from stages.report.generate import _saliency_store
+    from stages.report.attributes import attribute_truth
+    from stages.report.generate import saliency_store
     from storage.images import ImageError, open_rgb, safe_join
     from storage.tables import image_root, read_table
 
@@ -111,7 +111,7 @@ def probe_saliency(dataset: str, run: str, manifest: Manifest | None, split: str
     captioner, ckpt_name, fingerprint = load_run(dataset, run, checkpoint)
     source = cfg.get("saliency", "eat")
     allow_missing = cfg.get("allow_missing_saliency", False) or source == "uniform"
-    store = _saliency_store(manifest, allow_missing, source, dataset)
+    store = saliency_store(manifest, allow_missing, source, dataset)
     missing = [r["image_id"] for r in rows if not store.has(r["sha256"])]
     if missing and not allow_missing:
         raise FileNotFoundError(f"{len(missing)} sampled '{split}' images have no saliency map (e.g. {missing[0]}): "
@@ -140,7 +140,7 @@ def probe_saliency(dataset: str, run: str, manifest: Manifest | None, split: str
             _write(out, key, run, ckpt_name, split, seed, ids, done, {}, {})  # a killed probe keeps this condition
 
     changed = {c: sum(a != b for a, b in zip(done["own"], done[c])) for c in CONDITIONS}
-    truth = _attribute_truth(dataset, split)
+    truth = attribute_truth(dataset, split)
     scores: dict[str, dict[str, float]] = {}
     if truth is not None:
         from stages.report.attributes import attribute_scores

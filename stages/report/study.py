@@ -45,9 +45,9 @@ def run_name(variant: Variant, seed: int) -> str:
 
 def score_run(dataset: str, run: str, manifest: Manifest | None, split: str = "test") -> dict[str, Any]:
     """Generate (what is missing) and score one run: caption metrics, attribute P / R, diversity."""
-    from stages.ingest.formats.synthetic import ground_truth
+    from stages.synthetic.truth import ground_truth
     from stages.report.attributes import attribute_scores
-    from stages.report.build import references
+    from stages.report.references import references
     from stages.report.diversity import diversity
     from stages.report.generate import generate_split, read_predictions
     from stages.report.metrics import score_to_file

@@ -152,7 +152,7 @@ def write_tables(
 
 def attribute_columns() -> list[tuple[str, str]]:
     """(header, key) of the ground-truth attribute table: macro precision / recall, then per attribute."""
-    from stages.ingest.synthetic_attributes import ATTRIBUTES
+    from stages.synthetic.attributes import ATTRIBUTES
 
     per = [(f"{name} {h}", f"{k}_{name}") for name in ATTRIBUTES
            for h, k in (("P", "precision"), ("R", "recall"), ("κ", "kappa"))]

@@ -27,10 +27,10 @@ from test_convert_base import internvl2_config, make_original_checkpoint, origin
 SMALL, LARGE = (int(n) for n in os.environ.get("ASE_BENCH_CONVERT_LAYERS", "2,8").split(","))
 # the child reports its own VmHWM: rusage's ru_maxrss would include the parent's pages from before exec
 PEAK = "print('VmHWM', open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
-IMPORT_ONLY = "import stages.finetune.convert\n" + PEAK
+IMPORT_ONLY = "import stages.families.internvl.convert\n" + PEAK
 CONVERT = """
 import sys
-from stages.finetune.convert import convert
+from stages.families.internvl.convert import convert
 print(convert(sys.argv[1], sys.argv[2], show_progress=False).line())
 """ + PEAK
 

@@ -22,13 +22,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.bench import require_device, skip  # noqa: E402
-from stages.report.generate import Captioner, DecodeConfig, load_run  # noqa: E402
+from stages.families.captioner import Captioner, DecodeConfig  # noqa: E402
+from stages.families.internvl.captioner import InternVLCaptioner  # noqa: E402
+from stages.report.generate import load_run  # noqa: E402
 
 
 def demo_captioner(device: torch.device, max_tiles: int) -> Captioner:
-    from stages.finetune.dataset import TileSpec
-    from stages.finetune.model import build_tiny_model, tokens_per_tile
-    from stages.finetune.tokenizer import IMG_CONTEXT, train_bpe
+    from stages.families.internvl.dataset import TileSpec
+    from stages.families.internvl.model import build_tiny_model, tokens_per_tile
+    from stages.families.internvl.tokenizer import IMG_CONTEXT, train_bpe
 
     words = ["lovely light", "strong composition", "the horizon is tilted", "colours feel muted",
              "sharp focus on the eyes", "crop tighter", "nice leading lines", "too much noise"]
@@ -36,7 +38,7 @@ def demo_captioner(device: torch.device, max_tiles: int) -> Captioner:
     torch.manual_seed(0)
     model = build_tiny_model("demo", vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT))
     tiles = TileSpec(tile_size=224, max_tiles=max_tiles, tokens_per_tile=tokens_per_tile(model.config))
-    return Captioner(model, tok, tiles, device)
+    return InternVLCaptioner(model, tok, tiles, device)
 
 
 def main() -> None:

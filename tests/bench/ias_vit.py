@@ -32,10 +32,11 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 from transformers.models.internvl.modeling_internvl import InternVLVisionModel  # noqa: E402
 
 from pipeline.bench import require_device  # noqa: E402
-from stages.finetune.collate import saliency_inputs  # noqa: E402
-from stages.finetune.ias_vit import IASVisionModel, cross_attention_parameters  # noqa: E402
-from stages.finetune.model import TINY_CONFIGS  # noqa: E402
-from stages.finetune.tiling import expand_saliency  # noqa: E402
+from stages.families.internvl.collate import saliency_inputs  # noqa: E402
+from stages.families.fusion import cross_attention_parameters  # noqa: E402
+from stages.families.internvl.ias_vit import IASVisionModel  # noqa: E402
+from stages.families.internvl.configs import TINY_CONFIGS  # noqa: E402
+from stages.families.internvl.tiling import expand_saliency  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -88,10 +88,10 @@ def paired_rates(first, second, n: int, seed: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    from stages.finetune.collate import Collator
-    from stages.finetune.dataset import CritiqueDataset, TileSpec
-    from stages.finetune.model import build_tiny_model, tokens_per_tile
-    from stages.finetune.tokenizer import IMG_CONTEXT, train_bpe
+    from stages.families.internvl.collate import Collator
+    from stages.families.internvl.dataset import CritiqueDataset, TileSpec
+    from stages.families.internvl.model import build_tiny_model, tokens_per_tile
+    from stages.families.internvl.tokenizer import IMG_CONTEXT, train_bpe
     from storage import saliency_store
     from storage.saliency_store import current_store
 

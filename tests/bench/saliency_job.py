@@ -41,7 +41,7 @@ def prepare(base: Path, n: int, variant: str) -> Path:
     """Demo corpus + images.parquet + a seeded EAT checkpoint + manifest; returns the manifest path."""
     from safetensors.torch import save_file
 
-    from stages.ingest.synthetic_corpus import ANNOTATIONS, generate_corpus
+    from stages.synthetic.corpus import ANNOTATIONS, generate_corpus
     from stages.saliency.eat import build_eat
     from storage.images import sha256_file
     from storage.tables import IMAGES_SCHEMA

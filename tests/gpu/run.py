@@ -129,9 +129,8 @@ def save_base(base: Path, tiny: bool) -> Path:
     import pyarrow.parquet as pq
     import torch
 
-    from stages.finetune.model import IASInternVLForConditionalGeneration, tiny_internvl_config
-    from stages.finetune.plan import named_config
-    from stages.finetune.tokenizer import IMG_CONTEXT, train_bpe
+    from stages.families.internvl.model import IASInternVLForConditionalGeneration, named_config, tiny_internvl_config
+    from stages.families.internvl.tokenizer import IMG_CONTEXT, train_bpe
 
     out = base / ("base-tiny" if tiny else "base-internvit300m-qwen2-0.5b")
     if (out / "config.json").exists():
@@ -166,11 +165,11 @@ def stage2(base_dir: Path, manifest: Path, tiny: bool, cuda: bool, deadline: flo
     from transformers import TrainerCallback
 
     from pipeline.manifest import load_manifest
-    from stages.finetune.dataset import CritiqueDataset, TileSpec
-    from stages.finetune.model import tokens_per_tile
-    from stages.finetune.plan import load_config
-    from stages.finetune.tokenizer import load_tokenizer
-    from stages.finetune.train import TrainConfig, finetune, tile_size
+    from stages.families.internvl.dataset import CritiqueDataset, TileSpec
+    from stages.families.internvl.model import tile_size, tokens_per_tile
+    from stages.finetune.plan import load_model_config
+    from stages.families.internvl.tokenizer import load_tokenizer
+    from stages.finetune.train import TrainConfig, finetune
 
     steps, warmup = (3, 1) if tiny else (30, 5)
     max_tiles, per_device = (4, 2) if tiny else (12, 4)
@@ -198,7 +197,7 @@ def stage2(base_dir: Path, manifest: Path, tiny: bool, cuda: bool, deadline: flo
     summary = finetune(cfg, load_manifest(manifest), callbacks=(timer,))
     peak = torch.cuda.max_memory_allocated() if cuda else None
     # each timed step's examples (sample log), each charged its own tiles and tokens
-    config = load_config(base_dir)
+    config = load_model_config(base_dir)
     per_tile = tokens_per_tile(config)
     tiles = TileSpec(tile_size=tile_size(config), max_tiles=max_tiles, tokens_per_tile=per_tile)
     data = CritiqueDataset("gpu", "train", load_tokenizer(base_dir), tiles, None, allow_missing_saliency=True)

@@ -1,4 +1,5 @@
-"""The embedded demo corpus: generated on demand, then read from ``annotations.jsonl``.
+"""The embedded demo corpus (stages/synthetic): generated on demand by its generator, then read from
+``annotations.jsonl``.
 
 Each line: {"image_id", "split", "file", "score", "references": [...], "attributes", "mask"}. Option
 ``captions``: ``references`` (default: the five critiques) or ``description`` (one plain scene description
@@ -10,7 +11,7 @@ import json
 
 from pipeline.manifest import DatasetSpec
 from stages.ingest.formats import Converted, Record, as_score, read_text
-from stages.ingest.synthetic_attributes import description
+from stages.synthetic.attributes import description
 
 VERSION = 1
 CREATES_ROOT = True  # the generator writes the corpus on first use
@@ -18,7 +19,7 @@ CREATES_ROOT = True  # the generator writes the corpus on first use
 
 def convert(spec: DatasetSpec) -> Converted:
     if spec.options.get("generate", True):
-        from stages.ingest.synthetic_corpus import generate_corpus
+        from stages.synthetic.corpus import generate_corpus
 
         generate_corpus(spec.root, int(spec.options.get("n", 240)), int(spec.options.get("seed", 0)))
     captions = spec.options.get("captions", "references")
@@ -44,25 +45,3 @@ def convert(spec: DatasetSpec) -> Converted:
             continue
         out.records.append(record)
     return out
-
-
-def ground_truth(dataset: str) -> dict[str, dict] | None:
-    """image_id -> {"attributes", "score", "mask" (absolute path)} of an ingested synthetic dataset, else None.
-
-    The generator knows what it drew; real datasets have no such truth (None).
-    """
-    from pathlib import Path
-
-    from storage.tables import read_meta
-
-    meta = read_meta(dataset)
-    path = Path(meta["root"]) / "annotations.jsonl"
-    if meta.get("format") != "synthetic" or not path.is_file():
-        return None
-    truth = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            truth[str(rec["image_id"])] = {"attributes": rec["attributes"], "score": rec["score"],
-                                           "mask": str(Path(meta["root"]) / rec["mask"])}
-    return truth

@@ -1,7 +1,7 @@
 """IAS for Qwen2.5-VL: transformers' Qwen2.5-VL vision tower with saliency cross-attention in every block.
 
 Each ``Qwen2_5_VLVisionBlock`` (h + attn(norm1(h)) -> h + mlp(norm2(h))) gains, between the two, the
-IAS-ViT fusion of stages/finetune/ias_vit.py:
+IAS-ViT fusion of stages/families/internvl/ias_vit.py:
 
     h = h + gate * softmax(q k^T / sqrt(d) + log(s + floor)) v,   q = saliency tokens, k = v = image tokens h
 
@@ -52,7 +52,7 @@ from transformers.utils.generic import get_max_seqlen, is_flash_attention_reques
 from transformers.utils.output_capturing import capture_outputs
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
-from stages.finetune.ias_vit import FUSIONS, saliency_prior
+from stages.families.fusion import check_fusion, saliency_prior
 
 
 # ---------------------------------------------------------------- saliency per patch (on the device)
@@ -257,13 +257,7 @@ class IASQwenVisionModel(Qwen2_5_VisionTransformerPretrainedModel):
 
 def vision_tower(config: Qwen2_5_VLVisionConfig, fusion: str = "cross_attention") -> nn.Module:
     """The IAS tower, or for ``fusion="none"`` the unmodified transformers tower."""
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    check_fusion(fusion)
     if fusion == "none":
         return Qwen2_5_VisionTransformerPretrainedModel(config)
     return IASQwenVisionModel(config)
-
-
-def cross_attention_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """All parameters the IAS fusion adds (what a base Qwen2.5-VL checkpoint lacks)."""
-    return [(n, p) for n, p in model.named_parameters() if ".cross_attention." in f".{n}"]

@@ -38,7 +38,7 @@ from transformers import GenerationConfig, LlamaConfig, PreTrainedConfig, Qwen2C
 from transformers.models.internvl.configuration_internvl import InternVLConfig, InternVLVisionConfig
 
 from pipeline.errors import PipelineError
-from stages.finetune.tokenizer import IMG_CONTEXT
+from stages.families.internvl.tokenizer import IMG_CONTEXT
 from storage.safetensors_stream import DTYPES, TensorSpec, plan_shards, shard_file_names, write_index, write_shard
 
 CONVERTER_VERSION = 1
@@ -353,7 +353,7 @@ def _replace(tmp: Path, out: Path) -> None:
 def convert(src: Path | str, out: Path | str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
             overwrite: bool = False, show_progress: bool = True) -> Converted:
     """Convert the original checkpoint in ``src`` into a native InternVL directory ``out`` (atomically)."""
-    from stages.finetune.convert_tokenizer import convert_tokenizer
+    from stages.families.internvl.convert_tokenizer import convert_tokenizer
 
     src, out = Path(src), Path(out)
     if not (src / "config.json").exists():

@@ -1,5 +1,4 @@
-"""CLI commands of the report stage: ``score`` (metrics of any candidates / references pair) and
-``probe-saliency`` (does a run follow its saliency map?)."""
+"""The ``score`` command: metrics of any candidates / references pair (JSONL files), no run needed."""
 from __future__ import annotations
 
 import json

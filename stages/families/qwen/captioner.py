@@ -1,4 +1,4 @@
-"""Critique generation for the Qwen2.5-VL family: the Captioner of generate.py with Qwen2.5-VL's inputs.
+"""Qwen2.5-VL's captioner: the generation loop of stages/families/captioner.py with Qwen2.5-VL's inputs.
 
 An image becomes the processor's patches + grid, its raw saliency map (None: uniform) and the chat
 prompt with one ``<|image_pad|>`` per merged patch. A batch's image features (IAS tower -> merger) are
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages.finetune.qwen_data import ImageSpec, prompt_ids, stack_maps
-from stages.report.generate import Captioner, DecodeConfig
+from stages.families.captioner import Captioner
+from stages.families.qwen.data import ImageSpec, prompt_ids, stack_maps
 from storage.images import ImageError
 
 
@@ -39,27 +39,22 @@ class QwenCaptioner(Captioner):
     def image_cost(self, width: int, height: int) -> int:
         """Prompt-length key for batching: the image's LLM tokens (0 for an image prepare will refuse)."""
         try:
-            return self.tiles.image_tokens(width, height)
+            return self.spec.image_tokens(width, height)
         except ImageError:
             return 0
 
     def prepare(self, img: Image.Image, saliency_map: np.ndarray | None) -> QwenPrompt:
-        self.tiles.image_tokens(img.width, img.height)  # an image the processor refuses: ImageError, a failed row
+        self.spec.image_tokens(img.width, img.height)  # an image the processor refuses: ImageError, a failed row
         features = self.processor(images=[img.convert("RGB")], return_tensors="pt")
         grid = features["image_grid_thw"]  # [1, 3]
-        ids = prompt_ids(self.tokenizer, int(grid.prod()) // self.tiles.merge_size**2)
+        ids = prompt_ids(self.tokenizer, int(grid.prod()) // self.spec.merge_size**2)
         saliency = torch.as_tensor(saliency_map, dtype=torch.float32) if saliency_map is not None else None
         return QwenPrompt(ids, features["pixel_values"], grid, saliency)
 
-    @torch.inference_mode()
-    def generate_ids(self, prompts: list[QwenPrompt], decode: DecodeConfig = DecodeConfig()) -> list[list[int]]:
-        """New token ids per prompt, up to and including eos (padding after it removed)."""
-        n, length = len(prompts), max(len(p.input_ids) for p in prompts)
-        input_ids = torch.full((n, length), self.tokenizer.pad_token_id, dtype=torch.long)  # [B, L]
-        attention_mask = torch.zeros((n, length), dtype=torch.long)  # [B, L]
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at column L-1
-            input_ids[i, length - len(p.input_ids):] = torch.as_tensor(p.input_ids)
-            attention_mask[i, length - len(p.input_ids):] = 1
+    def image_inputs(self, prompts: list[QwenPrompt], input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> dict[str, Any]:
+        """Image features plus the grids and ``mm_token_type_ids``, so generation places the 3-D rope as
+        Qwen2.5-VL does (left padding included)."""
         image_token = self.model.config.image_token_id
         mm_token_type_ids = (input_ids == image_token).int() * attention_mask.int()  # [B, L]
         dtype = next(self.model.parameters()).dtype
@@ -69,17 +64,5 @@ class QwenCaptioner(Captioner):
         maps = (maps.to(self.device) if isinstance(maps, torch.Tensor) else [m.to(self.device) for m in maps]
                 if maps is not None else None)
         image = self.model.get_image_features(pixel_values, grid, saliency_maps=maps, return_dict=True)
-        if decode.do_sample:
-            torch.manual_seed(decode.seed)
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            mm_token_type_ids=mm_token_type_ids.to(self.device),
-            image_grid_thw=grid,
-            mm_encoder_outputs={"image": image},
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            **decode.generate_kwargs(),
-        )  # [B, L + new]
-        eos = self.tokenizer.eos_token_id
-        return [row[: row.index(eos) + 1] if eos in row else row for row in out[:, length:].tolist()]
+        return {"mm_token_type_ids": mm_token_type_ids.to(self.device), "image_grid_thw": grid,
+                "mm_encoder_outputs": {"image": image}}

@@ -7,7 +7,7 @@ follows Qwen2.5-VL's chat convention: the user turn is ``<|vision_start|>`` + ``
 (patches / 4) + ``<|vision_end|>`` + the paper's prompt, after the default system turn; labels as
 for InternVL (the critique and the end-of-turn eos). Each example ships its image's raw saliency map
 (or None: no map, the uniform rule of tiling.uniform_saliency); the model expands it to patches on the
-device (qwen_vit.patch_saliency).
+device (qwen/vit.py patch_saliency).
 """
 from __future__ import annotations
 
@@ -17,16 +17,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from torch.utils.data import Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
-from stages.finetune.dataset import MissingSaliencyError, SequenceLengthError, pairs
-from stages.finetune.prompting import IGNORE, PROMPT, Encoded, encode_after
-from stages.finetune.tokenizer import IM_END, IM_START, PAD, save_tokenizer, train_bpe
+from stages.families.data import CritiqueData, pad_tokens, sample_ids
+from stages.families.text import IM_END, IM_START, PAD, PROMPT, Encoded, bpe_tokenizer, encode_after, \
+    save_tokenizer, token_ids
 from storage.images import ImageError, open_rgb, safe_join
-from storage.tables import image_root
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 IMAGE_TOKENS = (VISION_START, IMAGE_PAD, VISION_END)
@@ -105,7 +103,7 @@ class ImageSpec:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerBase:
     """The demo's byte-level BPE with Qwen2.5-VL's special tokens and chat convention."""
-    return train_bpe(texts, vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE)
+    return bpe_tokenizer(texts, SPECIAL_TOKENS, CHAT_TEMPLATE, vocab_size)
 
 
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
@@ -142,17 +140,13 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     return dict(zip(("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"), ids))
 
 
-def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, n_image_tokens: int, prompt: str = PROMPT) -> list[int]:
     """Token ids of the generation-time prompt, ``<|image_pad|>`` repeated once per image token."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     before, after = text.split(IMAGE_PAD, 1)
     pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    return _ids(tokenizer, before) + [pad] * n_image_tokens + _ids(tokenizer, after)
+    return token_ids(tokenizer, before) + [pad] * n_image_tokens + token_ids(tokenizer, after)
 
 
 def encode_example(tokenizer: PreTrainedTokenizerBase, n_image_tokens: int, critique: str,
@@ -164,75 +158,23 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, n_image_tokens: int, crit
 # ---------------------------------------------------------------- dataset and collator
 
 
-class QwenCritiqueDataset(Dataset):
-    """``(image, comment)`` pairs of one split -> patches, grid, raw saliency map and tokens.
+class QwenCritiqueDataset(CritiqueData):
+    """``(image, comment)`` pairs of one split -> patches, grid, raw saliency map and tokens (``spec``: an
+    :class:`ImageSpec`): native-resolution images instead of tiles."""
 
-    The same contract as dataset.CritiqueDataset (store, missing maps, data-derived ``max_length`` with
-    an optional cap, ``text_tokens``, ``truncated``), with native-resolution images instead of tiles.
-    """
+    image_limit_option = "--max-pixels"
 
-    def __init__(
-        self,
-        dataset: str,
-        split: str,
-        tokenizer: PreTrainedTokenizerBase,
-        spec: ImageSpec,
-        store: Any | None,
-        allow_missing_saliency: bool = False,
-        max_length: int | None = None,
-        limit: int | None = None,
-    ) -> None:
-        images, comments = pairs(dataset, split)
-        if limit is not None:
-            comments = comments.slice(0, limit)
-        if comments.num_rows == 0:
-            raise ValueError(f"dataset '{dataset}' has no comments in split '{split}': nothing to train on")
-        self.dataset, self.split = dataset, split
-        self.tokenizer, self.spec, self.store = tokenizer, spec, store
-        self.max_pixels = spec.max_pixels  # the memory plan's image size
+    def __init__(self, dataset: str, split: str, tokenizer: PreTrainedTokenizerBase, spec: ImageSpec, store: Any | None,
+                 allow_missing_saliency: bool = False, max_length: int | None = None, limit: int | None = None) -> None:
         self.processor = spec.processor()
-        self.root = image_root(dataset)
-        rows = {iid: i for i, iid in enumerate(images["image_id"].to_pylist())}
-        paths, shas = images["path"].to_pylist(), images["sha256"].to_pylist()
-        widths, heights = images["width"].to_pylist(), images["height"].to_pylist()
-        image_ids = comments["image_id"].to_pylist()
-        self.items = [(paths[rows[iid]], shas[rows[iid]], text)
-                      for iid, text in zip(image_ids, comments["text"].to_pylist())]
-        try:
-            tokens = {iid: spec.image_tokens(widths[i], heights[i]) for iid, i in rows.items()}
-        except ImageError as e:
-            raise SequenceLengthError(f"dataset '{dataset}' split '{split}': {e.detail}") from None
-        self.max_length, self.truncated = self._sequence_length([tokens[iid] for iid in image_ids], max_length)
-        used = sorted({sha for _, sha, _ in self.items})
-        self.missing = {sha for sha in used if store is None or not store.has(sha)}
-        self.missing_saliency = len(self.missing)
-        if self.missing and not allow_missing_saliency:
-            raise MissingSaliencyError(
-                f"{len(self.missing)} of {len(used)} '{split}' images of dataset '{dataset}' have no saliency map "
-                f"(e.g. sha256 {min(self.missing)[:12]}): run the saliency stage first (`ase-mllm saliency "
-                f"--dataset {dataset}`), or pass --allow-missing-saliency to use a uniform map for them")
+        super().__init__(dataset, split, tokenizer, spec, store, allow_missing_saliency, max_length, limit)
+        self.max_pixels = spec.max_pixels  # the memory plan's image size
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def prompt_ids(self, n_image_tokens: int) -> list[int]:
+        return prompt_ids(self.tokenizer, n_image_tokens)
 
-    def _sequence_length(self, image_tokens: list[int], cap: int | None) -> tuple[int, int]:
-        """(max_length, critiques that must be truncated) from every example's exact token count."""
-        prompt = len(prompt_ids(self.tokenizer, 0))
-        heads = [prompt + n for n in image_tokens]
-        texts = [text.strip() for _, _, text in self.items]
-        critiques = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        needed = [head + n + 1 for head, n in zip(heads, critiques)]  # + eos
-        self.text_tokens = prompt + max(critiques) + 1
-        if cap is None:
-            return max(needed), 0
-        longest = max(heads)
-        if cap < longest + 2:
-            raise SequenceLengthError(
-                f"max_length {cap} cannot hold the largest image of '{self.dataset}' split '{self.split}': "
-                f"{longest - prompt} image tokens + {prompt} prompt tokens = {longest}, plus at least one critique "
-                f"token and eos; raise --max-length to at least {longest + 2} or lower --max-pixels")
-        self.text_tokens = min(self.text_tokens, cap - longest)
-        return min(cap, max(needed)), sum(n > cap for n in needed)
+    def image_tokens(self, width: int, height: int) -> int:
+        return self.spec.image_tokens(width, height)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, sha, text = self.items[index]
@@ -240,14 +182,13 @@ class QwenCritiqueDataset(Dataset):
         features = self.processor(images=[img], return_tensors="pt")
         grid = features["image_grid_thw"]  # [1, 3]
         enc = encode_example(self.tokenizer, int(grid.prod()) // self.spec.merge_size**2, text, self.max_length)
-        saliency = None if sha in self.missing else torch.as_tensor(self.store.read(sha)[0], dtype=torch.float32)
         return {
             "sample_id": index,
             "input_ids": enc.input_ids,
             "labels": enc.labels,
             "pixel_values": features["pixel_values"],  # [patches, 3*2*14*14]
             "image_grid_thw": grid,
-            "saliency_map": saliency,  # [h, w] raw, or None: uniform
+            "saliency_map": self.saliency_map(sha),  # [h, w] raw, or None: uniform
         }
 
 
@@ -270,25 +211,14 @@ class QwenCollator:
     keep_sample_ids: bool = False
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        length = max(len(e["input_ids"]) for e in examples)
-        n = len(examples)
-        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)  # [B, L]
-        labels = torch.full((n, length), IGNORE, dtype=torch.long)  # [B, L]
-        attention_mask = torch.zeros((n, length), dtype=torch.long)  # [B, L]
-        for i, e in enumerate(examples):
-            k = len(e["input_ids"])
-            input_ids[i, :k] = torch.as_tensor(e["input_ids"])
-            labels[i, :k] = torch.as_tensor(e["labels"])
-            attention_mask[i, :k] = 1
+        tokens = pad_tokens(examples, self.pad_token_id)  # input_ids, attention_mask, labels [B, L]
         batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "mm_token_type_ids": (input_ids == self.image_token_id).int() * attention_mask.int(),  # [B, L]
+            **tokens,
+            "mm_token_type_ids": (tokens["input_ids"] == self.image_token_id).int() * tokens["attention_mask"].int(),
             "pixel_values": torch.cat([e["pixel_values"] for e in examples]),  # [sum patches, 1176]
             "image_grid_thw": torch.cat([e["image_grid_thw"] for e in examples]),  # [N, 3]
             "saliency_maps": stack_maps([e["saliency_map"] for e in examples]),  # [N, h, w]
         }
         if self.keep_sample_ids:
-            batch["sample_ids"] = torch.tensor([e["sample_id"] for e in examples], dtype=torch.long)  # [B]
+            batch["sample_ids"] = sample_ids(examples)  # [B]
         return batch

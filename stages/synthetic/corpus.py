@@ -26,7 +26,7 @@ The weights are roughly zero-mean per attribute, so scores centre near 5.5 and s
 
 The mask (255 = aesthetically relevant) is the union of the visible subject (with its blur halo),
 a band along the horizon line and the blown patches. Five colloquial references per image mention
-random subsets of the true attributes (``synthetic_attributes.PHRASES``) and an overall verdict tied to the score.
+random subsets of the true attributes (``attributes.PHRASES``) and an overall verdict tied to the score.
 Same (n, seed) gives byte-identical files.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ from PIL import Image
 from scipy.ndimage import uniform_filter
 from tqdm import tqdm
 
-from stages.ingest.synthetic_attributes import ATTRIBUTES, SCORE_WEIGHTS, reference
+from stages.synthetic.attributes import ATTRIBUTES, SCORE_WEIGHTS, reference
 from storage.atomic import write_bytes_atomic
 
 GENERATOR_VERSION = 1
@@ -108,7 +108,7 @@ def image_id(index: int) -> str:
     return f"syn{index:05d}"
 
 
-def _rngs(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+def rngs(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generator]:
     """Independent streams for the annotation and the rendering of one image."""
     ann, img = np.random.SeedSequence([seed, index]).spawn(2)
     return np.random.default_rng(ann), np.random.default_rng(img)
@@ -116,7 +116,7 @@ def _rngs(seed: int, index: int) -> tuple[np.random.Generator, np.random.Generat
 
 def annotation(index: int, seed: int) -> dict[str, Any]:
     """Attributes, score and references of image ``index`` (no rendering needed)."""
-    rng, _ = _rngs(seed, index)
+    rng, _ = rngs(seed, index)
     attrs = sample_attributes(rng)
     score = score_of(attrs, rng)
     return {"attributes": attrs, "score": round(score, 3), "references": [reference(rng, attrs, score) for _ in range(5)]}
@@ -351,7 +351,7 @@ def _make_image(root: Path, seed: int, index: int) -> tuple[int, int, float]:
     if image_done and mask_done:
         with Image.open(image_path) as img, Image.open(mask_path) as m:
             return img.width, img.height, float((np.asarray(m) > 0).mean())
-    image, mask = render(annotation(index, seed)["attributes"], _rngs(seed, index)[1])
+    image, mask = render(annotation(index, seed)["attributes"], rngs(seed, index)[1])
     if not image_done:
         write_bytes_atomic(image_path, _encode(image, "JPEG"))
     if not mask_done:

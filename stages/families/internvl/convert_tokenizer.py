@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from transformers.tokenization_utils_base import generate_merges
 
 from pipeline.errors import PipelineError
-from stages.finetune.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
+from stages.families.internvl.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
 
 _INTERNVL2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 # InternVL conversation templates -> (turn separator, default system message); all are

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.paths import work_dir
-from stages.ingest.synthetic_corpus import GENERATOR_VERSION, JPEG_QUALITY, _rngs, annotation, render
+from stages.synthetic.corpus import GENERATOR_VERSION, JPEG_QUALITY, rngs, annotation, render
 from storage.atomic import write_json_atomic
 
 SIZE = 224
@@ -57,7 +57,7 @@ def render_small(index: int, seed: int, with_mask: bool = False) -> tuple[np.nda
     EAT's evaluation does, nearest, as a [224, 224] bool array under "mask" when asked)."""
     ann = annotation(index, seed)
     scene: dict[str, Any] = {}
-    image, mask = render(ann["attributes"], _rngs(seed, index)[1], scene)
+    image, mask = render(ann["attributes"], rngs(seed, index)[1], scene)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY)
     with Image.open(io.BytesIO(buf.getvalue())) as jpeg:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from stages.finetune.prompting import IGNORE
+from stages.families.data import pad_tokens, sample_ids
 
 
 def saliency_inputs(maps: Sequence[np.ndarray | torch.Tensor | None],
@@ -44,23 +44,11 @@ class Collator:
     keep_sample_ids: bool = False  # pass ``sample_id`` through (the trainer logs and drops it)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        length = max(len(e["input_ids"]) for e in examples)
-        n = len(examples)
-        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)  # [B, L]
-        labels = torch.full((n, length), IGNORE, dtype=torch.long)  # [B, L]
-        attention_mask = torch.zeros((n, length), dtype=torch.long)  # [B, L]
-        for i, e in enumerate(examples):
-            k = len(e["input_ids"])
-            input_ids[i, :k] = torch.as_tensor(e["input_ids"])
-            labels[i, :k] = torch.as_tensor(e["labels"])
-            attention_mask[i, :k] = 1
         batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
+            **pad_tokens(examples, self.pad_token_id),  # input_ids, attention_mask, labels [B, L]
             "pixel_values": torch.cat([e["pixel_values"] for e in examples]),  # [sum T, 3, S, S]
             **saliency_inputs([e["saliency_map"] for e in examples], [e["tile_grid"] for e in examples]),
         }
         if self.keep_sample_ids:
-            batch["sample_ids"] = torch.tensor([e["sample_id"] for e in examples], dtype=torch.long)  # [B]
+            batch["sample_ids"] = sample_ids(examples)  # [B]
         return batch

@@ -1,4 +1,4 @@
-"""ASE-MLLM on Qwen2.5-VL: transformers' Qwen2.5-VL with the IAS vision tower (stages/finetune/qwen_vit.py).
+"""ASE-MLLM on Qwen2.5-VL: transformers' Qwen2.5-VL with the IAS vision tower (stages/families/qwen/vit.py).
 
 The second base family (the paper's Table III uses Qwen-VL-Chat, remote code only; its native successor
 in transformers is Qwen2.5-VL). IAS tower -> the tower's own 2x2 patch merger (RMSNorm, Linear, GELU,
@@ -30,8 +30,9 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 from transformers.utils.generic import accepts_precomputed_kwargs, can_return_tuple
 
-from stages.finetune.ias_vit import FUSIONS
-from stages.finetune.qwen_vit import IASQwenVisionModel, vision_tower
+from stages.families.fusion import check_fusion, with_fusion
+from stages.families.qwen.configs import NAMED_CONFIGS, SPECIAL_IDS, TINY_CONFIGS
+from stages.families.qwen.vit import IASQwenVisionModel, vision_tower
 
 IGNORE_INDEX = -100
 
@@ -44,8 +45,7 @@ class IASQwen2_5_VLConfig(Qwen2_5_VLConfig):
     ias_fusion: str = "cross_attention"
 
     def __post_init__(self, **kwargs: Any) -> None:
-        if self.ias_fusion not in FUSIONS:
-            raise ValueError(f"ias_fusion must be one of {FUSIONS}, got {self.ias_fusion!r}")
+        check_fusion(self.ias_fusion, "ias_fusion")
         super().__post_init__(**kwargs)
 
 
@@ -161,54 +161,6 @@ AutoModel.register(IASQwen2_5_VLConfig, IASQwen2_5_VLModel, exist_ok=True)
 AutoModelForImageTextToText.register(IASQwen2_5_VLConfig, IASQwen2_5_VLForConditionalGeneration, exist_ok=True)
 
 
-# ---------------------------------------------------------------- registered shapes
-
-# Qwen2.5-VL's vision tower as released (3B / 7B / 72B share it): 32 blocks x 1280, 16 heads, SwiGLU 3420,
-# windows of 112 px, full attention in blocks 7, 15, 23, 31
-VISION_QWEN25VL = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-                       spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                       fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
-# the tiny towers: windows of 56 px (2 x 2 merged tokens), a window block then a full-attention block
-VISION_TINY = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, window_size=56,
-                   fullatt_block_indexes=[1])
-
-
-def _text(hidden: int, layers: int, heads: int, kv: int, mlp: int, **kw: Any) -> dict[str, Any]:
-    head_dim = hidden // heads  # m-rope sections (t, h, w) split the rotary half of a head: 1/4, 3/8, 3/8
-    half = head_dim // 2
-    section = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
-    return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                intermediate_size=mlp, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                         "mrope_section": section}, **kw)
-
-
-# name -> (vision kwargs, text kwargs, image processor pixel budget); vocab and special token ids come from the
-# tokenizer. Tiny models in the spirit of timm's registry; the demo's Qwen model is "demo-qwen".
-TINY_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, int]]] = {
-    "tiny-qwen": (VISION_TINY, _text(64, 2, 4, 2, 128), dict(min_pixels=56 * 56, max_pixels=4 * 224 * 224)),
-    "demo-qwen": (VISION_TINY, _text(128, 3, 4, 2, 384), dict(min_pixels=56 * 56, max_pixels=4 * 224 * 224)),
-    # the real Qwen2.5-VL tower, a tiny LLM
-    "qwen2.5-vl-vision-shape": (VISION_QWEN25VL, _text(64, 2, 4, 2, 128), dict(min_pixels=56 * 56,
-                                                                              max_pixels=28 * 28 * 1280)),
-}
-# real shapes for `ase-mllm plan` (config.json values of the Qwen2.5-VL-3B / 7B-Instruct releases)
-NAMED_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2.5-vl-7b": dict(vision={**VISION_QWEN25VL, "out_hidden_size": 3584}, text=dict(
-        hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-        intermediate_size=18944, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
-        tie_word_embeddings=False),
-    "qwen2.5-vl-3b": dict(vision={**VISION_QWEN25VL, "out_hidden_size": 2048}, text=dict(
-        hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-        intermediate_size=11008, vocab_size=151936, max_position_embeddings=128000, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
-        tie_word_embeddings=True),
-}
-# the special tokens' ids in the Qwen2.5-VL vocabulary
-SPECIAL_IDS = dict(vision_start_token_id=151652, vision_end_token_id=151653, image_token_id=151655,
-                   video_token_id=151656)
-
-
 def tiny_config(name: str = "tiny-qwen", vocab_size: int = 1024, special_ids: dict[str, int] | None = None,
                 fusion: str = "cross_attention") -> IASQwen2_5_VLConfig:
     """A registered small config; ``special_ids`` (image / video / vision start / end token ids) default to
@@ -243,15 +195,11 @@ def build_tiny_model(name: str = "tiny-qwen", vocab_size: int = 1024, special_id
     return IASQwen2_5_VLForConditionalGeneration(tiny_config(name, vocab_size, special_ids, fusion))
 
 
-_NOT_CONFIG_KEYS = ("model_type", "transformers_version", "architectures", "auto_map")
-
-
 def ias_config(base: Any, fusion: str = "cross_attention") -> IASQwen2_5_VLConfig:
     """The IAS config of a Qwen2.5-VL (or IAS Qwen2.5-VL) config."""
     if not isinstance(base, Qwen2_5_VLConfig):
         raise ValueError(f"expected a Qwen2.5-VL config (model_type 'qwen2_5_vl'), got '{base.model_type}'")
-    fields = {k: v for k, v in base.to_dict().items() if k not in _NOT_CONFIG_KEYS}
-    return IASQwen2_5_VLConfig(**{**fields, "ias_fusion": fusion})
+    return with_fusion(IASQwen2_5_VLConfig, base, fusion)
 
 
 def load_base(path: Path | str, fusion: str = "cross_attention",

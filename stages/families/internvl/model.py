@@ -1,6 +1,6 @@
 """ASE-MLLM model: transformers' InternVL with the IAS-ViT vision tower.
 
-IAS-ViT (stages/finetune/ias_vit.py) -> pixel shuffle (1/4 tokens) -> projector (LayerNorm, Linear,
+IAS-ViT (stages/families/internvl/ias_vit.py) -> pixel shuffle (1/4 tokens) -> projector (LayerNorm, Linear,
 GELU, Linear) -> LLM, exactly as ``InternVLForConditionalGeneration``; the only additions are the
 saliency inputs (per image: its raw map and its tile grid, ``collate.saliency_inputs``; cut into
 saliency tiles aligned with ``pixel_values`` on the model's device by ``tiling.expand_saliency``)
@@ -27,8 +27,10 @@ from transformers.models.internvl.modeling_internvl import (
     InternVLPreTrainedModel,
 )
 
-from stages.finetune.ias_vit import FUSIONS, IASVisionModel
-from stages.finetune.tiling import expand_saliency
+from stages.families.fusion import check_fusion, with_fusion
+from stages.families.internvl.configs import NAMED_CONFIGS, TINY_CONFIGS
+from stages.families.internvl.ias_vit import IASVisionModel
+from stages.families.internvl.tiling import expand_saliency
 
 IGNORE_INDEX = -100  # label of positions without loss (prompting.IGNORE)
 
@@ -41,8 +43,7 @@ class IASInternVLConfig(InternVLConfig):
     ias_fusion: str = "cross_attention"
 
     def __post_init__(self, **kwargs: Any) -> None:
-        if self.ias_fusion not in FUSIONS:
-            raise ValueError(f"ias_fusion must be one of {FUSIONS}, got {self.ias_fusion!r}")
+        check_fusion(self.ias_fusion, "ias_fusion")
         super().__post_init__(**kwargs)
 
 
@@ -90,7 +91,7 @@ class IASInternVLModel(InternVLModel):
         """The saliency tile of every tile of ``pixel_values``, made on its device: [T, 1, S, S]."""
         if saliency_maps is None or saliency_map_sizes is None or tile_grids is None:
             raise ValueError("IAS-ViT with cross-attention fusion needs saliency_maps, saliency_map_sizes and "
-                             "tile_grids (stages/finetune/collate.py saliency_inputs)")
+                             "tile_grids (stages/families/internvl/collate.py saliency_inputs)")
         maps = saliency_maps.to(pixel_values.device)
         tiles = expand_saliency(maps, saliency_map_sizes.to(maps.device), tile_grids, pixel_values.shape[-1])
         if tiles.shape[0] != pixel_values.shape[0]:
@@ -195,31 +196,6 @@ AutoModel.register(IASInternVLConfig, IASInternVLModel, exist_ok=True)
 AutoModelForImageTextToText.register(IASInternVLConfig, IASInternVLForConditionalGeneration, exist_ok=True)
 
 
-def _qwen2_tiny(vocab_size: int) -> dict[str, Any]:
-    return dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                tie_word_embeddings=True)
-
-
-def _qwen2_demo(vocab_size: int) -> dict[str, Any]:
-    return {**_qwen2_tiny(vocab_size), "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3}
-
-
-# name -> (vision config kwargs, text config kwargs given the vocab size); tiny models in the spirit of timm's registry
-TINY_CONFIGS: dict[str, tuple[dict[str, Any], Any]] = {
-    # 2 layers x 64, 224 px tiles of 16x16 patches -> 64 LLM tokens per tile
-    "tiny": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                  image_size=224, patch_size=14), _qwen2_tiny),
-    # the demo's model (`make demo`): the tiny vision tower, a 3 x 128 LLM that can learn the critiques' language
-    "demo": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                  image_size=224, patch_size=14), _qwen2_demo),
-    # InternViT-300M's shape (24 x 1024, 16 heads, MLP 4096, qkv bias, 448 px, patch 14), tiny LLM
-    "internvit300m-shape": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                 intermediate_size=4096, attention_bias=True, image_size=448, patch_size=14),
-                            _qwen2_tiny),
-}
-
-
 def tiny_internvl_config(
     name: str = "tiny", vocab_size: int = 1024, image_token_id: int | None = None, fusion: str = "cross_attention"
 ) -> IASInternVLConfig:
@@ -256,7 +232,29 @@ def tokens_per_tile(config: InternVLConfig) -> int:
     return int(grid * config.downsample_ratio) ** 2
 
 
-_NOT_CONFIG_KEYS = ("model_type", "transformers_version", "architectures", "auto_map")
+def tile_size(config: Any) -> int:
+    """Tile side in pixels: the vision tower's input size."""
+    size = config.vision_config.image_size
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def named_config(name: str, fusion: str = "cross_attention") -> IASInternVLConfig:
+    """An IASInternVLConfig of a registered real shape."""
+    if name not in NAMED_CONFIGS:
+        raise KeyError(f"unknown config {name!r} (known: {', '.join(NAMED_CONFIGS)})")
+    spec = NAMED_CONFIGS[name]
+    text = dict(spec["text"])
+    text_config = AutoConfig.for_model(text.pop("model_type"), **text)
+    return IASInternVLConfig(vision_config=InternVLVisionConfig(**spec["vision"]), text_config=text_config,
+                             image_token_id=text_config.vocab_size - 1, image_seq_length=256, downsample_ratio=0.5,
+                             ias_fusion=fusion, tie_word_embeddings=text_config.tie_word_embeddings)
+
+
+def ias_config(base: Any, fusion: str = "cross_attention") -> IASInternVLConfig:
+    """The IAS config of an InternVL (or IAS InternVL) config."""
+    if not isinstance(base, InternVLConfig):
+        raise ValueError(f"expected an InternVL config, got model_type '{base.model_type}'")
+    return with_fusion(IASInternVLConfig, base, fusion)
 
 
 def load_base(
@@ -272,7 +270,7 @@ def load_base(
     """
     config_file = Path(path) / "config.json"
     if config_file.exists() and json.loads(config_file.read_text()).get("model_type") == "internvl_chat":
-        from stages.finetune.convert import ConversionError
+        from stages.families.internvl.convert import ConversionError
 
         raise ConversionError(f"{path}: an original InternVL checkpoint (remote code, never run here): convert it "
                               f"once with `ase-mllm convert-base {path} OUT_DIR` and pass OUT_DIR as the base")
@@ -280,8 +278,7 @@ def load_base(
     base = AutoConfig.from_pretrained(path)
     if not isinstance(base, InternVLConfig):
         raise ValueError(f"{path}: expected an InternVL (-hf, model_type 'internvl') checkpoint, got '{base.model_type}'")
-    fields = {k: v for k, v in base.to_dict().items() if k not in _NOT_CONFIG_KEYS}
-    config = IASInternVLConfig(**{**fields, "ias_fusion": fusion})
+    config = ias_config(base, fusion)
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()

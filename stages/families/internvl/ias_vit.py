@@ -36,14 +36,7 @@ from transformers.models.internvl.modeling_internvl import (
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-FUSIONS = ("cross_attention", "none")
-PRIOR_FLOOR = 0.01  # a key of saliency 0 gets log(0.01) = -4.6 on its logits: 1 % of a fully salient key's weight
-
-
-def saliency_prior(saliency: torch.Tensor) -> torch.Tensor:
-    """The keys' saliency [..., N] in [0, 1] as additive attention logits ``log(s + floor)`` [..., N]."""
-    return torch.log(saliency.float() + PRIOR_FLOOR)
-
+from stages.families.fusion import check_fusion, saliency_prior
 
 class SaliencyCrossAttention(nn.Module):
     """Multi-head cross-attention: queries from saliency tokens, keys/values from image tokens, the keys'
@@ -114,8 +107,7 @@ class IASVisionModel(InternVLVisionModel):
     """InternVL vision tower whose forward also takes per-tile saliency maps."""
 
     def __init__(self, config: InternVLVisionConfig, fusion: str = "cross_attention") -> None:
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        check_fusion(fusion)
         InternVLVisionPreTrainedModel.__init__(self, config)
         self.fusion = fusion
         self.embeddings = InternVLVisionEmbeddings(config)
@@ -163,8 +155,3 @@ class IASVisionModel(InternVLVisionModel):
         else:
             encoder_outputs = self.encoder(self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos))
         return InternVLVisionModelOutputWithPooling(last_hidden_state=self.layernorm(encoder_outputs[0]))
-
-
-def cross_attention_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """All parameters the IAS fusion adds (what a base InternVL checkpoint lacks)."""
-    return [(n, p) for n, p in model.named_parameters() if ".cross_attention." in f".{n}"]

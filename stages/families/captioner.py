@@ -1,0 +1,107 @@
+"""The generation loop every family shares: a loaded run as a captioner, (image, saliency map) -> critique.
+
+Prompts are left-padded so every sequence ends at the same position and ``model.generate`` (KV cache)
+appends to all of them at once; image features are computed once per batch by the family's
+:meth:`Captioner.image_inputs` and handed to ``generate`` as ``mm_encoder_outputs``, which transformers
+expands correctly for beam search. Sampling is reseeded per batch; each critique is cut after its eos.
+A family subclasses :class:`Captioner` with three hooks: ``image_cost``, ``prepare`` and ``image_inputs``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How critiques are decoded: greedy by default, beam search or nucleus sampling on request."""
+
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0  # sampling only: reseeded per batch
+    no_repeat_ngram_size: int = 0  # > 0: an n-gram of this size never repeats within a critique
+
+    def tag(self) -> str:
+        """'' for the default (greedy), else a short stable name for the predictions directory."""
+        if self == DecodeConfig():
+            return ""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample)
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p)
+        if self.no_repeat_ngram_size:
+            kw.update(no_repeat_ngram_size=self.no_repeat_ngram_size)
+        return kw
+
+
+def default_device() -> torch.device:
+    """cuda:<LOCAL_RANK> when a GPU is present (one per torchrun rank), else CPU."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}")
+    return torch.device("cpu")
+
+
+class Captioner:
+    """A loaded ASE-MLLM + tokenizer + the family's image spec: (image, saliency map) -> critique, in batches.
+    A prompt (the family's) carries at least ``input_ids`` (list of ints)."""
+
+    def __init__(self, model: Any, tokenizer: Any, spec: Any, device: torch.device | None = None) -> None:
+        self.device = device or default_device()
+        dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        self.model = model.to(self.device, dtype=dtype).eval().requires_grad_(False)
+        self.tokenizer, self.spec = tokenizer, spec
+        self.needs_saliency = getattr(model.config, "ias_fusion", "none") == "cross_attention"
+
+    # ---- hooks
+    def image_cost(self, width: int, height: int) -> int:
+        """Prompt-length key for batching (images of similar cost share a batch)."""
+        raise NotImplementedError
+
+    def prepare(self, img: Image.Image, saliency_map: np.ndarray | None) -> Any:
+        """One image and its raw map (None: uniform) as the family's prompt."""
+        raise NotImplementedError
+
+    def image_inputs(self, prompts: list[Any], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+        """The batch's image features and whatever else the family's ``generate`` takes beside the tokens."""
+        raise NotImplementedError
+
+    # ---- the loop
+    def generate(self, prompts: list[Any], decode: DecodeConfig = DecodeConfig()) -> list[str]:
+        """Critiques of a batch of prompts (left-padded, one ``generate`` call)."""
+        texts = self.tokenizer.batch_decode(self.generate_ids(prompts, decode), skip_special_tokens=True)
+        return [" ".join(t.split()) for t in texts]
+
+    @torch.inference_mode()
+    def generate_ids(self, prompts: list[Any], decode: DecodeConfig = DecodeConfig()) -> list[list[int]]:
+        """New token ids per prompt, up to and including eos (padding after it removed)."""
+        n, length = len(prompts), max(len(p.input_ids) for p in prompts)
+        input_ids = torch.full((n, length), self.tokenizer.pad_token_id, dtype=torch.long)  # [B, L]
+        attention_mask = torch.zeros((n, length), dtype=torch.long)  # [B, L]
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at column L-1
+            input_ids[i, length - len(p.input_ids):] = torch.as_tensor(p.input_ids)
+            attention_mask[i, length - len(p.input_ids):] = 1
+        inputs = self.image_inputs(prompts, input_ids, attention_mask)
+        if decode.do_sample:
+            torch.manual_seed(decode.seed)
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            **inputs,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **decode.generate_kwargs(),
+        )  # [B, L + new]
+        eos = self.tokenizer.eos_token_id
+        return [row[: row.index(eos) + 1] if eos in row else row for row in out[:, length:].tolist()]

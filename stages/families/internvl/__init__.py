@@ -1,0 +1,1 @@
+"""The InternVL family (the paper's base): IAS-ViT, model assembly, tiling data path, captioner, converter."""

@@ -1,0 +1,26 @@
+"""What the generator drew, read back for an ingested synthetic dataset: the ground truth that training on true
+masks (``--saliency truth``) and the report's attribute scores use."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from storage.tables import read_meta
+
+
+def ground_truth(dataset: str) -> dict[str, dict] | None:
+    """image_id -> {"attributes", "score", "mask" (absolute path)} of an ingested synthetic dataset, else None.
+
+    The generator knows what it drew; real datasets have no such truth (None).
+    """
+    meta = read_meta(dataset)
+    path = Path(meta["root"]) / "annotations.jsonl"
+    if meta.get("format") != "synthetic" or not path.is_file():
+        return None
+    truth = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            truth[str(rec["image_id"])] = {"attributes": rec["attributes"], "score": rec["score"],
+                                           "mask": str(Path(meta["root"]) / rec["mask"])}
+    return truth
