@@ -9,6 +9,7 @@ The reduce-scatter is observed by a wrapper that calls torch's own collective un
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def main(spec: dict) -> None:
     train.finetune(cfg, load_manifest(Path(spec["manifest"])), callbacks=(MicroBatches(),))
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = int(os.environ.get("RANK", "0"))  # torchrun's; finetune has closed the process group by now
     (out / f"rank{rank}.json").write_text(json.dumps({"events": EVENTS, "loaded": LOADED[0] - base}))
 
 
