@@ -16,20 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.manifest import load_manifest
-from test_finetune_data import make_manifest, make_store, make_toy
-from test_finetune_scale import _assert_same_weights, _final, save_base
+from test_finetune_scale import _assert_same_weights, _final, save_base, toy_run  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-
-
-@pytest.fixture
-def toy_run(tmp_path: Path) -> Path:
-    shas = make_toy(tmp_path)
-    path = make_manifest(tmp_path)
-    make_store(load_manifest(path), shas)
-    return path
 
 
 def _probe(manifest: Path, out: Path, port: int, fsdp: dict | None = None, **config) -> list[dict]:
