@@ -51,9 +51,9 @@ def main(spec: dict) -> None:
     dist.reduce_scatter_single = _recording_reduce_scatter
     cfg = train.TrainConfig(**spec["config"])
     if spec.get("fsdp"):  # overrides of configs/fsdp.yaml for this run
-        from stages.finetune.sharding import training_kwargs
+        from stages.finetune.sharding import strategy
 
-        fsdp = training_kwargs("fsdp", train.model_config(cfg), cfg.gradient_checkpointing)
+        fsdp = strategy("fsdp").training_kwargs(train.model_config(cfg), cfg.gradient_checkpointing)
         cfg.extra = {"fsdp_config": {**fsdp["fsdp_config"], **spec["fsdp"]}}
     base = rss("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM

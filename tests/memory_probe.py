@@ -131,7 +131,7 @@ def measure_trainer(case: dict, out: Path) -> None:
     from transformers import TrainerCallback
 
     from stages.finetune import precision
-    from stages.finetune.sharding import init_deepspeed_on_cpu
+    from stages.finetune.sharding import strategy
     from stages.finetune.train import CritiqueTrainer, TrainConfig, set_trainable, training_arguments
 
     config, cls = build(case)
@@ -142,15 +142,13 @@ def measure_trainer(case: dict, out: Path) -> None:
                       global_batch_size=case["per_device"] * case["accumulation"] * int(os.environ["WORLD_SIZE"]),
                       extra={"disable_tqdm": True})
     args = training_arguments(cfg, out / "run", config)
-    if cfg.strategy == "zero3":
-        init_deepspeed_on_cpu()
+    strategy(cfg.strategy).prepare()
     gc.collect()
     base = rss("VmRSS")
     torch.manual_seed(0)
     model = cls._from_config(config)  # as from_pretrained builds a base: under ZeRO-3, partitioned as it is built
     set_trainable(model, cfg.trainable)
-    if cfg.strategy != "zero3":
-        precision.apply(model, precision.choose(cfg.precision, cfg.strategy))
+    precision.apply(model, precision.choose(cfg.precision, cfg.strategy))
 
     class FromFirstStep(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001

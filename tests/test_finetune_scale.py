@@ -172,7 +172,7 @@ def test_gradient_checkpointing_with_frozen_vit_keeps_cross_attention_gradients(
     models it knows). The training arguments pin non-reentrant checkpointing, which needs no hook:
     its gradients equal the model's without checkpointing, hooks or not."""
     from stages.families.internvl.model import build_tiny_model
-    from stages.finetune.sharding import training_kwargs
+    from stages.finetune.sharding import strategy
     from stages.finetune.train import set_trainable
     from test_model_assembly import _batch
 
@@ -187,7 +187,7 @@ def test_gradient_checkpointing_with_frozen_vit_keeps_cross_attention_gradients(
     cross = [n for n in plain if ".cross_attention." in n]
     assert cross and all(plain[n] is not None and plain[n].abs().sum() > 0 for n in cross)
 
-    kwargs = training_kwargs("ddp", model.config, gradient_checkpointing=True)
+    kwargs = strategy("ddp").training_kwargs(model.config, gradient_checkpointing=True)
     assert kwargs["activation_checkpointing"] and kwargs["activation_checkpointing_kwargs"] == {"use_reentrant": False}
     model.activation_checkpointing_enable(kwargs["activation_checkpointing_kwargs"])
     assert all(layer.gradient_checkpointing for layer in model.model.vision_tower.encoder.layer)
@@ -529,9 +529,9 @@ def test_zero3_config_is_accepted_by_deepspeed_and_the_trainer() -> None:
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    from stages.finetune.sharding import load_strategy_config
+    from stages.finetune.sharding import strategy
 
-    settings = load_strategy_config("zero3")
+    settings = strategy("zero3").config()
     zero = DeepSpeedZeroConfig(**settings["zero_optimization"])
     assert zero.stage == 3 and zero.gather_16bit_weights_on_model_save
     hf = HfTrainerDeepSpeedConfig(settings)

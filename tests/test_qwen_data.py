@@ -49,7 +49,8 @@ def _dataset(manifest, tok, **kw):
 
 
 def test_tokenizer_special_tokens_and_qwen25vl_prompt_layout(tok, tmp_path: Path) -> None:
-    from stages.families.qwen.data import CHAT_TEMPLATE, IMAGE_PAD, dataset_tokenizer, load_tokenizer, prompt_ids
+    from stages.families import FAMILIES
+    from stages.families.qwen.data import CHAT_TEMPLATE, IMAGE_PAD, load_tokenizer, prompt_ids
     from stages.families.text import PROMPT
 
     for special in ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"):
@@ -65,7 +66,7 @@ def test_tokenizer_special_tokens_and_qwen25vl_prompt_layout(tok, tmp_path: Path
              + IMAGE_PAD * 5 + f"<|vision_end|>{PROMPT}<|im_end|>\n<|im_start|>assistant\n")
     assert prompt_ids(tok, 5) == tok(whole, add_special_tokens=False)["input_ids"]
     # saved and reloaded, and a release-style directory whose template lives in chat_template.json
-    saved = dataset_tokenizer([], tmp_path / "tok")
+    saved = FAMILIES["qwen2_5_vl"].dataset_tokenizer([], tmp_path / "tok", 2048)
     assert saved.chat_template == CHAT_TEMPLATE
     tok.chat_template = None
     tok.save_pretrained(tmp_path / "release")

@@ -184,11 +184,11 @@ def test_default_trainable_parts_freeze_only_the_vision_base() -> None:
 
 
 def test_fsdp_wraps_the_vision_block_and_the_decoder_layer() -> None:
-    from stages.finetune.sharding import training_kwargs
+    from stages.finetune.sharding import strategy
 
-    fsdp = training_kwargs("fsdp", tiny_config("tiny-qwen", VOCAB), gradient_checkpointing=True)["fsdp_config"]
+    fsdp = strategy("fsdp").training_kwargs(tiny_config("tiny-qwen", VOCAB), gradient_checkpointing=True)["fsdp_config"]
     assert fsdp["transformer_layer_cls_to_wrap"] == ["IASQwenVisionBlock", "Qwen2_5_VLDecoderLayer"]
-    ablation = training_kwargs("fsdp", tiny_config("tiny-qwen", VOCAB, fusion="none"), True)["fsdp_config"]
+    ablation = strategy("fsdp").training_kwargs(tiny_config("tiny-qwen", VOCAB, fusion="none"), True)["fsdp_config"]
     assert ablation["transformer_layer_cls_to_wrap"] == ["Qwen2_5_VLVisionBlock", "Qwen2_5_VLDecoderLayer"]
 
 

@@ -66,6 +66,20 @@ def of_config(config: Any) -> Family:
     return by_model_type(config.model_type)
 
 
+def meta_model(config: Any) -> Any:
+    """The model of ``config`` on the meta device (no memory, no weights). Outside ZeRO-3's ``zero.Init``,
+    which transformers would otherwise enter (a collective) once a ZeRO-3 TrainingArguments exists."""
+    import torch
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
+    try:
+        with torch.device("meta"):
+            return of_config(config).model_class()(config)
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def of_run(run_cfg: dict[str, Any]) -> Family:
     """The family a run recorded in run_config.json (runs from before the registry are InternVL)."""
     return FAMILIES[run_cfg.get("family", DEFAULT.name)]

@@ -58,9 +58,27 @@ class Family:
         """(vision tower layers, LLM decoder layers) of a model of this family."""
         raise NotImplementedError
 
+    # ---- memory plan (stages/finetune/plan.py)
+    def plan_shapes(self, config: Any, setting: Any) -> Any:
+        """The shapes.Shapes of the largest sample a plan.Setting lets through."""
+        raise NotImplementedError
+
+    def vision_layer_bytes(self, s: Any, a: int, r: int, cast: bool, trainable_vit: bool, cross: bool) -> int:
+        """Bytes autograd keeps per vision token for one vision layer: compute dtype of ``a`` bytes, residual
+        stream of ``r`` bytes, ``cast``: autocast keeps a compute-dtype copy of each fp32 Linear input."""
+        raise NotImplementedError
+
     # ---- tokenizer
     def dataset_tokenizer(self, texts: list[str], directory: Path, vocab_size: int) -> Any:
         """The tokenizer saved in ``directory``, else the demo BPE trained on ``texts`` and saved there."""
+        from stages.families.text import save_tokenizer
+
+        if not (Path(directory) / "tokenizer.json").exists():
+            save_tokenizer(self.train_tokenizer(texts, vocab_size), Path(directory))
+        return self.load_tokenizer(Path(directory))
+
+    def train_tokenizer(self, texts: list[str], vocab_size: int) -> Any:
+        """The demo BPE trained on ``texts``, with the family's special tokens and chat template."""
         raise NotImplementedError
 
     def load_tokenizer(self, directory: Path) -> Any:

@@ -12,13 +12,8 @@ exist only for labelled (critique) positions (model.py). Tests check the totals 
 memory of real CPU training steps (fp32, and bf16 under each strategy on 2 ranks). Both base families: InternVL (tiles of 448 px) and Qwen2.5-VL (one
 native-resolution image of up to ``max_pixels``; window attention, RMSNorm, SwiGLU and rope in its blocks).
 
-Per GPU, by strategy (P = parameters, T = trainable, G = GPUs):
-- ddp:   weights T*4 + (P-T)*frozen bytes; grads T*4 (+ T*4 DDP buckets when G > 1); AdamW T*8
-- fsdp:  (P*4 + T*4 + T*8) / G, plus two gathered layers and the output embedding in the compute dtype and
-         one group's unsharded gradients + fp32 reduce-scatter input (gradients are reduced on every
-         micro-batch, so only the sharded fp32 gradients stay across accumulation steps)
-- zero3: (P*2 + T*4 master + T*4 + T*8) / G, parameters under the persistence threshold replicated,
-         plus the reduce bucket and the live-parameter budget of configs/zero3.yaml
+Per-GPU weights, gradients, optimizer states and engine buffers are each strategy's own formula
+(sharding.py); activations and the backward peak are counted here.
 """
 from __future__ import annotations
 
@@ -29,18 +24,19 @@ from typing import Any
 
 import torch
 
+from stages import families
+from stages.families.shapes import Shapes
+from stages.finetune import sharding
+from stages.finetune.sharding import DTYPE_BYTES
+
 GiB = 1024**3
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DEFAULT_TEXT_TOKENS = 256  # prompt + critique when the data is not at hand (PCCD critiques: ~50-200 tokens)
 ALLOCATOR_RESERVE = 0.08  # of GPU memory: CUDA context, allocator fragmentation, NCCL buffers
-DEFAULT_QWEN_PIXELS = 28 * 28 * 1280  # the Qwen2.5-VL image processor's default budget (1,280 LLM tokens)
 
 
 def load_model_config(base: str | Path, fusion: str = "cross_attention") -> Any:
     """``base``: a registered name (either family), a checkpoint dir or its config.json (weights are never read)."""
     from transformers import AutoConfig
-
-    from stages import families
 
     named = families.of_name(str(base))
     if named is not None:
@@ -92,27 +88,11 @@ class Counts:
     head_trainable: int = 0
 
 
-def meta_model(config: Any) -> Any:
-    """The model of ``config`` on the meta device (no memory, no weights). Outside ZeRO-3's ``zero.Init``,
-    which transformers would otherwise enter (a collective) once a ZeRO-3 TrainingArguments exists."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    from stages import families
-
-    saved, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
-    try:
-        with torch.device("meta"):
-            return families.of_config(config).model_class()(config)
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
 def count_parameters(config: Any, setting: Setting, persistence_threshold: float = 1e7) -> Counts:
     """Exact parameter counts from the config (meta device)."""
-    from stages import families
     from stages.finetune.parts import LORA_TARGETS, part_of
 
-    model = meta_model(config)
+    model = families.meta_model(config)
     by_part: dict[str, int] = {}
     trainable = total = persistent = 0
     lora_parts = set(setting.trainable) - {"llm"} if setting.lora else set(setting.trainable)
@@ -150,87 +130,6 @@ def count_parameters(config: Any, setting: Setting, persistence_threshold: float
 # ---------------------------------------------------------------- activations
 
 
-@dataclass(frozen=True)
-class Shapes:
-    tiles: int  # per sample, thumbnail included
-    vision_tokens: int  # per tile (patches + CLS)
-    d: int
-    vision_mlp: int
-    vision_layers: int
-    image_tokens: int  # LLM tokens per sample from the image
-    seq: int  # LLM tokens per sample
-    labelled: int  # positions with a loss per sample
-    h: int
-    kv: int  # key/value width
-    mlp: int
-    layers: int
-    vocab: int
-    qwen: bool = False  # Qwen2.5-VL family: one native-resolution image, windowed RMSNorm / SwiGLU / rope blocks
-    pixel_bytes: int = 0  # model inputs per sample: pixels (+ saliency tiles for InternVL), fp32
-    window: int = 0  # Qwen2.5-VL: patches per attention window (window blocks)
-    full_layers: int = 0  # Qwen2.5-VL: blocks with full attention
-
-    @staticmethod
-    def of(config: Any, setting: Setting) -> Shapes:
-        from stages.families.internvl.model import tokens_per_tile
-
-        v, t = config.vision_config, config.text_config
-        labelled = setting.labelled_tokens if setting.labelled_tokens is not None else max(1, setting.text_tokens - 32)
-        head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-        text = dict(labelled=labelled, h=t.hidden_size, kv=t.num_key_value_heads * head_dim, mlp=t.intermediate_size,
-                    layers=t.num_hidden_layers, vocab=t.vocab_size)
-        if config.model_type == "ias_qwen2_5_vl":  # the largest image the pixel budget lets through
-            side = v.patch_size * v.spatial_merge_size
-            patches = (setting.max_pixels or DEFAULT_QWEN_PIXELS) // side**2 * v.spatial_merge_size**2
-            image_tokens = patches // v.spatial_merge_size**2
-            return Shapes(tiles=1, vision_tokens=patches, d=v.hidden_size, vision_mlp=v.intermediate_size,
-                          vision_layers=v.depth, image_tokens=image_tokens, seq=image_tokens + setting.text_tokens,
-                          qwen=True, pixel_bytes=patches * v.in_channels * v.temporal_patch_size * v.patch_size**2 * 4,
-                          window=min(patches, (v.window_size // v.patch_size) ** 2),
-                          full_layers=len(v.fullatt_block_indexes), **text)
-        tiles = setting.max_tiles + (1 if setting.max_tiles > 1 else 0)
-        grid = v.image_size[0] // v.patch_size[0]
-        image_tokens = tiles * tokens_per_tile(config)
-        return Shapes(tiles=tiles, vision_tokens=grid * grid + 1, d=v.hidden_size, vision_mlp=v.intermediate_size,
-                      vision_layers=v.num_hidden_layers, image_tokens=image_tokens,
-                      seq=image_tokens + setting.text_tokens, pixel_bytes=tiles * 4 * v.image_size[0] ** 2 * 4, **text)
-
-    def images(self, setting: Setting) -> str:
-        """The image side of a setting, for people."""
-        if self.qwen:
-            return f"{(setting.max_pixels or DEFAULT_QWEN_PIXELS) / 1e6:.2f} MP images"
-        return f"{setting.max_tiles} tiles"
-
-
-def _vision_layer_bytes(s: Shapes, a: int, r: int, cast: bool, trainable_vit: bool, cross: bool) -> int:
-    """Bytes autograd keeps per vision token for one IAS-ViT layer (residual stream of ``r`` bytes; ``cast``:
-    autocast keeps a compute-dtype copy of each fp32 Linear input)."""
-    d = s.d
-    n = r * d + 4 * a * d  # layernorm_before input; SDPA q, k, v, out
-    n += r * d + a * s.vision_mlp  # layernorm_after input; GELU input
-    if trainable_vit:  # the layer's own Linears and layer-scale products keep their inputs
-        n += (3 * a * d if cast else r * d) + a * d + (a * d if cast else r * d) + a * s.vision_mlp + 2 * a * d
-    if cross:  # norm_context input, q/k/v inputs, SDPA, o_proj input, gate product
-        n += r * d + (a * d if cast else r * d) + (2 * a * d if cast else r * d) + 4 * a * d + a * d + a * d
-    return n
-
-
-def _qwen_vision_layer_bytes(s: Shapes, a: int, r: int, cast: bool, trainable_vit: bool, cross: bool) -> int:
-    """Bytes autograd keeps per patch for one Qwen2.5-VL vision block (+ IAS) (residual stream fp32).
-
-    RMSNorm keeps its input and the normalised input; the vision rope keeps fp32 q, k and their rotated
-    halves; SwiGLU keeps the gate and up outputs and the SiLU output."""
-    d = s.d
-    n = 2 * r * d + 4 * r * d + 4 * a * d  # norm1; rope on q and k; SDPA q, k, v, out
-    n += 2 * r * d + 3 * a * s.vision_mlp  # norm2; SwiGLU
-    if trainable_vit:  # qkv, proj, gate / up (one input) and down inputs
-        n += (a * d if cast else r * d) + a * d + (a * d if cast else r * d) + a * s.vision_mlp
-    if cross:  # norm_query (normalised), norm_context, q / k,v inputs, rope, SDPA, o_proj input, gate product
-        n += r * d + 2 * r * d + (a * d if cast else r * d) + (2 * a * d if cast else r * d) + 4 * r * d + 4 * a * d
-        n += 2 * a * d
-    return n
-
-
 def _llm_layer_bytes(s: Shapes, a: int, r: int, cast: bool, kv_saved: int, trainable: bool) -> int:
     """Bytes autograd keeps per LLM token for one decoder layer (residual stream of ``r`` bytes, RMSNorm in fp32)."""
     h = s.h
@@ -254,26 +153,25 @@ class Activations:
 
 
 def activation_bytes(config: Any, setting: Setting, counts: Counts) -> Activations:
-    s = Shapes.of(config, setting)
+    family = families.of_config(config)
+    s = family.plan_shapes(config, setting)
     a = DTYPE_BYTES[setting.compute]
     # FSDP gathers every parameter (norms and embeddings too) in the compute dtype and ZeRO-3 stores them in it:
     # the residual stream is in the compute dtype and Linear inputs need no cast copy. DDP keeps fp32 trainable
     # weights and norms: an fp32 residual stream, autocast casting each Linear input.
-    pure = a != 4 and setting.strategy in ("fsdp", "zero3")
+    pure = a != 4 and sharding.strategy(setting.strategy).layers_in_compute_dtype
     r, cast = (a if pure else 4), a != 4 and not pure
     parts = set(setting.trainable)
     cross = config.ias_fusion == "cross_attention" and "cross_attention" in parts
     vision_grad = cross or "vision" in parts
     vtok = s.tiles * s.vision_tokens  # vision tokens per sample
-    layer_bytes = _qwen_vision_layer_bytes if s.qwen else _vision_layer_bytes
-    vision_layer = layer_bytes(s, a, r, cast, "vision" in parts, cross) * vtok if vision_grad else 0
+    vision_layer = family.vision_layer_bytes(s, a, r, cast, "vision" in parts, cross) * vtok if vision_grad else 0
     kv_saved = s.h if setting.per_device > 1 else s.kv  # padded batches repeat k/v (no GQA kernel with a mask)
     llm_trainable = "llm" in parts or setting.lora
     llm_layer = _llm_layer_bytes(s, a, r, cast, kv_saved, llm_trainable) * s.seq
     # outside the layers: model inputs, saliency tokens, projector, final norm, label-only logits
     tiles_in = s.pixel_bytes
-    merged = 3 * a * 4 * s.d if s.qwen else 2 * a * s.h  # Qwen2.5-VL's merger MLP is 4d -> 4d -> h wide
-    projector = s.image_tokens * (2 * 4 * 4 * s.d + merged) if "projector" in parts or vision_grad else 0
+    projector = s.image_tokens * (2 * 4 * 4 * s.d + a * s.projector_hidden) if "projector" in parts or vision_grad else 0
     logits = s.labelled * (a + 4 + 4) * s.vocab + s.labelled * a * s.h
     fixed = tiles_in + (vtok * a * s.d if cross else 0) + projector + 2 * r * s.h * s.seq + logits
     mask = s.seq * s.seq if setting.per_device > 1 else 0
@@ -354,27 +252,10 @@ class Plan:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows + [("note", n) for n in self.notes])
 
 
-def _state_bytes(counts: Counts, setting: Setting, frozen_bytes: int) -> tuple[float, float, float, float]:
-    """(weights, gradients, optimizer, buffers) per GPU."""
-    p, t, g, a = counts.total, counts.trainable, setting.gpus, DTYPE_BYTES[setting.compute]
-    if setting.strategy == "ddp":
-        buckets = 4 * t if g > 1 else 0
-        return 4 * t + frozen_bytes * (p - t), 4 * t, 8 * t, buckets
-    if setting.strategy == "fsdp":
-        # gathered in the compute dtype: two layers (the next one prefetched) and the output embedding; a group's
-        # unsharded gradients (compute dtype) and their fp32 reduce-scatter input, one group at a time
-        group = max(counts.llm_layer_trainable, counts.vision_layer_trainable, counts.head_trainable)
-        return 4 * p / g, 4 * t / g, 8 * t / g, a * (2 * counts.largest_layer + counts.head) + (a + 4) * group
-    # zero3 (configs/zero3.yaml): bf16 partitions + replicated small tensors, fp32 master + grads + AdamW
-    live = min(1e9, p) * a  # stage3_max_live_parameters
-    bucket = min(1e9, t) * a  # reduce_bucket_size
-    return (a * (p - counts.persistent) / g + a * counts.persistent + 4 * t / g, 4 * t / g, 8 * t / g, live + bucket)
-
-
 def _backward_peak(counts: Counts, setting: Setting, acts: Activations, grads: float) -> float:
     """Peak of activations + gradients over one step: backward frees each layer's activations as its
     gradients appear (LLM top-down, then the vision tower); with accumulation the gradients stay."""
-    b, g = setting.per_device, setting.gpus if setting.strategy != "ddp" else 1
+    b, g = setting.per_device, setting.gpus if sharding.strategy(setting.strategy).shards_state else 1
     if setting.accumulation > 1:
         return grads + b * acts.total + acts.peak_extra
     live = b * acts.total
@@ -392,17 +273,16 @@ def _backward_peak(counts: Counts, setting: Setting, acts: Activations, grads: f
 def plan(config: Any, setting: Setting, gpu_memory_gb: float | None = None, name: str = "") -> Plan:
     """Per-GPU memory of ``setting`` on ``config``; with ``gpu_memory_gb`` also the largest batch that fits."""
     counts = count_parameters(config, setting)
-    frozen = DTYPE_BYTES[setting.compute] if setting.strategy == "ddp" else 4
-    weights, grads, optim, buffers = _state_bytes(counts, setting, frozen)
+    weights, grads, optim, buffers = sharding.strategy(setting.strategy).state_bytes(counts, setting)
     acts = activation_bytes(config, setting, counts)
     other = activation_bytes(config, Setting(**{**setting.__dict__,
                                                 "gradient_checkpointing": not setting.gradient_checkpointing}), counts)
     per_sample = acts.total
     activations = setting.per_device * per_sample + acts.peak_extra
     peak_live = _backward_peak(counts, setting, acts, grads)
-    shapes = Shapes.of(config, setting)
+    shapes = families.of_config(config).plan_shapes(config, setting)
     result = Plan(name or "model", setting, counts, shapes.seq, weights, grads, optim, buffers, activations, peak_live,
-                  per_sample, other.total, images=shapes.images(setting))
+                  per_sample, other.total, images=shapes.images)
     if gpu_memory_gb:
         result.gpu_memory = gpu_memory_gb * GiB
         budget = result.gpu_memory * (1 - ALLOCATOR_RESERVE)
@@ -419,20 +299,16 @@ def training_flops(config: Any, setting: Setting) -> float:
     Trainable matmuls cost 3x their forward (input and weight gradients), frozen ones that gradients
     pass through 2x; attention scores and values count 2 x 2 x n^2 x d per layer (causal: half).
     """
-    s = Shapes.of(config, setting)
+    s = families.of_config(config).plan_shapes(config, setting)
     parts = set(setting.trainable)
     cross = config.ias_fusion == "cross_attention"
-    n = s.vision_tokens
-    span = n  # keys per query; Qwen2.5-VL: a window in most blocks, the image in the full-attention ones
-    if s.qwen:
-        span = (s.full_layers * n + (s.vision_layers - s.full_layers) * s.window) / s.vision_layers
-    mlp = 3 if s.qwen else 2  # SwiGLU: gate, up, down
-    vit = 2 * n * (4 * s.d * s.d + mlp * s.d * s.vision_mlp) + 4 * n * span * s.d
+    n, span = s.vision_tokens, s.attention_span
+    vit = 2 * n * (4 * s.d * s.d + s.vision_mlp_matrices * s.d * s.vision_mlp) + 4 * n * span * s.d
     xattn = (2 * n * 4 * s.d * s.d + 4 * n * span * s.d) if cross else 0
     vision_grad = (cross and "cross_attention" in parts) or "vision" in parts
     vision = s.tiles * s.vision_layers * (vit * (3 if "vision" in parts else 2 if vision_grad else 1)
                                           + xattn * (3 if "cross_attention" in parts else 2))
-    projector = 3 * 2 * s.image_tokens * ((16 * s.d * s.d + 4 * s.d * s.h) if s.qwen else (4 * s.d * s.h + s.h * s.h))
+    projector = 3 * 2 * s.image_tokens * s.projector_macs
     llm_token = 2 * (2 * s.h * s.h + 2 * s.h * s.kv + 3 * s.h * s.mlp) + 2 * s.seq * s.h
     llm = s.layers * s.seq * llm_token * (3 if "llm" in parts and not setting.lora else 2)
     head = 3 * 2 * s.labelled * s.h * s.vocab

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from stages.finetune.sharding import strategy as strategy_named
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -30,7 +32,7 @@ class Precision:
     compute: str  # "bf16" | "fp16" | "fp32": autocast dtype of the forward / backward
     frozen: str  # storage of frozen parameters
     device: str  # "cuda" | "cpu"
-    strategy: str = "ddp"  # zero3: DeepSpeed's own mixed precision (see the module docstring)
+    strategy: str = "ddp"  # sharding.py; zero3 casts the weights itself (DeepSpeed's mixed precision, see above)
 
     @property
     def trainer_flags(self) -> dict[str, bool]:
@@ -39,7 +41,7 @@ class Precision:
 
     def line(self) -> str:
         scaler = " + dynamic loss scaling" if self.compute == "fp16" else ""
-        if self.strategy == "zero3" and self.compute != "fp32":
+        if strategy_named(self.strategy).engine_casts_weights and self.compute != "fp32":
             return (f"finetune: precision on {self.device} (DeepSpeed ZeRO-3): every weight, trainable and frozen, "
                     f"held in {self.compute}; gradients reduced and accumulated in {self.compute}{scaler}; fp32 "
                     f"master copies of the trainable weights and fp32 AdamW states in DeepSpeed's optimizer; "
@@ -62,7 +64,7 @@ def choose(precision: str = "auto", strategy: str = "ddp", cuda: bool | None = N
         compute = ("bf16" if bf16_supported else "fp16") if cuda else "fp32"
     if compute == "fp16" and not cuda:
         raise ValueError("fp16 autocast with loss scaling needs a GPU; use --precision bf16 or fp32 on CPU")
-    frozen = compute if strategy in ("ddp", "zero3") else "fp32"
+    frozen = strategy_named(strategy).frozen_dtype(compute)
     return Precision(compute=compute, frozen=frozen, device="cuda" if cuda else "cpu", strategy=strategy)
 
 
@@ -70,11 +72,14 @@ def apply(model: nn.Module, policy: Precision) -> dict[str, int]:
     """Cast trainable parameters to fp32 and frozen weight matrices to ``policy.frozen``; returns counts per dtype.
 
     Frozen 1-D parameters (norm weights, biases, layer scales: a negligible share) stay fp32, so
-    normalisations see fp32 weights whatever dtype their input has.
+    normalisations see fp32 weights whatever dtype their input has. Nothing is cast where the strategy's
+    engine casts the weights itself (ZeRO-3).
     """
     counts: dict[str, int] = {}
+    engine_casts = strategy_named(policy.strategy).engine_casts_weights
     for p in model.parameters():
-        dtype = torch.float32 if p.requires_grad or p.ndim < 2 else DTYPES[policy.frozen]
+        dtype = p.dtype if engine_casts else (
+            torch.float32 if p.requires_grad or p.ndim < 2 else DTYPES[policy.frozen])
         if p.dtype != dtype and p.is_floating_point():
             p.data = p.data.to(dtype)
         counts[str(p.dtype).removeprefix("torch.")] = counts.get(str(p.dtype).removeprefix("torch."), 0) + p.numel()

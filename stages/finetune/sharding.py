@@ -24,43 +24,125 @@ from typing import Any
 import torch
 import yaml
 
-STRATEGIES = ("ddp", "fsdp", "zero3")
 CONFIG_DIR = Path(__file__).with_name("configs")
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
-def load_strategy_config(strategy: str) -> dict[str, Any]:
-    """The strategy's YAML config as a dict (``ddp`` has none)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy == "ddp":
-        return {}
-    return yaml.safe_load((CONFIG_DIR / f"{strategy}.yaml").read_text())
+class Strategy:
+    """What one strategy decides: where each state lives, its Trainer settings and its per-GPU memory.
+
+    ``counts`` (plan.Counts) are the model's exact parameter counts and ``setting`` (plan.Setting) the run;
+    a new strategy is one subclass here and one entry in ``STRATEGY_CLASSES``.
+    """
+
+    name = ""
+    shards_state = False  # weights, gradients and optimizer states divided over the GPUs
+    layers_in_compute_dtype = False  # every parameter of a running layer (norms too) is in the compute dtype
+    engine_casts_weights = False  # the engine casts and partitions the weights itself (no precision.apply)
+    fused_adamw = True  # torch's fused AdamW on GPUs works with this strategy's parameters
+
+    def config(self) -> dict[str, Any]:
+        """The strategy's YAML settings (configs/NAME.yaml), {} when it has none."""
+        file = CONFIG_DIR / f"{self.name}.yaml"
+        return yaml.safe_load(file.read_text()) if file.exists() else {}
+
+    def frozen_dtype(self, compute: str) -> str:
+        """Storage dtype of frozen weight matrices when computing in ``compute``."""
+        return compute
+
+    def prepare(self) -> None:
+        """Anything that must happen before the model is built."""
+
+    def training_kwargs(self, config: Any, gradient_checkpointing: bool) -> dict[str, Any]:
+        """TrainingArguments entries (FSDP / DeepSpeed settings and checkpointing switches)."""
+        return {"activation_checkpointing": gradient_checkpointing,
+                "activation_checkpointing_kwargs": {"use_reentrant": False}}
+
+    def state_bytes(self, counts: Any, setting: Any) -> tuple[float, float, float, float]:
+        """(weights, gradients, optimizer, engine buffers) per GPU."""
+        raise NotImplementedError
+
+
+class DDP(Strategy):
+    """Replicated: weights T*4 + (P-T)*frozen bytes; grads T*4 (+ T*4 DDP buckets when G > 1); AdamW T*8."""
+
+    name = "ddp"
+
+    def state_bytes(self, counts: Any, setting: Any) -> tuple[float, float, float, float]:
+        p, t, g = counts.total, counts.trainable, setting.gpus
+        frozen = DTYPE_BYTES[self.frozen_dtype(setting.compute)]
+        return 4 * t + frozen * (p - t), 4 * t, 8 * t, 4 * t if g > 1 else 0
+
+
+class FSDP(Strategy):
+    """FSDP2: (P*4 + T*4 + T*8) / G, plus two gathered layers and the output embedding in the compute dtype and one
+    group's unsharded gradients + their fp32 reduce-scatter input (gradients are reduced on every micro-batch, so
+    only the sharded fp32 gradients stay across accumulation steps)."""
+
+    name = "fsdp"
+    shards_state = True
+    layers_in_compute_dtype = True  # gathered in the compute dtype, norms and embeddings included
+    fused_adamw = False  # not over DTensor shards
+
+    def frozen_dtype(self, compute: str) -> str:
+        return "fp32"  # one dtype per sharded group; FSDP2 casts a gathered layer itself
+
+    def training_kwargs(self, config: Any, gradient_checkpointing: bool) -> dict[str, Any]:
+        # the model's own non-reentrant checkpointing: FSDP's checkpoint wrapper on top of transformers'
+        # checkpointing layers recomputes decoder layers with wrong shapes here (measured, transformers 5.24)
+        settings = {**self.config(), "transformer_layer_cls_to_wrap": wrap_classes(config),
+                    "activation_checkpointing": False}
+        sync = {"gradient_accumulation_kwargs": {"sync_each_batch": True}}  # reduce-scatter every micro-batch
+        return {"fsdp": True, "fsdp_config": settings, "accelerator_config": sync,
+                **super().training_kwargs(config, gradient_checkpointing)}
+
+    def state_bytes(self, counts: Any, setting: Any) -> tuple[float, float, float, float]:
+        p, t, g, a = counts.total, counts.trainable, setting.gpus, DTYPE_BYTES[setting.compute]
+        group = max(counts.llm_layer_trainable, counts.vision_layer_trainable, counts.head_trainable)
+        return 4 * p / g, 4 * t / g, 8 * t / g, a * (2 * counts.largest_layer + counts.head) + (a + 4) * group
+
+
+class ZeRO3(Strategy):
+    """DeepSpeed ZeRO-3: (P*2 + T*4 master + T*4 + T*8) / G, parameters under the persistence threshold replicated,
+    plus the reduce bucket and the live-parameter budget of configs/zero3.yaml. DeepSpeed's own mixed precision:
+    with bf16 on, every weight, trainable and frozen, is held in bf16 (precision.py)."""
+
+    name = "zero3"
+    shards_state = True
+    layers_in_compute_dtype = True
+    engine_casts_weights = True
+
+    def prepare(self) -> None:
+        init_deepspeed_on_cpu()  # ZeRO-3 partitions the model as it is built
+
+    def training_kwargs(self, config: Any, gradient_checkpointing: bool) -> dict[str, Any]:
+        return {"deepspeed": self.config(), **super().training_kwargs(config, gradient_checkpointing)}
+
+    def state_bytes(self, counts: Any, setting: Any) -> tuple[float, float, float, float]:
+        p, t, g, a = counts.total, counts.trainable, setting.gpus, DTYPE_BYTES[setting.compute]
+        live = min(1e9, p) * a  # stage3_max_live_parameters
+        bucket = min(1e9, t) * a  # reduce_bucket_size
+        return a * (p - counts.persistent) / g + a * counts.persistent + 4 * t / g, 4 * t / g, 8 * t / g, live + bucket
+
+
+STRATEGY_CLASSES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DDP, FSDP, ZeRO3)}
+STRATEGIES = tuple(STRATEGY_CLASSES)
+
+
+def strategy(name: str) -> Strategy:
+    """The strategy called ``name``."""
+    if name not in STRATEGY_CLASSES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {name!r}")
+    return STRATEGY_CLASSES[name]()
 
 
 def wrap_classes(config: Any) -> list[str]:
     """Class names of the vision layer (IAS-ViT layer, Qwen2.5-VL vision block) and the LLM decoder layer of
     ``config`` (built on the meta device)."""
     from stages import families
-    from stages.finetune.plan import meta_model
 
-    vision, llm = families.of_config(config).layers(meta_model(config))
+    vision, llm = families.of_config(config).layers(families.meta_model(config))
     return [type(vision[0]).__name__, type(llm[0]).__name__]
-
-
-def training_kwargs(strategy: str, config: Any, gradient_checkpointing: bool) -> dict[str, Any]:
-    """TrainingArguments entries for ``strategy`` (FSDP / DeepSpeed settings and checkpointing switches)."""
-    settings = load_strategy_config(strategy)
-    checkpointing = {"activation_checkpointing": gradient_checkpointing,
-                     "activation_checkpointing_kwargs": {"use_reentrant": False}}
-    if strategy == "ddp":
-        return checkpointing
-    if strategy == "fsdp":
-        # the model's own non-reentrant checkpointing: FSDP's checkpoint wrapper on top of transformers'
-        # checkpointing layers recomputes decoder layers with wrong shapes here (measured, transformers 5.24)
-        settings = {**settings, "transformer_layer_cls_to_wrap": wrap_classes(config), "activation_checkpointing": False}
-        sync = {"gradient_accumulation_kwargs": {"sync_each_batch": True}}  # reduce-scatter every micro-batch
-        return {"fsdp": True, "fsdp_config": settings, "accelerator_config": sync, **checkpointing}
-    return {"deepspeed": settings, **checkpointing}
 
 
 def enable_fsdp_on_cpu(trainer: Any) -> None:

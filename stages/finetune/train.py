@@ -37,7 +37,7 @@ from stages.families.fusion import FUSIONS
 from stages.finetune.parts import LORA_TARGETS, PARTS, part_of
 from stages.finetune.saliency_source import SOURCES
 from stages.finetune.precision import PRECISIONS
-from stages.finetune.sharding import STRATEGIES, builds_on_meta, training_kwargs
+from stages.finetune.sharding import STRATEGIES, builds_on_meta, strategy
 from storage.atomic import write_json_atomic
 
 GLOBAL_BATCH = {"dpc2022": 64, "pccd": 16, "rpcd": 16}  # paper, Sec. IV-A
@@ -413,7 +413,7 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, config: Any = None) -> T
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type=cfg.lr_scheduler,
-        optim="adamw_torch_fused" if torch.cuda.is_available() and cfg.strategy != "fsdp" else "adamw_torch",
+        optim="adamw_torch_fused" if torch.cuda.is_available() and strategy(cfg.strategy).fused_adamw else "adamw_torch",
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         bf16=cfg.precision == "bf16",
@@ -435,8 +435,8 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, config: Any = None) -> T
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
     )
-    kwargs.update(training_kwargs(cfg.strategy, config if config is not None else model_config(cfg),
-                                  cfg.gradient_checkpointing))
+    kwargs.update(strategy(cfg.strategy).training_kwargs(config if config is not None else model_config(cfg),
+                                                         cfg.gradient_checkpointing))
     kwargs.update(cfg.extra)
     return TrainingArguments(**kwargs)
 
@@ -477,7 +477,7 @@ def build_model(cfg: TrainConfig, tokenizer, policy: Any = None, meta: bool = Fa
         model = apply_lora(model, cfg)
     else:
         set_trainable(model, cfg.trainable)
-    if policy is not None and cfg.strategy != "zero3":  # DeepSpeed casts and partitions weights itself
+    if policy is not None:
         precision.apply(model, policy)
     return model
 
@@ -497,8 +497,6 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
     """Train (or resume) one run; returns the start / end loss summary. ``callbacks`` join the Trainer's."""
     from stages import families
     from stages.finetune import precision
-    from stages.finetune.sharding import init_deepspeed_on_cpu
-
     cfg = resolve(cfg, manifest)
     run_dir = runs_dir(cfg.dataset) / cfg.run
     if cfg.report_to == "wandb":
@@ -510,8 +508,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
     run_dir.mkdir(parents=True, exist_ok=True)
     config = model_config(cfg)
     args = training_arguments(cfg, run_dir, config)
-    if cfg.strategy == "zero3":
-        init_deepspeed_on_cpu()  # before the model: ZeRO-3 partitions it as it is built
+    strategy(cfg.strategy).prepare()  # before the model (ZeRO-3 partitions it as it is built)
     policy = precision.choose(cfg.precision, cfg.strategy)
     main = args.process_index == 0
     if main:

@@ -63,11 +63,22 @@ class InternVL(Family):
         """(vision tower layers, LLM decoder layers) of a model of this family."""
         return model.model.vision_tower.encoder.layer, model.model.language_model.layers
 
-    # ---- tokenizer
-    def dataset_tokenizer(self, texts: list[str], directory: Path, vocab_size: int) -> Any:
-        from stages.families.internvl.tokenizer import dataset_tokenizer
+    # ---- memory plan
+    def plan_shapes(self, config: Any, setting: Any) -> Any:
+        from stages.families.internvl.memory import plan_shapes
 
-        return dataset_tokenizer(texts, directory, vocab_size)
+        return plan_shapes(config, setting)
+
+    def vision_layer_bytes(self, s: Any, a: int, r: int, cast: bool, trainable_vit: bool, cross: bool) -> int:
+        from stages.families.internvl.memory import vision_layer_bytes
+
+        return vision_layer_bytes(s, a, r, cast, trainable_vit, cross)
+
+    # ---- tokenizer
+    def train_tokenizer(self, texts: list[str], vocab_size: int) -> Any:
+        from stages.families.internvl.tokenizer import train_bpe
+
+        return train_bpe(texts, vocab_size=vocab_size)
 
     def load_tokenizer(self, directory: Path) -> Any:
         from stages.families.internvl.tokenizer import load_tokenizer

@@ -11,7 +11,7 @@ from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from stages.families.text import IM_END, IM_START, PAD, bpe_tokenizer, save_tokenizer
+from stages.families.text import IM_END, IM_START, PAD, bpe_tokenizer
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT]
@@ -31,7 +31,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int =
 
 
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer saved by :func:`save_tokenizer` or shipped with a base model."""
+    """A tokenizer saved by ``Family.dataset_tokenizer`` or shipped with a base model."""
     tok = AutoTokenizer.from_pretrained(str(directory))
     missing = [t for t in (IMG_START, IMG_END, IMG_CONTEXT) if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
     if missing:
@@ -39,11 +39,3 @@ def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def dataset_tokenizer(texts: Iterable[str], directory: Path, vocab_size: int = 2048) -> PreTrainedTokenizerBase:
-    """Load the tokenizer in ``directory`` or train one on ``texts`` and save it there."""
-    directory = Path(directory)
-    if not (directory / "tokenizer.json").exists():
-        save_tokenizer(train_bpe(texts, vocab_size=vocab_size), directory)
-    return load_tokenizer(directory)

@@ -22,8 +22,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
 from stages.families.data import CritiqueData, pad_tokens, sample_ids
-from stages.families.text import IM_END, IM_START, PAD, PROMPT, Encoded, bpe_tokenizer, encode_after, \
-    save_tokenizer, token_ids
+from stages.families.text import IM_END, IM_START, PAD, PROMPT, Encoded, bpe_tokenizer, encode_after, token_ids
 from storage.images import ImageError, open_rgb, safe_join
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
@@ -107,7 +106,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
 
 
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
-    """A Qwen2.5-VL tokenizer (a base's, or one saved by :func:`dataset_tokenizer`); its chat template from
+    """A Qwen2.5-VL tokenizer (a base's, or one saved by ``Family.dataset_tokenizer``); its chat template from
     the tokenizer config or, as Qwen2.5-VL releases ship it, ``chat_template.json`` / ``.jinja``."""
     tok = AutoTokenizer.from_pretrained(str(directory))
     missing = [t for t in IMAGE_TOKENS if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
@@ -125,13 +124,6 @@ def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def dataset_tokenizer(texts: Iterable[str], directory: Path, vocab_size: int = 2048) -> PreTrainedTokenizerBase:
-    """Load the tokenizer in ``directory`` or train one on ``texts`` and save it there."""
-    if not (Path(directory) / "tokenizer.json").exists():
-        save_tokenizer(train_tokenizer(texts, vocab_size), Path(directory))
-    return load_tokenizer(Path(directory))
 
 
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:

@@ -60,10 +60,20 @@ class Qwen25VL(Family):
     def layers(self, model: Any) -> tuple[Any, Any]:
         return model.model.visual.blocks, model.model.language_model.layers
 
-    def dataset_tokenizer(self, texts: list[str], directory: Path, vocab_size: int) -> Any:
-        from stages.families.qwen.data import dataset_tokenizer
+    def plan_shapes(self, config: Any, setting: Any) -> Any:
+        from stages.families.qwen.memory import plan_shapes
 
-        return dataset_tokenizer(texts, directory, vocab_size)
+        return plan_shapes(config, setting)
+
+    def vision_layer_bytes(self, s: Any, a: int, r: int, cast: bool, trainable_vit: bool, cross: bool) -> int:
+        from stages.families.qwen.memory import vision_layer_bytes
+
+        return vision_layer_bytes(s, a, r, cast, trainable_vit, cross)
+
+    def train_tokenizer(self, texts: list[str], vocab_size: int) -> Any:
+        from stages.families.qwen.data import train_tokenizer
+
+        return train_tokenizer(texts, vocab_size)
 
     def load_tokenizer(self, directory: Path) -> Any:
         from stages.families.qwen.data import load_tokenizer
