@@ -5,6 +5,8 @@ appends to all of them at once; image features are computed once per batch by th
 :meth:`Captioner.image_inputs` and handed to ``generate`` as ``mm_encoder_outputs``, which transformers
 expands correctly for beam search. Sampling is reseeded per batch; each critique is cut after its eos.
 A family subclasses :class:`Captioner` with three hooks: ``image_cost``, ``prepare`` and ``image_inputs``.
+The same inputs score given continuations by teacher forcing (:meth:`Captioner.continuation_logprobs`: the
+report's forced choices).
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+
+from stages.families.text import IGNORE
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,16 @@ class Captioner:
         raise NotImplementedError
 
     # ---- the loop
+    def left_padded(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), both [B, L]: every sequence ends at column L-1."""
+        n, length = len(sequences), max(len(ids) for ids in sequences)
+        input_ids = torch.full((n, length), self.tokenizer.pad_token_id, dtype=torch.long)  # [B, L]
+        attention_mask = torch.zeros((n, length), dtype=torch.long)  # [B, L]
+        for i, ids in enumerate(sequences):
+            input_ids[i, length - len(ids):] = torch.as_tensor(ids)
+            attention_mask[i, length - len(ids):] = 1
+        return input_ids, attention_mask
+
     def generate(self, prompts: list[Any], decode: DecodeConfig = DecodeConfig()) -> list[str]:
         """Critiques of a batch of prompts (left-padded, one ``generate`` call)."""
         texts = self.tokenizer.batch_decode(self.generate_ids(prompts, decode), skip_special_tokens=True)
@@ -86,12 +101,8 @@ class Captioner:
     @torch.inference_mode()
     def generate_ids(self, prompts: list[Any], decode: DecodeConfig = DecodeConfig()) -> list[list[int]]:
         """New token ids per prompt, up to and including eos (padding after it removed)."""
-        n, length = len(prompts), max(len(p.input_ids) for p in prompts)
-        input_ids = torch.full((n, length), self.tokenizer.pad_token_id, dtype=torch.long)  # [B, L]
-        attention_mask = torch.zeros((n, length), dtype=torch.long)  # [B, L]
-        for i, p in enumerate(prompts):  # left padding: every prompt ends at column L-1
-            input_ids[i, length - len(p.input_ids):] = torch.as_tensor(p.input_ids)
-            attention_mask[i, length - len(p.input_ids):] = 1
+        input_ids, attention_mask = self.left_padded([p.input_ids for p in prompts])  # [B, L] each
+        length = input_ids.shape[1]
         inputs = self.image_inputs(prompts, input_ids, attention_mask)
         if decode.do_sample:
             torch.manual_seed(decode.seed)
@@ -105,3 +116,21 @@ class Captioner:
         )  # [B, L + new]
         eos = self.tokenizer.eos_token_id
         return [row[: row.index(eos) + 1] if eos in row else row for row in out[:, length:].tolist()]
+
+    @torch.inference_mode()
+    def continuation_logprobs(self, prompt: Any, continuations: list[list[int]]) -> torch.Tensor:
+        """Mean log-likelihood per token of each continuation (token ids) right after ``prompt``, given its image
+        and map: [K] float32, one teacher-forced batch (the model computes logits at the continuations only)."""
+        input_ids, attention_mask = self.left_padded([list(prompt.input_ids) + c for c in continuations])  # [K, L]
+        labels = torch.full_like(input_ids, IGNORE)  # [K, L]
+        for i, c in enumerate(continuations):
+            labels[i, input_ids.shape[1] - len(c):] = torch.as_tensor(c)
+        inputs = self.image_inputs([prompt] * len(continuations), input_ids, attention_mask)
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                         labels=labels.to(self.device), **inputs)  # logits [N_labelled, V]
+        target = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]  # [K, L]: the token each position predicts
+        keep = target != IGNORE  # [K, L], row-major order of the logits' rows
+        logp = out.logits.float().log_softmax(-1).gather(-1, target[keep].to(self.device)[:, None])[:, 0]  # [N]
+        sums = torch.zeros(len(continuations), device=self.device).index_add_(0, keep.nonzero()[:, 0].to(self.device),
+                                                                             logp)  # [K]
+        return (sums / torch.tensor([len(c) for c in continuations], device=self.device)).cpu()

@@ -1,0 +1,84 @@
+"""Forced choices: teacher-forced continuation scores equal a plain per-sequence log-softmax over full logits
+(both families, left-padded batches of different lengths), and the scoring of chosen values against the truth."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from test_generate import _images, tiles_for, tiny_captioner_parts
+
+CONTINUATIONS = ["Nice use of the rule of thirds.", "Way too dark.", "The subject is cut off by the edge, a lot."]
+
+
+def _plain_mean_logprob(model, prompt_ids: list[int], continuation: list[int], **image) -> float:
+    """Oracle: one unpadded sequence, full logits, log-softmax at every continuation position."""
+    ids = torch.tensor([prompt_ids + continuation])
+    with torch.no_grad():
+        logits = model(input_ids=ids, **image).logits[0]  # [L, V]
+    logp = logits.float().log_softmax(-1)
+    start = len(prompt_ids)
+    return float(np.mean([logp[start + j - 1, t].item() for j, t in enumerate(continuation)]))
+
+
+def test_internvl_continuation_scores_equal_plain_full_logits() -> None:
+    from stages.families.internvl.captioner import InternVLCaptioner
+    from stages.families.internvl.collate import saliency_inputs
+
+    model, tok = tiny_captioner_parts()
+    cap = InternVLCaptioner(model, tok, tiles_for(model), torch.device("cpu"))
+    prompt = cap.prepare(_images()[1], np.random.default_rng(0).random((14, 14)))
+    conts = [tok(c, add_special_tokens=False)["input_ids"] for c in CONTINUATIONS]
+    assert len({len(c) for c in conts}) == 3  # left padding in the batch
+    got = cap.continuation_logprobs(prompt, conts)
+    image = dict(pixel_values=prompt.pixel_values, **saliency_inputs([prompt.saliency_map], [prompt.tile_grid]))
+    want = [_plain_mean_logprob(model, prompt.input_ids, c, **image) for c in conts]
+    assert torch.allclose(got, torch.tensor(want), atol=1e-4), (got, want)
+    assert len(set(np.round(want, 3))) == 3
+
+
+def test_qwen_continuation_scores_equal_plain_full_logits() -> None:
+    from stages.families.qwen.captioner import QwenCaptioner
+    from stages.families.qwen.data import ImageSpec
+    from test_qwen_model import _captioner_parts, _images as qwen_images
+
+    model, tok = _captioner_parts()
+    cap = QwenCaptioner(model, tok, ImageSpec(max_pixels=4 * 224 * 224), torch.device("cpu"))
+    prompt = cap.prepare(qwen_images()[1], np.random.default_rng(0).random((14, 14)))
+    conts = [tok(c, add_special_tokens=False)["input_ids"] for c in CONTINUATIONS]
+    got = cap.continuation_logprobs(prompt, conts)
+    want = []
+    for c in conts:
+        ids = torch.tensor([prompt.input_ids + c])
+        types = (ids == model.config.image_token_id).int()
+        want.append(_plain_mean_logprob(model, prompt.input_ids, c, pixel_values=prompt.pixel_values,
+                                        image_grid_thw=prompt.image_grid_thw,
+                                        saliency_maps=prompt.saliency_map[None], mm_token_type_ids=types))
+    assert torch.allclose(got, torch.tensor(want), atol=1e-4), (got, want)
+
+
+def test_forced_choice_reads_what_the_shipped_base_knows() -> None:
+    """The shipped demo base opens every critique with a placement remark: forced to choose that opening sentence,
+    it picks the true placement of held-out renders far above chance (ground truth: the generator's)."""
+    from PIL import Image
+
+    from stages.families.internvl.captioner import InternVLCaptioner
+    from stages.families.internvl.dataset import TileSpec
+    from stages.families.internvl.model import load_base, tokens_per_tile
+    from stages.families.internvl.tokenizer import load_tokenizer
+    from stages.pretrain.commands import CORPUS_SEED
+    from stages.pretrain.shipped import SHIPPED_BASE
+    from stages.report.forced_choice import candidates, choose, forced_choice_scores
+    from stages.synthetic.pretraining_corpus import validation_set
+    from test_shipped_models import HELD_OUT
+
+    images, records = validation_set(CORPUS_SEED, HELD_OUT, 48)
+    model, _ = load_base(SHIPPED_BASE, fusion="none")
+    tok = load_tokenizer(SHIPPED_BASE)
+    spec = TileSpec(tile_size=images.shape[1], max_tiles=1, tokens_per_tile=tokens_per_tile(model.config))
+    cap = InternVLCaptioner(model, tok, spec, torch.device("cpu"))
+    cands = candidates(tok, keys=("placement",))
+    choices = {i: choose(cap, cap.prepare(Image.fromarray(img), None), cands) for i, img in enumerate(images)}
+    scores = forced_choice_scores(choices, {i: r["attributes"] for i, r in enumerate(records)})
+    assert scores["per_attribute"]["placement"] > 1 / 3 + 0.2 and scores["kappa"]["placement"] > 0.3, scores
+    assert len({c["placement"] for c in choices.values()}) == 3  # not one answer for every image
