@@ -68,7 +68,7 @@ def test_forced_choice_reads_what_the_shipped_base_knows() -> None:
     from stages.families.internvl.tokenizer import load_tokenizer
     from stages.pretrain.commands import CORPUS_SEED
     from stages.pretrain.shipped import SHIPPED_BASE
-    from stages.report.forced_choice import candidates, choose, forced_choice_scores
+    from stages.report.forced_choice import candidates, forced_choice_scores, forced_choices, phrasing_logprobs
     from stages.synthetic.pretraining_corpus import validation_set
     from test_shipped_models import HELD_OUT
 
@@ -78,7 +78,8 @@ def test_forced_choice_reads_what_the_shipped_base_knows() -> None:
     spec = TileSpec(tile_size=images.shape[1], max_tiles=1, tokens_per_tile=tokens_per_tile(model.config))
     cap = InternVLCaptioner(model, tok, spec, torch.device("cpu"))
     cands = candidates(tok, keys=("placement",))
-    choices = {i: choose(cap, cap.prepare(Image.fromarray(img), None), cands) for i, img in enumerate(images)}
+    logprobs = {i: phrasing_logprobs(cap, cap.prepare(Image.fromarray(img), None), cands) for i, img in enumerate(images)}
+    choices = forced_choices(logprobs, cands)
     scores = forced_choice_scores(choices, {i: r["attributes"] for i, r in enumerate(records)})
     assert scores["per_attribute"]["placement"] > 1 / 3 + 0.2 and scores["kappa"]["placement"] > 0.3, scores
     assert len({c["placement"] for c in choices.values()}) == 3  # not one answer for every image

@@ -120,17 +120,22 @@ class Captioner:
     @torch.inference_mode()
     def continuation_logprobs(self, prompt: Any, continuations: list[list[int]]) -> torch.Tensor:
         """Mean log-likelihood per token of each continuation (token ids) right after ``prompt``, given its image
-        and map: [K] float32, one teacher-forced batch (the model computes logits at the continuations only)."""
-        input_ids, attention_mask = self.left_padded([list(prompt.input_ids) + c for c in continuations])  # [K, L]
-        labels = torch.full_like(input_ids, IGNORE)  # [K, L]
+        and map: [K] float32. The prompt (image features and all) runs once; the continuations then run as one
+        right-padded batch on its key/value cache (positions, 3-D rope included, continue from the prompt's)."""
+        ids, mask = self.left_padded([list(prompt.input_ids)])  # [1, P]
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=True,
+                         **self.image_inputs([prompt], ids, mask))
+        first = out.logits[0, -1].float().log_softmax(-1)  # [V]: the first token of every continuation
+        k, length = len(continuations), max(len(c) for c in continuations)
+        cache = out.cache
+        cache.batch_repeat_interleave(k)
+        tokens = torch.full((k, length), self.tokenizer.pad_token_id, dtype=torch.long)  # [K, C], right padded
         for i, c in enumerate(continuations):
-            labels[i, input_ids.shape[1] - len(c):] = torch.as_tensor(c)
-        inputs = self.image_inputs([prompt] * len(continuations), input_ids, attention_mask)
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                         labels=labels.to(self.device), **inputs)  # logits [N_labelled, V]
-        target = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]  # [K, L]: the token each position predicts
-        keep = target != IGNORE  # [K, L], row-major order of the logits' rows
-        logp = out.logits.float().log_softmax(-1).gather(-1, target[keep].to(self.device)[:, None])[:, 0]  # [N]
-        sums = torch.zeros(len(continuations), device=self.device).index_add_(0, keep.nonzero()[:, 0].to(self.device),
-                                                                             logp)  # [K]
-        return (sums / torch.tensor([len(c) for c in continuations], device=self.device)).cpu()
+            tokens[i, :len(c)] = torch.as_tensor(c)
+        # no attention mask: the prompt is unpadded and right padding only follows a continuation's own tokens
+        logits = self.model(input_ids=tokens.to(self.device), cache=cache).logits  # [K, C, V]
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, tokens[:, 1:, None].to(self.device))[..., 0]  # [K, C-1]
+        logp = torch.cat([first[tokens[:, 0].to(self.device)][:, None], logp], dim=1).cpu()  # [K, C]
+        lengths = torch.tensor([len(c) for c in continuations])  # [K]
+        real = torch.arange(length)[None] < lengths[:, None]  # [K, C]
+        return (logp * real).sum(1) / lengths

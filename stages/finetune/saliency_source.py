@@ -3,6 +3,8 @@
 - ``eat``: the saliency store of the manifest's EAT (stage 1), the pipeline's normal path
 - ``uniform``: no map for any image, i.e. the uniform map (the "IASC without saliency" control)
 - ``truth``: the synthetic corpus's ground-truth aesthetic masks (an upper bound; synthetic datasets only)
+- ``shuffled``: another image's ground-truth mask (a fixed derangement within each split: a map of the right
+  kind on the wrong image, the control that the map's place, not its presence, is what helps)
 
 Every source is store-like (``has(sha256)``, ``read(sha256) -> (map, category, score)``) or None (uniform).
 """
@@ -14,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-SOURCES = ("eat", "uniform", "truth")
+SOURCES = ("eat", "uniform", "truth", "shuffled")
 TRUTH_MAP_SIZE = 56  # masks are area-averaged to this grid: finer than EAT's 14 x 14, still small
 
 
@@ -28,9 +30,10 @@ class TruthMaps:
         truth = ground_truth(dataset)
         if truth is None:
             raise ValueError(f"--saliency truth needs a synthetic dataset with ground-truth masks; '{dataset}' has none")
-        images = read_table(dataset, "images")
-        self.mask_of = {sha: Path(truth[iid]["mask"]) for iid, sha in
-                        zip(images["image_id"].to_pylist(), images["sha256"].to_pylist()) if iid in truth}
+        rows = sorted((r for r in read_table(dataset, "images").select(["image_id", "sha256", "split"]).to_pylist()
+                       if r["image_id"] in truth), key=lambda r: r["image_id"])
+        self.mask_of = {r["sha256"]: Path(truth[r["image_id"]]["mask"]) for r in rows}
+        self.rows = rows
 
     def has(self, sha256: str) -> bool:
         return sha256 in self.mask_of
@@ -42,14 +45,25 @@ class TruthMaps:
         return np.asarray(small, dtype=np.float32) / 255.0, -1, float("nan")
 
 
+class ShuffledTruthMaps(TruthMaps):
+    """Each image gets the ground-truth mask of the next image of its split (by image id; the last, the first's)."""
+
+    def __init__(self, dataset: str) -> None:
+        super().__init__(dataset)
+        own, self.mask_of = self.mask_of, {}
+        for split in {r["split"] for r in self.rows}:
+            shas = [r["sha256"] for r in self.rows if r["split"] == split]
+            self.mask_of.update({sha: own[other] for sha, other in zip(shas, shas[1:] + shas[:1])})
+
+
 def open_source(source: str, dataset: str, manifest: Any) -> tuple[Any | None, str]:
     """(store-like source or None, why None) for ``source``; None means every image gets the uniform map."""
     if source not in SOURCES:
         raise ValueError(f"saliency source must be one of {', '.join(SOURCES)}, got {source!r}")
     if source == "uniform":
         return None, "saliency source 'uniform'"
-    if source == "truth":
-        return TruthMaps(dataset), ""
+    if source in ("truth", "shuffled"):
+        return (TruthMaps if source == "truth" else ShuffledTruthMaps)(dataset), ""
     from storage.saliency_store import find_store
 
     return find_store(manifest)

@@ -60,13 +60,18 @@ def attribute_scores(captions: dict[Hashable, str], truth: dict[Hashable, Truth]
     return out
 
 
-def majority_critique(train_truth: list[Truth]) -> str:
-    """The critique asserting each attribute's most frequent training value (ties: the first listed value)."""
+def majority_values(train_truth: list[Truth]) -> Truth:
+    """Each attribute's most frequent training value (ties: the first listed value): the best constant answer."""
     def majority(key: str) -> str:
         counts = Counter(t[key] for t in train_truth)
         return max(ATTRIBUTES[key], key=lambda v: (counts[v], -ATTRIBUTES[key].index(v)))
 
-    return critique_of({key: majority(key) for key in ATTRIBUTES})
+    return {key: majority(key) for key in ATTRIBUTES}
+
+
+def majority_critique(train_truth: list[Truth]) -> str:
+    """The critique asserting each attribute's most frequent training value."""
+    return critique_of(majority_values(train_truth))
 
 
 def best_constant_critique(train_truth: dict[Hashable, Truth], train_references: list[str]) -> str:
@@ -88,6 +93,7 @@ def best_constant_critique(train_truth: dict[Hashable, Truth], train_references:
 class AttributeTruth:
     values: dict[str, dict[str, str]]  # image_id -> attribute -> true value, of the split
     constant: str  # the best constant critique (chosen on the training split)
+    majority: Truth  # the training split's most frequent value of each attribute (the best constant forced choice)
 
 
 def attribute_truth(dataset: str, split: str) -> AttributeTruth | None:
@@ -102,4 +108,4 @@ def attribute_truth(dataset: str, split: str) -> AttributeTruth | None:
     train = {i: truth[i]["attributes"] for i in train_refs}
     constant = best_constant_critique(train, [r for i in sorted(train_refs) for r in train_refs[i]])
     ids = references(dataset, split)
-    return AttributeTruth({i: truth[i]["attributes"] for i in ids}, constant)
+    return AttributeTruth({i: truth[i]["attributes"] for i in ids}, constant, majority_values(list(train.values())))

@@ -177,6 +177,17 @@ def build_report(
             rescored.append(row)
     for row, cover in partial.items():
         rows[row]["partial"] = cover
+    if truth is not None:  # forced choices: what each model finds likeliest to say (stages/report/forced_choice.py)
+        from stages.report.forced_choice import forced_choice_scores, run_scores
+
+        for row, name in run_of_row.items():
+            if name is not None and row in rows:
+                ids = {i: truth.values[i] for i in candidates[row]}
+                rows[row]["forced_choice"] = run_scores(dataset, name, manifest, split, ids,
+                                                        checkpoint if name == run else None)["accuracy"]
+        if CONSTANT_ROW in rows:
+            rows[CONSTANT_ROW]["forced_choice"] = forced_choice_scores(
+                {i: truth.majority for i in candidates[CONSTANT_ROW]}, truth.values)["accuracy"]
     write_json_atomic(out / "rows.json", {row: {k: v for k, v in m.items() if k not in ("notes", "fingerprint")}
                                           for row, m in rows.items()})
 

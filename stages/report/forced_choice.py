@@ -2,11 +2,13 @@
 likeliest to say about an image.
 
 Generated text can dodge an attribute (say nothing of it) or claim one value for every image; a forced choice
-cannot. For every attribute of an image, each candidate value is scored by the captioner's mean per-token
-log-likelihood of its phrasings (the phrase bank's, each as the critique's opening sentence) given the image and
-its map, averaged over the value's phrasings; the likeliest value is the model's answer. Per attribute:
-accuracy against the generator's truth and Cohen's kappa; ``accuracy`` averages the attributes, ``chance``
-is the accuracy of guessing uniformly (one over the number of values, averaged).
+cannot. Every phrasing of every value in the phrase bank is scored as the critique's opening sentence by the
+captioner's mean per-token log-likelihood, given the image and its map. Each phrasing's score is then centred
+on its mean over the images being scored (no labels are used): what the image adds to the model's prior for
+that wording. A value's score is the mean of its phrasings'; the highest is the model's answer. (Uncentred,
+the wording prior decides: the fine-tuned demo runs then give one answer per attribute for every image.)
+Per attribute: accuracy against the generator's truth and Cohen's kappa; ``accuracy`` averages the attributes,
+``chance`` is one over the number of values, averaged.
 """
 from __future__ import annotations
 
@@ -29,15 +31,28 @@ def candidates(tokenizer: Any, keys: tuple[str, ...] = tuple(ATTRIBUTES)) -> Can
     return {key: {value: [ids(p) for p in PHRASES[key][value]] for value in ATTRIBUTES[key]} for key in keys}
 
 
-def choose(captioner: Any, prompt: Any, cands: Candidates) -> dict[str, str]:
-    """attribute -> the value whose phrasings ``captioner`` finds likeliest after ``prompt`` (one batch per attribute)."""
-    choice = {}
+def _flat(cands: Candidates) -> list[tuple[str, str, list[int]]]:
+    return [(key, value, ids) for key, values in cands.items() for value, phrasings in values.items() for ids in phrasings]
+
+
+def phrasing_logprobs(captioner: Any, prompt: Any, cands: Candidates) -> np.ndarray:
+    """[K] mean token log-likelihood of every phrasing (in ``_flat`` order) after ``prompt``."""
+    return captioner.continuation_logprobs(prompt, [ids for _, _, ids in _flat(cands)]).numpy()
+
+
+def forced_choices(logprobs: dict[Hashable, np.ndarray], cands: Candidates) -> dict[Hashable, dict[str, str]]:
+    """image -> attribute -> chosen value, from every image's :func:`phrasing_logprobs` (centred over the images)."""
+    ids = list(logprobs)
+    centred = np.stack([logprobs[i] for i in ids])  # [N, K]
+    centred = centred - centred.mean(0)
+    flat = _flat(cands)
+    choices: dict[Hashable, dict[str, str]] = {i: {} for i in ids}
     for key, values in cands.items():
-        flat = [(value, ids) for value, phrasings in values.items() for ids in phrasings]
-        logp = captioner.continuation_logprobs(prompt, [ids for _, ids in flat]).numpy()  # [K]
-        mean = {value: float(np.mean([lp for (v, _), lp in zip(flat, logp) if v == value])) for value in values}
-        choice[key] = max(mean, key=mean.get)
-    return choice
+        score = np.stack([centred[:, [j for j, (k, v, _) in enumerate(flat) if k == key and v == value]].mean(1)
+                          for value in values], axis=1)  # [N, values]
+        for i, best in zip(ids, score.argmax(1)):
+            choices[i][key] = list(values)[best]
+    return choices
 
 
 def forced_choice_scores(choices: dict[Hashable, dict[str, str]], truth: dict[Hashable, Truth]) -> dict[str, Any]:
@@ -52,3 +67,38 @@ def forced_choice_scores(choices: dict[Hashable, dict[str, str]], truth: dict[Ha
         kappa[key] = cohen_kappa(pairs, ATTRIBUTES[key])
     return {"accuracy": float(np.mean(list(per_attribute.values()))), "per_attribute": per_attribute,
             "kappa": kappa, "chance": float(np.mean([1 / len(ATTRIBUTES[k]) for k in keys])), "n": len(choices)}
+
+
+def correct(choices: dict[Hashable, dict[str, str]], truth: dict[Hashable, Truth]) -> dict[Hashable, float]:
+    """image -> share of its attributes chosen right (the per-image outcome paired statistics compare)."""
+    return {i: float(np.mean([c[k] == truth[i][k] for k in c])) for i, c in choices.items()}
+
+
+def choose_for_images(captioner: Any, images: list[tuple[Hashable, Any, Any]], progress: bool = False,
+                      desc: str = "forced choice") -> dict[Hashable, dict[str, str]]:
+    """image -> attribute -> chosen value for ``(image_id, PIL image, raw map or None)`` triples."""
+    from tqdm import tqdm
+
+    cands = candidates(captioner.tokenizer)
+    logprobs = {i: phrasing_logprobs(captioner, captioner.prepare(img, saliency), cands)
+                for i, img, saliency in tqdm(images, desc=desc, unit="img", disable=not progress)}
+    return forced_choices(logprobs, cands)
+
+
+def run_scores(dataset: str, run: str, manifest: Any, split: str, truth: dict[Hashable, Truth],
+               checkpoint: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Forced-choice scores of a run on the images of ``truth`` (its own saliency maps, as generation uses)."""
+    from pipeline.paths import runs_dir
+    from stages.report.generate import load_run, run_config, saliency_store, split_images
+    from storage.images import open_rgb, safe_join
+    from storage.tables import image_root
+
+    captioner, _, _ = load_run(dataset, run, checkpoint)
+    cfg = run_config(runs_dir(dataset) / run)
+    allow = cfg.get("allow_missing_saliency", False) or cfg.get("saliency") == "uniform"
+    store = saliency_store(manifest, allow, cfg.get("saliency", "eat"), dataset) if captioner.needs_saliency else None
+    root = image_root(dataset)
+    rows = [r for r in split_images(dataset, split).to_pylist() if r["image_id"] in truth]
+    images = [(r["image_id"], open_rgb(safe_join(root, r["path"])),
+               store.read(r["sha256"])[0] if store is not None and store.has(r["sha256"]) else None) for r in rows]
+    return forced_choice_scores(choose_for_images(captioner, images, progress, f"forced choice {run}"), truth)

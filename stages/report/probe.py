@@ -4,7 +4,9 @@ On a seeded sample of a split, critiques are generated (greedy by default) with 
 image's maps (a fixed derangement: image i of the sample gets the map of image i+1, the last the first's) and
 (c) uniform maps (all ones: no saliency information). The probe counts the critiques of (b) and (c) that
 differ from (a) and, where the dataset has ground-truth attributes (the synthetic corpus), scores each set
-(stages/report/attributes.py). A run that ignores its map changes nothing under (b).
+(stages/report/attributes.py) and makes the model's forced choices under each (stages/report/forced_choice.py:
+the attribute values it finds likeliest, and how many of them the moved map changes). A run that ignores
+its map changes nothing under (b).
 
 Written to ``reports/<dataset>/<run>/probe.json``; each finished condition is kept there with the key of
 its inputs (checkpoint fingerprint, map source, sample), so a killed probe redoes only what was missing and a
@@ -37,6 +39,7 @@ class ProbeSummary:
     n: int
     changed: dict[str, int]  # condition -> critiques that differ from the own-map critique
     scores: dict[str, dict[str, float]]  # condition -> attribute scores (empty without ground truth)
+    forced: dict[str, dict[str, Any]]  # condition -> forced-choice scores + "changed" choices vs own maps
     generated: int  # critiques generated now (0: everything reused)
     wall_s: float
 
@@ -44,7 +47,8 @@ class ProbeSummary:
         parts = [f"{CONDITIONS[c]} change {self.changed[c]}/{self.n} critiques" for c in ("other", "uniform")]
         if self.scores:
             p = " / ".join(f"{self.scores[c]['macro_precision']:.3f} ({c})" for c in CONDITIONS)
-            parts.append(f"attr P {p}")
+            f = " / ".join(f"{self.forced[c]['accuracy']:.3f} ({c})" for c in CONDITIONS)
+            parts += [f"attr P {p}", f"forced choice {f}"]
         return (f"probe-saliency {self.run} ({self.split}, {self.n} images): {'; '.join(parts)}; "
                 f"{self.generated} generated in {self.wall_s:.1f} s -> {self.path}")
 
@@ -53,13 +57,15 @@ class ProbeSummary:
         head = "| maps at test time | critiques changed vs own maps |"
         sep = "|---|---|"
         if self.scores:
-            head += " attr P | attr R |"
-            sep += "---|---|"
+            head += " attr P | attr R | forced choice | forced choices changed |"
+            sep += "---|---|---|---|"
         lines = [f"### Saliency probe: {self.n} {self.split} images, the same weights", "", head, sep]
         for c, label in CONDITIONS.items():
             row = f"| {label} | {'—' if c == 'own' else f'{self.changed[c]}/{self.n}'} |"
             if self.scores:
-                row += f" {self.scores[c]['macro_precision']:.3f} | {self.scores[c]['macro_recall']:.3f} |"
+                changed = "—" if c == "own" else f"{self.forced[c]['changed']}/{self.forced[c]['choices']}"
+                row += (f" {self.scores[c]['macro_precision']:.3f} | {self.scores[c]['macro_recall']:.3f} | "
+                        f"{self.forced[c]['accuracy']:.3f} | {changed} |")
             lines.append(row)
         lines += ["", "A run that follows its map changes its critiques when the map moves to another image's; "
                       "one that ignores where the map points changes none (`ase-mllm probe-saliency`)."]
@@ -137,17 +143,25 @@ def probe_saliency(dataset: str, run: str, manifest: Manifest | None, split: str
                 bar.update(len(prompts))
             done[condition] = captions
             generated += len(captions)
-            _write(out, key, run, ckpt_name, split, seed, ids, done, {}, {})  # a killed probe keeps this condition
+            _write(out, key, run, ckpt_name, split, seed, ids, done, {}, {}, {})  # a killed probe keeps this condition
 
     changed = {c: sum(a != b for a, b in zip(done["own"], done[c])) for c in CONDITIONS}
     truth = attribute_truth(dataset, split)
     scores: dict[str, dict[str, float]] = {}
+    forced: dict[str, dict[str, Any]] = {}
     if truth is not None:
         from stages.report.attributes import attribute_scores
+        from stages.report.forced_choice import choose_for_images, forced_choice_scores
 
         scores = {c: attribute_scores(dict(zip(ids, done[c])), truth.values) for c in CONDITIONS}
-    _write(out, key, run, ckpt_name, split, seed, ids, done, changed, scores)
-    return ProbeSummary(out, run, split, len(rows), changed, scores, generated, time.perf_counter() - start)
+        choices = {c: choose_for_images(captioner, [(i, open_rgb(safe_join(root, r["path"])), m)
+                                                    for i, r, m in zip(ids, rows, maps[c])]) for c in CONDITIONS}
+        for c in CONDITIONS:
+            forced[c] = forced_choice_scores(choices[c], truth.values)
+            forced[c]["changed"] = sum(choices[c][i][k] != choices["own"][i][k] for i in ids for k in choices[c][i])
+            forced[c]["choices"] = sum(len(choices[c][i]) for i in ids)
+    _write(out, key, run, ckpt_name, split, seed, ids, done, changed, scores, forced)
+    return ProbeSummary(out, run, split, len(rows), changed, scores, forced, generated, time.perf_counter() - start)
 
 
 def _map_digest(maps: list[Any]) -> str:
@@ -158,8 +172,9 @@ def _map_digest(maps: list[Any]) -> str:
 
 
 def _write(out: Path, key: str, run: str, checkpoint: str, split: str, seed: int, ids: list[str],
-           captions: dict[str, list[str]], changed: dict[str, int], scores: dict[str, dict[str, float]]) -> None:
+           captions: dict[str, list[str]], changed: dict[str, int], scores: dict[str, dict[str, float]],
+           forced: dict[str, dict[str, Any]]) -> None:
     write_json_atomic(out, {"key": key, "run": run, "checkpoint": checkpoint, "split": split, "seed": seed,
                             "image_ids": ids, "conditions": CONDITIONS, "captions": captions,
-                            "changed_vs_own": changed, "attribute_scores": scores})
+                            "changed_vs_own": changed, "attribute_scores": scores, "forced_choice": forced})
 

@@ -156,11 +156,14 @@ def attribute_columns() -> list[tuple[str, str]]:
 
     per = [(f"{name} {h}", f"{k}_{name}") for name in ATTRIBUTES
            for h, k in (("P", "precision"), ("R", "recall"), ("κ", "kappa"))]
-    return [("Macro P", "macro_precision"), ("Macro R", "macro_recall"), ("Macro κ", "macro_kappa"), *per,
-            ("Distinct", "distinct")]
+    return [("Forced choice", "forced_choice"), ("Macro P", "macro_precision"), ("Macro R", "macro_recall"),
+            ("Macro κ", "macro_kappa"), *per, ("Distinct", "distinct")]
 
 
-ATTRIBUTE_NOTE = ("Attribute values each critique asserts, read with the corpus generator's phrase bank, against the "
+ATTRIBUTE_NOTE = ("Forced choice: share of attributes whose true value the model finds likeliest to say, given the "
+                  "image and its map (every value's phrasings scored as the critique's opening sentence, centred over "
+                  "the split's images; for the best constant, the training split's most frequent value; chance 0.42). "
+                  "Attribute values each critique asserts, read with the corpus generator's phrase bank, against the "
                   "image's true attributes. P: correct assertions / assertions about that attribute (0 if never "
                   "mentioned); R: images whose true value is asserted / images; κ: Cohen's kappa of the asserted "
                   "against the true value over the images with exactly one assertion (0 for a critique that always "
