@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(CLI) demo
 
 study: $(STAMP)
-	$(CLI) study --dataset $(DS)
+	$(CLI) study --dataset $(or $(DATASET),demo-study)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

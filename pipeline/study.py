@@ -1,7 +1,9 @@
-"""``ase-mllm study``: the ablation study by ground truth (stages/report/study.py), every run an ordinary fine-tune.
+"""``ase-mllm study``: the saliency study by ground truth (stages/report/study.py), every run an ordinary fine-tune.
 
-Each variant x seed is ``ase-mllm finetune`` with the demo's recipe (``pipeline/demo.py``), so reruns skip
-finished runs and resume interrupted ones; predictions and scores are cached the same way.
+Steps, each the ordinary CLI command (reruns skip finished runs and resume interrupted ones; scores are cached):
+the demo's EAT (ingest demo, train-eat), the study corpus (ingest, saliency), the cross-attention learning rate
+chosen on the validation split by forced choice (the ``eat`` arm, seed 0), then every arm x seed fine-tuned
+with the demo's recipe and that rate, scored on the test split.
 """
 from __future__ import annotations
 
@@ -9,41 +11,84 @@ import time
 
 import typer
 
+CROSS_ATTENTION_LRS = ("1e-3", "3e-3", "1e-2")  # the candidates chosen among on the validation split
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def study(
-        dataset: str = typer.Option("demo", "--dataset", help="Ingested dataset (the 'true masks' variant needs a synthetic one)."),
-        seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per variant."),
-        variant: list[str] = typer.Option(None, "--variant", help="Only these variants (default: all four)."),
+        dataset: str = typer.Option("demo-study", "--dataset",
+                                    help="A synthetic dataset of the manifest (ground truth needed)."),
+        seeds: int = typer.Option(5, "--seeds", min=1, help="Seeds per arm."),
+        arm: list[str] = typer.Option(None, "--arm", help="Only these arms (default: truth, eat, uniform, shuffled, "
+                                                          "none)."),
     ) -> None:
-        """Fine-tune every variant (IASC on EAT maps, no IASC, IASC on uniform maps, IASC on true masks) x seeds;
-        write the mean ± sd table and plot into reports/<dataset>/study/."""
+        """Fine-tune every arm (IASC on true masks, EAT maps, uniform maps, another image's mask; no IASC) x seeds;
+        write summary.json, the table, the contrasts and the plot into reports/<dataset>/study/ and an HTML report of
+        the eat arm's first run that shows them."""
         from pipeline import context
-        from pipeline.demo import FINETUNE_ARGS, run_step
+        from pipeline.demo import DATASET, EAT_ARGS, FINETUNE_ARGS, run_step
         from pipeline.paths import reports_dir, study_dir
-        from stages.report.study import VARIANTS, run_name, score_run, write_study
+        from stages.report.study import ARMS, run_name, score_run, write_study
+        from stages.synthetic.corpus import GENERATOR_VERSION
 
-        chosen = [v for v in VARIANTS if not variant or v.name in variant]
-        unknown = set(variant or ()) - {v.name for v in VARIANTS}
+        chosen_arms = [a for a in ARMS if not arm or a.name in arm]
+        unknown = set(arm or ()) - {a.name for a in ARMS}
         if unknown:
-            raise typer.BadParameter(f"unknown variant(s) {sorted(unknown)}; known: {[v.name for v in VARIANTS]}")
+            raise typer.BadParameter(f"unknown arm(s) {sorted(unknown)}; known: {[a.name for a in ARMS]}")
         t0 = time.perf_counter()
         manifest = context.manifest()
+        run_step(app, "ingest", DATASET)
+        run_step(app, "train-eat", "--dataset", DATASET, "--variant", manifest.eat.variant, *EAT_ARGS)
+        run_step(app, "ingest", dataset)
+        run_step(app, "saliency", "--dataset", dataset)
+        lr, tried = choose_cross_attention_lr(app, dataset, manifest)
+        args = with_cross_attention_lr(FINETUNE_ARGS, lr)
         seed_list = list(range(seeds))
         results: dict[str, list[dict]] = {}
-        for v in chosen:
+        for a in chosen_arms:
             for seed in seed_list:
-                run = run_name(v, seed)
-                run_step(app, "finetune", "--dataset", dataset, "--run", run, "--fusion", v.fusion,
-                         "--saliency", v.saliency, "--seed", str(seed), *FINETUNE_ARGS)
-                results.setdefault(v.name, []).append(score_run(dataset, run, manifest))
-                r = results[v.name][-1]
-                typer.echo(f"study {run}: B1 {r['Bleu_1']:.3f}, attribute P {r.get('macro_precision', float('nan')):.3f}, "
-                           f"distinct {r['distinct']:.2f}")
-        markdown = write_study(dataset, results, seed_list)
-        for report in sorted(p.parent for p in reports_dir(dataset).glob("*/rows.json")):  # e.g. the demo's
-            run_step(app, "report", "--dataset", dataset, "--run", report.name)  # its index.html gains the study
+                run = run_name(a, seed)
+                run_step(app, "finetune", "--dataset", dataset, "--run", run, "--fusion", a.fusion,
+                         "--saliency", a.saliency, "--seed", str(seed), *args)
+                results.setdefault(a.name, []).append(score_run(dataset, run, manifest))
+                r = results[a.name][-1]
+                typer.echo(f"study {run}: forced choice {r['forced_choice']:.3f}, attribute P "
+                           f"{r['macro_precision']:.3f}, distinct {r['distinct']:.2f}")
+        chosen = {"cross_attention_lr": lr, "validation_forced_choice": tried, "by": "the eat arm, seed 0"}
+        markdown = write_study(dataset, results, seed_list, GENERATOR_VERSION, chosen)
+        shown = run_name(next((a for a in chosen_arms if a.name == "eat"), chosen_arms[0]), 0)
+        run_step(app, "report", "--dataset", dataset, "--run", shown)  # an HTML report with the study in it
         typer.echo("\n" + markdown.read_text())
-        typer.echo(f"study: {len(chosen)} variants x {seeds} seeds in {time.perf_counter() - t0:.0f} s -> "
-                   f"{markdown}, {study_dir(dataset) / 'study.png'}")
+        typer.echo(f"study: {len(chosen_arms)} arms x {seeds} seeds in {time.perf_counter() - t0:.0f} s -> "
+                   f"{study_dir(dataset) / 'summary.json'}, {markdown}, {study_dir(dataset) / 'study.png'}, "
+                   f"{reports_dir(dataset) / shown / 'index.html'}")
+
+
+def with_cross_attention_lr(args: list[str], lr: str) -> list[str]:
+    """The demo's fine-tuning arguments with ``--cross-attention-lr`` set to ``lr``."""
+    i = args.index("--cross-attention-lr")
+    return [*args[:i + 1], lr, *args[i + 2:]]
+
+
+def choose_cross_attention_lr(app: typer.Typer, dataset: str, manifest) -> tuple[str, dict[str, float]]:  # noqa: ANN001
+    """(the candidate rate whose ``eat``-arm run (seed 0) makes the most accurate forced choices on the validation
+    split (ties: the first), every candidate's accuracy); the test split plays no part."""
+    from pipeline.demo import FINETUNE_ARGS, run_step
+    from stages.report.attributes import attribute_truth
+    from stages.report.forced_choice import forced_choice_scores, run_choices
+
+    truth = attribute_truth(dataset, "validation")
+    if truth is None:
+        raise typer.BadParameter(f"the study needs a synthetic dataset with ground truth; '{dataset}' has none")
+    accuracy = {}
+    for lr in CROSS_ATTENTION_LRS:
+        run = f"study-select-xlr{lr}"
+        run_step(app, "finetune", "--dataset", dataset, "--run", run, "--fusion", "cross_attention", "--saliency",
+                 "eat", "--seed", "0", *with_cross_attention_lr(FINETUNE_ARGS, lr))
+        choices, _ = run_choices(dataset, run, manifest, "validation")
+        accuracy[lr] = forced_choice_scores(choices, truth.values)["accuracy"]
+    best = max(CROSS_ATTENTION_LRS, key=lambda lr: accuracy[lr])
+    typer.echo("study: cross-attention lr on the validation split (forced choice): "
+               + ", ".join(f"{lr} {acc:.3f}" for lr, acc in accuracy.items()) + f" -> {best}")
+    return best, accuracy

@@ -1,34 +1,72 @@
-"""The ablation study's aggregation, table and plot (the runs themselves are ordinary fine-tunes)."""
+"""The saliency study's summary, contrasts, table and plot, on simulated arms whose true effects are known (the runs
+themselves are ordinary fine-tunes, scored by tests of their own)."""
 from __future__ import annotations
 
-import statistics
+import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from stages.report import study
 
-
-def _result(b1: float, p: float) -> dict:
-    return {"Bleu_1": b1, "METEOR": 0.1, "ROUGE_L": 0.2, "CIDEr": 0.3, "macro_precision": p, "macro_recall": 0.4,
-            "distinct": 0.5}
+ATTRS = ("placement", "exposure", "colour", "focus", "horizon", "noise")
+TRUE_RATE = {"truth": 0.8, "eat": 0.65, "uniform": 0.5, "shuffled": 0.5, "none": 0.5}  # P(attribute chosen right)
 
 
-def test_mean_and_sd_over_seeds_table_and_plot(isolated_work) -> None:
-    results = {"IASC + EAT maps": [_result(0.40, 0.70), _result(0.44, 0.80), _result(0.42, 0.75)],
-               "no IASC": [_result(0.30, 0.50)]}
-    stats = study.aggregate(results)
-    assert stats["IASC + EAT maps"]["Bleu_1"] == pytest.approx((0.42, statistics.stdev([0.40, 0.44, 0.42])))
-    assert stats["no IASC"]["macro_precision"] == (0.5, 0.0)  # one seed: no spread
-    md = study.write_study("demo", results, [0, 1, 2])
+def _simulated(seeds: int = 3, images: int = 300) -> dict[str, list[dict]]:
+    rng = np.random.default_rng(0)
+    results = {}
+    for arm, rate in TRUE_RATE.items():
+        runs = []
+        for _ in range(seeds):
+            right = rng.random((images, len(ATTRS))) < rate  # [images, attributes]
+            runs.append({"forced_choice": float(right.mean()),
+                         "forced_per_attribute": dict(zip(ATTRS, right.mean(0).tolist())),
+                         "forced_correct": {f"img{i:04d}": float(r.mean()) for i, r in enumerate(right)},
+                         "macro_precision": 0.7, "macro_recall": 0.2, "distinct": 0.8, "Bleu_1": 0.4, "CIDEr": 0.2})
+        results[arm] = runs
+    return results
+
+
+def test_summary_finds_the_simulated_effects_and_follows_the_schema(isolated_work) -> None:
+    results = _simulated()
+    md = study.write_study("demo-study", results, [0, 1, 2], 1, {"cross_attention_lr": "3e-3", "by": "the eat arm, seed 0",
+                                                                   "validation_forced_choice": {"3e-3": 0.6}})
+    summary = json.loads((md.parent / "summary.json").read_text())
+    assert set(summary) >= {"generator_version", "test_images", "seeds", "arms", "contrasts", "eat_recovery",
+                            "mask_following"}
+    assert summary["test_images"] == 300 and summary["seeds"] == [0, 1, 2]
+    assert set(summary["arms"]) == set(TRUE_RATE)
+    for arm in summary["arms"].values():
+        assert set(arm) >= {"forced_choice_accuracy", "per_attribute", "attr_precision", "attr_recall", "distinct"}
+    c = summary["contrasts"]
+    assert set(c) == {"truth_vs_uniform", "eat_vs_none", "uniform_vs_none", "shuffled_vs_uniform"}
+    assert c["truth_vs_uniform"]["diff"] == pytest.approx(0.3, abs=0.03) and c["truth_vs_uniform"]["ci95"][0] > 0.2
+    assert c["truth_vs_uniform"]["p"] < 0.01 and c["eat_vs_none"]["ci95"][0] > 0
+    for null in ("uniform_vs_none", "shuffled_vs_uniform"):  # no true difference: the CI covers 0
+        assert c[null]["ci95"][0] < 0 < c[null]["ci95"][1], c[null]
+    recovery = summary["eat_recovery"]
+    assert recovery["share"] == pytest.approx(0.5, abs=0.1) and recovery["ci95"][0] < 0.5 < recovery["ci95"][1]
     text = md.read_text()
-    assert "| IASC + EAT maps | 0.420 ± 0.020 |" in text and "mean ± sd over 3 seeds" in text
-    csv_rows = (md.parent / "study.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("variant,seed,B1") and len(csv_rows) == 1 + 4
+    assert f"| truth vs uniform | {c['truth_vs_uniform']['diff']:+.3f} |" in text
+    assert "300 test images" in text and "validation split (the eat arm, seed 0: 3e-3: 0.600)" in text
+    assert "EAT maps recover" in text
+    assert (md.parent / "study.csv").read_text().splitlines()[0].startswith("arm,seed,Forced choice")
     with Image.open(md.parent / "study.png") as img:
         assert img.format == "PNG" and img.width > 600
 
 
-def test_run_names_are_distinct_per_variant_and_seed() -> None:
-    names = {study.run_name(v, s) for v in study.VARIANTS for s in range(3)}
-    assert len(names) == len(study.VARIANTS) * 3 and all(n.startswith("study-") for n in names)
+def test_run_names_are_distinct_per_arm_and_seed() -> None:
+    names = {study.run_name(a, s) for a in study.ARMS for s in range(5)}
+    assert len(names) == len(study.ARMS) * 5 and all(n.startswith("study-") for n in names)
+    assert [a.name for a in study.ARMS] == ["truth", "eat", "uniform", "shuffled", "none"]
+
+
+def test_the_study_chooses_its_rate_with_the_demo_recipe_otherwise_unchanged() -> None:
+    from pipeline.demo import FINETUNE_ARGS
+    from pipeline.study import with_cross_attention_lr
+
+    args = with_cross_attention_lr(FINETUNE_ARGS, "1e-2")
+    assert args[args.index("--cross-attention-lr") + 1] == "1e-2" and len(args) == len(FINETUNE_ARGS)
+    assert [a for a in args if a != "1e-2"] == [a for a in FINETUNE_ARGS if a != "3e-3"]

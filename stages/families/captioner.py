@@ -134,7 +134,8 @@ class Captioner:
             tokens[i, :len(c)] = torch.as_tensor(c)
         # no attention mask: the prompt is unpadded and right padding only follows a continuation's own tokens
         logits = self.model(input_ids=tokens.to(self.device), cache=cache).logits  # [K, C, V]
-        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, tokens[:, 1:, None].to(self.device))[..., 0]  # [K, C-1]
+        following = tokens[:, 1:, None].to(self.device)  # [K, C-1, 1]: each position's next token
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, following)[..., 0]  # [K, C-1]
         logp = torch.cat([first[tokens[:, 0].to(self.device)][:, None], logp], dim=1).cpu()  # [K, C]
         lengths = torch.tensor([len(c) for c in continuations])  # [K]
         real = torch.arange(length)[None] < lengths[:, None]  # [K, C]

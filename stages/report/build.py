@@ -178,13 +178,13 @@ def build_report(
     for row, cover in partial.items():
         rows[row]["partial"] = cover
     if truth is not None:  # forced choices: what each model finds likeliest to say (stages/report/forced_choice.py)
-        from stages.report.forced_choice import forced_choice_scores, run_scores
+        from stages.report.forced_choice import forced_choice_scores, run_choices
 
         for row, name in run_of_row.items():
             if name is not None and row in rows:
-                ids = {i: truth.values[i] for i in candidates[row]}
-                rows[row]["forced_choice"] = run_scores(dataset, name, manifest, split, ids,
-                                                        checkpoint if name == run else None)["accuracy"]
+                choices, _ = run_choices(dataset, name, manifest, split, set(candidates[row]),
+                                         checkpoint if name == run else None)
+                rows[row]["forced_choice"] = forced_choice_scores(choices, truth.values)["accuracy"]
         if CONSTANT_ROW in rows:
             rows[CONSTANT_ROW]["forced_choice"] = forced_choice_scores(
                 {i: truth.majority for i in candidates[CONSTANT_ROW]}, truth.values)["accuracy"]

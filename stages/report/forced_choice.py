@@ -32,7 +32,8 @@ def candidates(tokenizer: Any, keys: tuple[str, ...] = tuple(ATTRIBUTES)) -> Can
 
 
 def _flat(cands: Candidates) -> list[tuple[str, str, list[int]]]:
-    return [(key, value, ids) for key, values in cands.items() for value, phrasings in values.items() for ids in phrasings]
+    return [(key, value, ids) for key, values in cands.items()
+            for value, phrasings in values.items() for ids in phrasings]
 
 
 def phrasing_logprobs(captioner: Any, prompt: Any, cands: Candidates) -> np.ndarray:
@@ -85,20 +86,21 @@ def choose_for_images(captioner: Any, images: list[tuple[Hashable, Any, Any]], p
     return forced_choices(logprobs, cands)
 
 
-def run_scores(dataset: str, run: str, manifest: Any, split: str, truth: dict[Hashable, Truth],
-               checkpoint: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Forced-choice scores of a run on the images of ``truth`` (its own saliency maps, as generation uses)."""
+def run_choices(dataset: str, run: str, manifest: Any, split: str, ids: set[Hashable] | None = None,
+                checkpoint: str | None = None, progress: bool = False) -> tuple[dict[Hashable, dict[str, str]], str]:
+    """(forced choices, checkpoint fingerprint) of a run on the ``split`` images in ``ids`` (all when None), each
+    with its own saliency map from the run's source, as generation uses them."""
     from pipeline.paths import runs_dir
     from stages.report.generate import load_run, run_config, saliency_store, split_images
     from storage.images import open_rgb, safe_join
     from storage.tables import image_root
 
-    captioner, _, _ = load_run(dataset, run, checkpoint)
+    captioner, _, fingerprint = load_run(dataset, run, checkpoint)
     cfg = run_config(runs_dir(dataset) / run)
     allow = cfg.get("allow_missing_saliency", False) or cfg.get("saliency") == "uniform"
     store = saliency_store(manifest, allow, cfg.get("saliency", "eat"), dataset) if captioner.needs_saliency else None
     root = image_root(dataset)
-    rows = [r for r in split_images(dataset, split).to_pylist() if r["image_id"] in truth]
+    rows = [r for r in split_images(dataset, split).to_pylist() if ids is None or r["image_id"] in ids]
     images = [(r["image_id"], open_rgb(safe_join(root, r["path"])),
                store.read(r["sha256"])[0] if store is not None and store.has(r["sha256"]) else None) for r in rows]
-    return forced_choice_scores(choose_for_images(captioner, images, progress, f"forced choice {run}"), truth)
+    return choose_for_images(captioner, images, progress, f"forced choice {run}"), fingerprint

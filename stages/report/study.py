@@ -1,123 +1,205 @@
-"""The ablation study by ground truth: fine-tuning variants x seeds, scored on the test split, mean ± sd.
+"""The saliency study by ground truth: arms x seeds, every run an ordinary fine-tune, scored on the test split.
 
-Variants (``VARIANTS``): IASC on the EAT's maps (the method), without IASC (fusion none), IASC on uniform
-maps (the architecture without saliency information) and IASC on the synthetic corpus's true aesthetic
-masks (an upper bound for the saliency stage). Every run is an ordinary fine-tuning run; this module scores
-one run (caption metrics, ground-truth attributes, diversity) and aggregates, tabulates and plots them into
-``reports/<dataset>/study/`` (``study.md``, ``study.csv``, ``study.png``, ``runs/<run>.json``).
+Arms (``ARMS``) differ only in what the IAS cross-attention sees, in training and generation alike:
+``truth`` (the synthetic corpus's true aesthetic masks: the upper bound), ``eat`` (the EAT's maps: the method),
+``uniform`` (all-ones maps: the architecture without saliency information), ``shuffled`` (another image's true
+mask: a map of the right kind in the wrong place) and ``none`` (no IASC, fusion none).
+
+Each run is scored by forced choice (stages/report/forced_choice.py: per image, the share of its attributes whose
+true value the model finds likeliest), by the attribute precision / recall of its generated critiques, their
+diversity and BLEU-1 / CIDEr. Contrasts pair the per-image forced-choice outcome over images x seeds
+(stages/report/paired.py: mean difference, two-way bootstrap 95 % CI, paired permutation p): truth vs uniform,
+eat vs none, uniform vs none, shuffled vs uniform; ``eat_recovery`` is (eat - uniform) / (truth - uniform).
+Written to ``reports/<dataset>/study/``: ``summary.json``, ``study.md``, ``study.csv``, ``study.png`` and
+``runs/<run>.json`` (each run's scores, reused while its checkpoint is unchanged).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.manifest import Manifest
-from pipeline.paths import study_dir
-from stages.report.metrics import METRIC_HEADERS
-from storage.atomic import write_bytes_atomic
+from pipeline.paths import runs_dir, study_dir
+from storage.atomic import write_bytes_atomic, write_json_atomic
 
 
 @dataclass(frozen=True)
-class Variant:
+class Arm:
     name: str
     fusion: str  # cross_attention | none
-    saliency: str  # eat | uniform | truth (stages/finetune/saliency_source.py)
+    saliency: str  # stages/finetune/saliency_source.py
+    label: str
 
 
-VARIANTS = (
-    Variant("IASC + EAT maps", "cross_attention", "eat"),
-    Variant("no IASC", "none", "eat"),
-    Variant("IASC + uniform maps", "cross_attention", "uniform"),
-    Variant("IASC + true masks", "cross_attention", "truth"),
+ARMS = (
+    Arm("truth", "cross_attention", "truth", "IASC + true masks"),
+    Arm("eat", "cross_attention", "eat", "IASC + EAT maps"),
+    Arm("uniform", "cross_attention", "uniform", "IASC + uniform maps"),
+    Arm("shuffled", "cross_attention", "shuffled", "IASC + another image's mask"),
+    Arm("none", "none", "eat", "no IASC"),
 )
-# (header, key) of the study table and plot: caption metrics, ground-truth attributes, diversity
-COLUMNS = tuple((METRIC_HEADERS[k], k) for k in ("Bleu_1", "METEOR", "ROUGE_L", "CIDEr")) + (
-    ("Attr P", "macro_precision"), ("Attr R", "macro_recall"), ("Distinct", "distinct"))
+CONTRASTS = {"truth_vs_uniform": ("truth", "uniform"), "eat_vs_none": ("eat", "none"),
+             "uniform_vs_none": ("uniform", "none"), "shuffled_vs_uniform": ("shuffled", "uniform")}
+# (header, key) of the study table and plot, mean ± sd over seeds
+COLUMNS = (("Forced choice", "forced_choice"), ("Attr P", "macro_precision"), ("Attr R", "macro_recall"),
+           ("Distinct", "distinct"), ("B1", "Bleu_1"), ("CIDEr", "CIDEr"))
 
 
-def run_name(variant: Variant, seed: int) -> str:
-    return "study-" + variant.name.lower().replace(" + ", "-").replace(" ", "-") + f"-s{seed}"
+def run_name(arm: Arm, seed: int) -> str:
+    return f"study-{arm.name}-s{seed}"
 
 
 def score_run(dataset: str, run: str, manifest: Manifest | None, split: str = "test") -> dict[str, Any]:
-    """Generate (what is missing) and score one run: caption metrics, attribute P / R, diversity."""
-    from stages.synthetic.truth import ground_truth
-    from stages.report.attributes import attribute_scores
-    from stages.report.references import references
+    """Scores of one run on ``split`` (generating what is missing): forced choice (with each image's outcome),
+    attribute precision / recall, diversity, BLEU-1 and CIDEr; reused from ``runs/<run>.json`` while the
+    run's checkpoint and the split's images are unchanged."""
+    from stages.report.attributes import attribute_scores, attribute_truth
     from stages.report.diversity import diversity
-    from stages.report.generate import generate_split, read_predictions
-    from stages.report.metrics import score_to_file
+    from stages.report.forced_choice import correct, forced_choice_scores, run_choices
+    from stages.report.generate import checkpoint_fingerprint, generate_split, read_predictions
+    from stages.report.references import references
+    from stages.report.metrics import score
 
+    truth = attribute_truth(dataset, split)
+    if truth is None:
+        raise ValueError(f"the study needs a synthetic dataset with ground truth; '{dataset}' has none")
+    cache = study_dir(dataset) / "runs" / f"{run}.json"
     summary = generate_split(dataset, run, manifest, split, progress=False)
-    refs = references(dataset, split)
-    captions = {i: c for i, c in read_predictions(summary.directory, split).items() if i in refs}
-    metrics, _ = score_to_file(study_dir(dataset) / "runs" / f"{run}.json", captions, refs, progress=False)
-    result = {**metrics, **diversity(captions)}
-    truth = ground_truth(dataset)
-    if truth is not None:
-        result.update(attribute_scores(captions, {i: truth[i]["attributes"] for i in captions}))
+    captions = {i: c for i, c in read_predictions(summary.directory, split).items() if i in truth.values}
+    key = hashlib.sha256(json.dumps([checkpoint_fingerprint(runs_dir(dataset) / run / "final"), split,
+                                     sorted(captions.items())]).encode()).hexdigest()[:16]
+    if cache.exists() and json.loads(cache.read_text()).get("key") == key:
+        return json.loads(cache.read_text())
+    choices, _ = run_choices(dataset, run, manifest, split, set(captions))
+    forced = forced_choice_scores(choices, truth.values)
+    refs = {i: r for i, r in references(dataset, split).items() if i in captions}
+    metrics, _, _ = score(captions, refs, progress=False)
+    result = {"key": key, **metrics, **diversity(captions),
+              **attribute_scores(captions, truth.values), "forced_choice": forced["accuracy"],
+              "forced_per_attribute": forced["per_attribute"], "forced_correct": correct(choices, truth.values)}
+    write_json_atomic(cache, result)
     return result
 
 
-def aggregate(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, tuple[float, float]]]:
-    """variant -> key -> (mean, sd over seeds; sd 0 for one seed)."""
-    out = {}
-    for name, runs in results.items():
-        out[name] = {}
+def outcomes(results: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(image ids, arm -> [seeds, images] forced-choice outcomes) over the images every run scored."""
+    ids = sorted(set.intersection(*(set(r["forced_correct"]) for runs in results.values() for r in runs)))
+    return ids, {arm: np.array([[r["forced_correct"][i] for i in ids] for r in runs]) for arm, runs in results.items()}
+
+
+def summarise(results: dict[str, list[dict[str, Any]]], seeds: list[int], generator_version: int,
+              chosen: dict[str, Any]) -> dict[str, Any]:
+    """summary.json: per arm the seed means, the paired contrasts, the EAT's share of the true masks' gain."""
+    from stages.report.paired import paired_contrast, share_recovered
+
+    ids, outcome = outcomes(results)
+    arms = {}
+    for arm, runs in results.items():
+        per_attribute = {k: statistics.fmean(r["forced_per_attribute"][k] for r in runs)
+                         for k in runs[0]["forced_per_attribute"]}
+        arms[arm] = {"forced_choice_accuracy": statistics.fmean(r["forced_choice"] for r in runs),
+                     "per_attribute": per_attribute,
+                     "attr_precision": statistics.fmean(r["macro_precision"] for r in runs),
+                     "attr_recall": statistics.fmean(r["macro_recall"] for r in runs),
+                     "distinct": statistics.fmean(r["distinct"] for r in runs),
+                     "per_seed_forced_choice": [r["forced_choice"] for r in runs]}
+    contrasts = {}
+    for name, (a, b) in CONTRASTS.items():
+        if a in outcome and b in outcome:
+            c = paired_contrast(outcome[a], outcome[b])
+            contrasts[name] = {"diff": c.diff, "ci95": list(c.ci95), "p": c.p}
+    recovery = None
+    if all(arm in outcome for arm in ("eat", "uniform", "truth")):
+        share, ci = share_recovered(outcome["eat"], outcome["uniform"], outcome["truth"])
+        recovery = {"share": share, "ci95": list(ci)}
+    return {"generator_version": generator_version, "test_images": len(ids), "seeds": seeds, "arms": arms,
+            "contrasts": contrasts, "eat_recovery": recovery,
+            "mask_following": {"truth": None, "chance": None,
+                               "why": f"generator version {generator_version} draws one subject per image: there is "
+                                      "no other subject to move the mask onto"},
+            "chosen_on_validation": chosen}
+
+
+def to_markdown(results: dict[str, list[dict[str, Any]]], summary: dict[str, Any], dataset: str) -> str:
+    labels = {a.name: a.label for a in ARMS}
+    seeds = len(summary["seeds"])
+    head = ["Arm"] + [h for h, _ in COLUMNS]
+    lines = [f"### Saliency study on {dataset} ({summary['test_images']} test images, mean ± sd over {seeds} seeds)",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, runs in results.items():
+        cells = []
         for _, key in COLUMNS:
             values = [float(r[key]) for r in runs if r.get(key) is not None]
-            if values:
-                out[name][key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-    return out
-
-
-def to_markdown(stats: dict[str, dict[str, tuple[float, float]]], dataset: str, seeds: int) -> str:
-    head = ["Variant"] + [h for h, _ in COLUMNS]
-    lines = [f"### Ablation study on {dataset} (test split, mean ± sd over {seeds} seeds)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, values in stats.items():
-        cells = [f"{values[k][0]:.3f} ± {values[k][1]:.3f}" if k in values else "—" for _, k in COLUMNS]
-        lines.append("| " + " | ".join([name, *cells]) + " |")
-    lines += ["", "B1 / M / R / C: BLEU-1, METEOR, ROUGE-L, CIDEr against the references; Attr P / R: macro attribute "
-              "precision / recall against the true attributes; Distinct: share of distinct critiques. Same data, "
-              "schedule and base for every variant; only the fusion and the saliency maps differ."]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.3f} ± {sd:.3f}" if values else "—")
+        lines.append("| " + " | ".join([f"{labels[arm]} ({arm})", *cells]) + " |")
+    lines += ["", "| Contrast (forced choice, paired over images x seeds) | Difference | 95 % CI | p |",
+              "|---|---|---|---|"]
+    for name, c in summary["contrasts"].items():
+        lines.append(f"| {name.replace('_vs_', ' vs ')} | {c['diff']:+.3f} | [{c['ci95'][0]:+.3f}, "
+                     f"{c['ci95'][1]:+.3f}] | {c['p']:.3g} |")
+    gain = summary["contrasts"].get("truth_vs_uniform")
+    if summary["eat_recovery"] and gain and gain["ci95"][0] > 0:
+        r = summary["eat_recovery"]
+        lines += ["", f"EAT maps recover {r['share']:.0%} of the true masks' gain over uniform maps "
+                      f"(95 % CI [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}])."]
+    elif gain:
+        lines += ["", "The true masks gain nothing over uniform maps that the CI can tell from 0, so there is no "
+                      "gain for the EAT's maps to recover (summary.json keeps the ratio and its CI)."]
+    chosen = summary["chosen_on_validation"]
+    tried = ", ".join(f"{lr}: {acc:.3f}" for lr, acc in chosen["validation_forced_choice"].items())
+    lines += ["", "Forced choice: the share of attributes whose true value the model finds likeliest to say (chance "
+                  "0.42). Same data, schedule and base for every arm; only the fusion and the maps differ. The "
+                  f"cross-attention learning rate was chosen on the validation split ({chosen['by']}: {tried}), "
+                  f"never on the test split. Mask following: {summary['mask_following']['why']}."]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(results: dict[str, list[dict[str, Any]]], seeds: list[int]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["variant", "seed"] + [h for h, _ in COLUMNS])
-    for name, runs in results.items():
+    writer.writerow(["arm", "seed"] + [h for h, _ in COLUMNS])
+    for arm, runs in results.items():
         for seed, r in zip(seeds, runs):
-            writer.writerow([name, seed] + ["" if r.get(k) is None else repr(float(r[k])) for _, k in COLUMNS])
+            writer.writerow([arm, seed] + ["" if r.get(k) is None else repr(float(r[k])) for _, k in COLUMNS])
     return buf.getvalue()
 
 
-def plot(stats: dict[str, dict[str, tuple[float, float]]], path: Path, title: str) -> None:
-    """One bar group per variant, one bar per column, sd as error bars (PNG)."""
+def plot(summary: dict[str, Any], path: Path, title: str) -> None:
+    """Forced-choice accuracy per arm (each seed a dot, chance a line) and the contrasts with their CIs (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(stats)
-    width = 0.8 / len(COLUMNS)
-    fig, ax = plt.subplots(figsize=(10, 4.2), dpi=110)
-    for j, (header, key) in enumerate(COLUMNS):
-        xs = [i + (j - (len(COLUMNS) - 1) / 2) * width for i in range(len(names))]
-        means = [stats[n].get(key, (0.0, 0.0))[0] for n in names]
-        sds = [stats[n].get(key, (0.0, 0.0))[1] for n in names]
-        ax.bar(xs, means, width, yerr=sds, capsize=2, label=header)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("score (mean ± sd over seeds)")
-    ax.set_title(title)
-    ax.legend(ncol=len(COLUMNS), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=110, gridspec_kw={"width_ratios": [1.2, 1]})
+    arms = list(summary["arms"])
+    for x, arm in enumerate(arms):
+        per_seed = summary["arms"][arm]["per_seed_forced_choice"]
+        left.bar(x, statistics.fmean(per_seed), 0.6, color="#8fb3d9")
+        left.plot([x] * len(per_seed), per_seed, "k.", alpha=0.6)
+    left.axhline(0.42, color="grey", linestyle="--", linewidth=1, label="chance")
+    left.set_xticks(range(len(arms)), arms)
+    left.set_ylabel("forced-choice accuracy (test)")
+    left.set_ylim(0, 1)
+    left.legend(frameon=False)
+    names = list(summary["contrasts"])
+    for y, name in enumerate(names):
+        c = summary["contrasts"][name]
+        right.errorbar(c["diff"], y, xerr=[[c["diff"] - c["ci95"][0]], [c["ci95"][1] - c["diff"]]], fmt="o",
+                       color="#1f4e79", capsize=3)
+    right.axvline(0, color="grey", linewidth=1)
+    right.set_yticks(range(len(names)), [n.replace("_vs_", " vs ") for n in names])
+    right.set_xlabel("paired difference, 95 % CI")
+    fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -125,12 +207,14 @@ def plot(stats: dict[str, dict[str, tuple[float, float]]], path: Path, title: st
     write_bytes_atomic(path, buf.getvalue())
 
 
-def write_study(dataset: str, results: dict[str, list[dict[str, Any]]], seeds: list[int]) -> Path:
-    """study.md / study.csv / study.png under ``reports/<dataset>/study/``; returns the Markdown path."""
+def write_study(dataset: str, results: dict[str, list[dict[str, Any]]], seeds: list[int], generator_version: int,
+                chosen: dict[str, Any]) -> Path:
+    """summary.json, study.md, study.csv and study.png under ``reports/<dataset>/study/``; returns study.md."""
     out = study_dir(dataset)
-    stats = aggregate(results)
-    markdown = to_markdown(stats, dataset, len(seeds))
+    summary = summarise(results, seeds, generator_version, chosen)
+    write_json_atomic(out / "summary.json", summary)
+    markdown = to_markdown(results, summary, dataset)
     write_bytes_atomic(out / "study.md", markdown.encode())
     write_bytes_atomic(out / "study.csv", to_csv(results, seeds).encode())
-    plot(stats, out / "study.png", f"{dataset}: fine-tuning variants, {len(seeds)} seeds each")
+    plot(summary, out / "study.png", f"{dataset}: {summary['test_images']} test images x {len(seeds)} seeds per arm")
     return out / "study.md"
