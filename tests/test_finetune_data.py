@@ -105,7 +105,8 @@ def toy(tmp_path: Path):
 
 
 def test_tokenizer_round_trip_and_special_tokens(tok, tmp_path: Path) -> None:
-    from stages.families.internvl.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer, save_tokenizer
+    from stages.families.internvl.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, load_tokenizer
+    from stages.families.text import save_tokenizer
 
     text = "Strong composition, but the horizon is tilted! Ünïcode ✓ 123"
     assert tok.decode(tok(text)["input_ids"]) == text  # byte-level BPE is lossless
