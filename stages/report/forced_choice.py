@@ -41,11 +41,13 @@ def phrasing_logprobs(captioner: Any, prompt: Any, cands: Candidates) -> np.ndar
     return captioner.continuation_logprobs(prompt, [ids for _, _, ids in _flat(cands)]).numpy()
 
 
-def forced_choices(logprobs: dict[Hashable, np.ndarray], cands: Candidates) -> dict[Hashable, dict[str, str]]:
-    """image -> attribute -> chosen value, from every image's :func:`phrasing_logprobs` (centred over the images)."""
+def forced_choices(logprobs: dict[Hashable, np.ndarray], cands: Candidates,
+                   prior: np.ndarray | None = None) -> dict[Hashable, dict[str, str]]:
+    """image -> attribute -> chosen value, from every image's :func:`phrasing_logprobs`, centred on ``prior`` ([K];
+    default: their mean over these images)."""
     ids = list(logprobs)
     centred = np.stack([logprobs[i] for i in ids])  # [N, K]
-    centred = centred - centred.mean(0)
+    centred = centred - (centred.mean(0) if prior is None else prior)
     flat = _flat(cands)
     choices: dict[Hashable, dict[str, str]] = {i: {} for i in ids}
     for key, values in cands.items():
@@ -75,15 +77,20 @@ def correct(choices: dict[Hashable, dict[str, str]], truth: dict[Hashable, Truth
     return {i: float(np.mean([c[k] == truth[i][k] for k in c])) for i, c in choices.items()}
 
 
-def choose_for_images(captioner: Any, images: list[tuple[Hashable, Any, Any]], progress: bool = False,
-                      desc: str = "forced choice") -> dict[Hashable, dict[str, str]]:
-    """image -> attribute -> chosen value for ``(image_id, PIL image, raw map or None)`` triples."""
+def image_logprobs(captioner: Any, images: list[tuple[Hashable, Any, Any]], progress: bool = False,
+                   desc: str = "forced choice") -> dict[Hashable, np.ndarray]:
+    """image -> :func:`phrasing_logprobs` for ``(image_id, PIL image, raw map or None)`` triples."""
     from tqdm import tqdm
 
     cands = candidates(captioner.tokenizer)
-    logprobs = {i: phrasing_logprobs(captioner, captioner.prepare(img, saliency), cands)
-                for i, img, saliency in tqdm(images, desc=desc, unit="img", disable=not progress)}
-    return forced_choices(logprobs, cands)
+    return {i: phrasing_logprobs(captioner, captioner.prepare(img, saliency), cands)
+            for i, img, saliency in tqdm(images, desc=desc, unit="img", disable=not progress)}
+
+
+def choose_for_images(captioner: Any, images: list[tuple[Hashable, Any, Any]], progress: bool = False,
+                      desc: str = "forced choice") -> dict[Hashable, dict[str, str]]:
+    """image -> attribute -> chosen value for ``(image_id, PIL image, raw map or None)`` triples."""
+    return forced_choices(image_logprobs(captioner, images, progress, desc), candidates(captioner.tokenizer))
 
 
 def run_choices(dataset: str, run: str, manifest: Any, split: str, ids: set[Hashable] | None = None,

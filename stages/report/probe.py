@@ -5,8 +5,9 @@ image's maps (a fixed derangement: image i of the sample gets the map of image i
 (c) uniform maps (all ones: no saliency information). The probe counts the critiques of (b) and (c) that
 differ from (a) and, where the dataset has ground-truth attributes (the synthetic corpus), scores each set
 (stages/report/attributes.py) and makes the model's forced choices under each (stages/report/forced_choice.py:
-the attribute values it finds likeliest, and how many of them the moved map changes). A run that ignores
-its map changes nothing under (b).
+the attribute values it finds likeliest, every condition centred on the own maps' mean likelihoods so that a
+shift the moved maps cause in every image shows, and how many choices change). A run that ignores its map
+changes nothing under (b).
 
 Written to ``reports/<dataset>/<run>/probe.json``; each finished condition is kept there with the key of
 its inputs (checkpoint fingerprint, map source, sample), so a killed probe redoes only what was missing and a
@@ -151,11 +152,14 @@ def probe_saliency(dataset: str, run: str, manifest: Manifest | None, split: str
     forced: dict[str, dict[str, Any]] = {}
     if truth is not None:
         from stages.report.attributes import attribute_scores
-        from stages.report.forced_choice import choose_for_images, forced_choice_scores
+        from stages.report.forced_choice import candidates, forced_choice_scores, forced_choices, image_logprobs
 
         scores = {c: attribute_scores(dict(zip(ids, done[c])), truth.values) for c in CONDITIONS}
-        choices = {c: choose_for_images(captioner, [(i, open_rgb(safe_join(root, r["path"])), m)
-                                                    for i, r, m in zip(ids, rows, maps[c])]) for c in CONDITIONS}
+        logprobs = {c: image_logprobs(captioner, [(i, open_rgb(safe_join(root, r["path"])), m)
+                                                  for i, r, m in zip(ids, rows, maps[c])]) for c in CONDITIONS}
+        prior = np.mean(list(logprobs["own"].values()), axis=0)  # every condition centred on the own maps' mean
+        cands = candidates(captioner.tokenizer)
+        choices = {c: forced_choices(logprobs[c], cands, prior) for c in CONDITIONS}
         for c in CONDITIONS:
             forced[c] = forced_choice_scores(choices[c], truth.values)
             forced[c]["changed"] = sum(choices[c][i][k] != choices["own"][i][k] for i in ids for k in choices[c][i])
