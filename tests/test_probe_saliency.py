@@ -113,3 +113,10 @@ def test_probe_scores_attributes_where_the_dataset_knows_them(tmp_path: Path) ->
     truth = {i: t["attributes"] for i, t in ground_truth("syn").items()}
     expected = attribute_scores({i: report[i] for i in ids}, truth)
     assert probe.scores["own"] == expected and expected["macro_precision"] > 0  # the base remarks on attributes
+    # forced choices: zero gates, so no moved map changes one; the own-map choices are the report's
+    from stages.report.forced_choice import forced_choice_scores, run_choices
+
+    assert probe.forced["other"]["changed"] == probe.forced["uniform"]["changed"] == 0
+    assert probe.forced["other"]["choices"] == 6 * probe.n
+    choices, _ = run_choices("syn", "r", manifest, "test", set(ids))
+    assert probe.forced["own"]["accuracy"] == forced_choice_scores(choices, truth)["accuracy"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.manifest import load_manifest
-from stages.finetune.saliency_source import TruthMaps, open_source
+from stages.finetune.saliency_source import ShuffledTruthMaps, TruthMaps, open_source
 from stages.ingest.run import ingest_dataset
 
 
@@ -38,6 +38,23 @@ def test_truth_maps_are_the_masks_area_averaged(synthetic: Path) -> None:
         assert m.mean() == pytest.approx(mask.mean(), abs=0.01)  # area averaging keeps the covered share
         up = F.interpolate(torch.from_numpy(m)[None, None], size=mask.shape, mode="bilinear")[0, 0].numpy()
         assert np.corrcoef(up.ravel(), mask.ravel())[0, 1] > 0.9
+
+
+def test_shuffled_maps_give_each_image_another_image_mask_of_its_split(synthetic: Path) -> None:
+    """Every image gets a mask of its own split that is not its own, and each mask of the split serves once."""
+    from storage.tables import read_table
+
+    own, shuffled = TruthMaps("syn"), ShuffledTruthMaps("syn")
+    rows = read_table("syn", "images").to_pylist()
+    digest = {r["sha256"]: own.read(r["sha256"])[0].tobytes() for r in rows}
+    for split in {r["split"] for r in rows}:
+        shas = [r["sha256"] for r in rows if r["split"] == split]
+        given = [shuffled.read(sha)[0].tobytes() for sha in shas]
+        assert sorted(given) == sorted(digest[sha] for sha in shas)  # a permutation of the split's masks
+        if len(shas) > 1:
+            assert all(g != digest[sha] for g, sha in zip(given, shas))  # nobody keeps its own
+    store, _ = open_source("shuffled", "syn", load_manifest(synthetic))
+    assert isinstance(store, ShuffledTruthMaps)
 
 
 def test_uniform_source_and_truth_on_real_data(synthetic: Path, tmp_path: Path) -> None:

@@ -1,0 +1,41 @@
+"""``ase-mllm study`` end to end as a user types it, cut to two arms and one seed on the demo corpus: the rate is
+chosen on the validation split, summary.json follows the schema with the eat-vs-none contrast, the HTML report
+shows the study, and a rerun trains nothing and writes the same summary."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_study_two_arms_one_seed(isolated_work: Path) -> None:
+    from pipeline.study import CROSS_ATTENTION_LRS
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pipeline", "study", "--dataset", "demo", "--seeds", "1", "--arm", "eat",
+               "--arm", "none"]
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "cross-attention lr on the validation split (forced choice): " in first.stdout
+    assert first.stdout.count("100 steps, loss") == len(CROSS_ATTENTION_LRS) + 2  # the choice's runs, then the arms
+    study = isolated_work / "reports" / "demo" / "study"
+    summary = json.loads((study / "summary.json").read_text())
+    assert summary["test_images"] == 48 and summary["seeds"] == [0] and set(summary["arms"]) == {"eat", "none"}
+    assert set(summary["contrasts"]) == {"eat_vs_none"} and summary["eat_recovery"] is None
+    assert summary["chosen_on_validation"]["cross_attention_lr"] in CROSS_ATTENTION_LRS
+    for arm in summary["arms"].values():
+        assert 0.42 - 0.2 < arm["forced_choice_accuracy"] <= 1 and 0 < arm["distinct"] <= 1
+    html = (isolated_work / "reports" / "demo" / "study-eat-s0" / "index.html").read_text()
+    assert "Saliency study on demo" in html and "images/study.png" in html
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "100 steps, loss" not in again.stdout  # every run was finished: nothing trained again
+    assert json.loads((study / "summary.json").read_text()) == summary
