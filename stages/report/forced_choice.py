@@ -98,14 +98,12 @@ def run_choices(dataset: str, run: str, manifest: Any, split: str, ids: set[Hash
     """(forced choices, checkpoint fingerprint) of a run on the ``split`` images in ``ids`` (all when None), each
     with its own saliency map from the run's source, as generation uses them."""
     from pipeline.paths import runs_dir
-    from stages.report.generate import load_run, run_config, saliency_store, split_images
+    from stages.report.generate import load_run, run_config, run_saliency, split_images
     from storage.images import open_rgb, safe_join
     from storage.tables import image_root
 
     captioner, _, fingerprint = load_run(dataset, run, checkpoint)
-    cfg = run_config(runs_dir(dataset) / run)
-    allow = cfg.get("allow_missing_saliency", False) or cfg.get("saliency") == "uniform"
-    store = saliency_store(manifest, allow, cfg.get("saliency", "eat"), dataset) if captioner.needs_saliency else None
+    store = run_saliency(dataset, run_config(runs_dir(dataset) / run), manifest) if captioner.needs_saliency else None
     root = image_root(dataset)
     rows = [r for r in split_images(dataset, split).to_pylist() if ids is None or r["image_id"] in ids]
     images = [(r["image_id"], open_rgb(safe_join(root, r["path"])),

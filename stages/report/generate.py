@@ -307,9 +307,7 @@ def generate_split(
 
     store = None
     if captioner.needs_saliency and rows:
-        cfg = run_config(runs_dir(dataset) / run)
-        allow = cfg.get("allow_missing_saliency", False) if allow_missing_saliency is None else allow_missing_saliency
-        store = saliency_store(manifest, allow or cfg.get("saliency") == "uniform", cfg.get("saliency", "eat"), dataset)
+        store = run_saliency(dataset, run_config(runs_dir(dataset) / run), manifest, allow_missing_saliency)
     root = image_root(dataset)
 
     def prepare(row: dict[str, Any]) -> Any:
@@ -371,3 +369,12 @@ def saliency_store(manifest: Manifest | None, allow_missing: bool, source: str =
 
     store, _why = open_saliency(source, dataset, manifest, allow_missing)
     return _Store(store, allow_missing)
+
+
+def run_saliency(dataset: str, run_cfg: dict[str, Any], manifest: Manifest | None,
+                 allow_missing: bool | None = None) -> _Store:
+    """The saliency a run reads at generation: its source and its policy for images without a map (``allow_missing``
+    overrides the run's; a uniform run needs no map)."""
+    source = run_cfg.get("saliency", "eat")
+    allow = run_cfg.get("allow_missing_saliency", False) if allow_missing is None else allow_missing
+    return saliency_store(manifest, allow or source == "uniform", source, dataset)

@@ -90,7 +90,7 @@ def probe_saliency(dataset: str, run: str, manifest: Manifest | None, split: str
     from tqdm import tqdm
 
     from stages.report.attributes import attribute_truth
-    from stages.report.generate import saliency_store
+    from stages.report.generate import run_saliency
     from storage.images import ImageError, open_rgb, safe_join
     from storage.tables import image_root, read_table
 
@@ -117,8 +117,8 @@ def probe_saliency(dataset: str, run: str, manifest: Manifest | None, split: str
         raise ValueError(f"split '{split}' of '{dataset}' has {len(rows)} readable image(s): the probe needs 2")
     captioner, ckpt_name, fingerprint = load_run(dataset, run, checkpoint)
     source = cfg.get("saliency", "eat")
-    allow_missing = cfg.get("allow_missing_saliency", False) or source == "uniform"
-    store = saliency_store(manifest, allow_missing, source, dataset)
+    store = run_saliency(dataset, cfg, manifest)
+    allow_missing = store.allow_missing
     missing = [r["image_id"] for r in rows if not store.has(r["sha256"])]
     if missing and not allow_missing:
         raise FileNotFoundError(f"{len(missing)} sampled '{split}' images have no saliency map (e.g. {missing[0]}): "

@@ -76,8 +76,9 @@ def score_run(dataset: str, run: str, manifest: Manifest | None, split: str = "t
     captions = {i: c for i, c in read_predictions(summary.directory, split).items() if i in truth.values}
     key = hashlib.sha256(json.dumps([checkpoint_fingerprint(runs_dir(dataset) / run / "final"), split,
                                      sorted(captions.items())]).encode()).hexdigest()[:16]
-    if cache.exists() and json.loads(cache.read_text()).get("key") == key:
-        return json.loads(cache.read_text())
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if cached.get("key") == key:
+        return cached
     choices, _ = run_choices(dataset, run, manifest, split, set(captions))
     forced = forced_choice_scores(choices, truth.values)
     refs = {i: r for i, r in references(dataset, split).items() if i in captions}
