@@ -87,24 +87,27 @@ def summary(variant: str, runs: dict[str, str], seconds: float) -> str:
     lines = ["", "== demo summary",
              f"saliency (EAT-{variant}, test split): mask ratio {eat['mask_ratio']:.2f} (map mean inside the true "
              f"aesthetic regions / overall; uniform map = 1), SRCC {eat['srcc']:.3f}",
-             f"{'test split (48 images)':50} {'forced':>7} {'attr P':>7} {'attr R':>7} {'distinct':>9} {'B1':>6} "
-             f"{'CIDEr':>6}  training loss"]
+             f"{'test split (48 images)':50} {'forced':>7} {'follows':>8} {'global':>7} {'attr P':>7} {'attr R':>7} "
+             f"{'distinct':>9} {'B1':>6} {'CIDEr':>6}  training loss"]
     for run, fusion in runs.items():
         start, end = _loss_range(run)
         lines.append(_row(f"finetune {run} (fusion {fusion})", rows[f"ASE-MLLM ({run})"]) + f"  {start:.3f} -> {end:.3f}")
     if UNTRAINED_ROW in rows:  # the shipped base as it is: what fine-tuning changed
         lines.append(_row("base before fine-tuning", rows[UNTRAINED_ROW]))
     lines.append(_row(CONSTANT_ROW, rows[CONSTANT_ROW]))
-    lines += ["forced: forced-choice accuracy over the six attributes (chance 0.42): the value the model finds "
-              "likeliest to say, given the image and its map", f"report: {report / 'index.html'}",
+    lines += ["forced: forced-choice accuracy on the aesthetic subject's four attributes (chance 0.375): the value the "
+              "model finds likeliest to say, given the image and its map; follows: with the true mask moved onto "
+              "another subject, the share of those choices that describe that subject (random subject: about 0.45); "
+              "global: forced choice on horizon and noise", f"report: {report / 'index.html'}",
               f"demo finished in {seconds:.0f} s"]
     return "\n".join(lines)
 
 
 def _row(name: str, m: dict) -> str:
-    return (f"{name:50} {m['forced_choice']:7.3f} {m['macro_precision']:7.3f} {m['macro_recall']:7.3f} "
-            f"{m['distinct']:9.2f} "
-            f"{m['Bleu_1']:6.3f} {m['CIDEr']:6.3f}")
+    follows = f"{m['mask_following']:8.3f}" if m.get("mask_following") is not None else f"{'-':>8}"
+    return (f"{name:50} {m['forced_choice']:7.3f} {follows} {m['global_forced_choice']:7.3f} "
+            f"{m['macro_precision']:7.3f} {m['macro_recall']:7.3f} {m['distinct']:9.2f} {m['Bleu_1']:6.3f} "
+            f"{m['CIDEr']:6.3f}")
 
 
 def _loss_range(run: str) -> tuple[float, float]:

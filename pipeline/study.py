@@ -2,8 +2,8 @@
 
 Steps, each the ordinary CLI command (reruns skip finished runs and resume interrupted ones; scores are cached):
 the demo's EAT (ingest demo, train-eat), the study corpus (ingest, saliency), the cross-attention learning rate
-chosen on the validation split by forced choice (the ``eat`` arm, seed 0), then every arm x seed fine-tuned
-with the demo's recipe and that rate, scored on the test split.
+and the step count chosen on the validation split by forced choice (the ``eat`` arm, seed 0), then every arm x
+seed fine-tuned with the demo's recipe and those, scored on the test split.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 import typer
 
 CROSS_ATTENTION_LRS = ("1e-3", "3e-3", "1e-2")  # the candidates chosen among on the validation split
+MAX_STEPS = ("100", "200")
 
 
 def register(app: typer.Typer) -> None:
@@ -42,8 +43,7 @@ def register(app: typer.Typer) -> None:
         run_step(app, "train-eat", "--dataset", DATASET, "--variant", manifest.eat.variant, *EAT_ARGS)
         run_step(app, "ingest", dataset)
         run_step(app, "saliency", "--dataset", dataset)
-        lr, tried = choose_cross_attention_lr(app, dataset, manifest)
-        args = with_cross_attention_lr(FINETUNE_ARGS, lr)
+        args, tried = choose_recipe(app, dataset, manifest)
         seed_list = list(range(seeds))
         results: dict[str, list[dict]] = {}
         for a in chosen_arms:
@@ -55,7 +55,9 @@ def register(app: typer.Typer) -> None:
                 r = results[a.name][-1]
                 typer.echo(f"study {run}: forced choice {r['forced_choice']:.3f}, attribute P "
                            f"{r['macro_precision']:.3f}, distinct {r['distinct']:.2f}")
-        chosen = {"cross_attention_lr": lr, "validation_forced_choice": tried, "by": "the eat arm, seed 0"}
+        chosen = {"cross_attention_lr": option(args, "--cross-attention-lr"), "max_steps": option(args, "--max-steps"),
+                  "validation_forced_choice": tried, "by": "the eat arm, seed 0",
+                  "what": "The cross-attention learning rate and the step count were"}
         markdown = write_study(dataset, results, seed_list, GENERATOR_VERSION, chosen)
         shown = run_name(next((a for a in chosen_arms if a.name == "eat"), chosen_arms[0]), 0)
         run_step(app, "report", "--dataset", dataset, "--run", shown)  # an HTML report with the study in it
@@ -65,15 +67,20 @@ def register(app: typer.Typer) -> None:
                    f"{reports_dir(dataset) / shown / 'index.html'}")
 
 
-def with_cross_attention_lr(args: list[str], lr: str) -> list[str]:
-    """The demo's fine-tuning arguments with ``--cross-attention-lr`` set to ``lr``."""
-    i = args.index("--cross-attention-lr")
-    return [*args[:i + 1], lr, *args[i + 2:]]
+def with_option(args: list[str], flag: str, value: str) -> list[str]:
+    """``args`` with ``flag``'s value set to ``value``."""
+    i = args.index(flag)
+    return [*args[:i + 1], value, *args[i + 2:]]
 
 
-def choose_cross_attention_lr(app: typer.Typer, dataset: str, manifest) -> tuple[str, dict[str, float]]:  # noqa: ANN001
-    """(the candidate rate whose ``eat``-arm run (seed 0) makes the most accurate forced choices on the validation
-    split (ties: the first), every candidate's accuracy); the test split plays no part."""
+def option(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def choose_recipe(app: typer.Typer, dataset: str, manifest) -> tuple[list[str], dict[str, float]]:  # noqa: ANN001
+    """(the demo's fine-tuning arguments with the cross-attention rate and step count whose ``eat``-arm run (seed
+    0) makes the most accurate forced choices on the validation split (ties: the first), every candidate's
+    accuracy by "<rate> x <steps>"); the test split plays no part."""
     from pipeline.demo import FINETUNE_ARGS, run_step
     from stages.report.attributes import attribute_truth
     from stages.report.forced_choice import forced_choice_scores, run_choices
@@ -81,14 +88,16 @@ def choose_cross_attention_lr(app: typer.Typer, dataset: str, manifest) -> tuple
     truth = attribute_truth(dataset, "validation")
     if truth is None:
         raise typer.BadParameter(f"the study needs a synthetic dataset with ground truth; '{dataset}' has none")
-    accuracy = {}
-    for lr in CROSS_ATTENTION_LRS:
-        run = f"study-select-xlr{lr}"
-        run_step(app, "finetune", "--dataset", dataset, "--run", run, "--fusion", "cross_attention", "--saliency",
-                 "eat", "--seed", "0", *with_cross_attention_lr(FINETUNE_ARGS, lr))
-        choices, _ = run_choices(dataset, run, manifest, "validation")
-        accuracy[lr] = forced_choice_scores(choices, truth.values)["accuracy"]
-    best = max(CROSS_ATTENTION_LRS, key=lambda lr: accuracy[lr])
-    typer.echo("study: cross-attention lr on the validation split (forced choice): "
-               + ", ".join(f"{lr} {acc:.3f}" for lr, acc in accuracy.items()) + f" -> {best}")
-    return best, accuracy
+    accuracy, candidates = {}, {}
+    for steps in MAX_STEPS:
+        for lr in CROSS_ATTENTION_LRS:
+            args = with_option(with_option(FINETUNE_ARGS, "--cross-attention-lr", lr), "--max-steps", steps)
+            run, setting = f"study-select-xlr{lr}-steps{steps}", f"{lr} x {steps}"
+            run_step(app, "finetune", "--dataset", dataset, "--run", run, "--fusion", "cross_attention", "--saliency",
+                     "eat", "--seed", "0", *args)
+            choices, _ = run_choices(dataset, run, manifest, "validation")
+            accuracy[setting], candidates[setting] = forced_choice_scores(choices, truth.values)["accuracy"], args
+    best = max(accuracy, key=lambda setting: accuracy[setting])
+    typer.echo("study: cross-attention lr x steps on the validation split (forced choice): "
+               + ", ".join(f"{setting} {acc:.3f}" for setting, acc in accuracy.items()) + f" -> {best}")
+    return candidates[best], accuracy

@@ -83,3 +83,39 @@ def test_forced_choice_reads_what_the_shipped_base_knows() -> None:
     scores = forced_choice_scores(choices, {i: r["attributes"] for i, r in enumerate(records)})
     assert scores["per_attribute"]["placement"] > 1 / 3 + 0.2 and scores["kappa"]["placement"] > 0.3, scores
     assert len({c["placement"] for c in choices.values()}) == 3  # not one answer for every image
+
+
+def _entry(aesthetic: int, subjects: list[dict[str, str]]) -> dict:
+    return {"aesthetic": aesthetic, "subjects": subjects}
+
+
+def test_mask_following_counts_choices_that_describe_the_moved_to_subject() -> None:
+    """Hand-made cases: the moved-to subject is the one after the aesthetic one; only attributes where it differs
+    from the aesthetic subject count; chance is what a randomly chosen subject's true value would give."""
+    from stages.report.forced_choice import mask_following
+
+    a = {"placement": "thirds", "exposure": "under", "colour": "vivid", "focus": "sharp"}
+    b = {"placement": "edge", "exposure": "under", "colour": "muted", "focus": "blurred"}
+    c = {"placement": "edge", "exposure": "blown", "colour": "clashing", "focus": "sharp"}
+    entries = {"i": _entry(0, [a, b, c])}  # moved onto b; exposure equal to a's: not counted
+    follows = {"i": {"placement": "edge", "exposure": "under", "colour": "muted", "focus": "blurred"}}
+    stays = {"i": dict(a)}
+    result = mask_following(follows, entries)
+    assert result["n"] == 3 and result["rate"] == 1.0 and result["stayed"] == 0.0
+    # chance: placement edge is b's and c's (2/3), colour muted only b's (1/3), focus blurred only b's (1/3)
+    assert result["chance"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 3) / 3)
+    assert mask_following(stays, entries)["rate"] == 0.0 and mask_following(stays, entries)["stayed"] == 1.0
+    with pytest.raises(ValueError):
+        mask_following({"i": dict(a)}, {"i": _entry(0, [a, dict(a), c])})
+
+
+def test_scores_average_the_aesthetic_subject_and_report_globals_apart() -> None:
+    from stages.report.forced_choice import correct, forced_choice_scores
+
+    truth = {"i": {"placement": "thirds", "exposure": "under", "colour": "vivid", "focus": "sharp",
+                   "horizon": "level", "noise": "clean"}}
+    chosen = {"i": {**truth["i"], "focus": "blurred", "horizon": "tilted", "noise": "noisy"}}
+    scores = forced_choice_scores(chosen, truth)
+    assert scores["accuracy"] == 0.75 and scores["global_accuracy"] == 0.0
+    assert scores["chance"] == pytest.approx((1 / 3 * 3 + 1 / 2) / 4)
+    assert correct(chosen, truth) == {"i": 0.75}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.manifest import load_manifest
-from stages.finetune.saliency_source import ShuffledTruthMaps, TruthMaps, open_source
+from stages.finetune.saliency_source import MovedTruthMaps, ShuffledTruthMaps, TruthMaps, open_source
 from stages.ingest.run import ingest_dataset
 
 
@@ -55,6 +55,27 @@ def test_shuffled_maps_give_each_image_another_image_mask_of_its_split(synthetic
             assert all(g != digest[sha] for g, sha in zip(given, shas))  # nobody keeps its own
     store, _ = open_source("shuffled", "syn", load_manifest(synthetic))
     assert isinstance(store, ShuffledTruthMaps)
+
+
+def test_moved_maps_mark_another_subject_of_the_same_image(synthetic: Path) -> None:
+    """The moved map covers the next subject's dilated silhouette (where the generator drew that subject's
+    centre), of the same size class as the true mask, and overlaps the true mask little."""
+    from stages.synthetic.truth import ground_truth, moved_subject
+    from storage.tables import read_table
+
+    own, moved = TruthMaps("syn"), MovedTruthMaps("syn")
+    truth = ground_truth("syn")
+    for row in read_table("syn", "images").to_pylist():
+        entry = truth[row["image_id"]]
+        true_mask, moved_mask = (np.asarray(src.full_mask(row["sha256"])) > 0 for src in (own, moved))
+        with Image.open(entry["subject_labels"]) as labels:
+            assert (moved_mask == (np.asarray(labels) == moved_subject(entry) + 1)).all()
+        assert moved_subject(entry) != entry["aesthetic"]
+        assert (true_mask & moved_mask).sum() < 0.2 * moved_mask.sum()
+        assert 0.2 < moved_mask.sum() / true_mask.sum() < 5
+        assert moved.read(row["sha256"])[0].shape == (56, 56)
+    store, _ = open_source("moved", "syn", load_manifest(synthetic))
+    assert isinstance(store, MovedTruthMaps)
 
 
 def test_uniform_source_and_truth_on_real_data(synthetic: Path, tmp_path: Path) -> None:

@@ -10,8 +10,9 @@ from PIL import Image
 
 from stages.report import study
 
-ATTRS = ("placement", "exposure", "colour", "focus", "horizon", "noise")
+ATTRS = ("placement", "exposure", "colour", "focus")  # the aesthetic subject's
 TRUE_RATE = {"truth": 0.8, "eat": 0.65, "uniform": 0.5, "shuffled": 0.5, "none": 0.5}  # P(attribute chosen right)
+FOLLOWING = {"truth": 0.7, "eat": 0.5, "uniform": 0.2, "shuffled": 0.2}  # mask following of the IASC arms
 
 
 def _simulated(seeds: int = 3, images: int = 300) -> dict[str, list[dict]]:
@@ -21,8 +22,10 @@ def _simulated(seeds: int = 3, images: int = 300) -> dict[str, list[dict]]:
         runs = []
         for _ in range(seeds):
             right = rng.random((images, len(ATTRS))) < rate  # [images, attributes]
-            runs.append({"forced_choice": float(right.mean()),
+            following = {"rate": FOLLOWING[arm], "stayed": 0.2, "chance": 0.45, "n": 700} if arm in FOLLOWING else None
+            runs.append({"forced_choice": float(right.mean()), "global_forced_choice": 0.6,
                          "forced_per_attribute": dict(zip(ATTRS, right.mean(0).tolist())),
+                         "mask_following": following, "mask_following_rate": following and following["rate"],
                          "forced_correct": {f"img{i:04d}": float(r.mean()) for i, r in enumerate(right)},
                          "macro_precision": 0.7, "macro_recall": 0.2, "distinct": 0.8, "Bleu_1": 0.4, "CIDEr": 0.2})
         results[arm] = runs
@@ -31,8 +34,9 @@ def _simulated(seeds: int = 3, images: int = 300) -> dict[str, list[dict]]:
 
 def test_summary_finds_the_simulated_effects_and_follows_the_schema(isolated_work) -> None:
     results = _simulated()
-    md = study.write_study("demo-study", results, [0, 1, 2], 1, {"cross_attention_lr": "3e-3", "by": "the eat arm, seed 0",
-                                                                   "validation_forced_choice": {"3e-3": 0.6}})
+    chosen = {"cross_attention_lr": "3e-3", "max_steps": "100", "by": "the eat arm, seed 0",
+              "validation_forced_choice": {"3e-3 x 100": 0.6}, "what": "The rate and steps were"}
+    md = study.write_study("demo-study", results, [0, 1, 2], 2, chosen)
     summary = json.loads((md.parent / "summary.json").read_text())
     assert set(summary) >= {"generator_version", "test_images", "seeds", "arms", "contrasts", "eat_recovery",
                             "mask_following"}
@@ -40,6 +44,8 @@ def test_summary_finds_the_simulated_effects_and_follows_the_schema(isolated_wor
     assert set(summary["arms"]) == set(TRUE_RATE)
     for arm in summary["arms"].values():
         assert set(arm) >= {"forced_choice_accuracy", "per_attribute", "attr_precision", "attr_recall", "distinct"}
+    assert summary["mask_following"] == pytest.approx({"truth": 0.7, "chance": 0.45, "stayed": 0.2})
+    assert summary["arms"]["eat"]["mask_following"]["rate"] == pytest.approx(0.5) and summary["arms"]["none"]["mask_following"] is None
     c = summary["contrasts"]
     assert set(c) == {"truth_vs_uniform", "eat_vs_none", "uniform_vs_none", "shuffled_vs_uniform"}
     assert c["truth_vs_uniform"]["diff"] == pytest.approx(0.3, abs=0.03) and c["truth_vs_uniform"]["ci95"][0] > 0.2
@@ -50,7 +56,8 @@ def test_summary_finds_the_simulated_effects_and_follows_the_schema(isolated_wor
     assert recovery["share"] == pytest.approx(0.5, abs=0.1) and recovery["ci95"][0] < 0.5 < recovery["ci95"][1]
     text = md.read_text()
     assert f"| truth vs uniform | {c['truth_vs_uniform']['diff']:+.3f} |" in text
-    assert "300 test images" in text and "validation split (the eat arm, seed 0: 3e-3: 0.600)" in text
+    assert "300 test images" in text and "validation split (the eat arm, seed 0: 3e-3 x 100: 0.600)" in text
+    assert "70% of the choices describe that subject (a random subject: 45%)" in text
     assert "EAT maps recover" in text
     assert (md.parent / "study.csv").read_text().splitlines()[0].startswith("arm,seed,Forced choice")
     with Image.open(md.parent / "study.png") as img:
@@ -65,8 +72,9 @@ def test_run_names_are_distinct_per_arm_and_seed() -> None:
 
 def test_the_study_chooses_its_rate_with_the_demo_recipe_otherwise_unchanged() -> None:
     from pipeline.demo import FINETUNE_ARGS
-    from pipeline.study import with_cross_attention_lr
+    from pipeline.study import option, with_option
 
-    args = with_cross_attention_lr(FINETUNE_ARGS, "1e-2")
-    assert args[args.index("--cross-attention-lr") + 1] == "1e-2" and len(args) == len(FINETUNE_ARGS)
-    assert [a for a in args if a != "1e-2"] == [a for a in FINETUNE_ARGS if a != "3e-3"]
+    args = with_option(FINETUNE_ARGS, "--cross-attention-lr", "1e-2")
+    assert option(args, "--cross-attention-lr") == "1e-2" and len(args) == len(FINETUNE_ARGS)
+    changed = [i for i, (a, b) in enumerate(zip(args, FINETUNE_ARGS)) if a != b]
+    assert changed == [args.index("--cross-attention-lr") + 1]

@@ -16,26 +16,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_study_two_arms_one_seed(isolated_work: Path) -> None:
-    from pipeline.study import CROSS_ATTENTION_LRS
+    from pipeline.study import CROSS_ATTENTION_LRS, MAX_STEPS
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "pipeline", "study", "--dataset", "demo", "--seeds", "1", "--arm", "eat",
                "--arm", "none"]
     first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "cross-attention lr on the validation split (forced choice): " in first.stdout
-    assert first.stdout.count("100 steps, loss") == len(CROSS_ATTENTION_LRS) + 2  # the choice's runs, then the arms
+    assert "cross-attention lr x steps on the validation split (forced choice): " in first.stdout
+    trained = first.stdout.count(" steps, loss")
+    assert trained == len(CROSS_ATTENTION_LRS) * len(MAX_STEPS) + 2  # the choice's runs, then the arms
     study = isolated_work / "reports" / "demo" / "study"
     summary = json.loads((study / "summary.json").read_text())
     assert summary["test_images"] == 48 and summary["seeds"] == [0] and set(summary["arms"]) == {"eat", "none"}
     assert set(summary["contrasts"]) == {"eat_vs_none"} and summary["eat_recovery"] is None
-    assert summary["chosen_on_validation"]["cross_attention_lr"] in CROSS_ATTENTION_LRS
+    chosen = summary["chosen_on_validation"]
+    assert chosen["cross_attention_lr"] in CROSS_ATTENTION_LRS and chosen["max_steps"] in MAX_STEPS
     for arm in summary["arms"].values():
-        assert 0.42 - 0.2 < arm["forced_choice_accuracy"] <= 1 and 0 < arm["distinct"] <= 1
+        assert 0.375 - 0.2 < arm["forced_choice_accuracy"] <= 1 and 0 < arm["distinct"] <= 1
+    assert summary["arms"]["eat"]["mask_following"]["chance"] > 0.33 and summary["arms"]["none"]["mask_following"] is None
     html = (isolated_work / "reports" / "demo" / "study-eat-s0" / "index.html").read_text()
     assert "Saliency study on demo" in html and "images/study.png" in html
 
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "100 steps, loss" not in again.stdout  # every run was finished: nothing trained again
+    assert " steps, loss" not in again.stdout  # every run was finished: nothing trained again
     assert json.loads((study / "summary.json").read_text()) == summary

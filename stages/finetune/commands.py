@@ -47,7 +47,8 @@ def register(app: typer.Typer) -> None:
                                                     help="Uniform map for images the saliency stage has not done."),
         saliency: str = typer.Option("eat", "--saliency",
                                      help="Maps from: eat (the saliency store), uniform (none), truth (synthetic "
-                                          "masks), shuffled (another image's synthetic mask)."),
+                                          "masks), shuffled (another image's synthetic mask), moved "
+                                          "(the synthetic mask moved onto another subject)."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Train on the first N pairs only."),
         workers: int = typer.Option(4, "--workers", help="DataLoader workers per process."),
         save_steps: int = typer.Option(500, "--save-steps"),

@@ -5,15 +5,20 @@ The analogue of a real pretrained, instruction-tuned InternVL (what users fine-t
 from scratch, in two phases on the seed-1 stream (the demo corpus is seed 0):
 
 1. describe (``epochs``): every image's plain scene description (``synthetic.attributes.scene_description``:
-   what is where, then every attribute value in judgement-free words), answering the aesthetic prompt; the
-   vision tower also feeds the auxiliary image-level heads of stages/pretrain/targets.py (dropped when
-   saving). Cached under ``work/pretrain/`` so phase 2 can be rerun alone.
-2. critique (``critique_steps``): batches mixing critiques of the pretraining images that remark on every
-   attribute (``synthetic.attributes.full_critique``: the critics' phrase bank, aesthetic prompt) with their
-   descriptions (``DESCRIBE_PROMPT``), so the critic's words stay tied to what the vision tower sees. (Trained
-   on the generator's 1-3 remark reference critiques instead, 600 steps gave one constant critique for every
-   held-out image: which attributes a reference remarks on is random, so its likeliest sentence is the
-   same for every image.)
+   every subject, left to right, what it looks like, where it is and its attribute values in judgement-free
+   words, then the setting), answering the aesthetic prompt; the vision tower also feeds the auxiliary
+   image-level heads of stages/pretrain/targets.py (dropped when saving). Cached under ``work/pretrain/`` so
+   phase 2 can be rerun alone.
+2. critique (``critique_steps``): batches mixing critiques of one subject, named by its position
+   (``CRITIQUE_PROMPT``: "Critique the left subject."), that remark on each of its attributes and the global
+   ones (``synthetic.attributes.full_critique``: the critics' phrase bank) with descriptions
+   (``DESCRIBE_PROMPT``), so the critic's words stay tied to what the vision tower sees. (Trained on the
+   generator's 1-3 remark reference critiques instead, 600 steps gave one constant critique for every held-out
+   image: which attributes a reference remarks on is random, so its likeliest sentence is the same for every
+   image.)
+
+Neither phase says which subject is the aesthetic one: like a generic InternVL before PCCD, the base can
+describe and critique any subject it is pointed at; which one matters is learned in fine-tuning.
 
 The tokenizer is a byte-level BPE trained on the corpus's descriptions and reference critiques, so
 fine-tuning on critiques needs no new tokens. One tile per image (the whole image at 224 x 224), as the
@@ -35,11 +40,24 @@ from tqdm import tqdm
 
 from pipeline.paths import work_dir
 from stages.families.text import PROMPT, Encoded
-from stages.synthetic.attributes import ATTRIBUTES, described_values, full_critique, scene_description
+from stages.synthetic.attributes import (ATTRIBUTES, POSITIONS, described_subjects, full_critique, left_to_right,
+                                         scene_description)
+from stages.synthetic.corpus import SUBJECT_ATTRIBUTES
 from stages.pretrain.targets import AuxHeads, Targets
 from stages.schedule import warmup_cosine
 
 DESCRIBE_PROMPT = "Describe this image."
+CRITIQUE_PROMPT = "Critique the {} subject."  # a position of attributes.POSITIONS
+
+
+def describe(record: dict[str, Any]) -> str:
+    return scene_description(record["subjects"], record["attributes"], record["scene"])
+
+
+def subject_truth(record: dict[str, Any], rank: int) -> dict[str, str]:
+    """The attribute values a critique of the ``rank``-th subject from the left asserts: its own and the global."""
+    k = left_to_right(record["scene"])[rank]
+    return {**record["attributes"], **record["subjects"][k]}
 
 
 @dataclass(frozen=True)
@@ -74,14 +92,14 @@ def tokenizer_texts(records: list[dict[str, Any]], seed: int, n_reference_images
     """Every description, plus the five reference critiques of the first images (the critics' vocabulary)."""
     from stages.synthetic.corpus import annotation
 
-    texts = [scene_description(r["attributes"], r["scene"]) for r in records]
+    texts = [describe(r) for r in records] + [CRITIQUE_PROMPT.format(p) for p in POSITIONS]
     texts += [ref for r in records[:n_reference_images] for ref in annotation(r["index"], seed)["references"]]
     return texts
 
 
 @torch.no_grad()
 def generate_texts(model: nn.Module, tokenizer: Any, images: np.ndarray, prompt: str, batch_size: int = 32,
-                   max_new_tokens: int = 90) -> list[str]:
+                   max_new_tokens: int = 150) -> list[str]:
     """Greedy answers to ``prompt`` for [N, 224, 224, 3] images (one tile each)."""
     from stages.families.internvl.model import tokens_per_tile
     from stages.families.internvl.prompting import prompt_ids
@@ -103,24 +121,38 @@ def generate_texts(model: nn.Module, tokenizer: Any, images: np.ndarray, prompt:
 def evaluate(model: nn.Module, tokenizer: Any, images: np.ndarray, records: list[dict[str, Any]],
              prompt: str = PROMPT) -> dict[str, Any]:
     """Share of held-out images whose greedy description (answer to ``prompt``) names each true attribute value
-    (and only it)."""
+    (and only it) in the right sentence: each subject's, left to right, then the setting's (the subjects'
+    attributes averaged over the three positions)."""
     texts = generate_texts(model, tokenizer, images, prompt)
-    named = [described_values(t) for t in texts]
-    accuracy = {k: float(np.mean([n.get(k) == {r["attributes"][k]} for n, r in zip(named, records)]))
-                for k in ATTRIBUTES}
+    hits: dict[str, list[bool]] = {k: [] for k in ATTRIBUTES}
+    for text, r in zip(texts, records):
+        named = described_subjects(text) + [{}] * (len(POSITIONS) + 1)
+        for rank, k in enumerate(left_to_right(r["scene"])):
+            hits_k = {key: named[rank].get(key) == {r["subjects"][k][key]} for key in SUBJECT_ATTRIBUTES}
+            for key, hit in hits_k.items():
+                hits[key].append(hit)
+        for key in ATTRIBUTES:
+            if key not in SUBJECT_ATTRIBUTES:
+                hits[key].append(named[len(POSITIONS)].get(key) == {r["attributes"][key]})
+    accuracy = {k: float(np.mean(v)) for k, v in hits.items()}
     return {"attributes": accuracy, "mean_accuracy": float(np.mean(list(accuracy.values()))),
             "distinct": len(set(texts)) / len(texts), "example": texts[0]}
 
 
 def evaluate_critiques(model: nn.Module, tokenizer: Any, images: np.ndarray,
                        records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Greedy critiques of held-out images scored against their true attributes (stages/report/attributes.py)."""
+    """Greedy critiques of held-out images, image i asked about its (i mod 3)-th subject from the left, scored
+    against that subject's and the global attributes (stages/report/attributes.py)."""
     from stages.report.attributes import attribute_scores
 
-    texts = generate_texts(model, tokenizer, images, PROMPT)
-    scores = attribute_scores(dict(enumerate(texts)), {i: r["attributes"] for i, r in enumerate(records)})
+    texts: dict[int, str] = {}
+    for rank, position in enumerate(POSITIONS):
+        rows = list(range(rank, len(images), len(POSITIONS)))
+        texts.update(zip(rows, generate_texts(model, tokenizer, images[rows], CRITIQUE_PROMPT.format(position))))
+    texts = dict(sorted(texts.items()))
+    scores = attribute_scores(texts, {i: subject_truth(r, i % len(POSITIONS)) for i, r in enumerate(records)})
     return {"macro_precision": scores["macro_precision"], "macro_recall": scores["macro_recall"],
-            "distinct": len(set(texts)) / len(texts), "example": texts[0]}
+            "distinct": len(set(texts.values())) / len(texts), "example": texts[0]}
 
 
 def _train(model: nn.Module, params: list[nn.Parameter], images: np.ndarray, pad_id: int,
@@ -166,7 +198,7 @@ def _describe_phase(images: np.ndarray, records: list[dict[str, Any]], val: tupl
     model = build_tiny_model(recipe.shape, vocab_size=len(tokenizer),
                              image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT), fusion="none")
     n_context = tokens_per_tile(model.config)
-    encoded = [encode_example(tokenizer, n_context, scene_description(r["attributes"], r["scene"])) for r in records]
+    encoded = [encode_example(tokenizer, n_context, describe(r)) for r in records]
     targets = Targets.of(records)
     aux = AuxHeads(model.config.vision_config.hidden_size)
     pooled: list[Tensor] = []
@@ -201,9 +233,10 @@ def _describe_phase(images: np.ndarray, records: list[dict[str, Any]], val: tupl
 def _critique_phase(model: nn.Module, tokenizer: Any, images: np.ndarray, records: list[dict[str, Any]],
                     val: tuple[np.ndarray, list[dict[str, Any]]],
                     recipe: CaptionerRecipe) -> tuple[list[float], list[dict[str, Any]]]:
-    """Phase 2: ``critique_steps`` batches, each example a critique of its image remarking on every attribute
-    (aesthetic prompt) with probability ``critique_share``, else its description (``DESCRIBE_PROMPT``);
-    held-out critiques are scored every ``critique_eval_every`` steps."""
+    """Phase 2: ``critique_steps`` batches, each example with probability ``critique_share`` a critique of a random
+    subject of its image remarking on each of its and the global attributes (``CRITIQUE_PROMPT`` naming the
+    subject's position), else its description (``DESCRIBE_PROMPT``); held-out critiques are scored every
+    ``critique_eval_every`` steps."""
     from stages.families.internvl.model import tokens_per_tile
     from stages.families.internvl.prompting import encode_example
 
@@ -214,9 +247,10 @@ def _critique_phase(model: nn.Module, tokenizer: Any, images: np.ndarray, record
     def example(row: int) -> Encoded:
         r = records[row]
         if rng.random() < recipe.critique_share:
-            return encode_example(tokenizer, n_context, full_critique(rng, r["attributes"]))
-        return encode_example(tokenizer, n_context, scene_description(r["attributes"], r["scene"]),
-                              prompt=DESCRIBE_PROMPT)
+            rank = int(rng.integers(len(POSITIONS)))
+            return encode_example(tokenizer, n_context, full_critique(rng, subject_truth(r, rank)),
+                                  prompt=CRITIQUE_PROMPT.format(POSITIONS[rank]))
+        return encode_example(tokenizer, n_context, describe(r), prompt=DESCRIBE_PROMPT)
 
     batches = ([(int(i), example(int(i))) for i in np.sort(rng.choice(len(images), recipe.batch_size, replace=False))]
                for _ in range(recipe.critique_steps))
@@ -239,8 +273,10 @@ def describe_cache(recipe: CaptionerRecipe, n_images: int, corpus_seed: int) -> 
     """Where phase 1's model for this recipe and corpus is kept (a plain InternVL directory + describe.json)."""
     import hashlib
 
-    key = hashlib.sha256(json.dumps({**recipe.describe_phase(), "n": n_images, "seed": corpus_seed},
-                                    sort_keys=True).encode()).hexdigest()[:12]
+    from stages.synthetic.corpus import GENERATOR_VERSION
+
+    key = hashlib.sha256(json.dumps({**recipe.describe_phase(), "n": n_images, "seed": corpus_seed,
+                                     "generator_version": GENERATOR_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
     return work_dir() / "pretrain" / f"base-describe-{key}"
 
 

@@ -1,10 +1,10 @@
 """Image-level pretraining targets of the synthetic scenes and the auxiliary heads that learn them.
 
-What the generator drew for each image (its six aesthetic attributes, and the scene: subject pattern, sky,
-ground, first subject hue, subject position, horizon height and angle) gives the demo models' encoders a
-rich image-level signal, as ImageNet labels or web captions do for real encoders. Deliberately no spatial
-target (no mask, no box): where the aesthetically relevant regions are is what the saliency stage must find
-on its own, and what the demo measures against the true masks.
+What the generator drew for each image gives the demo models' encoders a rich image-level signal, as ImageNet
+labels or web captions do for real encoders: per subject, in left-to-right order, its four attributes,
+pattern, first hue bin and centre; globally the horizon, noise, sky, ground, horizon height and angle. The
+targets never say which subject is the aesthetic one (that is what the saliency stage and fine-tuning must
+find), and deliberately no spatial target beyond the subjects' centres (no mask, no box).
 """
 from __future__ import annotations
 
@@ -15,13 +15,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.synthetic.attributes import ATTRIBUTES
-from stages.synthetic.corpus import GROUND_NAMES, PATTERN_NAMES, SKY_NAMES
+from stages.synthetic.attributes import ATTRIBUTES, POSITIONS, left_to_right
+from stages.synthetic.corpus import GROUND_NAMES, PATTERN_NAMES, SKY_NAMES, SUBJECT_ATTRIBUTES
 
 HUE_BINS = 12
-CLASSES: dict[str, int] = {**{k: len(v) for k, v in ATTRIBUTES.items()}, "pattern": len(PATTERN_NAMES),
-                           "sky": len(SKY_NAMES), "ground": len(GROUND_NAMES), "hue": HUE_BINS}
-REGRESSIONS = ("subject_x", "subject_y", "horizon_height", "horizon_angle")  # angle in tens of degrees
+GLOBAL_ATTRIBUTES = tuple(k for k in ATTRIBUTES if k not in SUBJECT_ATTRIBUTES)
+_PER_SUBJECT: dict[str, int] = {**{k: len(ATTRIBUTES[k]) for k in SUBJECT_ATTRIBUTES}, "pattern": len(PATTERN_NAMES),
+                                "hue": HUE_BINS}
+CLASSES: dict[str, int] = {**{f"{pos} {k}": n for pos in POSITIONS for k, n in _PER_SUBJECT.items()},
+                           **{k: len(ATTRIBUTES[k]) for k in GLOBAL_ATTRIBUTES},
+                           "sky": len(SKY_NAMES), "ground": len(GROUND_NAMES)}
+REGRESSIONS = (*(f"{pos} {axis}" for pos in POSITIONS for axis in ("x", "y")), "horizon_height",
+               "horizon_angle")  # angle in tens of degrees
+
+
+def _classes(record: dict[str, Any]) -> list[int]:
+    scene = record["scene"]
+    row = []
+    for k in left_to_right(scene):
+        attrs, drawn = record["subjects"][k], scene["subjects"][k]
+        row += [ATTRIBUTES[key].index(attrs[key]) for key in SUBJECT_ATTRIBUTES]
+        row += [PATTERN_NAMES.index(drawn["pattern"]), round(drawn["hues"][0] * HUE_BINS) % HUE_BINS]
+    row += [ATTRIBUTES[key].index(record["attributes"][key]) for key in GLOBAL_ATTRIBUTES]
+    return row + [SKY_NAMES.index(scene["sky"]), GROUND_NAMES.index(scene["ground"])]
+
+
+def _values(record: dict[str, Any]) -> list[float]:
+    scene = record["scene"]
+    centres = [v for k in left_to_right(scene) for v in (scene["subjects"][k]["x"], scene["subjects"][k]["y"])]
+    return centres + [scene["horizon_height"], scene["horizon_angle"] / 10.0]
 
 
 @dataclass(frozen=True)
@@ -32,15 +54,8 @@ class Targets:
 
     @staticmethod
     def of(records: list[dict[str, Any]]) -> "Targets":
-        names = {"pattern": PATTERN_NAMES, "sky": SKY_NAMES, "ground": GROUND_NAMES}
-        classes = []
-        for r in records:
-            row = [ATTRIBUTES[k].index(r["attributes"][k]) for k in ATTRIBUTES]
-            row += [names[k].index(r["scene"][k]) for k in names]
-            row.append(round(r["scene"]["hues"][0] * HUE_BINS) % HUE_BINS)
-            classes.append(row)
-        values = [[r["scene"][k] / (10.0 if k == "horizon_angle" else 1.0) for k in REGRESSIONS] for r in records]
-        return Targets(torch.tensor(classes), torch.tensor(values, dtype=torch.float32),
+        return Targets(torch.tensor([_classes(r) for r in records]),
+                       torch.tensor([_values(r) for r in records], dtype=torch.float32),
                        torch.tensor([r["score"] for r in records], dtype=torch.float32))
 
     def __getitem__(self, idx: Tensor) -> "Targets":
@@ -67,5 +82,9 @@ class AuxHeads(nn.Module):
 
     @torch.no_grad()
     def attribute_accuracy(self, pooled: Tensor, targets: Targets) -> dict[str, float]:
+        """Accuracy per attribute (the subjects' averaged over the three positions)."""
         logits, _ = self(pooled)
-        return {k: float((logits[j].argmax(1) == targets.classes[:, j]).float().mean()) for j, k in enumerate(ATTRIBUTES)}
+        hits = {name: (logits[j].argmax(1) == targets.classes[:, j]).float().mean().item()
+                for j, name in enumerate(CLASSES)}
+        return {k: sum(hits[f"{pos} {k}"] for pos in POSITIONS) / len(POSITIONS) if k in SUBJECT_ATTRIBUTES
+                else hits[k] for k in ATTRIBUTES}

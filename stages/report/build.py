@@ -178,16 +178,20 @@ def build_report(
     for row, cover in partial.items():
         rows[row]["partial"] = cover
     if truth is not None:  # forced choices: what each model finds likeliest to say (stages/report/forced_choice.py)
-        from stages.report.forced_choice import forced_choice_scores, run_choices
+        from stages.report.forced_choice import forced_choice_scores, mask_following, run_choices
+        from stages.synthetic.truth import ground_truth
 
+        entries = ground_truth(dataset)
         for row, name in run_of_row.items():
             if name is not None and row in rows:
-                choices, _ = run_choices(dataset, name, manifest, split, set(candidates[row]),
-                                         checkpoint if name == run else None)
-                rows[row]["forced_choice"] = forced_choice_scores(choices, truth.values)["accuracy"]
+                ids, at = set(candidates[row]), checkpoint if name == run else None
+                forced = forced_choice_scores(run_choices(dataset, name, manifest, split, ids, at)[0], truth.values)
+                moved, _ = run_choices(dataset, name, manifest, split, ids, at, source="moved")
+                rows[row].update(forced_choice=forced["accuracy"], global_forced_choice=forced["global_accuracy"],
+                                 mask_following=mask_following(moved, entries)["rate"])
         if CONSTANT_ROW in rows:
-            rows[CONSTANT_ROW]["forced_choice"] = forced_choice_scores(
-                {i: truth.majority for i in candidates[CONSTANT_ROW]}, truth.values)["accuracy"]
+            forced = forced_choice_scores({i: truth.majority for i in candidates[CONSTANT_ROW]}, truth.values)
+            rows[CONSTANT_ROW].update(forced_choice=forced["accuracy"], global_forced_choice=forced["global_accuracy"])
     write_json_atomic(out / "rows.json", {row: {k: v for k, v in m.items() if k not in ("notes", "fingerprint")}
                                           for row, m in rows.items()})
 

@@ -7,8 +7,12 @@ captioner's mean per-token log-likelihood, given the image and its map. Each phr
 on its mean over the images being scored (no labels are used): what the image adds to the model's prior for
 that wording. A value's score is the mean of its phrasings'; the highest is the model's answer. (Uncentred,
 the wording prior decides: the fine-tuned demo runs then give one answer per attribute for every image.)
-Per attribute: accuracy against the generator's truth and Cohen's kappa; ``accuracy`` averages the attributes,
-``chance`` is one over the number of values, averaged.
+Per attribute: accuracy against the generator's truth and Cohen's kappa. ``accuracy`` averages the aesthetic
+subject's attributes (``SUBJECT_ATTRIBUTES``: what the map is for), ``global_accuracy`` the global ones
+(horizon, noise), reported apart; ``chance`` is one over the number of values, averaged like ``accuracy``.
+
+Mask following (:func:`mask_following`): with the true mask moved onto another subject, the share of the
+aesthetic-subject choices that describe that subject, where its value differs from the aesthetic subject's.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import numpy as np
 
 from stages.report.attributes import Truth, cohen_kappa
 from stages.synthetic.attributes import ATTRIBUTES, PHRASES
+from stages.synthetic.corpus import SUBJECT_ATTRIBUTES
 
 Candidates = dict[str, dict[str, list[list[int]]]]  # attribute -> value -> token ids of each phrasing
 
@@ -59,7 +64,8 @@ def forced_choices(logprobs: dict[Hashable, np.ndarray], cands: Candidates,
 
 
 def forced_choice_scores(choices: dict[Hashable, dict[str, str]], truth: dict[Hashable, Truth]) -> dict[str, Any]:
-    """Accuracy and kappa per attribute of the chosen values against the truth, their means and chance."""
+    """Accuracy and kappa per attribute of the chosen values against the truth; the means over the aesthetic
+    subject's attributes (``accuracy``, with its ``chance``) and over the global ones."""
     if not choices:
         raise ValueError("no forced choices to score")
     keys = list(next(iter(choices.values())))
@@ -68,13 +74,42 @@ def forced_choice_scores(choices: dict[Hashable, dict[str, str]], truth: dict[Ha
         pairs = [(choices[i][key], truth[i][key]) for i in choices]
         per_attribute[key] = sum(c == t for c, t in pairs) / len(pairs)
         kappa[key] = cohen_kappa(pairs, ATTRIBUTES[key])
-    return {"accuracy": float(np.mean(list(per_attribute.values()))), "per_attribute": per_attribute,
-            "kappa": kappa, "chance": float(np.mean([1 / len(ATTRIBUTES[k]) for k in keys])), "n": len(choices)}
+    subject = [k for k in keys if k in SUBJECT_ATTRIBUTES]
+    global_ = [k for k in keys if k not in SUBJECT_ATTRIBUTES]
+    return {"accuracy": float(np.mean([per_attribute[k] for k in subject])),
+            "global_accuracy": float(np.mean([per_attribute[k] for k in global_])) if global_ else None,
+            "per_attribute": per_attribute, "kappa": kappa,
+            "chance": float(np.mean([1 / len(ATTRIBUTES[k]) for k in subject])), "n": len(choices)}
 
 
 def correct(choices: dict[Hashable, dict[str, str]], truth: dict[Hashable, Truth]) -> dict[Hashable, float]:
-    """image -> share of its attributes chosen right (the per-image outcome paired statistics compare)."""
-    return {i: float(np.mean([c[k] == truth[i][k] for k in c])) for i, c in choices.items()}
+    """image -> share of its aesthetic-subject attributes chosen right (the per-image outcome paired statistics
+    compare)."""
+    return {i: float(np.mean([c[k] == truth[i][k] for k in c if k in SUBJECT_ATTRIBUTES])) for i, c in choices.items()}
+
+
+def mask_following(choices: dict[Hashable, dict[str, str]], entries: dict[Hashable, dict]) -> dict[str, Any]:
+    """How often choices made with the mask moved onto another subject (``truth.moved_subject``) describe that
+    subject: over (image, aesthetic-subject attribute) pairs whose moved-to value differs from the aesthetic
+    subject's, the share choosing the moved-to value (``rate``) or the aesthetic one (``stayed``). ``chance``:
+    the rate of a model that describes a subject picked uniformly at random (each subject's true value).
+    ``entries``: image -> ``truth.ground_truth`` entry."""
+    from stages.synthetic.truth import moved_subject
+
+    followed, stayed, chance = [], [], []
+    for i, chosen in choices.items():
+        entry = entries[i]
+        subjects = entry["subjects"]
+        moved, aesthetic = subjects[moved_subject(entry)], subjects[entry["aesthetic"]]
+        for key in SUBJECT_ATTRIBUTES:
+            if key in chosen and moved[key] != aesthetic[key]:
+                followed.append(chosen[key] == moved[key])
+                stayed.append(chosen[key] == aesthetic[key])
+                chance.append(sum(s[key] == moved[key] for s in subjects) / len(subjects))
+    if not followed:
+        raise ValueError("no attribute where the moved-to subject differs from the aesthetic one")
+    return {"rate": float(np.mean(followed)), "stayed": float(np.mean(stayed)), "chance": float(np.mean(chance)),
+            "n": len(followed)}
 
 
 def image_logprobs(captioner: Any, images: list[tuple[Hashable, Any, Any]], progress: bool = False,
@@ -94,16 +129,21 @@ def choose_for_images(captioner: Any, images: list[tuple[Hashable, Any, Any]], p
 
 
 def run_choices(dataset: str, run: str, manifest: Any, split: str, ids: set[Hashable] | None = None,
-                checkpoint: str | None = None, progress: bool = False) -> tuple[dict[Hashable, dict[str, str]], str]:
+                checkpoint: str | None = None, progress: bool = False,
+                source: str | None = None) -> tuple[dict[Hashable, dict[str, str]], str]:
     """(forced choices, checkpoint fingerprint) of a run on the ``split`` images in ``ids`` (all when None), each
-    with its own saliency map from the run's source, as generation uses them."""
+    with its own saliency map from the run's source (or ``source``: stages/finetune/saliency_source.py), as
+    generation uses them."""
     from pipeline.paths import runs_dir
     from stages.report.generate import load_run, run_config, run_saliency, split_images
     from storage.images import open_rgb, safe_join
     from storage.tables import image_root
 
     captioner, _, fingerprint = load_run(dataset, run, checkpoint)
-    store = run_saliency(dataset, run_config(runs_dir(dataset) / run), manifest) if captioner.needs_saliency else None
+    run_cfg = run_config(runs_dir(dataset) / run)
+    if source is not None:
+        run_cfg = {**run_cfg, "saliency": source}
+    store = run_saliency(dataset, run_cfg, manifest) if captioner.needs_saliency else None
     root = image_root(dataset)
     rows = [r for r in split_images(dataset, split).to_pylist() if ids is None or r["image_id"] in ids]
     images = [(r["image_id"], open_rgb(safe_join(root, r["path"])),

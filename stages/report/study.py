@@ -5,9 +5,10 @@ Arms (``ARMS``) differ only in what the IAS cross-attention sees, in training an
 ``uniform`` (all-ones maps: the architecture without saliency information), ``shuffled`` (another image's true
 mask: a map of the right kind in the wrong place) and ``none`` (no IASC, fusion none).
 
-Each run is scored by forced choice (stages/report/forced_choice.py: per image, the share of its attributes whose
-true value the model finds likeliest), by the attribute precision / recall of its generated critiques, their
-diversity and BLEU-1 / CIDEr. Contrasts pair the per-image forced-choice outcome over images x seeds
+Each run is scored by forced choice (stages/report/forced_choice.py: per image, the share of its aesthetic
+subject's attributes whose true value the model finds likeliest; the global attributes apart), by mask following
+(IASC arms: the same choices with the true mask moved onto another subject, the share that describe that
+subject), by the attribute precision / recall of its generated critiques, their diversity and BLEU-1 / CIDEr. Contrasts pair the per-image forced-choice outcome over images x seeds
 (stages/report/paired.py: mean difference, two-way bootstrap 95 % CI, paired permutation p): truth vs uniform,
 eat vs none, uniform vs none, shuffled vs uniform; ``eat_recovery`` is (eat - uniform) / (truth - uniform).
 Written to ``reports/<dataset>/study/``: ``summary.json``, ``study.md``, ``study.csv``, ``study.png`` and
@@ -49,8 +50,10 @@ ARMS = (
 CONTRASTS = {"truth_vs_uniform": ("truth", "uniform"), "eat_vs_none": ("eat", "none"),
              "uniform_vs_none": ("uniform", "none"), "shuffled_vs_uniform": ("shuffled", "uniform")}
 # (header, key) of the study table and plot, mean ± sd over seeds
-COLUMNS = (("Forced choice", "forced_choice"), ("Attr P", "macro_precision"), ("Attr R", "macro_recall"),
-           ("Distinct", "distinct"), ("B1", "Bleu_1"), ("CIDEr", "CIDEr"))
+COLUMNS = (("Forced choice", "forced_choice"), ("Follows moved mask", "mask_following_rate"),
+           ("Forced choice, global", "global_forced_choice"), ("Attr P", "macro_precision"),
+           ("Attr R", "macro_recall"), ("Distinct", "distinct"), ("B1", "Bleu_1"), ("CIDEr", "CIDEr"))
+CHANCE = 0.375  # forced choice on the aesthetic subject's attributes: mean of 1 / values over the four
 
 
 def run_name(arm: Arm, seed: int) -> str:
@@ -63,8 +66,9 @@ def score_run(dataset: str, run: str, manifest: Manifest | None, split: str = "t
     run's checkpoint and the split's images are unchanged."""
     from stages.report.attributes import attribute_scores, attribute_truth
     from stages.report.diversity import diversity
-    from stages.report.forced_choice import correct, forced_choice_scores, run_choices
-    from stages.report.generate import checkpoint_fingerprint, generate_split, read_predictions
+    from stages.report.forced_choice import correct, forced_choice_scores, mask_following, run_choices
+    from stages.synthetic.truth import ground_truth
+    from stages.report.generate import checkpoint_fingerprint, generate_split, read_predictions, run_config
     from stages.report.references import references
     from stages.report.metrics import score
 
@@ -81,11 +85,17 @@ def score_run(dataset: str, run: str, manifest: Manifest | None, split: str = "t
         return cached
     choices, _ = run_choices(dataset, run, manifest, split, set(captions))
     forced = forced_choice_scores(choices, truth.values)
+    following = None
+    if run_config(runs_dir(dataset) / run).get("fusion") == "cross_attention":
+        moved, _ = run_choices(dataset, run, manifest, split, set(captions), source="moved")
+        following = mask_following(moved, ground_truth(dataset))
     refs = {i: r for i, r in references(dataset, split).items() if i in captions}
     metrics, _, _ = score(captions, refs, progress=False)
     result = {"key": key, **metrics, **diversity(captions),
               **attribute_scores(captions, truth.values), "forced_choice": forced["accuracy"],
-              "forced_per_attribute": forced["per_attribute"], "forced_correct": correct(choices, truth.values)}
+              "global_forced_choice": forced["global_accuracy"], "forced_per_attribute": forced["per_attribute"],
+              "forced_correct": correct(choices, truth.values), "mask_following": following,
+              "mask_following_rate": following["rate"] if following else None}
     write_json_atomic(cache, result)
     return result
 
@@ -106,8 +116,12 @@ def summarise(results: dict[str, list[dict[str, Any]]], seeds: list[int], genera
     for arm, runs in results.items():
         per_attribute = {k: statistics.fmean(r["forced_per_attribute"][k] for r in runs)
                          for k in runs[0]["forced_per_attribute"]}
+        following = [r["mask_following"] for r in runs if r.get("mask_following")]
         arms[arm] = {"forced_choice_accuracy": statistics.fmean(r["forced_choice"] for r in runs),
+                     "global_forced_choice": statistics.fmean(r["global_forced_choice"] for r in runs),
                      "per_attribute": per_attribute,
+                     "mask_following": {k: statistics.fmean(f[k] for f in following) for k in following[0]
+                                        if k != "n"} if following else None,
                      "attr_precision": statistics.fmean(r["macro_precision"] for r in runs),
                      "attr_recall": statistics.fmean(r["macro_recall"] for r in runs),
                      "distinct": statistics.fmean(r["distinct"] for r in runs),
@@ -121,11 +135,11 @@ def summarise(results: dict[str, list[dict[str, Any]]], seeds: list[int], genera
     if all(arm in outcome for arm in ("eat", "uniform", "truth")):
         share, ci = share_recovered(outcome["eat"], outcome["uniform"], outcome["truth"])
         recovery = {"share": share, "ci95": list(ci)}
+    truth_following = arms.get("truth", {}).get("mask_following")
     return {"generator_version": generator_version, "test_images": len(ids), "seeds": seeds, "arms": arms,
             "contrasts": contrasts, "eat_recovery": recovery,
-            "mask_following": {"truth": None, "chance": None,
-                               "why": f"generator version {generator_version} draws one subject per image: there is "
-                                      "no other subject to move the mask onto"},
+            "mask_following": {"truth": truth_following["rate"], "chance": truth_following["chance"],
+                               "stayed": truth_following["stayed"]} if truth_following else None,
             "chosen_on_validation": chosen}
 
 
@@ -156,11 +170,16 @@ def to_markdown(results: dict[str, list[dict[str, Any]]], summary: dict[str, Any
         lines += ["", "The true masks gain nothing over uniform maps that the CI can tell from 0, so there is no "
                       "gain for the EAT's maps to recover (summary.json keeps the ratio and its CI)."]
     chosen = summary["chosen_on_validation"]
-    tried = ", ".join(f"{lr}: {acc:.3f}" for lr, acc in chosen["validation_forced_choice"].items())
-    lines += ["", "Forced choice: the share of attributes whose true value the model finds likeliest to say (chance "
-                  "0.42). Same data, schedule and base for every arm; only the fusion and the maps differ. The "
-                  f"cross-attention learning rate was chosen on the validation split ({chosen['by']}: {tried}), "
-                  f"never on the test split. Mask following: {summary['mask_following']['why']}."]
+    tried = ", ".join(f"{setting}: {acc:.3f}" for setting, acc in chosen["validation_forced_choice"].items())
+    following = summary["mask_following"]
+    if following:
+        lines += ["", f"Mask following (true-mask arm): with the true mask moved onto another subject, "
+                      f"{following['truth']:.0%} of the choices describe that subject (a random subject: "
+                      f"{following['chance']:.0%}); {following['stayed']:.0%} still describe the aesthetic one."]
+    lines += ["", f"Forced choice: the share of the aesthetic subject's attributes whose true value the model finds "
+                  f"likeliest to say (chance {CHANCE}); global: horizon and noise. Same data, schedule and base for "
+                  f"every arm; only the fusion and the maps differ. {chosen['what']} chosen on the validation split "
+                  f"({chosen['by']}: {tried}), never on the test split."]
     return "\n".join(lines) + "\n"
 
 
@@ -187,7 +206,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
         per_seed = summary["arms"][arm]["per_seed_forced_choice"]
         left.bar(x, statistics.fmean(per_seed), 0.6, color="#8fb3d9")
         left.plot([x] * len(per_seed), per_seed, "k.", alpha=0.6)
-    left.axhline(0.42, color="grey", linestyle="--", linewidth=1, label="chance")
+    left.axhline(CHANCE, color="grey", linestyle="--", linewidth=1, label="chance")
     left.set_xticks(range(len(arms)), arms)
     left.set_ylabel("forced-choice accuracy (test)")
     left.set_ylim(0, 1)

@@ -156,13 +156,19 @@ def attribute_columns() -> list[tuple[str, str]]:
 
     per = [(f"{name} {h}", f"{k}_{name}") for name in ATTRIBUTES
            for h, k in (("P", "precision"), ("R", "recall"), ("κ", "kappa"))]
-    return [("Forced choice", "forced_choice"), ("Macro P", "macro_precision"), ("Macro R", "macro_recall"),
-            ("Macro κ", "macro_kappa"), *per, ("Distinct", "distinct")]
+    return [("Forced choice", "forced_choice"), ("Follows moved mask", "mask_following"),
+            ("Forced choice, global", "global_forced_choice"), ("Macro P", "macro_precision"),
+            ("Macro R", "macro_recall"), ("Macro κ", "macro_kappa"), *per, ("Distinct", "distinct")]
 
 
-ATTRIBUTE_NOTE = ("Forced choice: share of attributes whose true value the model finds likeliest to say, given the "
-                  "image and its map (every value's phrasings scored as the critique's opening sentence, centred over "
-                  "the split's images; for the best constant, the training split's most frequent value; chance 0.42). "
+ATTRIBUTE_NOTE = ("Forced choice: share of the aesthetic subject's four attributes (placement, exposure, colour, "
+                  "focus) whose true value the model finds likeliest to say, given the image and its map (every "
+                  "value's phrasings scored as the critique's opening sentence, centred over the split's images; for "
+                  "the best constant, the training split's most frequent value; chance 0.375); global: the same for "
+                  "horizon and noise. Follows moved mask: with the true mask moved onto another subject, the share of "
+                  "those choices (where that subject differs) that describe it instead (a model that ignores its "
+                  "map stays near the rate at which it happens to match; one that picks a random subject: about "
+                  "0.45). "
                   "Attribute values each critique asserts, read with the corpus generator's phrase bank, against the "
                   "image's true attributes. P: correct assertions / assertions about that attribute (0 if never "
                   "mentioned); R: images whose true value is asserted / images; κ: Cohen's kappa of the asserted "

@@ -286,20 +286,45 @@ def _side(value: float, low: str, mid: str, high: str) -> str:
     return low if value < 0.42 else high if value > 0.58 else mid
 
 
-def scene_description(attributes: dict[str, str], scene: dict) -> str:
-    """A plain two-sentence description of a rendered scene: what is where (from ``render``'s ``scene``),
-    then every attribute value (``description``). What the demo base model is pretrained on."""
-    x, y = scene["subject_x"], scene["subject_y"]
+POSITIONS = ("left", "middle", "right")  # the subjects' names, left to right (three subjects)
+
+
+def left_to_right(scene: dict) -> list[int]:
+    """Subject indices (of the annotation's "subjects") ordered by their centre's x."""
+    return sorted(range(len(scene["subjects"])), key=lambda k: scene["subjects"][k]["x"])
+
+
+def _where(x: float, y: float) -> str:
     if min(x, y, 1 - x, 1 - y) < 0.1:
-        where = "at the " + ("left" if x < 0.1 else "right" if x > 0.9 else "top" if y < 0.1 else "bottom") + " border"
-    else:
-        vertical, horizontal = _side(y, "upper", "middle", "lower"), _side(x, "left", "centre", "right")
-        where = "at the centre" if (vertical, horizontal) == ("middle", "centre") else f"in the {vertical} {horizontal}"
-    hues = " and ".join(dict.fromkeys(hue_name(h) for h in scene["hues"]))
+        return "at the " + ("left" if x < 0.1 else "right" if x > 0.9 else "top" if y < 0.1 else "bottom") + " border"
+    vertical, horizontal = _side(y, "upper", "middle", "lower"), _side(x, "left", "centre", "right")
+    return "at the centre" if (vertical, horizontal) == ("middle", "centre") else f"in the {vertical} {horizontal}"
+
+
+def subject_description(attributes: dict[str, str], drawn: dict) -> str:
+    """One subject in plain words: what it looks like, where it is, then its four attribute values."""
+    hues = " and ".join(dict.fromkeys(hue_name(h) for h in drawn["hues"]))
     tone = "pale " if attributes["colour"] == "muted" else ""
+    values = ", ".join(DESCRIPTIONS[key][attributes[key]] for key in ("placement", "exposure", "colour", "focus"))
+    return f"a {tone}{hues} {drawn['pattern']} subject {_where(drawn['x'], drawn['y'])}, with {values}"
+
+
+def scene_description(subjects: list[dict[str, str]], attributes: dict[str, str], scene: dict) -> str:
+    """A plain description of a rendered scene naming every subject, left to right, one sentence each, then the
+    setting and the global attributes; it never says which subject is the aesthetic one. What the demo base
+    model is pretrained on (``scene``: what ``render`` drew)."""
+    parts = [f"On the {POSITIONS[rank]}, {subject_description(subjects[k], scene['subjects'][k])}."
+             for rank, k in enumerate(left_to_right(scene))]
     angle = scene["horizon_angle"]
     slope = "" if angle == 0 else f" sloping down to the {'right' if angle > 0 else 'left'}"
     height = _side(scene["horizon_height"], "high", "halfway", "low")
-    content = (f"A {tone}{hues} {scene['pattern']} subject {where}, under a {scene['sky']} sky over "
-               f"{scene['ground']}, the horizon {height}{slope}.")
-    return f"{content} {description(attributes)}"
+    setting = (f"A {scene['sky']} sky over {scene['ground']}, the horizon {height}{slope}, with "
+               f"{DESCRIPTIONS['horizon'][attributes['horizon']]} and {DESCRIPTIONS['noise'][attributes['noise']]}.")
+    return " ".join([*parts, setting])
+
+
+def described_subjects(text: str) -> list[dict[str, set[str]]]:
+    """Per subject sentence of a scene description ("On the left, ..."), left to right, the values it names,
+    and last the setting sentence's (the reverse of ``scene_description``)."""
+    sentences = [s for s in re.split(r"(?<=\.)\s+", text.strip()) if s]
+    return [described_values(s) for s in sentences]

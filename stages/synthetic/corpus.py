@@ -1,18 +1,20 @@
 """Deterministic synthetic demo corpus: photo-like images with known aesthetic attributes.
 
-Each image is a landscape scene (sky gradient with clouds, textured ground, a horizon line) with one
-salient textured subject. Six attributes are drawn per image (``ATTRIBUTES``) and change what is
-rendered *inside* the aesthetically relevant regions, while the background varies independently of
-them (sky palette, ground, brightness, horizon height), so the score is carried by the mask regions:
+Generator version 2. Each image is a landscape scene (sky gradient with clouds, textured ground, a horizon
+line) with ``N_SUBJECTS`` textured subjects of comparable size, saturation and texture; one of them is the
+*aesthetic subject*. Six attributes are drawn per image (``ATTRIBUTES``); four belong to the aesthetic subject
+(``SUBJECT_ATTRIBUTES``), the other subjects draw theirs independently (only one subject can be centred), so
+describing the wrong subject is wrong at a known rate; horizon and noise are global:
 
 - placement: subject centred on a rule-of-thirds point / dead centre / cut by the frame edge
-- exposure:  subject crushed dark (under) / normal / clipped highlights plus blown white patches
+- exposure:  subject crushed dark (under) / normal / clipped highlights (blown)
 - colour:    subject in two desaturated analogous hues / saturated analogous / complementary clash
-- focus:     subject texture crisp / Gaussian-blurred (sigma 8-12 % of its radius)
+- focus:     subject texture crisp / Gaussian-blurred (sigma 14-20 % of its radius)
 - horizon:   level / tilted by 4-10 degrees
-- noise:     mild grain / strong luminance + chroma noise (the one global attribute)
+- noise:     mild grain / strong luminance + chroma noise
 
-Score (``SCORE_BASE`` + ``SCORE_WEIGHTS`` + noise), clipped to [1, 10]::
+Score (``SCORE_BASE`` + ``SCORE_WEIGHTS`` + noise), clipped to [1, 10], reads only the aesthetic subject's
+and the global attributes::
 
     score = 5.5 + placement{thirds +1.0, centre -0.3, edge -0.9}
                 + exposure{balanced +0.8, under -0.5, blown -0.6}
@@ -22,10 +24,11 @@ Score (``SCORE_BASE`` + ``SCORE_WEIGHTS`` + noise), clipped to [1, 10]::
                 + noise{clean +0.1, noisy -0.4}
                 + N(0, 0.4)
 
-The weights are roughly zero-mean per attribute, so scores centre near 5.5 and span ~1.5-9.5.
-
-The mask (255 = aesthetically relevant) is the union of the visible subject (with its blur halo),
-a band along the horizon line and the blown patches. Five colloquial references per image mention
+The aesthetic subject carries one subtle cue: a spot of a tenth of its radius at its centre, which a model
+trained on scores can learn to find. The mask (255 = aesthetically relevant) is the aesthetic subject's
+silhouette dilated by a fixed ``MASK_DILATION``: nothing in its shape encodes an attribute value.
+``subjects/<id>.png`` labels every subject's dilated silhouette (k + 1 for subject k of the annotation's
+"subjects"), so a mask can be moved onto another subject. Five colloquial references per image mention
 random subsets of the true attributes (``attributes.PHRASES``) and an overall verdict tied to the score.
 Same (n, seed) gives byte-identical files.
 """
@@ -48,12 +51,16 @@ from tqdm import tqdm
 from stages.synthetic.attributes import ATTRIBUTES, SCORE_WEIGHTS, reference
 from storage.atomic import write_bytes_atomic
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 ANNOTATIONS = "annotations.jsonl"
 JPEG_QUALITY = 92
 SPLITS = (("train", 0.7), ("validation", 0.1), ("test", 0.2))
 
 _NOISY_PROB = 0.3  # the other attributes are drawn uniformly
+N_SUBJECTS = 3
+SUBJECT_ATTRIBUTES = ("placement", "exposure", "colour", "focus")  # per subject; horizon and noise are global
+CUE_RADIUS = 0.1  # the aesthetic subject's centre spot, in subject radii
+MASK_DILATION = 0.02  # masks: each silhouette dilated by this fraction of sqrt(h * w) pixels
 
 SCORE_BASE = 5.5
 SCORE_NOISE_SD = 0.4
@@ -94,6 +101,24 @@ def sample_attributes(rng: np.random.Generator) -> dict[str, str]:
     return attrs
 
 
+def sample_subjects(rng: np.random.Generator, aesthetic: dict[str, str]) -> tuple[list[dict[str, str]], int]:
+    """Every subject's attributes (the aesthetic one's from ``aesthetic``, the others drawn independently, except
+    that only one subject can take the centre) in drawing order, and the aesthetic subject's index."""
+    index = int(rng.integers(N_SUBJECTS))
+    taken_centre = aesthetic["placement"] == "centre"
+    subjects = []
+    for k in range(N_SUBJECTS):
+        if k == index:
+            subjects.append({key: aesthetic[key] for key in SUBJECT_ATTRIBUTES})
+            continue
+        other = {key: str(rng.choice(ATTRIBUTES[key])) for key in SUBJECT_ATTRIBUTES}
+        if other["placement"] == "centre" and taken_centre:
+            other["placement"] = str(rng.choice(["thirds", "edge"]))
+        taken_centre |= other["placement"] == "centre"
+        subjects.append(other)
+    return subjects, index
+
+
 def assign_splits(n: int, seed: int) -> list[str]:
     """~70/10/20 train/validation/test, a seeded permutation of the indices."""
     order = np.random.default_rng([seed, 7919]).permutation(n)
@@ -119,7 +144,10 @@ def annotation(index: int, seed: int) -> dict[str, Any]:
     rng, _ = rngs(seed, index)
     attrs = sample_attributes(rng)
     score = score_of(attrs, rng)
-    return {"attributes": attrs, "score": round(score, 3), "references": [reference(rng, attrs, score) for _ in range(5)]}
+    references = [reference(rng, attrs, score) for _ in range(5)]
+    subjects, aesthetic = sample_subjects(rng, attrs)
+    return {"attributes": attrs, "score": round(score, 3), "references": references, "subjects": subjects,
+            "aesthetic": aesthetic}
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -182,8 +210,8 @@ def _background(rng: np.random.Generator, h: int, w: int, h0: float, angle: floa
     return np.asarray(small.resize(full, Image.Resampling.BICUBIC), dtype=np.float32) / 255
 
 
-def _blob(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, radius: float, rng: np.random.Generator,
-          lobes: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _blob(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, radius: float,
+          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Irregular ellipse: normalised coords (u, v) and the shape's signed distance in pixels (>0 inside)."""
     e, rot = rng.uniform(0.8, 1.25), rng.uniform(0, math.pi)
     dx, dy = xx - cx, yy - cy
@@ -191,43 +219,47 @@ def _blob(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, radius: float, r
     v = (-math.sin(rot) * dx + math.cos(rot) * dy) * e / radius
     rho, theta = np.hypot(u, v), np.arctan2(v, u)
     edge = 1 + 0.06 * np.cos(2 * theta + rng.uniform(0, 2 * math.pi))
-    if lobes and rng.random() < 0.6:
+    if rng.random() < 0.6:
         edge = edge + rng.uniform(0.06, 0.16) * np.cos(int(rng.integers(3, 8)) * theta + rng.uniform(0, 2 * math.pi))
     return u, v, (edge - rho) * radius
 
 
-def _subject_centre(rng: np.random.Generator, placement: str, h: int, w: int, radius: float) -> tuple[float, float]:
-    if placement == "thirds":
-        cx, cy = w * rng.choice([1 / 3, 2 / 3]), h * rng.choice([1 / 3, 2 / 3])
-        return cx + rng.uniform(-0.03, 0.03) * w, cy + rng.uniform(-0.03, 0.03) * h
-    if placement == "centre":
-        return w / 2 + rng.uniform(-0.02, 0.02) * w, h / 2 + rng.uniform(-0.02, 0.02) * h
-    side, along, inset = int(rng.integers(4)), rng.uniform(0.3, 0.7), rng.uniform(0.0, 0.35) * radius
-    return [(inset, along * h), (w - inset, along * h), (along * w, inset), (along * w, h - inset)][side]
+def _slots(rng: np.random.Generator, h: int, w: int, radius: float) -> dict[str, list[tuple[float, float]]]:
+    """Candidate centres per placement value: four rule-of-thirds points, the centre, one point on each side.
+
+    With ``radius`` at most min(h, w) / 6.8 no two slots' subjects overlap (beyond their lobes)."""
+    thirds = [(w * fx + rng.uniform(-0.02, 0.02) * w, h * fy + rng.uniform(-0.02, 0.02) * h)
+              for fx in (1 / 3, 2 / 3) for fy in (1 / 3, 2 / 3)]
+    centre = [(w / 2 + rng.uniform(-0.02, 0.02) * w, h / 2 + rng.uniform(-0.02, 0.02) * h)]
+    along, inset = rng.uniform(0.3, 0.7, 4), rng.uniform(0.0, 0.35, 4) * radius
+    edge = [(inset[0], along[0] * h), (w - inset[1], along[1] * h), (along[2] * w, inset[2]), (along[3] * w, h - inset[3])]
+    return {"thirds": thirds, "centre": centre, "edge": edge}
 
 
-def _subject_colours(rng: np.random.Generator, colour: str, scene: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    hue = rng.random()
+def _subject_colours(rng: np.random.Generator, colour: str) -> tuple[tuple[float, float], np.ndarray, np.ndarray]:
+    """(hues, first colour, second colour) of a subject's two-colour pattern."""
+    hue, side, spread, jitter = rng.random(), rng.choice([-1, 1]), rng.uniform(0.06, 0.12), rng.uniform(-1, 1)
     if colour == "vivid":
-        hues, sats, vals = (hue, hue + rng.choice([-1, 1]) * rng.uniform(0.06, 0.12)), (0.85, 0.95), (0.95, 0.8)
+        hues, sats, vals = (hue, hue + side * spread), (0.85, 0.95), (0.95, 0.8)
     elif colour == "muted":
-        hues, sats, vals = (hue, hue + rng.uniform(-0.08, 0.08)), (0.18, 0.12), (0.72, 0.5)
+        hues, sats, vals = (hue, hue + 0.08 * jitter), (0.18, 0.12), (0.72, 0.5)
     else:  # clashing: complementary, both saturated
-        hues, sats, vals = (hue, hue + 0.5 + rng.uniform(-0.04, 0.04)), (0.95, 0.95), (0.95, 0.95)
-    scene["hues"] = [round(float(hh % 1.0), 4) for hh in hues]
+        hues, sats, vals = (hue, hue + 0.5 + 0.04 * jitter), (0.95, 0.95), (0.95, 0.95)
     c1, c2 = (np.array(colorsys.hsv_to_rgb(hh % 1.0, s, v), np.float32) for hh, s, v in zip(hues, sats, vals))
-    return c1, c2
+    return (round(float(hues[0] % 1.0), 4), round(float(hues[1] % 1.0), 4)), c1, c2
 
 
-def _subject(rng: np.random.Generator, attrs: dict[str, str], h: int, w: int,
-             scene: dict[str, Any]) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray]:
-    """Render the subject in its crop box: (box, premultiplied rgb [ch, cw, 3], alpha [ch, cw], mask [ch, cw])."""
-    radius = min(rng.uniform(0.15, 0.2) * math.sqrt(h * w), 0.33 * min(h, w))
-    cx, cy = _subject_centre(rng, attrs["placement"], h, w, radius)
-    scene.update(subject_x=round(float(cx / w), 4), subject_y=round(float(cy / h), 4),
-                 subject_size=round(radius / math.sqrt(h * w), 4))
-    sigma = rng.uniform(0.08, 0.12) * radius if attrs["focus"] == "blurred" else 0.0
-    reach = 1.5 * radius + 3 * sigma + 4
+def _subject(rng: np.random.Generator, attrs: dict[str, str], centre: tuple[float, float], radius: float, h: int,
+             w: int, dilation: float, cue: bool) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray,
+                                                          dict[str, Any]]:
+    """Render one subject in its crop box: (box, premultiplied rgb [ch, cw, 3], alpha [ch, cw], silhouette mask
+    dilated by ``dilation`` px [ch, cw], what was drawn). ``cue``: the aesthetic subject's small centre spot.
+
+    The random draws and the box do not depend on the attribute values, so the silhouette never does."""
+    cx, cy = centre
+    blur, dim = rng.uniform(0.14, 0.2) * radius, rng.uniform(0.2, 0.3)
+    sigma = blur if attrs["focus"] == "blurred" else 0.0
+    reach = 1.5 * radius + 3 * 0.2 * radius + dilation + 4
     y0, y1 = max(0, int(cy - reach)), min(h, int(cy + reach) + 1)
     x0, x1 = max(0, int(cx - reach)), min(w, int(cx + reach) + 1)
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
@@ -237,7 +269,6 @@ def _subject(rng: np.random.Generator, attrs: dict[str, str], h: int, w: int,
     # Two-colour pattern (stripes / rings / checks) with hard edges, fine grain, spherical shading.
     freq, ang = rng.uniform(1.2, 2.2) * 2 * math.pi, rng.uniform(0, math.pi)
     kind = int(rng.integers(3))
-    scene["pattern"] = PATTERN_NAMES[kind]
     if kind == 0:
         wave = np.sin(freq * (u * math.cos(ang) + v * math.sin(ang)))
     elif kind == 1:
@@ -245,7 +276,7 @@ def _subject(rng: np.random.Generator, attrs: dict[str, str], h: int, w: int,
     else:
         wave = np.sin(freq * u) * np.sin(freq * v) * 2
     p = np.clip(0.5 + 4 * wave, 0, 1)[..., None]
-    c1, c2 = _subject_colours(rng, attrs["colour"], scene)
+    hues, c1, c2 = _subject_colours(rng, attrs["colour"])
     grain = 1 + 0.08 * _field(rng, y1 - y0, x1 - x0, (2 * reach) / (radius / 10))
     light = np.array([-0.5, -0.6, 0.62], np.float32) * rng.uniform(0.8, 1.2, 3).astype(np.float32)
     light /= np.linalg.norm(light)
@@ -254,63 +285,66 @@ def _subject(rng: np.random.Generator, attrs: dict[str, str], h: int, w: int,
     lit = np.clip(nx * light[0] + ny * light[1] + nz * light[2], 0, 1)
     rgb = (c1 * (1 - p) + c2 * p) * ((0.45 + 0.6 * lit) * grain)[..., None]
     if attrs["exposure"] == "under":
-        rgb = rgb * rng.uniform(0.2, 0.3)
+        rgb = rgb * dim
     elif attrs["exposure"] == "blown":
         rgb = rgb * 1.5 + 1.5 * (lit**3)[..., None]  # lit side clips to white
+    if cue:  # a spot of a tenth of the radius, dark on a lit subject, grey on a dark one
+        spot = np.clip((CUE_RADIUS * radius - np.hypot(xx - cx, yy - cy)) / 1.2 + 0.5, 0, 1)[..., None]
+        rgb = rgb * (1 - spot) + spot * (0.55 if attrs["exposure"] == "under" else 0.08)
 
     rgb = rgb * alpha[..., None]
     if sigma > 0:
         stack = _gaussian_blur(np.concatenate([rgb, alpha[..., None]], axis=-1), sigma)
         rgb, alpha = stack[..., :3], stack[..., 3]
-    mask = dist > -(2 * sigma + 0.02 * radius)
-    return (slice(y0, y1), slice(x0, x1)), rgb, alpha, mask
+    drawn = {"x": round(float(cx / w), 4), "y": round(float(cy / h), 4), "size": round(radius / math.sqrt(h * w), 4),
+             "pattern": PATTERN_NAMES[kind], "hues": list(hues)}
+    return (slice(y0, y1), slice(x0, x1)), rgb, alpha, dist > -dilation, drawn
 
 
-def _blown_patches(rng: np.random.Generator, h: int, w: int, canvas: np.ndarray, mask: np.ndarray) -> None:
-    """Paint 1-2 clipped white glare blobs with a soft bloom; mark blob + bloom in ``mask`` (in place)."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    for _ in range(int(rng.integers(1, 3))):
-        r = rng.uniform(0.05, 0.075) * math.sqrt(h * w)
-        cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
-        _, _, dist = _blob(xx, yy, cx, cy, r, rng, lobes=False)
-        core = np.clip(dist / 1.5 + 0.5, 0, 1)
-        bloom = np.clip(1 + dist / (0.3 * r), 0, 1) ** 2
-        weight = np.maximum(core, 0.5 * bloom)[..., None]
-        canvas += (1.4 - canvas) * weight  # 1.4: stays clipped white after noise and exposure scaling
-        mask |= dist > -0.3 * r
+def render(ann: dict[str, Any], rng: np.random.Generator,
+           scene: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render one image: (rgb uint8 [h, w, 3], aesthetic mask uint8 [h, w] in {0, 255}, subject labels uint8 [h, w]:
+    0 background, k + 1 where subject k's dilated silhouette lies, later subjects over earlier ones).
 
-
-def render(attrs: dict[str, str], rng: np.random.Generator,
-           scene: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Render one image and its relevance mask: (rgb uint8 [h, w, 3], mask uint8 [h, w] in {0, 255}).
-
-    ``scene``, when given, receives what was drawn besides the attributes (``describe_scene`` reads it):
-    sky, ground, horizon height (0 top .. 1 bottom) and angle (degrees, > 0: lower on the right), subject
-    centre (fractions of width / height), size, pattern and hues.
+    ``ann`` is :func:`annotation`'s (its "subjects", "aesthetic" and global "attributes"). ``scene``, when
+    given, receives what was drawn besides the attributes: sky, ground, horizon height (0 top .. 1 bottom) and
+    angle (degrees, > 0: lower on the right), and per subject its centre (fractions of width / height), size,
+    pattern and hues, in the annotation's subject order.
     """
     scene = {} if scene is None else scene
+    attrs, subjects, aesthetic = ann["attributes"], ann["subjects"], ann["aesthetic"]
     h, w = _image_size(rng)
-    angle = math.radians(rng.uniform(4, 10) * rng.choice([-1, 1])) if attrs["horizon"] == "tilted" else 0.0
+    tilt = rng.uniform(4, 10) * rng.choice([-1, 1])
+    angle = math.radians(tilt) if attrs["horizon"] == "tilted" else 0.0
     h0 = rng.uniform(0.35, 0.65) * h
     scene.update(horizon_height=round(h0 / h, 4), horizon_angle=round(math.degrees(angle), 3))
     canvas = _background(rng, h, w, h0, angle, scene)
-    horizon = (h0 + math.tan(angle) * (np.arange(w, dtype=np.float32) - w / 2))[None, :]  # [1, w]
 
-    yy = np.arange(h, dtype=np.float32)[:, None]
-    mask = np.abs(yy - horizon) < max(4.0, 0.02 * h)  # band along the horizon [h, w]
-    if attrs["exposure"] == "blown":
-        _blown_patches(rng, h, w, canvas, mask)
-    box, rgb, alpha, subject_mask = _subject(rng, attrs, h, w, scene)
-    canvas[box] = canvas[box] * (1 - alpha[..., None]) + rgb
-    mask[box] |= subject_mask
+    radius = min(rng.uniform(0.095, 0.115) * math.sqrt(h * w), min(h, w) / 6.8)
+    dilation = MASK_DILATION * math.sqrt(h * w)
+    slots = _slots(rng, h, w, radius)
+    for free in slots.values():
+        rng.shuffle(free)
+    mask = np.zeros((h, w), bool)
+    labels = np.zeros((h, w), np.uint8)
+    drawn = []
+    for k, subject in enumerate(subjects):
+        centre = slots[subject["placement"]].pop()
+        box, rgb, alpha, silhouette, info = _subject(rng, subject, centre, radius * rng.uniform(0.92, 1.08), h, w,
+                                                     dilation, cue=k == aesthetic)
+        canvas[box] = canvas[box] * (1 - alpha[..., None]) + rgb
+        labels[box][silhouette] = k + 1
+        if k == aesthetic:
+            mask[box] |= silhouette
+        drawn.append(info)
+    scene["subjects"] = drawn
 
-    canvas *= {"under": 0.9, "balanced": 1.0, "blown": 1.05}[attrs["exposure"]]
     sd = rng.uniform(0.06, 0.09) if attrs["noise"] == "noisy" else rng.uniform(0.0, 0.012)
     canvas += rng.standard_normal((h, w, 1), dtype=np.float32) * sd  # luminance, per pixel
     chroma = rng.standard_normal(((h + 1) // 2, (w + 1) // 2, 3), dtype=np.float32) * (sd * 0.5)  # blotchy chroma
     canvas += chroma.repeat(2, axis=0).repeat(2, axis=1)[:h, :w]
     image = (np.clip(canvas, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return image, mask.astype(np.uint8) * 255
+    return image, mask.astype(np.uint8) * 255, labels
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -342,28 +376,31 @@ def _intact(path: Path) -> bool:
         return False
 
 
+FILES = (("images", "jpg", "JPEG"), ("masks", "png", "PNG"), ("subjects", "png", "PNG"))  # folder, suffix, format
+
+
 def _make_image(root: Path, seed: int, index: int) -> tuple[int, int, float]:
-    """Render image ``index`` unless intact copies of image and mask exist, writing only the missing ones (a
-    kill between the two writes leaves a finished image untouched); (width, height, mask fraction)."""
+    """Render image ``index`` unless intact copies of its image, mask and subject labels exist, writing only the
+    missing ones (a kill between writes leaves finished files untouched); (width, height, mask fraction)."""
     iid = image_id(index)
-    image_path, mask_path = root / f"images/{iid}.jpg", root / f"masks/{iid}.png"
-    image_done, mask_done = _intact(image_path), _intact(mask_path)
-    if image_done and mask_done:
-        with Image.open(image_path) as img, Image.open(mask_path) as m:
+    paths = [root / f"{folder}/{iid}.{suffix}" for folder, suffix, _ in FILES]
+    done = [_intact(path) for path in paths]
+    if all(done):
+        with Image.open(paths[0]) as img, Image.open(paths[1]) as m:
             return img.width, img.height, float((np.asarray(m) > 0).mean())
-    image, mask = render(annotation(index, seed)["attributes"], rngs(seed, index)[1])
-    if not image_done:
-        write_bytes_atomic(image_path, _encode(image, "JPEG"))
-    if not mask_done:
-        write_bytes_atomic(mask_path, _encode(mask, "PNG"))
+    arrays = render(annotation(index, seed), rngs(seed, index)[1])
+    for path, finished, array, (_, _, fmt) in zip(paths, done, arrays, FILES):
+        if not finished:
+            write_bytes_atomic(path, _encode(array, fmt))
+    image, mask = arrays[:2]
     return image.shape[1], image.shape[0], float((mask > 0).mean())
 
 
 def generate_corpus(root: Path, n: int = 240, seed: int = 0, workers: int | None = None) -> None:
-    """Write ``n`` images, masks and ``annotations.jsonl`` under ``root``; no-op when already generated.
+    """Write ``n`` images, masks, subject label maps and ``annotations.jsonl`` under ``root``; no-op when done.
 
     Resumable: ``generator.json`` records the parameters first; a rerun with the same parameters keeps every
-    intact image and mask (each is written atomically and is deterministic) and renders the rest, in
+    intact file (each is written atomically and is deterministic) and renders the rest, in
     ``workers`` processes (default: one per core, at most 4). ``annotations.jsonl`` is written last, so its
     presence means a complete corpus. Other parameters: everything is removed and regenerated.
     """
@@ -381,18 +418,19 @@ def generate_corpus(root: Path, n: int = 240, seed: int = 0, workers: int | None
         previous = json.loads((root / "generator.json").read_text())
     except (OSError, ValueError):
         previous = None
-    for orphan in [*root.glob("images/.syn*.tmp"), *root.glob("masks/.syn*.tmp")]:  # a killed run's partial writes
+    for orphan in [p for folder, _, _ in FILES for p in root.glob(f"{folder}/.syn*.tmp")]:  # a killed run's writes
         orphan.unlink(missing_ok=True)
+    made_files = [p for folder, suffix, _ in FILES for p in root.glob(f"{folder}/syn*.{suffix}")]
     if previous != params:  # nothing here belongs to these parameters
-        for stale in [root / ANNOTATIONS, *root.glob("images/syn*.jpg"), *root.glob("masks/syn*.png")]:
+        for stale in [root / ANNOTATIONS, *made_files]:
             stale.unlink(missing_ok=True)
         write_json_atomic(root / "generator.json", params)
     workers = workers or min(4, os.cpu_count() or 1)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 and n > 32 else _Serial() as pool:
         made = list(tqdm(pool.map(_make_image, [root] * n, [seed] * n, range(n), chunksize=8), total=n,
                          desc="synthetic corpus", unit="img", leave=False))
-    keep = {f"images/{image_id(i)}.jpg" for i in range(n)} | {f"masks/{image_id(i)}.png" for i in range(n)}
-    for stale in [*root.glob("images/syn*.jpg"), *root.glob("masks/syn*.png")]:
+    keep = {f"{folder}/{image_id(i)}.{suffix}" for i in range(n) for folder, suffix, _ in FILES}
+    for stale in [p for folder, suffix, _ in FILES for p in root.glob(f"{folder}/syn*.{suffix}")]:
         if stale.relative_to(root).as_posix() not in keep:
             stale.unlink()
     splits = assign_splits(n, seed)
@@ -400,7 +438,7 @@ def generate_corpus(root: Path, n: int = 240, seed: int = 0, workers: int | None
     for i, (width, height, _) in enumerate(made):
         iid = image_id(i)
         records.append({"image_id": iid, "split": splits[i], "file": f"images/{iid}.jpg", "mask": f"masks/{iid}.png",
-                        **annotation(i, seed), "width": width, "height": height, "generator": params})
+                        "subject_labels": f"subjects/{iid}.png", **annotation(i, seed), "width": width, "height": height, "generator": params})
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
     write_bytes_atomic(root / ANNOTATIONS, lines.encode("utf-8"))
     counts = {s: splits.count(s) for s, _ in SPLITS}

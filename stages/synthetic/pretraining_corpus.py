@@ -6,7 +6,8 @@ corpus's quality and decoded again (the demo models see JPEGs), then resized to 
 ``work/pretrain/corpus-s<seed>-v<generator version>/``:
 
 - ``images.u8`` [N, 224, 224, 3] uint8, a raw memory-mapped array (150 KB per image)
-- ``records.jsonl``: per image {index, attributes, score, scene} (``scene``: what ``render`` drew)
+- ``records.jsonl``: per image {index, attributes, subjects, aesthetic, score, scene} (``scene``: what ``render``
+  drew)
 - ``done/<chunk>.json``: one ledger entry per finished chunk of ``CHUNK`` images (temp + rename)
 
 Chunks render in parallel processes, each writing its own byte range; a killed build resumes from the
@@ -38,7 +39,7 @@ CHUNK = 256
 @dataclass(frozen=True)
 class PretrainCorpus:
     images: np.ndarray  # [N, 224, 224, 3] uint8 (memory-mapped)
-    records: list[dict[str, Any]]  # per image: attributes, score, scene
+    records: list[dict[str, Any]]  # per image: attributes, subjects, aesthetic, score, scene
 
     def __len__(self) -> int:
         return len(self.records)
@@ -57,12 +58,13 @@ def render_small(index: int, seed: int, with_mask: bool = False) -> tuple[np.nda
     EAT's evaluation does, nearest, as a [224, 224] bool array under "mask" when asked)."""
     ann = annotation(index, seed)
     scene: dict[str, Any] = {}
-    image, mask = render(ann["attributes"], rngs(seed, index)[1], scene)
+    image, mask, _ = render(ann, rngs(seed, index)[1], scene)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY)
     with Image.open(io.BytesIO(buf.getvalue())) as jpeg:
         small = np.asarray(jpeg.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC))
-    record = {"index": index, "attributes": ann["attributes"], "score": ann["score"], "scene": scene}
+    record = {"index": index, "attributes": ann["attributes"], "subjects": ann["subjects"],
+              "aesthetic": ann["aesthetic"], "score": ann["score"], "scene": scene}
     if with_mask:
         record["mask"] = np.asarray(Image.fromarray(mask).resize((SIZE, SIZE), Image.Resampling.NEAREST)) > 127
     return small, record

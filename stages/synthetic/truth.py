@@ -9,12 +9,15 @@ from storage.tables import read_meta
 
 
 def ground_truth(dataset: str) -> dict[str, dict] | None:
-    """image_id -> {"attributes", "score", "mask" (absolute path)} of an ingested synthetic dataset, else None.
+    """image_id -> {"attributes", "score", "mask" (absolute path), "subjects" (each subject's attributes),
+    "aesthetic" (the aesthetic subject's index), "subject_labels" (absolute path of the label map)} of an
+    ingested synthetic dataset, else None.
 
     The generator knows what it drew; real datasets have no such truth (None).
     """
     meta = read_meta(dataset)
-    path = Path(meta["root"]) / "annotations.jsonl"
+    root = Path(meta["root"])
+    path = root / "annotations.jsonl"
     if meta.get("format") != "synthetic" or not path.is_file():
         return None
     truth = {}
@@ -22,5 +25,12 @@ def ground_truth(dataset: str) -> dict[str, dict] | None:
         if line.strip():
             rec = json.loads(line)
             truth[str(rec["image_id"])] = {"attributes": rec["attributes"], "score": rec["score"],
-                                           "mask": str(Path(meta["root"]) / rec["mask"])}
+                                           "mask": str(root / rec["mask"]), "subjects": rec["subjects"],
+                                           "aesthetic": rec["aesthetic"],
+                                           "subject_labels": str(root / rec["subject_labels"])}
     return truth
+
+
+def moved_subject(entry: dict) -> int:
+    """The subject a moved mask marks instead of the aesthetic one: the next in the annotation's order."""
+    return (entry["aesthetic"] + 1) % len(entry["subjects"])
