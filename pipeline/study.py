@@ -1,9 +1,9 @@
 """``ase-mllm study``: the saliency study by ground truth (stages/report/study.py), every run an ordinary fine-tune.
 
 Steps, each the ordinary CLI command (reruns skip finished runs and resume interrupted ones; scores are cached):
-the demo's EAT (ingest demo, train-eat), the study corpus (ingest, saliency), the cross-attention learning rate
-and the step count chosen on the validation split by forced choice (the ``eat`` arm, seed 0), then every arm x
-seed fine-tuned with the demo's recipe and those, scored on the test split.
+the demo's EAT (ingest demo, train-eat), the study corpus (ingest, saliency), the cross-attention learning rate,
+the step count and the learning rate chosen on the validation split by forced choice (``SEARCH``, the ``eat``
+arm, seed 0), then every arm x seed fine-tuned with the demo's recipe and those, scored on the test split.
 """
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import time
 
 import typer
 
-CROSS_ATTENTION_LRS = ("1e-3", "3e-3", "1e-2")  # the candidates chosen among on the validation split
-MAX_STEPS = ("100", "200")
+# What the study chooses on the validation split, one option after another (each holding the others at their
+# best so far; the first value is the demo's): the cross-attention rate, the step count, the base's rate.
+SEARCH = (("--cross-attention-lr", ("3e-3", "1e-3", "1e-2")), ("--max-steps", ("100", "200")),
+          ("--lr", ("5e-5", "2e-4")))
 
 
 def register(app: typer.Typer) -> None:
@@ -55,9 +57,9 @@ def register(app: typer.Typer) -> None:
                 r = results[a.name][-1]
                 typer.echo(f"study {run}: forced choice {r['forced_choice']:.3f}, attribute P "
                            f"{r['macro_precision']:.3f}, distinct {r['distinct']:.2f}")
-        chosen = {"cross_attention_lr": option(args, "--cross-attention-lr"), "max_steps": option(args, "--max-steps"),
-                  "validation_forced_choice": tried, "by": "the eat arm, seed 0",
-                  "what": "The cross-attention learning rate and the step count were"}
+        chosen = {**{flag.strip("-"): option(args, flag) for flag, _ in SEARCH}, "validation_forced_choice": tried,
+                  "by": "the eat arm, seed 0", "what": "The cross-attention learning rate, the step count and the "
+                                                       "learning rate were"}
         markdown = write_study(dataset, results, seed_list, GENERATOR_VERSION, chosen)
         shown = run_name(next((a for a in chosen_arms if a.name == "eat"), chosen_arms[0]), 0)
         run_step(app, "report", "--dataset", dataset, "--run", shown)  # an HTML report with the study in it
@@ -78,9 +80,9 @@ def option(args: list[str], flag: str) -> str:
 
 
 def choose_recipe(app: typer.Typer, dataset: str, manifest) -> tuple[list[str], dict[str, float]]:  # noqa: ANN001
-    """(the demo's fine-tuning arguments with the cross-attention rate and step count whose ``eat``-arm run (seed
-    0) makes the most accurate forced choices on the validation split (ties: the first), every candidate's
-    accuracy by "<rate> x <steps>"); the test split plays no part."""
+    """(the demo's fine-tuning arguments with the ``SEARCH`` options chosen by coordinate search: for each option in
+    turn, the value whose ``eat``-arm run (seed 0) makes the most accurate forced choices on the validation split
+    (ties: the earlier); every setting tried and its accuracy). The test split plays no part."""
     from pipeline.demo import FINETUNE_ARGS, run_step
     from stages.report.attributes import attribute_truth
     from stages.report.forced_choice import forced_choice_scores, run_choices
@@ -88,16 +90,22 @@ def choose_recipe(app: typer.Typer, dataset: str, manifest) -> tuple[list[str], 
     truth = attribute_truth(dataset, "validation")
     if truth is None:
         raise typer.BadParameter(f"the study needs a synthetic dataset with ground truth; '{dataset}' has none")
-    accuracy, candidates = {}, {}
-    for steps in MAX_STEPS:
-        for lr in CROSS_ATTENTION_LRS:
-            args = with_option(with_option(FINETUNE_ARGS, "--cross-attention-lr", lr), "--max-steps", steps)
-            run, setting = f"study-select-xlr{lr}-steps{steps}", f"{lr} x {steps}"
+    accuracy: dict[str, float] = {}
+
+    def tried(args: list[str]) -> float:
+        setting = " ".join(f"{flag} {option(args, flag)}" for flag, _ in SEARCH)
+        if setting not in accuracy:
+            run = "study-select" + "".join(f"-{flag.strip('-')}{option(args, flag)}" for flag, _ in SEARCH)
             run_step(app, "finetune", "--dataset", dataset, "--run", run, "--fusion", "cross_attention", "--saliency",
                      "eat", "--seed", "0", *args)
             choices, _ = run_choices(dataset, run, manifest, "validation")
-            accuracy[setting], candidates[setting] = forced_choice_scores(choices, truth.values)["accuracy"], args
-    best = max(accuracy, key=lambda setting: accuracy[setting])
-    typer.echo("study: cross-attention lr x steps on the validation split (forced choice): "
-               + ", ".join(f"{setting} {acc:.3f}" for setting, acc in accuracy.items()) + f" -> {best}")
-    return candidates[best], accuracy
+            accuracy[setting] = forced_choice_scores(choices, truth.values)["accuracy"]
+        return accuracy[setting]
+
+    best = list(FINETUNE_ARGS)
+    for flag, values in SEARCH:
+        best = max((with_option(best, flag, v) for v in values), key=tried)  # max keeps the first of equals
+    typer.echo("study: chosen on the validation split (forced choice): "
+               + ", ".join(f"{setting}: {acc:.3f}" for setting, acc in accuracy.items()) + " -> "
+               + " ".join(f"{flag} {option(best, flag)}" for flag, _ in SEARCH))
+    return best, accuracy

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.synthetic.attributes import ATTRIBUTES
-from stages.synthetic.corpus import SKY_NAMES, generate_corpus
+from stages.synthetic.attributes import ATTRIBUTES, POSITIONS
+from stages.synthetic.corpus import SKY_NAMES, SUBJECT_ATTRIBUTES, generate_corpus
 from stages.synthetic import pretraining_corpus as pc
 from stages.pretrain.targets import CLASSES, REGRESSIONS, AuxHeads, Targets
 
@@ -35,7 +35,8 @@ def test_corpus_images_are_the_demo_pipeline_images(small: pc.PretrainCorpus, tm
             expected = np.asarray(img.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC))
         assert np.array_equal(small.images[i], expected)
     records = [json.loads(line) for line in (tmp_path / "files" / "annotations.jsonl").read_text().splitlines()]
-    assert [r["attributes"] for r in records] == [r["attributes"] for r in small.records[:6]]
+    for key in ("attributes", "subjects", "aesthetic"):
+        assert [r[key] for r in records] == [r[key] for r in small.records[:6]]
     assert [r["score"] for r in records] == [r["score"] for r in small.records[:6]]
 
 
@@ -57,11 +58,24 @@ def test_corpus_rebuild_repairs_an_unfinished_chunk(small: pc.PretrainCorpus, tm
 
 
 def test_targets_follow_the_records(small: pc.PretrainCorpus) -> None:
+    """Every subject's attributes by left-to-right position, the globals, the scene; nothing marks the aesthetic
+    subject (its position among the three varies)."""
     t = Targets.of(small.records)
     assert t.classes.shape == (24, len(CLASSES)) and t.values.shape == (24, len(REGRESSIONS))
-    for row, rec in zip(t.classes.tolist(), small.records):
-        assert [ATTRIBUTES[k][row[j]] for j, k in enumerate(ATTRIBUTES)] == [rec["attributes"][k] for k in ATTRIBUTES]
-        assert SKY_NAMES[row[list(CLASSES).index("sky")]] == rec["scene"]["sky"]
+    names = list(CLASSES)
+    ranks = []
+    for row, values, rec in zip(t.classes.tolist(), t.values.tolist(), small.records):
+        order = sorted(range(3), key=lambda k: rec["scene"]["subjects"][k]["x"])
+        for pos, k in zip(POSITIONS, order):
+            for key in SUBJECT_ATTRIBUTES:
+                assert ATTRIBUTES[key][row[names.index(f"{pos} {key}")]] == rec["subjects"][k][key]
+            assert values[list(REGRESSIONS).index(f"{pos} x")] == pytest.approx(rec["scene"]["subjects"][k]["x"])
+        for key in ("horizon", "noise"):
+            assert ATTRIBUTES[key][row[names.index(key)]] == rec["attributes"][key]
+        assert SKY_NAMES[row[names.index("sky")]] == rec["scene"]["sky"]
+        ranks.append(order.index(rec["aesthetic"]))
+    assert len(set(ranks)) == 3
+    assert not any("aesthetic" in name for name in [*CLASSES, *REGRESSIONS])
     heads = AuxHeads(16)
     loss = heads.loss(torch.randn(24, 16), t)
     assert torch.isfinite(loss) and loss > 0

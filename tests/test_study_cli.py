@@ -1,4 +1,4 @@
-"""``ase-mllm study`` end to end as a user types it, cut to two arms and one seed on the demo corpus: the rate is
+"""``ase-mllm study`` end to end as a user types it, cut to two arms and one seed on the demo corpus: the recipe is
 chosen on the validation split, summary.json follows the schema with the eat-vs-none contrast, the HTML report
 shows the study, and a rerun trains nothing and writes the same summary."""
 from __future__ import annotations
@@ -16,22 +16,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_study_two_arms_one_seed(isolated_work: Path) -> None:
-    from pipeline.study import CROSS_ATTENTION_LRS, MAX_STEPS
+    from pipeline.study import SEARCH
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "pipeline", "study", "--dataset", "demo", "--seeds", "1", "--arm", "eat",
                "--arm", "none"]
     first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "cross-attention lr x steps on the validation split (forced choice): " in first.stdout
-    trained = first.stdout.count(" steps, loss")
-    assert trained == len(CROSS_ATTENTION_LRS) * len(MAX_STEPS) + 2  # the choice's runs, then the arms
+    assert "study: chosen on the validation split (forced choice): " in first.stdout
+    searched = 1 + sum(len(values) - 1 for _, values in SEARCH)  # coordinate search: each option's other values
+    assert first.stdout.count(" steps, loss") == searched + 2  # the choice's runs, then the arms
     study = isolated_work / "reports" / "demo" / "study"
     summary = json.loads((study / "summary.json").read_text())
     assert summary["test_images"] == 48 and summary["seeds"] == [0] and set(summary["arms"]) == {"eat", "none"}
     assert set(summary["contrasts"]) == {"eat_vs_none"} and summary["eat_recovery"] is None
     chosen = summary["chosen_on_validation"]
-    assert chosen["cross_attention_lr"] in CROSS_ATTENTION_LRS and chosen["max_steps"] in MAX_STEPS
+    assert all(chosen[flag.strip("-")] in values for flag, values in SEARCH)
+    assert len(chosen["validation_forced_choice"]) == searched
     for arm in summary["arms"].values():
         assert 0.375 - 0.2 < arm["forced_choice_accuracy"] <= 1 and 0 < arm["distinct"] <= 1
     assert summary["arms"]["eat"]["mask_following"]["chance"] > 0.33 and summary["arms"]["none"]["mask_following"] is None

@@ -1,7 +1,8 @@
 """Pretrain the demo's EAT on the procedural pretraining corpus (the analogue of EAT's ImageNet + AVA weights).
 
 Loss: the official EMD over the raw 10-bin outputs + ``score_weight`` x MSE of the official score read-out
-(stages/saliency/train_eat.py) + the auxiliary image-level heads of stages/pretrain/targets.py on the pooled
+(stages/saliency/train_eat.py) + the auxiliary image-level heads of stages/pretrain/targets.py (``AESTHETIC``:
+the aesthetic subject's attributes, as PCCD's per-attribute scores, and the flip-invariant scene) on the pooled
 final features (dropped when saving: the checkpoint has exactly the official EAT layout). From scratch
 (trunc-normal init), AdamW, warmup then cosine, horizontal flips. Each epoch is evaluated on held-out
 renders of the same stream: score SRCC, attribute accuracy and the LayerCAM mask ratio.
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from stages.pretrain.targets import AuxHeads, Targets
+from stages.pretrain.targets import AESTHETIC, AuxHeads, Targets
 from stages.saliency.eat import EAT, IMAGENET_MEAN, IMAGENET_STD, build_eat, eat_score, target_layer
 from stages.saliency.layercam import layercam
 from stages.saliency.train_eat import NUM_BINS, emd_loss, init_weights, mask_ratio, score_distribution, srcc
@@ -48,12 +49,14 @@ def normalise(u8: Tensor) -> Tensor:
 
 def evaluate(model: EAT, images: np.ndarray, records: list[dict[str, Any]], aux: AuxHeads | None = None,
              batch_size: int = 32) -> dict[str, Any]:
-    """Score SRCC, LayerCAM mask ratio (map at ``stages.2`` inside the true mask / overall) and, with the heads,
-    attribute accuracy, on [N, 224, 224, 3] images whose records carry "mask"."""
+    """Score SRCC, LayerCAM mask ratio (map at ``stages.2`` inside the true mask / overall), where records carry
+    subject "labels" the subject preference (mask ratio on the aesthetic subject / mean mask ratio on the
+    others: 1 = no preference) and, with the heads, attribute accuracy, on [N, 224, 224, 3] images whose records
+    carry "mask"."""
     model.eval()
     pooled: list[Tensor] = []
     hook = model.cls_norm.register_forward_hook(lambda m, i, o: pooled.append(o.detach().mean(dim=(2, 3))))
-    scores, ratios = [], []
+    scores, ratios, preferences = [], [], []
     try:
         for i in range(0, len(images), batch_size):
             x = normalise(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])))
@@ -61,13 +64,31 @@ def evaluate(model: EAT, images: np.ndarray, records: list[dict[str, Any]], aux:
             scores.append(eat_score(out.logits))
             ratios += [mask_ratio(cam, torch.from_numpy(r["mask"])) for cam, r in
                        zip(out.maps, records[i:i + batch_size]) if r["mask"].any()]
+            preferences += [subject_preference(cam, r) for cam, r in zip(out.maps, records[i:i + batch_size])
+                            if "labels" in r]
     finally:
         hook.remove()
-    truth = Targets.of(records)
+    truth = Targets.of(records, AESTHETIC)
     result: dict[str, Any] = {"srcc": srcc(torch.cat(scores), truth.score), "mask_ratio": float(np.mean(ratios))}
+    valid = [p for p in preferences if p is not None]
+    if valid:
+        result["subject_preference"] = float(np.exp(np.mean(np.log(valid))))  # geometric mean of the ratios
     if aux is not None:
         result["attributes"] = aux.attribute_accuracy(torch.cat(pooled), truth)
     return result
+
+
+def subject_preference(cam: Tensor, record: dict[str, Any]) -> float | None:
+    """Mask ratio of a map on the aesthetic subject's labelled silhouette over the mean of the other subjects'
+    (None where a subject is not visible at 224 px)."""
+    from stages.synthetic.corpus import N_SUBJECTS
+
+    labels = torch.from_numpy(record["labels"])
+    if not all((labels == k + 1).any() for k in range(N_SUBJECTS)):
+        return None
+    ratios = [mask_ratio(cam, labels == k + 1) for k in range(N_SUBJECTS)]
+    others = [r for k, r in enumerate(ratios) if k != record["aesthetic"]]
+    return ratios[record["aesthetic"]] / max(float(np.mean(others)), 1e-6)
 
 
 def pretrain_eat(images: np.ndarray, records: list[dict[str, Any]], val: tuple[np.ndarray, list[dict[str, Any]]],
@@ -79,14 +100,14 @@ def pretrain_eat(images: np.ndarray, records: list[dict[str, Any]], val: tuple[n
 
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    targets = Targets.of(records)
+    targets = Targets.of(records, AESTHETIC)
     dists = score_distribution(targets.score)  # [N, 10]
     model = build_eat(recipe.variant, num_classes=NUM_BINS, drop_path_rate=0.0)
     init_weights(model)
     nn.init.zeros_(model.cls_head.weight)
     with torch.no_grad():
         model.cls_head.bias.copy_(dists.mean(dim=0))  # start at the mean distribution
-    aux = AuxHeads(model.cls_head.in_features)
+    aux = AuxHeads(model.cls_head.in_features, AESTHETIC)
     pooled: list[Tensor] = []
     model.cls_norm.register_forward_hook(lambda m, i, o: pooled.append(o.mean(dim=(2, 3))))
     params = [*model.parameters(), *aux.parameters()]
@@ -123,7 +144,8 @@ def pretrain_eat(images: np.ndarray, records: list[dict[str, Any]], val: tuple[n
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), **evaluate(model, *val, aux=aux)}
         history.append(record)
         tqdm.write(f"pretrain EAT epoch {epoch + 1}: loss {record['loss']:.3f}, validation SRCC {record['srcc']:.3f}, "
-                   f"mask ratio {record['mask_ratio']:.2f}, attributes "
+                   f"mask ratio {record['mask_ratio']:.2f}, subject preference {record['subject_preference']:.2f}, "
+                   f"attributes "
                    + " ".join(f"{k} {v:.2f}" for k, v in record["attributes"].items()))
     bar.close()
     model.eval()

@@ -54,11 +54,12 @@ def _open(path: Path, n: int, mode: str) -> np.memmap:
 
 
 def render_small(index: int, seed: int, with_mask: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
-    """One image as the demo models see it ([224, 224, 3] uint8) and its record (+ its mask resized like
-    EAT's evaluation does, nearest, as a [224, 224] bool array under "mask" when asked)."""
+    """One image as the demo models see it ([224, 224, 3] uint8) and its record (+, when asked, its mask resized
+    like EAT's evaluation does, nearest, as a [224, 224] bool array under "mask", and its subject label map
+    resized the same way, [224, 224] uint8, under "labels")."""
     ann = annotation(index, seed)
     scene: dict[str, Any] = {}
-    image, mask, _ = render(ann, rngs(seed, index)[1], scene)
+    image, mask, labels = render(ann, rngs(seed, index)[1], scene)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=JPEG_QUALITY)
     with Image.open(io.BytesIO(buf.getvalue())) as jpeg:
@@ -67,6 +68,7 @@ def render_small(index: int, seed: int, with_mask: bool = False) -> tuple[np.nda
               "aesthetic": ann["aesthetic"], "score": ann["score"], "scene": scene}
     if with_mask:
         record["mask"] = np.asarray(Image.fromarray(mask).resize((SIZE, SIZE), Image.Resampling.NEAREST)) > 127
+        record["labels"] = np.asarray(Image.fromarray(labels).resize((SIZE, SIZE), Image.Resampling.NEAREST))
     return small, record
 
 
