@@ -13,8 +13,7 @@ import typer
 
 # What the study chooses on the validation split, one option after another (each holding the others at their
 # best so far; the first value is the demo's): the cross-attention rate, the step count, the base's rate.
-SEARCH = (("--cross-attention-lr", ("3e-3", "1e-3", "1e-2")), ("--max-steps", ("100", "200")),
-          ("--lr", ("5e-5", "2e-4")))
+SEARCH = (("--cross-attention-lr", ("1e-2", "3e-3")), ("--max-steps", ("200", "100")), ("--lr", ("2e-4", "1e-4")))
 
 
 def register(app: typer.Typer) -> None:

@@ -43,7 +43,7 @@ from stages.families.text import PROMPT, Encoded
 from stages.synthetic.attributes import (ATTRIBUTES, POSITIONS, described_subjects, full_critique, left_to_right,
                                          scene_description)
 from stages.synthetic.corpus import SUBJECT_ATTRIBUTES
-from stages.pretrain.targets import SCENE, AuxHeads, Targets
+from stages.pretrain.targets import AuxHeads, Targets
 from stages.schedule import warmup_cosine
 
 DESCRIBE_PROMPT = "Describe this image."
@@ -199,8 +199,8 @@ def _describe_phase(images: np.ndarray, records: list[dict[str, Any]], val: tupl
                              image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT), fusion="none")
     n_context = tokens_per_tile(model.config)
     encoded = [encode_example(tokenizer, n_context, describe(r)) for r in records]
-    targets = Targets.of(records, SCENE)
-    aux = AuxHeads(model.config.vision_config.hidden_size, SCENE)
+    targets = Targets.of(records)
+    aux = AuxHeads(model.config.vision_config.hidden_size)
     pooled: list[Tensor] = []
     model.model.vision_tower.register_forward_hook(
         lambda m, i, o: pooled.append(o.last_hidden_state[:, 1:].mean(dim=1)))  # patch tokens, no CLS: [B, D]

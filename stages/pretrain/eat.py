@@ -1,8 +1,7 @@
 """Pretrain the demo's EAT on the procedural pretraining corpus (the analogue of EAT's ImageNet + AVA weights).
 
 Loss: the official EMD over the raw 10-bin outputs + ``score_weight`` x MSE of the official score read-out
-(stages/saliency/train_eat.py) + the auxiliary image-level heads of stages/pretrain/targets.py (``AESTHETIC``:
-the aesthetic subject's attributes, as PCCD's per-attribute scores, and the flip-invariant scene) on the pooled
+(stages/saliency/train_eat.py) + the auxiliary image-level heads of stages/pretrain/targets.py on the pooled
 final features (dropped when saving: the checkpoint has exactly the official EAT layout). From scratch
 (trunc-normal init), AdamW, warmup then cosine, horizontal flips. Each epoch is evaluated on held-out
 renders of the same stream: score SRCC, attribute accuracy and the LayerCAM mask ratio.
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from stages.pretrain.targets import AESTHETIC, AuxHeads, Targets
+from stages.pretrain.targets import AuxHeads, Targets
 from stages.saliency.eat import EAT, IMAGENET_MEAN, IMAGENET_STD, build_eat, eat_score, target_layer
 from stages.saliency.layercam import layercam
 from stages.saliency.train_eat import NUM_BINS, emd_loss, init_weights, mask_ratio, score_distribution, srcc
@@ -68,7 +67,7 @@ def evaluate(model: EAT, images: np.ndarray, records: list[dict[str, Any]], aux:
                             if "labels" in r]
     finally:
         hook.remove()
-    truth = Targets.of(records, AESTHETIC)
+    truth = Targets.of(records)
     result: dict[str, Any] = {"srcc": srcc(torch.cat(scores), truth.score), "mask_ratio": float(np.mean(ratios))}
     valid = [p for p in preferences if p is not None]
     if valid:
@@ -100,14 +99,14 @@ def pretrain_eat(images: np.ndarray, records: list[dict[str, Any]], val: tuple[n
 
     start = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    targets = Targets.of(records, AESTHETIC)
+    targets = Targets.of(records)
     dists = score_distribution(targets.score)  # [N, 10]
     model = build_eat(recipe.variant, num_classes=NUM_BINS, drop_path_rate=0.0)
     init_weights(model)
     nn.init.zeros_(model.cls_head.weight)
     with torch.no_grad():
         model.cls_head.bias.copy_(dists.mean(dim=0))  # start at the mean distribution
-    aux = AuxHeads(model.cls_head.in_features, AESTHETIC)
+    aux = AuxHeads(model.cls_head.in_features)
     pooled: list[Tensor] = []
     model.cls_norm.register_forward_hook(lambda m, i, o: pooled.append(o.mean(dim=(2, 3))))
     params = [*model.parameters(), *aux.parameters()]
