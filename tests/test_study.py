@@ -74,7 +74,14 @@ def test_the_study_chooses_its_rate_with_the_demo_recipe_otherwise_unchanged() -
     from pipeline.demo import FINETUNE_ARGS
     from pipeline.study import option, with_option
 
-    args = with_option(FINETUNE_ARGS, "--cross-attention-lr", "1e-2")
-    assert option(args, "--cross-attention-lr") == "1e-2" and len(args) == len(FINETUNE_ARGS)
+    args = with_option(FINETUNE_ARGS, "--cross-attention-lr", "3e-3")
+    assert option(args, "--cross-attention-lr") == "3e-3" and len(args) == len(FINETUNE_ARGS)
     changed = [i for i, (a, b) in enumerate(zip(args, FINETUNE_ARGS)) if a != b]
     assert changed == [args.index("--cross-attention-lr") + 1]
+
+
+def test_the_demo_recipe_is_where_the_study_search_starts() -> None:
+    from pipeline.demo import FINETUNE_ARGS
+    from pipeline.study import SEARCH, option
+
+    assert {flag: option(FINETUNE_ARGS, flag) for flag, _ in SEARCH} == {flag: values[0] for flag, values in SEARCH}

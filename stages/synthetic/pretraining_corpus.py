@@ -68,7 +68,7 @@ def render_small(index: int, seed: int, with_mask: bool = False) -> tuple[np.nda
               "aesthetic": ann["aesthetic"], "score": ann["score"], "scene": scene}
     if with_mask:
         record["mask"] = np.asarray(Image.fromarray(mask).resize((SIZE, SIZE), Image.Resampling.NEAREST)) > 127
-        record["labels"] = np.asarray(Image.fromarray(labels).resize((SIZE, SIZE), Image.Resampling.NEAREST))
+        record["labels"] = np.array(Image.fromarray(labels).resize((SIZE, SIZE), Image.Resampling.NEAREST))
     return small, record
 
 
