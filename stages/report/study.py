@@ -6,11 +6,12 @@ Arms (``ARMS``) differ only in what the IAS cross-attention sees, in training an
 mask: a map of the right kind in the wrong place) and ``none`` (no IASC, fusion none).
 
 Each run is scored by forced choice (stages/report/forced_choice.py: per image, the share of its aesthetic
-subject's attributes whose true value the model finds likeliest; the global attributes apart), by mask following
-(IASC arms: the same choices with the true mask moved onto another subject, the share that describe that
-subject), by the attribute precision / recall of its generated critiques, their diversity and BLEU-1 / CIDEr. Contrasts pair the per-image forced-choice outcome over images x seeds
-(stages/report/paired.py: mean difference, two-way bootstrap 95 % CI, paired permutation p): truth vs uniform,
-eat vs none, uniform vs none, shuffled vs uniform; ``eat_recovery`` is (eat - uniform) / (truth - uniform).
+subject's attributes whose true value the model finds likeliest; the global attributes apart), by mask
+following (IASC arms: the same choices with the true mask moved onto another subject, the share that describe
+that subject), by the attribute precision / recall of its generated critiques, their diversity and BLEU-1 /
+CIDEr. Contrasts pair the per-image forced-choice outcome over images x seeds (stages/report/paired.py: mean
+difference, two-way bootstrap 95 % CI, paired permutation p): truth vs uniform, eat vs none, uniform vs none,
+shuffled vs uniform; ``eat_recovery`` is (eat - uniform) / (truth - uniform).
 Written to ``reports/<dataset>/study/``: ``summary.json``, ``study.md``, ``study.csv``, ``study.png`` and
 ``runs/<run>.json`` (each run's scores, reused while its checkpoint is unchanged).
 """
@@ -29,6 +30,8 @@ import numpy as np
 
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir, study_dir
+from stages.synthetic.attributes import ATTRIBUTES
+from stages.synthetic.corpus import SUBJECT_ATTRIBUTES
 from storage.atomic import write_bytes_atomic, write_json_atomic
 
 
@@ -53,7 +56,7 @@ CONTRASTS = {"truth_vs_uniform": ("truth", "uniform"), "eat_vs_none": ("eat", "n
 COLUMNS = (("Forced choice", "forced_choice"), ("Follows moved mask", "mask_following_rate"),
            ("Forced choice, global", "global_forced_choice"), ("Attr P", "macro_precision"),
            ("Attr R", "macro_recall"), ("Distinct", "distinct"), ("B1", "Bleu_1"), ("CIDEr", "CIDEr"))
-CHANCE = 0.375  # forced choice on the aesthetic subject's attributes: mean of 1 / values over the four
+CHANCE = statistics.fmean(1 / len(ATTRIBUTES[k]) for k in SUBJECT_ATTRIBUTES)  # forced choice, aesthetic subject
 
 
 def run_name(arm: Arm, seed: int) -> str:
@@ -177,9 +180,9 @@ def to_markdown(results: dict[str, list[dict[str, Any]]], summary: dict[str, Any
                       f"{following['truth']:.0%} of the choices describe that subject (a random subject: "
                       f"{following['chance']:.0%}); {following['stayed']:.0%} still describe the aesthetic one."]
     lines += ["", f"Forced choice: the share of the aesthetic subject's attributes whose true value the model finds "
-                  f"likeliest to say (chance {CHANCE}); global: horizon and noise. Same data, schedule and base for "
-                  f"every arm; only the fusion and the maps differ. {chosen['what']} chosen on the validation split "
-                  f"({chosen['by']}: {tried}), never on the test split."]
+                  f"likeliest to say (chance {CHANCE:.3f}); global: horizon and noise. Same data, schedule and base "
+                  f"for every arm; only the fusion and the maps differ. {chosen['what']} chosen on the validation "
+                  f"split ({chosen['by']}: {tried}), never on the test split."]
     return "\n".join(lines) + "\n"
 
 

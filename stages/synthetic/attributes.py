@@ -21,6 +21,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "noise": ("clean", "noisy"),
 }
 
+SUBJECT_ATTRIBUTES = ("placement", "exposure", "colour", "focus")  # per subject; horizon and noise are global
+
 SCORE_WEIGHTS: dict[str, dict[str, float]] = {
     "placement": {"thirds": 1.0, "centre": -0.3, "edge": -0.9},
     "exposure": {"under": -0.5, "balanced": 0.8, "blown": -0.6},
@@ -305,7 +307,7 @@ def subject_description(attributes: dict[str, str], drawn: dict) -> str:
     """One subject in plain words: what it looks like, where it is, then its four attribute values."""
     hues = " and ".join(dict.fromkeys(hue_name(h) for h in drawn["hues"]))
     tone = "pale " if attributes["colour"] == "muted" else ""
-    values = ", ".join(DESCRIPTIONS[key][attributes[key]] for key in ("placement", "exposure", "colour", "focus"))
+    values = ", ".join(DESCRIPTIONS[key][attributes[key]] for key in SUBJECT_ATTRIBUTES)
     return f"a {tone}{hues} {drawn['pattern']} subject {_where(drawn['x'], drawn['y'])}, with {values}"
 
 

@@ -48,7 +48,7 @@ from PIL import Image
 from scipy.ndimage import uniform_filter
 from tqdm import tqdm
 
-from stages.synthetic.attributes import ATTRIBUTES, SCORE_WEIGHTS, reference
+from stages.synthetic.attributes import ATTRIBUTES, SCORE_WEIGHTS, SUBJECT_ATTRIBUTES, reference
 from storage.atomic import write_bytes_atomic
 
 GENERATOR_VERSION = 2
@@ -58,7 +58,6 @@ SPLITS = (("train", 0.7), ("validation", 0.1), ("test", 0.2))
 
 _NOISY_PROB = 0.3  # the other attributes are drawn uniformly
 N_SUBJECTS = 3
-SUBJECT_ATTRIBUTES = ("placement", "exposure", "colour", "focus")  # per subject; horizon and noise are global
 CUE_RADIUS = 0.1  # the aesthetic subject's centre spot, in subject radii
 MASK_DILATION = 0.02  # masks: each silhouette dilated by this fraction of sqrt(h * w) pixels
 
