@@ -40,9 +40,8 @@ from tqdm import tqdm
 
 from pipeline.paths import work_dir
 from stages.families.text import PROMPT, Encoded
-from stages.synthetic.attributes import (ATTRIBUTES, POSITIONS, described_subjects, full_critique, left_to_right,
-                                         scene_description)
-from stages.synthetic.corpus import SUBJECT_ATTRIBUTES
+from stages.synthetic.attributes import (ATTRIBUTES, GLOBAL_ATTRIBUTES, POSITIONS, SUBJECT_ATTRIBUTES,
+                                         described_subjects, full_critique, left_to_right, scene_description)
 from stages.pretrain.targets import AuxHeads, Targets
 from stages.schedule import warmup_cosine
 
@@ -128,12 +127,10 @@ def evaluate(model: nn.Module, tokenizer: Any, images: np.ndarray, records: list
     for text, r in zip(texts, records):
         named = described_subjects(text) + [{}] * (len(POSITIONS) + 1)
         for rank, k in enumerate(left_to_right(r["scene"])):
-            hits_k = {key: named[rank].get(key) == {r["subjects"][k][key]} for key in SUBJECT_ATTRIBUTES}
-            for key, hit in hits_k.items():
-                hits[key].append(hit)
-        for key in ATTRIBUTES:
-            if key not in SUBJECT_ATTRIBUTES:
-                hits[key].append(named[len(POSITIONS)].get(key) == {r["attributes"][key]})
+            for key in SUBJECT_ATTRIBUTES:
+                hits[key].append(named[rank].get(key) == {r["subjects"][k][key]})
+        for key in GLOBAL_ATTRIBUTES:
+            hits[key].append(named[len(POSITIONS)].get(key) == {r["attributes"][key]})
     accuracy = {k: float(np.mean(v)) for k, v in hits.items()}
     return {"attributes": accuracy, "mean_accuracy": float(np.mean(list(accuracy.values()))),
             "distinct": len(set(texts)) / len(texts), "example": texts[0]}

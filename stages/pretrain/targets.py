@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.synthetic.attributes import ATTRIBUTES, POSITIONS, left_to_right
-from stages.synthetic.corpus import GROUND_NAMES, PATTERN_NAMES, SKY_NAMES, SUBJECT_ATTRIBUTES
+from stages.synthetic.attributes import ATTRIBUTES, GLOBAL_ATTRIBUTES, POSITIONS, SUBJECT_ATTRIBUTES, left_to_right
+from stages.synthetic.corpus import GROUND_NAMES, PATTERN_NAMES, SKY_NAMES
 
 HUE_BINS = 12
-GLOBAL_ATTRIBUTES = tuple(k for k in ATTRIBUTES if k not in SUBJECT_ATTRIBUTES)
 _PER_SUBJECT: dict[str, int] = {**{k: len(ATTRIBUTES[k]) for k in SUBJECT_ATTRIBUTES}, "pattern": len(PATTERN_NAMES),
                                 "hue": HUE_BINS}
 CLASSES: dict[str, int] = {**{f"{pos} {k}": n for pos in POSITIONS for k, n in _PER_SUBJECT.items()},

@@ -185,8 +185,11 @@ def build_report(
         for row, name in run_of_row.items():
             if name is not None and row in rows:
                 ids, at = set(candidates[row]), checkpoint if name == run else None
-                forced = forced_choice_scores(run_choices(dataset, name, manifest, split, ids, at)[0], truth.values)
-                moved, _ = run_choices(dataset, name, manifest, split, ids, at, source="moved")
+                choices, _ = run_choices(dataset, name, manifest, split, ids, at)
+                forced = forced_choice_scores(choices, truth.values)
+                # a run without active IASC (no fusion, or zero gates) reads no map: the moved mask changes nothing
+                moved = (run_choices(dataset, name, manifest, split, ids, at, source="moved")[0]
+                         if condition(dataset, name)[1] else choices)
                 rows[row].update(forced_choice=forced["accuracy"], global_forced_choice=forced["global_accuracy"],
                                  mask_following=mask_following(moved, entries)["rate"])
         if CONSTANT_ROW in rows:

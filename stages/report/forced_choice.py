@@ -21,8 +21,7 @@ from typing import Any, Hashable
 import numpy as np
 
 from stages.report.attributes import Truth, cohen_kappa
-from stages.synthetic.attributes import ATTRIBUTES, PHRASES
-from stages.synthetic.corpus import SUBJECT_ATTRIBUTES
+from stages.synthetic.attributes import ATTRIBUTES, GLOBAL_ATTRIBUTES, PHRASES, SUBJECT_ATTRIBUTES
 
 Candidates = dict[str, dict[str, list[list[int]]]]  # attribute -> value -> token ids of each phrasing
 
@@ -75,7 +74,7 @@ def forced_choice_scores(choices: dict[Hashable, dict[str, str]], truth: dict[Ha
         per_attribute[key] = sum(c == t for c, t in pairs) / len(pairs)
         kappa[key] = cohen_kappa(pairs, ATTRIBUTES[key])
     subject = [k for k in keys if k in SUBJECT_ATTRIBUTES]
-    global_ = [k for k in keys if k not in SUBJECT_ATTRIBUTES]
+    global_ = [k for k in keys if k in GLOBAL_ATTRIBUTES]
     return {"accuracy": float(np.mean([per_attribute[k] for k in subject])),
             "global_accuracy": float(np.mean([per_attribute[k] for k in global_])) if global_ else None,
             "per_attribute": per_attribute, "kappa": kappa,

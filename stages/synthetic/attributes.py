@@ -21,7 +21,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "noise": ("clean", "noisy"),
 }
 
-SUBJECT_ATTRIBUTES = ("placement", "exposure", "colour", "focus")  # per subject; horizon and noise are global
+SUBJECT_ATTRIBUTES = ("placement", "exposure", "colour", "focus")  # per subject
+GLOBAL_ATTRIBUTES = ("horizon", "noise")  # of the whole image
 
 SCORE_WEIGHTS: dict[str, dict[str, float]] = {
     "placement": {"thirds": 1.0, "centre": -0.3, "edge": -0.9},

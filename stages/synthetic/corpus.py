@@ -231,7 +231,8 @@ def _slots(rng: np.random.Generator, h: int, w: int, radius: float) -> dict[str,
               for fx in (1 / 3, 2 / 3) for fy in (1 / 3, 2 / 3)]
     centre = [(w / 2 + rng.uniform(-0.02, 0.02) * w, h / 2 + rng.uniform(-0.02, 0.02) * h)]
     along, inset = rng.uniform(0.3, 0.7, 4), rng.uniform(0.0, 0.35, 4) * radius
-    edge = [(inset[0], along[0] * h), (w - inset[1], along[1] * h), (along[2] * w, inset[2]), (along[3] * w, h - inset[3])]
+    edge = [(inset[0], along[0] * h), (w - inset[1], along[1] * h), (along[2] * w, inset[2]),
+            (along[3] * w, h - inset[3])]
     return {"thirds": thirds, "centre": centre, "edge": edge}
 
 
@@ -395,6 +396,11 @@ def _make_image(root: Path, seed: int, index: int) -> tuple[int, int, float]:
     return image.shape[1], image.shape[0], float((mask > 0).mean())
 
 
+def _generated_files(root: Path) -> list[Path]:
+    """Every image, mask and label file under ``root``."""
+    return [p for folder, suffix, _ in FILES for p in root.glob(f"{folder}/syn*.{suffix}")]
+
+
 def generate_corpus(root: Path, n: int = 240, seed: int = 0, workers: int | None = None) -> None:
     """Write ``n`` images, masks, subject label maps and ``annotations.jsonl`` under ``root``; no-op when done.
 
@@ -419,9 +425,8 @@ def generate_corpus(root: Path, n: int = 240, seed: int = 0, workers: int | None
         previous = None
     for orphan in [p for folder, _, _ in FILES for p in root.glob(f"{folder}/.syn*.tmp")]:  # a killed run's writes
         orphan.unlink(missing_ok=True)
-    made_files = [p for folder, suffix, _ in FILES for p in root.glob(f"{folder}/syn*.{suffix}")]
     if previous != params:  # nothing here belongs to these parameters
-        for stale in [root / ANNOTATIONS, *made_files]:
+        for stale in [root / ANNOTATIONS, *_generated_files(root)]:
             stale.unlink(missing_ok=True)
         write_json_atomic(root / "generator.json", params)
     workers = workers or min(4, os.cpu_count() or 1)
@@ -429,7 +434,7 @@ def generate_corpus(root: Path, n: int = 240, seed: int = 0, workers: int | None
         made = list(tqdm(pool.map(_make_image, [root] * n, [seed] * n, range(n), chunksize=8), total=n,
                          desc="synthetic corpus", unit="img", leave=False))
     keep = {f"{folder}/{image_id(i)}.{suffix}" for i in range(n) for folder, suffix, _ in FILES}
-    for stale in [p for folder, suffix, _ in FILES for p in root.glob(f"{folder}/syn*.{suffix}")]:
+    for stale in _generated_files(root):
         if stale.relative_to(root).as_posix() not in keep:
             stale.unlink()
     splits = assign_splits(n, seed)
@@ -437,7 +442,8 @@ def generate_corpus(root: Path, n: int = 240, seed: int = 0, workers: int | None
     for i, (width, height, _) in enumerate(made):
         iid = image_id(i)
         records.append({"image_id": iid, "split": splits[i], "file": f"images/{iid}.jpg", "mask": f"masks/{iid}.png",
-                        "subject_labels": f"subjects/{iid}.png", **annotation(i, seed), "width": width, "height": height, "generator": params})
+                        "subject_labels": f"subjects/{iid}.png", **annotation(i, seed), "width": width,
+                        "height": height, "generator": params})
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
     write_bytes_atomic(root / ANNOTATIONS, lines.encode("utf-8"))
     counts = {s: splits.count(s) for s, _ in SPLITS}
