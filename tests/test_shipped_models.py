@@ -70,3 +70,17 @@ def test_shipped_base_describes_and_critiques_unseen_images(renders) -> None:
     critiques = evaluate_critiques(model, tokenizer, *renders)
     assert critiques["macro_precision"] > constant["macro_precision"] + 0.05, (critiques, constant)
     assert critiques["distinct"] > 0.5, critiques
+
+
+def test_no_shipped_synthetic_dataset_draws_from_the_pretraining_stream() -> None:
+    """The shipped models were pretrained on images 0 .. 11,999 of seed ``CORPUS_SEED``: a synthetic dataset of the
+    shipped manifest on that seed would score them (and the study) on images they trained on."""
+    from pathlib import Path
+
+    from pipeline.manifest import load_manifest
+
+    manifest = load_manifest(Path(__file__).resolve().parents[1] / "data_manifest.yaml")
+    synthetic = {name: spec.options.get("seed", 0) for name, spec in manifest.datasets.items()
+                 if spec.format == "synthetic"}
+    assert {"demo", "demo-study"} <= set(synthetic)
+    assert CORPUS_SEED not in synthetic.values(), synthetic
