@@ -22,7 +22,9 @@ def _simulated(seeds: int = 3, images: int = 300) -> dict[str, list[dict]]:
         runs = []
         for _ in range(seeds):
             right = rng.random((images, len(ATTRS))) < rate  # [images, attributes]
-            following = {"rate": FOLLOWING[arm], "stayed": 0.2, "chance": 0.45, "n": 700} if arm in FOLLOWING else None
+            following = {"rate": FOLLOWING[arm], "stayed": 0.2, "chance": 0.45, "n": 700,
+                         "per_attribute": {k: {"rate": FOLLOWING[arm], "stayed": 0.2, "chance": 0.45, "n": 175}
+                                           for k in ATTRS}} if arm in FOLLOWING else None
             runs.append({"forced_choice": float(right.mean()), "global_forced_choice": 0.6,
                          "forced_per_attribute": dict(zip(ATTRS, right.mean(0).tolist())),
                          "mask_following": following, "mask_following_rate": following and following["rate"],
@@ -44,7 +46,11 @@ def test_summary_finds_the_simulated_effects_and_follows_the_schema(isolated_wor
     assert set(summary["arms"]) == set(TRUE_RATE)
     for arm in summary["arms"].values():
         assert set(arm) >= {"forced_choice_accuracy", "per_attribute", "attr_precision", "attr_recall", "distinct"}
-    assert summary["mask_following"] == pytest.approx({"truth": 0.7, "chance": 0.45, "stayed": 0.2})
+    following = summary["mask_following"]
+    assert {k: following[k] for k in ("truth", "chance", "stayed")} == pytest.approx({"truth": 0.7, "chance": 0.45,
+                                                                                       "stayed": 0.2})
+    assert set(following["per_attribute"]) == set(ATTRS)
+    assert following["per_attribute"]["focus"] == pytest.approx({"rate": 0.7, "stayed": 0.2, "chance": 0.45})
     assert summary["arms"]["eat"]["mask_following"]["rate"] == pytest.approx(0.5) and summary["arms"]["none"]["mask_following"] is None
     c = summary["contrasts"]
     assert set(c) == {"truth_vs_uniform", "eat_vs_none", "uniform_vs_none", "shuffled_vs_uniform"}
@@ -58,7 +64,7 @@ def test_summary_finds_the_simulated_effects_and_follows_the_schema(isolated_wor
     assert f"| truth vs uniform | {c['truth_vs_uniform']['diff']:+.3f} |" in text
     assert "300 test images" in text and "validation split (the eat arm, seed 0: 3e-3 x 100: 0.600)" in text
     assert "70% of the choices describe that subject (a random subject: 45%)" in text
-    assert "EAT maps recover" in text
+    assert "EAT maps recover" in text and "placement 70% / 20% / 45%" in text
     assert (md.parent / "study.csv").read_text().splitlines()[0].startswith("arm,seed,Forced choice")
     with Image.open(md.parent / "study.png") as img:
         assert img.format == "PNG" and img.width > 600

@@ -92,23 +92,29 @@ def mask_following(choices: dict[Hashable, dict[str, str]], entries: dict[Hashab
     subject: over (image, aesthetic-subject attribute) pairs whose moved-to value differs from the aesthetic
     subject's, the share choosing the moved-to value (``rate``) or the aesthetic one (``stayed``). ``chance``:
     the rate of a model that describes a subject picked uniformly at random (each subject's true value).
-    ``entries``: image -> ``truth.ground_truth`` entry."""
+    ``per_attribute``: the same per attribute. ``entries``: image -> ``truth.ground_truth`` entry."""
     from stages.synthetic.truth import moved_subject
 
-    followed, stayed, chance = [], [], []
+    # attribute -> (followed, stayed, chance) per counted image
+    pairs: dict[str, list[tuple[bool, bool, float]]] = {key: [] for key in SUBJECT_ATTRIBUTES}
     for i, chosen in choices.items():
         entry = entries[i]
         subjects = entry["subjects"]
         moved, aesthetic = subjects[moved_subject(entry)], subjects[entry["aesthetic"]]
         for key in SUBJECT_ATTRIBUTES:
             if key in chosen and moved[key] != aesthetic[key]:
-                followed.append(chosen[key] == moved[key])
-                stayed.append(chosen[key] == aesthetic[key])
-                chance.append(sum(s[key] == moved[key] for s in subjects) / len(subjects))
-    if not followed:
+                pairs[key].append((chosen[key] == moved[key], chosen[key] == aesthetic[key],
+                                   sum(s[key] == moved[key] for s in subjects) / len(subjects)))
+
+    def rates(rows: list[tuple[bool, bool, float]]) -> dict[str, Any]:
+        followed, stayed, chance = np.array(rows, dtype=float).T
+        return {"rate": float(followed.mean()), "stayed": float(stayed.mean()), "chance": float(chance.mean()),
+                "n": len(rows)}
+
+    every = [row for rows in pairs.values() for row in rows]
+    if not every:
         raise ValueError("no attribute where the moved-to subject differs from the aesthetic one")
-    return {"rate": float(np.mean(followed)), "stayed": float(np.mean(stayed)), "chance": float(np.mean(chance)),
-            "n": len(followed)}
+    return {**rates(every), "per_attribute": {key: rates(rows) for key, rows in pairs.items() if rows}}
 
 
 def image_logprobs(captioner: Any, images: list[tuple[Hashable, Any, Any]], progress: bool = False,

@@ -56,6 +56,7 @@ CONTRASTS = {"truth_vs_uniform": ("truth", "uniform"), "eat_vs_none": ("eat", "n
 COLUMNS = (("Forced choice", "forced_choice"), ("Follows moved mask", "mask_following_rate"),
            ("Forced choice, global", "global_forced_choice"), ("Attr P", "macro_precision"),
            ("Attr R", "macro_recall"), ("Distinct", "distinct"), ("B1", "Bleu_1"), ("CIDEr", "CIDEr"))
+SCORES_VERSION = 2  # of what score_run computes (2: mask following per attribute); older cached scores are redone
 CHANCE = statistics.fmean(1 / len(ATTRIBUTES[k]) for k in SUBJECT_ATTRIBUTES)  # forced choice, aesthetic subject
 
 
@@ -81,7 +82,7 @@ def score_run(dataset: str, run: str, manifest: Manifest | None, split: str = "t
     cache = study_dir(dataset) / "runs" / f"{run}.json"
     summary = generate_split(dataset, run, manifest, split, progress=False)
     captions = {i: c for i, c in read_predictions(summary.directory, split).items() if i in truth.values}
-    key = hashlib.sha256(json.dumps([checkpoint_fingerprint(runs_dir(dataset) / run / "final"), split,
+    key = hashlib.sha256(json.dumps([SCORES_VERSION, checkpoint_fingerprint(runs_dir(dataset) / run / "final"), split,
                                      sorted(captions.items())]).encode()).hexdigest()[:16]
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     if cached.get("key") == key:
@@ -109,6 +110,14 @@ def outcomes(results: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[
     return ids, {arm: np.array([[r["forced_correct"][i] for i in ids] for r in runs]) for arm, runs in results.items()}
 
 
+def seed_mean_following(following: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seed means of ``forced_choice.mask_following`` results: rate, stayed, chance, and each attribute's."""
+    means = {k: statistics.fmean(f[k] for f in following) for k in ("rate", "stayed", "chance")}
+    keys = [k for k in SUBJECT_ATTRIBUTES if all(k in f.get("per_attribute", {}) for f in following)]
+    return {**means, "per_attribute": {k: {m: statistics.fmean(f["per_attribute"][k][m] for f in following)
+                                           for m in ("rate", "stayed", "chance")} for k in keys}}
+
+
 def summarise(results: dict[str, list[dict[str, Any]]], seeds: list[int], generator_version: int,
               chosen: dict[str, Any]) -> dict[str, Any]:
     """summary.json: per arm the seed means, the paired contrasts, the EAT's share of the true masks' gain."""
@@ -123,8 +132,7 @@ def summarise(results: dict[str, list[dict[str, Any]]], seeds: list[int], genera
         arms[arm] = {"forced_choice_accuracy": statistics.fmean(r["forced_choice"] for r in runs),
                      "global_forced_choice": statistics.fmean(r["global_forced_choice"] for r in runs),
                      "per_attribute": per_attribute,
-                     "mask_following": {k: statistics.fmean(f[k] for f in following) for k in following[0]
-                                        if k != "n"} if following else None,
+                     "mask_following": seed_mean_following(following) if following else None,
                      "attr_precision": statistics.fmean(r["macro_precision"] for r in runs),
                      "attr_recall": statistics.fmean(r["macro_recall"] for r in runs),
                      "distinct": statistics.fmean(r["distinct"] for r in runs),
@@ -142,7 +150,8 @@ def summarise(results: dict[str, list[dict[str, Any]]], seeds: list[int], genera
     return {"generator_version": generator_version, "test_images": len(ids), "seeds": seeds, "arms": arms,
             "contrasts": contrasts, "eat_recovery": recovery,
             "mask_following": {"truth": truth_following["rate"], "chance": truth_following["chance"],
-                               "stayed": truth_following["stayed"]} if truth_following else None,
+                               "stayed": truth_following["stayed"],
+                               "per_attribute": truth_following["per_attribute"]} if truth_following else None,
             "chosen_on_validation": chosen}
 
 
@@ -178,7 +187,10 @@ def to_markdown(results: dict[str, list[dict[str, Any]]], summary: dict[str, Any
     if following:
         lines += ["", f"Mask following (true-mask arm): with the true mask moved onto another subject, "
                       f"{following['truth']:.0%} of the choices describe that subject (a random subject: "
-                      f"{following['chance']:.0%}); {following['stayed']:.0%} still describe the aesthetic one."]
+                      f"{following['chance']:.0%}); {following['stayed']:.0%} still describe the aesthetic one. Per "
+                      "attribute (follows / stays / random subject): " + ", ".join(
+                          f"{k} {f['rate']:.0%} / {f['stayed']:.0%} / {f['chance']:.0%}"
+                          for k, f in following["per_attribute"].items()) + "."]
     lines += ["", f"Forced choice: the share of the aesthetic subject's attributes whose true value the model finds "
                   f"likeliest to say (chance {CHANCE:.3f}); global: horizon and noise. Same data, schedule and base "
                   f"for every arm; only the fusion and the maps differ. {chosen['what']} chosen on the validation "
