@@ -3,7 +3,8 @@
 Steps, each the ordinary CLI command (reruns skip finished runs and resume interrupted ones; scores are cached):
 the demo's EAT (ingest demo, train-eat), the study corpus (ingest, saliency), the cross-attention learning rate,
 the step count and the learning rate chosen on the validation split by forced choice (``SEARCH``, the ``eat``
-arm, seed 0), then every arm x seed fine-tuned with the demo's recipe and those, scored on the test split.
+arm, seed 0), then every arm x seed fine-tuned with the demo's recipe and those, scored on the test split, and
+the feature probe of the base they start from (stages/report/feature_probe.py: what a perfect map could select).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def register(app: typer.Typer) -> None:
         from pipeline import context
         from pipeline.demo import DATASET, EAT_ARGS, FINETUNE_ARGS, run_step
         from pipeline.paths import reports_dir, study_dir
+        from stages.report.feature_probe import feature_probe
         from stages.report.study import ARMS, run_name, score_run, write_study
         from stages.synthetic.corpus import GENERATOR_VERSION
 
@@ -59,7 +61,8 @@ def register(app: typer.Typer) -> None:
         chosen = {**{flag.strip("-"): option(args, flag) for flag, _ in SEARCH}, "validation_forced_choice": tried,
                   "by": "the eat arm, seed 0", "what": "The cross-attention learning rate, the step count and the "
                                                        "learning rate were"}
-        markdown = write_study(dataset, results, seed_list, GENERATOR_VERSION, chosen)
+        probe = feature_probe(dataset, run_name(chosen_arms[0], 0), manifest)
+        markdown = write_study(dataset, results, seed_list, GENERATOR_VERSION, chosen, probe)
         shown = run_name(next((a for a in chosen_arms if a.name == "eat"), chosen_arms[0]), 0)
         run_step(app, "report", "--dataset", dataset, "--run", shown)  # an HTML report with the study in it
         typer.echo("\n" + markdown.read_text())

@@ -38,10 +38,15 @@ def test_summary_finds_the_simulated_effects_and_follows_the_schema(isolated_wor
     results = _simulated()
     chosen = {"cross_attention_lr": "3e-3", "max_steps": "100", "by": "the eat arm, seed 0",
               "validation_forced_choice": {"3e-3 x 100": 0.6}, "what": "The rate and steps were"}
-    md = study.write_study("demo-study", results, [0, 1, 2], 2, chosen)
+    probe = {"per_attribute": {p: dict.fromkeys(ATTRS, acc) for p, acc in (("true_mask", 0.7), ("even", 0.5),
+                                                                              ("other_subject", 0.45))},
+             "majority": dict.fromkeys(ATTRS, 0.35), "mean": {"true_mask": 0.7, "even": 0.5, "other_subject": 0.45},
+             "train_images": 1750, "test_images": 300}
+    md = study.write_study("demo-study", results, [0, 1, 2], 2, chosen, probe)
     summary = json.loads((md.parent / "summary.json").read_text())
     assert set(summary) >= {"generator_version", "test_images", "seeds", "arms", "contrasts", "eat_recovery",
-                            "mask_following"}
+                            "mask_following", "feature_probe"}
+    assert summary["feature_probe"] == probe
     assert summary["test_images"] == 300 and summary["seeds"] == [0, 1, 2]
     assert set(summary["arms"]) == set(TRUE_RATE)
     for arm in summary["arms"].values():
@@ -65,6 +70,7 @@ def test_summary_finds_the_simulated_effects_and_follows_the_schema(isolated_wor
     assert "300 test images" in text and "validation split (the eat arm, seed 0: 3e-3 x 100: 0.600)" in text
     assert "70% of the choices describe that subject (a random subject: 45%)" in text
     assert "EAT maps recover" in text and "placement 70% / 20% / 45%" in text
+    assert "pooled by the true mask 0.700 (placement 0.70," in text and "evenly 0.500" in text
     assert (md.parent / "study.csv").read_text().splitlines()[0].startswith("arm,seed,Forced choice")
     with Image.open(md.parent / "study.png") as img:
         assert img.format == "PNG" and img.width > 600

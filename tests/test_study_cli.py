@@ -36,6 +36,11 @@ def test_study_two_arms_one_seed(isolated_work: Path) -> None:
     for arm in summary["arms"].values():
         assert 0.375 - 0.2 < arm["forced_choice_accuracy"] <= 1 and 0 < arm["distinct"] <= 1
     assert summary["arms"]["eat"]["mask_following"]["chance"] > 0.33 and summary["arms"]["none"]["mask_following"] is None
+    probe = summary["feature_probe"]  # the base's tokens read by a linear probe; truth: the generator's
+    assert probe["train_images"] == 168 and probe["test_images"] == 48
+    exposure = {pooling: accuracy["exposure"] for pooling, accuracy in probe["per_attribute"].items()}
+    assert exposure["true_mask"] > 0.8
+    assert exposure["true_mask"] > max(exposure["even"], exposure["other_subject"]) + 0.25
     html = (isolated_work / "reports" / "demo" / "study-eat-s0" / "index.html").read_text()
     assert "Saliency study on demo" in html and "images/study.png" in html
 

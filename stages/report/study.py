@@ -11,7 +11,9 @@ following (IASC arms: the same choices with the true mask moved onto another sub
 that subject), by the attribute precision / recall of its generated critiques, their diversity and BLEU-1 /
 CIDEr. Contrasts pair the per-image forced-choice outcome over images x seeds (stages/report/paired.py: mean
 difference, two-way bootstrap 95 % CI, paired permutation p): truth vs uniform, eat vs none, uniform vs none,
-shuffled vs uniform; ``eat_recovery`` is (eat - uniform) / (truth - uniform).
+shuffled vs uniform; ``eat_recovery`` is (eat - uniform) / (truth - uniform). ``feature_probe``: how much of the
+aesthetic subject a linear reader finds in the base's tokens pooled by the true mask, evenly or over another
+subject (stages/report/feature_probe.py), the ceiling of what selecting by the map can add.
 Written to ``reports/<dataset>/study/``: ``summary.json``, ``study.md``, ``study.csv``, ``study.png`` and
 ``runs/<run>.json`` (each run's scores, reused while its checkpoint is unchanged).
 """
@@ -119,8 +121,9 @@ def seed_mean_following(following: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarise(results: dict[str, list[dict[str, Any]]], seeds: list[int], generator_version: int,
-              chosen: dict[str, Any]) -> dict[str, Any]:
-    """summary.json: per arm the seed means, the paired contrasts, the EAT's share of the true masks' gain."""
+              chosen: dict[str, Any], probe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """summary.json: per arm the seed means, the paired contrasts, the EAT's share of the true masks' gain, and
+    ``probe`` (stages/report/feature_probe.py: what the base's tokens hold) when given."""
     from stages.report.paired import paired_contrast, share_recovered
 
     ids, outcome = outcomes(results)
@@ -152,7 +155,7 @@ def summarise(results: dict[str, list[dict[str, Any]]], seeds: list[int], genera
             "mask_following": {"truth": truth_following["rate"], "chance": truth_following["chance"],
                                "stayed": truth_following["stayed"],
                                "per_attribute": truth_following["per_attribute"]} if truth_following else None,
-            "chosen_on_validation": chosen}
+            "feature_probe": probe, "chosen_on_validation": chosen}
 
 
 def to_markdown(results: dict[str, list[dict[str, Any]]], summary: dict[str, Any], dataset: str) -> str:
@@ -191,6 +194,14 @@ def to_markdown(results: dict[str, list[dict[str, Any]]], summary: dict[str, Any
                       "attribute (follows / stays / random subject): " + ", ".join(
                           f"{k} {f['rate']:.0%} / {f['stayed']:.0%} / {f['chance']:.0%}"
                           for k, f in following["per_attribute"].items()) + "."]
+    probe = summary.get("feature_probe")
+    if probe:
+        cells = {p: ", ".join(f"{k} {v:.2f}" for k, v in probe["per_attribute"][p].items()) for p in probe["mean"]}
+        lines += ["", f"What the base's tokens hold (a linear probe fit on {probe['train_images']} train images, "
+                      f"scored on the {probe['test_images']} test images): pooled by the true mask "
+                      f"{probe['mean']['true_mask']:.3f} ({cells['true_mask']}), evenly {probe['mean']['even']:.3f} "
+                      f"({cells['even']}), over the wrong subject {probe['mean']['other_subject']:.3f}; always "
+                      "the majority value: " + ", ".join(f"{k} {v:.2f}" for k, v in probe["majority"].items()) + "."]
     lines += ["", f"Forced choice: the share of the aesthetic subject's attributes whose true value the model finds "
                   f"likeliest to say (chance {CHANCE:.3f}); global: horizon and noise. Same data, schedule and base "
                   f"for every arm; only the fusion and the maps differ. {chosen['what']} chosen on the validation "
@@ -243,10 +254,10 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
 
 
 def write_study(dataset: str, results: dict[str, list[dict[str, Any]]], seeds: list[int], generator_version: int,
-                chosen: dict[str, Any]) -> Path:
+                chosen: dict[str, Any], probe: dict[str, Any] | None = None) -> Path:
     """summary.json, study.md, study.csv and study.png under ``reports/<dataset>/study/``; returns study.md."""
     out = study_dir(dataset)
-    summary = summarise(results, seeds, generator_version, chosen)
+    summary = summarise(results, seeds, generator_version, chosen, probe)
     write_json_atomic(out / "summary.json", summary)
     markdown = to_markdown(results, summary, dataset)
     write_bytes_atomic(out / "study.md", markdown.encode())
