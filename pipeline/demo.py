@@ -21,8 +21,8 @@ RUNS = {"demo-ias": "cross_attention", "demo-noiasc": "none"}  # run name -> fus
 EAT_ARGS = ["--init", str(SHIPPED_EAT), "--epochs", "4", "--lr", "3e-4"]
 # One 224 px tile per image (the base was pretrained so). World v2 (three subjects, one that matters) needs a firmer
 # schedule than v1's 5e-5 x 100 steps, which left the fine-tuned runs at chance on the aesthetic subject (forced
-# choice 0.43 on the demo). Exploratory runs on the study corpus's validation split (one seed, 400 steps, lr 2e-4,
-# cross-attention lr 1e-2): true masks 0.496, uniform maps 0.426. The study chooses rate, steps and lr on its
+# choice 0.43 on the demo). Exploratory runs on the validation split of the study's former corpus (seed 1; one seed,
+# 400 steps, lr 2e-4, cross-attention lr 1e-2): true masks 0.496, uniform maps 0.426. The study chooses rate, steps and lr on its
 # validation split (pipeline/study.py SEARCH); the demo uses the search's starting point.
 FINETUNE_ARGS = ["--base", str(SHIPPED_BASE), "--max-tiles", "1", "--lr", "2e-4", "--cross-attention-lr", "1e-2",
                  "--batch-size", "8", "--per-device", "8", "--max-steps", "200", "--save-steps", "100",
