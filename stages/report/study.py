@@ -115,7 +115,7 @@ def outcomes(results: dict[str, list[dict[str, Any]]]) -> tuple[list[str], dict[
 def seed_mean_following(following: list[dict[str, Any]]) -> dict[str, Any]:
     """Seed means of ``forced_choice.mask_following`` results: rate, stayed, chance, and each attribute's."""
     means = {k: statistics.fmean(f[k] for f in following) for k in ("rate", "stayed", "chance")}
-    keys = [k for k in SUBJECT_ATTRIBUTES if all(k in f.get("per_attribute", {}) for f in following)]
+    keys = [k for k in SUBJECT_ATTRIBUTES if all(k in f["per_attribute"] for f in following)]  # counted in every seed
     return {**means, "per_attribute": {k: {m: statistics.fmean(f["per_attribute"][k][m] for f in following)
                                            for m in ("rate", "stayed", "chance")} for k in keys}}
 
