@@ -66,6 +66,7 @@ def feature_probe(dataset: str, like: str, manifest: Manifest | None) -> dict[st
     """{"per_attribute": {pooling: {attribute: accuracy}}, "majority": {attribute: accuracy}, "mean": {pooling:
     accuracy}, "train_images", "test_images"} for the base the run ``like`` was fine-tuned from; cached in
     ``reports/<dataset>/study/feature_probe.json`` while that base and the images are unchanged."""
+    from stages.report.attributes import majority_values
     from stages.report.generate import load_run, prepare_untrained, split_images
     from stages.synthetic.truth import ground_truth, moved_subject
     from storage.images import open_rgb, safe_join
@@ -103,10 +104,8 @@ def feature_probe(dataset: str, like: str, manifest: Manifest | None) -> dict[st
     per_attribute = {p: {k: float((linear_probe(features["train"][:, j], labels["train"][k], features["test"][:, j])
                                    == labels["test"][k]).mean()) for k in SUBJECT_ATTRIBUTES}
                      for j, p in enumerate(POOLINGS)}
-    majority = {}
-    for k in SUBJECT_ATTRIBUTES:
-        values, counts = np.unique(labels["train"][k], return_counts=True)
-        majority[k] = float((labels["test"][k] == values[counts.argmax()]).mean())
+    constant = majority_values([truth[r["image_id"]]["attributes"] for r in rows["train"]])
+    majority = {k: float((labels["test"][k] == constant[k]).mean()) for k in SUBJECT_ATTRIBUTES}
     probe = {"per_attribute": per_attribute, "majority": majority,
              "mean": {p: float(np.mean(list(v.values()))) for p, v in per_attribute.items()},
              "train_images": len(rows["train"]), "test_images": len(rows["test"])}
