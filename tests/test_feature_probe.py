@@ -39,5 +39,5 @@ def test_pooling_weights_and_means() -> None:
     tokens = torch.arange(8, dtype=torch.float32).view(4, 2)  # [N, D]
     means = pooled(tokens, np.vstack([weights, np.zeros((1, 4), np.float32)]))
     assert means.tolist() == [[0, 1], [3, 4], [6, 7], [3, 4]]  # an empty pooling falls back to the even mean
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError):  # weights for 3 tokens, 4 tokens given
         pooled(tokens, np.ones((1, 3), np.float32))
