@@ -67,7 +67,10 @@ def register(app: typer.Typer) -> None:
             args = FINETUNE_ARGS if tiny_model == "demo" else QWEN_FINETUNE_ARGS
             run_step(app, "finetune", "--dataset", DATASET, "--run", run, "--fusion", fusion, *args)
         run_step(app, "report", "--dataset", DATASET, "--run", next(iter(runs)))
-        typer.echo(summary(variant, runs, time.perf_counter() - t0))
+        from stages.report.ladder import ladder
+
+        rungs = ladder(DATASET, next(iter(runs)), context.manifest())
+        typer.echo(summary(variant, runs, rungs, time.perf_counter() - t0))
 
 
 def demo_runs(tiny_model: str) -> dict[str, str]:
@@ -77,18 +80,24 @@ def demo_runs(tiny_model: str) -> dict[str, str]:
     return {run.replace("demo-", f"{tiny_model}-", 1): fusion for run, fusion in RUNS.items()}
 
 
-def summary(variant: str, runs: dict[str, str], seconds: float) -> str:
-    """The demo's closing summary: saliency quality, then each run beside the best constant critique."""
+def summary(variant: str, runs: dict[str, str], rungs: dict, seconds: float) -> str:
+    """The demo's closing summary: saliency quality, the ladder's rungs (stages/report/ladder.py), then each run
+    beside the best constant critique."""
     from stages.report.build import CONSTANT_ROW, UNTRAINED_ROW
 
     eat = json.loads((models_dir() / f"eat_{variant}.json").read_text())["test"]
     report = reports_dir(DATASET) / next(iter(runs))
     rows = json.loads((report / "rows.json").read_text())
+    reading = ", ".join(f"{k} {v:.2f}" for k, v in rungs["base_reading"].items())
     lines = ["", "== demo summary",
              f"saliency (EAT-{variant}, test split): mask ratio {eat['mask_ratio']:.2f} (map mean inside the true "
              f"aesthetic regions / overall; uniform map = 1), SRCC {eat['srcc']:.3f}",
-             f"{'test split (48 images)':50} {'forced':>7} {'follows':>8} {'global':>7} {'attr P':>7} {'attr R':>7} "
-             f"{'distinct':>9} {'B1':>6} {'CIDEr':>6}  training loss"]
+             f"R1 reading (the base describes each subject; share right): {reading}",
+             f"R2 naming (the base's forced choice with the aesthetic subject named): {rungs['named_oracle']:.3f}",
+             f"R4 finding (the EAT's subject preference: its map on the aesthetic subject / on the others; 1 = none): "
+             f"{rungs['eat_subject_preference']:.2f}",
+             f"{'R3 selecting, test split (48 images)':50} {'forced':>7} {'follows':>8} {'ignore':>7} {'global':>7} "
+             f"{'attr P':>7} {'attr R':>7} {'distinct':>9} {'B1':>6} {'CIDEr':>6}  training loss"]
     for run, fusion in runs.items():
         start, end = _loss_range(run)
         lines.append(_row(f"finetune {run} (fusion {fusion})", rows[f"ASE-MLLM ({run})"]) + f"  {start:.3f} -> {end:.3f}")
@@ -97,15 +106,17 @@ def summary(variant: str, runs: dict[str, str], seconds: float) -> str:
     lines.append(_row(CONSTANT_ROW, rows[CONSTANT_ROW]))
     lines += ["forced: forced-choice accuracy on the aesthetic subject's four attributes (chance 0.375): the value the "
               "model finds likeliest to say, given the image and its map; follows: with the true mask moved onto "
-              "another subject, the share of those choices that describe that subject (random subject: about 0.45); "
-              "global: forced choice on horizon and noise", f"report: {report / 'index.html'}",
+              "another subject, the share of those choices that name that subject's value where it differs; ignore: "
+              "the same model's choices with its own map naming that value (what ignoring the map scores); global: "
+              "forced choice on horizon and noise", f"report: {report / 'index.html'}",
               f"demo finished in {seconds:.0f} s"]
     return "\n".join(lines)
 
 
 def _row(name: str, m: dict) -> str:
     follows = f"{m['mask_following']:8.3f}" if m.get("mask_following") is not None else f"{'-':>8}"
-    return (f"{name:50} {m['forced_choice']:7.3f} {follows} {m['global_forced_choice']:7.3f} "
+    ignore = f"{m['mask_following_baseline']:7.3f}" if m.get("mask_following_baseline") is not None else f"{'-':>7}"
+    return (f"{name:50} {m['forced_choice']:7.3f} {follows} {ignore} {m['global_forced_choice']:7.3f} "
             f"{m['macro_precision']:7.3f} {m['macro_recall']:7.3f} {m['distinct']:9.2f} {m['Bleu_1']:6.3f} "
             f"{m['CIDEr']:6.3f}")
 

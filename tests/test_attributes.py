@@ -51,6 +51,8 @@ def test_full_critiques_assert_every_true_value() -> None:
         assert sa.asserted_values(text) == {k: {v} for k, v in truth.items()}, (text, truth)
         texts.add(text)
     assert len(texts) == 200
+    openers = {next(iter(sa.asserted_values(text.split(".")[0]))) for text in texts}
+    assert openers == set(sa.ATTRIBUTES)  # any attribute may open (forced choice scores the opening sentence)
 
 
 def test_reader_ignores_case_spacing_and_punctuation() -> None:

@@ -103,7 +103,8 @@ def _entry(aesthetic: int, subjects: list[dict[str, str]]) -> dict:
 
 def test_mask_following_counts_choices_that_describe_the_moved_to_subject() -> None:
     """Hand-made cases: the moved-to subject is the one after the aesthetic one; only attributes where it differs
-    from the aesthetic subject count; chance is what a randomly chosen subject's true value would give."""
+    from the aesthetic subject count; the baseline is the same run's own-mask choices scored on the moved-to
+    subject's values (what a model ignoring its map gets), per image too."""
     from stages.report.forced_choice import mask_following
 
     a = {"placement": "thirds", "exposure": "under", "colour": "vivid", "focus": "sharp"}
@@ -111,14 +112,15 @@ def test_mask_following_counts_choices_that_describe_the_moved_to_subject() -> N
     c = {"placement": "edge", "exposure": "blown", "colour": "clashing", "focus": "sharp"}
     entries = {"i": _entry(0, [a, b, c])}  # moved onto b; exposure equal to a's: not counted
     follows = {"i": {"placement": "edge", "exposure": "under", "colour": "muted", "focus": "blurred"}}
-    stays = {"i": dict(a)}
-    result = mask_following(follows, entries)
+    own = {"i": {"placement": "edge", "exposure": "under", "colour": "vivid", "focus": "sharp"}}  # b's placement only
+    result = mask_following(follows, own, entries)
     assert result["n"] == 3 and result["rate"] == 1.0 and result["stayed"] == 0.0
-    # chance: placement edge is b's and c's (2/3), colour muted only b's (1/3), focus blurred only b's (1/3)
-    assert result["chance"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 3) / 3)
-    assert mask_following(stays, entries)["rate"] == 0.0 and mask_following(stays, entries)["stayed"] == 1.0
+    assert result["baseline"] == pytest.approx(1 / 3) and result["per_image"] == {"i": [3, 1, 3]}
+    assert result["per_attribute"]["placement"]["baseline"] == 1.0 and "exposure" not in result["per_attribute"]
+    stays = mask_following({"i": dict(a)}, {"i": dict(a)}, entries)
+    assert stays["rate"] == 0.0 and stays["stayed"] == 1.0 and stays["baseline"] == 0.0
     with pytest.raises(ValueError):
-        mask_following({"i": dict(a)}, {"i": _entry(0, [a, dict(a), c])})
+        mask_following({"i": dict(a)}, {"i": dict(a)}, {"i": _entry(0, [a, dict(a), c])})
 
 
 def test_scores_average_the_aesthetic_subject_and_report_globals_apart() -> None:
@@ -131,3 +133,4 @@ def test_scores_average_the_aesthetic_subject_and_report_globals_apart() -> None
     assert scores["accuracy"] == 0.75 and scores["global_accuracy"] == 0.0
     assert scores["chance"] == pytest.approx((1 / 3 * 3 + 1 / 2) / 4)
     assert correct(chosen, truth) == {"i": 0.75}
+    assert correct(chosen, truth, ("exposure", "colour", "focus")) == {"i": pytest.approx(2 / 3)}

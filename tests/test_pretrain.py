@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.synthetic.attributes import ATTRIBUTES, POSITIONS
-from stages.synthetic.corpus import SKY_NAMES, SUBJECT_ATTRIBUTES, generate_corpus
+from stages.synthetic.attributes import ATTRIBUTES
+from stages.synthetic.corpus import PATTERN_NAMES, SKY_NAMES, SUBJECT_ATTRIBUTES, generate_corpus
 from stages.synthetic import pretraining_corpus as pc
-from stages.pretrain.targets import CLASSES, REGRESSIONS, AuxHeads, Targets
+from stages.pretrain.targets import CLASSES, DENSE, REGRESSIONS, AuxHeads, DenseHeads, Targets, dense_targets
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,18 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> pc.PretrainCorpus:
 
 
 def test_corpus_images_are_the_demo_pipeline_images(small: pc.PretrainCorpus, tmp_path: Path) -> None:
-    """Oracle: the generator's JPEG files for the same seed, decoded and resized the way EAT / one-tile InternVL do."""
+    """Oracle: the generator's JPEG and label files for the same seed, decoded and resized the way EAT / one-tile
+    InternVL do (labels: nearest)."""
     generate_corpus(tmp_path / "files", n=6, seed=9, workers=1)
     for i in range(6):
         with Image.open(tmp_path / "files" / "images" / f"syn{i:05d}.jpg") as img:
             expected = np.asarray(img.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC))
         assert np.array_equal(small.images[i], expected)
+        with Image.open(tmp_path / "files" / "subjects" / f"syn{i:05d}.png") as labels:
+            expected = np.asarray(labels.resize((224, 224), Image.Resampling.NEAREST))
+        assert np.array_equal(small.labels[i], expected)
     records = [json.loads(line) for line in (tmp_path / "files" / "annotations.jsonl").read_text().splitlines()]
-    for key in ("attributes", "subjects", "aesthetic"):
+    for key in ("attributes", "subjects", "aesthetic", "scene"):
         assert [r[key] for r in records] == [r[key] for r in small.records[:6]]
     assert [r["score"] for r in records] == [r["score"] for r in small.records[:6]]
 
@@ -46,6 +50,7 @@ def test_corpus_rebuild_repairs_an_unfinished_chunk(small: pc.PretrainCorpus, tm
     monkeypatch.setenv("ASE_WORK", str(tmp_path))
     first = pc.build_corpus(24, seed=9, workers=1, chunk_size=8)
     assert np.array_equal(np.asarray(first.images), np.asarray(small.images))  # chunking does not change bytes
+    assert np.array_equal(np.asarray(first.labels), np.asarray(small.labels))
     root = pc.corpus_dir(9)
     kept = (root / "done" / "00000.json").stat().st_mtime_ns
     (root / "done" / "00001.json").unlink()
@@ -54,30 +59,43 @@ def test_corpus_rebuild_repairs_an_unfinished_chunk(small: pc.PretrainCorpus, tm
         fh.write(b"\xff" * 5000)
     again = pc.build_corpus(24, seed=9, workers=1, chunk_size=8)
     assert np.array_equal(np.asarray(again.images), np.asarray(small.images))
+    assert np.array_equal(np.asarray(again.labels), np.asarray(small.labels))
     assert (root / "done" / "00000.json").stat().st_mtime_ns == kept
 
 
 def test_targets_follow_the_records(small: pc.PretrainCorpus) -> None:
-    """Every subject's attributes by left-to-right position, the globals, the scene; nothing marks the aesthetic
-    subject (its position among the three varies)."""
+    """Dense targets: each cell gets the attributes of the subject its centre lies on (the generator's label map,
+    every subject alike), background none; pooled: the globals and the scene; the aesthetic subject's attributes
+    (the EAT's) are its subject's."""
     t = Targets.of(small.records)
     assert t.classes.shape == (24, len(CLASSES)) and t.values.shape == (24, len(REGRESSIONS))
-    names = list(CLASSES)
-    ranks = []
-    for row, values, rec in zip(t.classes.tolist(), t.values.tolist(), small.records):
-        order = sorted(range(3), key=lambda k: rec["scene"]["subjects"][k]["x"])
-        for pos, k in zip(POSITIONS, order):
+    assert t.subjects.shape == (24, 3, len(DENSE)) and t.aesthetic.shape == (24, len(SUBJECT_ATTRIBUTES))
+    labels = torch.from_numpy(np.array(small.labels))  # [24, 224, 224]
+    cells = dense_targets(labels, t.subjects, 16)  # [24, 256, classes]
+    names = list(DENSE)
+    for n, rec in enumerate(small.records):
+        for j in range(256):
+            row, col = divmod(j, 16)
+            subject = int(labels[n, 14 * row + 7, 14 * col + 7]) - 1  # the label under the cell's centre pixel
+            if subject < 0:
+                assert (cells[n, j] == -1).all()
+                continue
             for key in SUBJECT_ATTRIBUTES:
-                assert ATTRIBUTES[key][row[names.index(f"{pos} {key}")]] == rec["subjects"][k][key]
-            assert values[list(REGRESSIONS).index(f"{pos} x")] == pytest.approx(rec["scene"]["subjects"][k]["x"])
+                assert ATTRIBUTES[key][cells[n, j, names.index(key)]] == rec["subjects"][subject][key]
+            assert PATTERN_NAMES[cells[n, j, names.index("pattern")]] == rec["scene"]["subjects"][subject]["pattern"]
+        assert [ATTRIBUTES[k][v] for k, v in zip(SUBJECT_ATTRIBUTES, t.aesthetic[n].tolist())] == [
+            rec["subjects"][rec["aesthetic"]][k] for k in SUBJECT_ATTRIBUTES]
         for key in ("horizon", "noise"):
-            assert ATTRIBUTES[key][row[names.index(key)]] == rec["attributes"][key]
-        assert SKY_NAMES[row[names.index("sky")]] == rec["scene"]["sky"]
-        ranks.append(order.index(rec["aesthetic"]))
-    assert len(set(ranks)) == 3
-    assert not any("aesthetic" in name for name in [*CLASSES, *REGRESSIONS])
-    heads = AuxHeads(16)
-    loss = heads.loss(torch.randn(24, 16), t)
+            assert ATTRIBUTES[key][t.classes[n, list(CLASSES).index(key)]] == rec["attributes"][key]
+        assert SKY_NAMES[t.classes[n, list(CLASSES).index("sky")]] == rec["scene"]["sky"]
+    assert (cells[..., 0] >= 0).float().mean() > 0.05  # the subjects cover cells
+    flipped = t.flipped(torch.tensor([True] * 12 + [False] * 12))
+    angle = list(REGRESSIONS).index("horizon_angle")
+    assert torch.equal(flipped.values[:12, angle], -t.values[:12, angle])
+    assert torch.equal(flipped.values[12:], t.values[12:])
+    assert not any("aesthetic" in name for name in [*CLASSES, *REGRESSIONS, *DENSE])
+    dense, heads = DenseHeads(16), AuxHeads(16)
+    loss = dense.loss(torch.randn(24, 256, 16), cells) + heads.loss(torch.randn(24, 16), t)
     assert torch.isfinite(loss) and loss > 0
 
 
@@ -90,28 +108,31 @@ def test_pretraining_runs_save_what_the_pipeline_loads(small: pc.PretrainCorpus,
     from stages.pretrain.eat import EatRecipe, pretrain_eat
     from stages.saliency.eat import build_eat, load_eat_weights
 
-    images, records = np.asarray(small.images[:16]), small.records[:16]
+    images, labels, records = np.asarray(small.images[:16]), np.asarray(small.labels[:16]), small.records[:16]
     val_images, val_records = pc.validation_set(9, 1000, 4)
     assert val_records[0]["mask"].shape == (224, 224) and val_records[0]["mask"].dtype == bool
-    metrics = pretrain_eat(images, records, (val_images, val_records), EatRecipe(epochs=1, batch_size=8),
-                           tmp_path / "eat.safetensors")
-    load_eat_weights(build_eat("tiny"), tmp_path / "eat.safetensors")  # strict: exactly the official layout
-    assert set(metrics["validation"]) >= {"srcc", "mask_ratio", "attributes"}
+    metrics = pretrain_eat(images, labels, records, (val_images, val_records),
+                           EatRecipe(variant="nano", epochs=1, batch_size=8), tmp_path / "eat.safetensors")
+    load_eat_weights(build_eat("nano"), tmp_path / "eat.safetensors")  # strict: exactly the official layout
+    assert set(metrics["validation"]) >= {"srcc", "mask_ratio", "subject_preference", "attributes",
+                                          "aesthetic_attributes", "cells_read"}
 
     monkeypatch.setenv("ASE_WORK", str(tmp_path / "work"))
     recipe = CaptionerRecipe(epochs=1, batch_size=8, vocab_size=400, critique_steps=2)
-    metrics = pretrain_captioner(images, records, (val_images, val_records), recipe, tmp_path / "base", corpus_seed=9)
+    metrics = pretrain_captioner(images, labels, records, (val_images, val_records), recipe, tmp_path / "base",
+                                 corpus_seed=9)
     config = json.loads((tmp_path / "base" / "config.json").read_text())
     assert config["model_type"] == "internvl" and "ias_fusion" not in config  # a plain base, as users download
     _, missing = load_base(tmp_path / "base")
     assert missing and all(".cross_attention." in k for k in missing)
     load_tokenizer(tmp_path / "base")  # has the image tokens
     assert 0 <= metrics["validation"]["mean_accuracy"] <= 1 and len(metrics["critique_history"]) == 1
+    assert set(metrics["history"][0]["token_reading"]) == {"placement", "exposure", "colour", "focus"}
     assert 0 <= metrics["validation"]["critique"]["macro_precision"] <= 1
 
     # phase 2 alone reruns from phase 1's cache (a new critique recipe keeps the same phase 1)
     cache = describe_cache(recipe, len(images), 9)
     stamp = (cache / "model.safetensors").stat().st_mtime_ns
-    again = pretrain_captioner(images, records, (val_images, val_records), CaptionerRecipe(
+    again = pretrain_captioner(images, labels, records, (val_images, val_records), CaptionerRecipe(
         epochs=1, batch_size=8, vocab_size=400, critique_steps=3), tmp_path / "base", corpus_seed=9)
     assert (cache / "model.safetensors").stat().st_mtime_ns == stamp and again["history"] == metrics["history"]

@@ -118,5 +118,5 @@ def test_probe_scores_attributes_where_the_dataset_knows_them(tmp_path: Path) ->
 
     assert probe.forced["other"]["changed"] == probe.forced["uniform"]["changed"] == 0
     assert probe.forced["other"]["choices"] == 6 * probe.n
-    choices, _ = run_choices("syn", "r", manifest, "test", set(ids))
+    (choices,), _ = run_choices("syn", "r", manifest, "test", set(ids))
     assert probe.forced["own"]["accuracy"] == forced_choice_scores(choices, truth)["accuracy"]

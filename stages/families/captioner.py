@@ -74,8 +74,9 @@ class Captioner:
         """Prompt-length key for batching (images of similar cost share a batch)."""
         raise NotImplementedError
 
-    def prepare(self, img: Image.Image, saliency_map: np.ndarray | None) -> Any:
-        """One image and its raw map (None: uniform) as the family's prompt."""
+    def prepare(self, img: Image.Image, saliency_map: np.ndarray | None, prompt: str | None = None) -> Any:
+        """One image and its raw map (None: uniform) as the family's prompt, asking the aesthetic question or
+        ``prompt``."""
         raise NotImplementedError
 
     def image_inputs(self, prompts: list[Any], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:

@@ -52,6 +52,9 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, "--limit", help="Train on the first N pairs only."),
         workers: int = typer.Option(4, "--workers", help="DataLoader workers per process."),
         save_steps: int = typer.Option(500, "--save-steps"),
+        keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", min=1,
+                                             help="How many of the newest checkpoint-N/ to keep (a learning curve "
+                                                  "scores each)."),
         logging_steps: int = typer.Option(10, "--logging-steps"),
         seed: int = typer.Option(0, "--seed"),
         log_sample_ids: bool = typer.Option(False, "--log-sample-ids", help="Log each rank's sample ids."),
@@ -75,6 +78,7 @@ def register(app: typer.Typer) -> None:
             max_length=max_length, strategy=strategy, gradient_checkpointing=gradient_checkpointing,
             precision=precision,
             allow_missing_saliency=allow_missing_saliency, saliency=saliency, limit=limit, workers=workers, save_steps=save_steps,
+            save_total_limit=keep_checkpoints,
             logging_steps=logging_steps, seed=seed, log_sample_ids=log_sample_ids, tiny_model=tiny_model,
             report_to=report_to,
         )

@@ -6,12 +6,13 @@ from scratch, in two phases on the seed-1 stream (the demo corpus is seed 0):
 
 1. describe (``epochs``): every image's plain scene description (``synthetic.attributes.scene_description``:
    every subject, left to right, what it looks like, where it is and its attribute values in judgement-free
-   words, then the setting), answering the aesthetic prompt; the vision tower also feeds the auxiliary
-   image-level heads of stages/pretrain/targets.py (dropped when saving). Cached under ``work/pretrain/`` so
-   phase 2 can be rerun alone.
+   words, then the setting), answering ``DESCRIBE_PROMPT``; the vision tower's patch tokens also feed the dense
+   heads (each token: the attributes of the subject under it) and the pooled image-level heads of
+   stages/pretrain/targets.py (both dropped when saving). Cached under ``work/pretrain/`` so phase 2 can be
+   rerun alone.
 2. critique (``critique_steps``): batches mixing critiques of one subject, named by its position
    (``CRITIQUE_PROMPT``: "Critique the left subject."), that remark on each of its attributes and the global
-   ones (``synthetic.attributes.full_critique``: the critics' phrase bank) with descriptions
+   ones in a random order (``synthetic.attributes.full_critique``: the critics' phrase bank) with descriptions
    (``DESCRIBE_PROMPT``), so the critic's words stay tied to what the vision tower sees. (Trained on the
    generator's 1-3 remark reference critiques instead, 600 steps gave one constant critique for every held-out
    image: which attributes a reference remarks on is random, so its likeliest sentence is the same for every
@@ -39,15 +40,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pipeline.paths import work_dir
-from stages.families.text import PROMPT, Encoded
-from stages.synthetic.attributes import (ATTRIBUTES, GLOBAL_ATTRIBUTES, POSITIONS, SUBJECT_ATTRIBUTES,
-                                         described_subjects, full_critique, left_to_right, scene_description)
-from stages.pretrain.targets import AuxHeads, Targets
+from stages.families.text import Encoded
+from stages.synthetic.attributes import (ATTRIBUTES, CRITIQUE_PROMPT, DESCRIBE_PROMPT, GLOBAL_ATTRIBUTES, POSITIONS,
+                                         SUBJECT_ATTRIBUTES, described_subjects, full_critique, left_to_right,
+                                         scene_description)
+from stages.pretrain.targets import AuxHeads, DenseHeads, Targets, dense_targets
 from stages.schedule import warmup_cosine
-
-DESCRIBE_PROMPT = "Describe this image."
-CRITIQUE_PROMPT = "Critique the {} subject."  # a position of attributes.POSITIONS
-
 
 def describe(record: dict[str, Any]) -> str:
     return scene_description(record["subjects"], record["attributes"], record["scene"])
@@ -57,6 +55,9 @@ def subject_truth(record: dict[str, Any], rank: int) -> dict[str, str]:
     """The attribute values a critique of the ``rank``-th subject from the left asserts: its own and the global."""
     k = left_to_right(record["scene"])[rank]
     return {**record["attributes"], **record["subjects"][k]}
+
+
+DESCRIBE_VERSION = 2  # of phase 1's code (2: dense targets, DESCRIBE_PROMPT): part of its cache key
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def generate_texts(model: nn.Module, tokenizer: Any, images: np.ndarray, prompt:
 
 
 def evaluate(model: nn.Module, tokenizer: Any, images: np.ndarray, records: list[dict[str, Any]],
-             prompt: str = PROMPT) -> dict[str, Any]:
+             prompt: str = DESCRIBE_PROMPT) -> dict[str, Any]:
     """Share of held-out images whose greedy description (answer to ``prompt``) names each true attribute value
     (and only it) in the right sentence: each subject's, left to right, then the setting's (the subjects'
     attributes averaged over the three positions)."""
@@ -183,9 +184,32 @@ def _train(model: nn.Module, params: list[nn.Parameter], images: np.ndarray, pad
             yield recent[-1]
 
 
-def _describe_phase(images: np.ndarray, records: list[dict[str, Any]], val: tuple[np.ndarray, list[dict[str, Any]]],
-                    recipe: CaptionerRecipe, corpus_seed: int) -> tuple[nn.Module, Any, list[dict[str, Any]]]:
-    """Phase 1 from scratch: descriptions (aesthetic prompt) + auxiliary heads, ``epochs`` passes."""
+def patch_grid(config: Any) -> int:
+    """Patches per side of the vision tower's tile."""
+    return config.vision_config.image_size[0] // config.vision_config.patch_size[0]
+
+
+@torch.no_grad()
+def token_reading(model: nn.Module, dense: DenseHeads, images: np.ndarray, records: list[dict[str, Any]],
+                  batch_size: int = 32) -> dict[str, float]:
+    """Held-out: per subject attribute, how often the dense head reads a subject's value right from its patch tokens
+    (``records`` carry their subject label maps, ``pretraining_corpus.validation_set``)."""
+    grid, hits = patch_grid(model.config), []
+    model.eval()
+    for i in range(0, len(images), batch_size):
+        chunk = records[i:i + batch_size]
+        tokens = model.model.vision_tower(normalise(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size]))))
+        labels = torch.from_numpy(np.stack([r["labels"] for r in chunk]))
+        accuracy = dense.subject_accuracy(tokens.last_hidden_state[:, 1:], labels, grid, Targets.of(chunk))
+        hits.append((accuracy, len(chunk)))
+    return {k: sum(a[k] * n for a, n in hits) / sum(n for _, n in hits) for k in SUBJECT_ATTRIBUTES}
+
+
+def _describe_phase(images: np.ndarray, labels: np.ndarray, records: list[dict[str, Any]],
+                    val: tuple[np.ndarray, list[dict[str, Any]]], recipe: CaptionerRecipe,
+                    corpus_seed: int) -> tuple[nn.Module, Any, list[dict[str, Any]]]:
+    """Phase 1 from scratch: descriptions (``DESCRIBE_PROMPT``) + the dense and pooled auxiliary heads
+    (stages/pretrain/targets.py) on the vision tower's patch tokens, ``epochs`` passes."""
     from stages.families.internvl.model import build_tiny_model, tokens_per_tile
     from stages.families.internvl.prompting import encode_example
     from stages.families.internvl.tokenizer import IMG_CONTEXT, train_bpe
@@ -195,34 +219,40 @@ def _describe_phase(images: np.ndarray, records: list[dict[str, Any]], val: tupl
     model = build_tiny_model(recipe.shape, vocab_size=len(tokenizer),
                              image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT), fusion="none")
     n_context = tokens_per_tile(model.config)
-    encoded = [encode_example(tokenizer, n_context, describe(r)) for r in records]
+    encoded = [encode_example(tokenizer, n_context, describe(r), prompt=DESCRIBE_PROMPT) for r in records]
     targets = Targets.of(records)
-    aux = AuxHeads(model.config.vision_config.hidden_size)
-    pooled: list[Tensor] = []
+    width, grid = model.config.vision_config.hidden_size, patch_grid(model.config)
+    aux, dense = AuxHeads(width), DenseHeads(width)
+    patches: list[Tensor] = []
     model.model.vision_tower.register_forward_hook(
-        lambda m, i, o: pooled.append(o.last_hidden_state[:, 1:].mean(dim=1)))  # patch tokens, no CLS: [B, D]
+        lambda m, i, o: patches.append(o.last_hidden_state[:, 1:]))  # patch tokens, no CLS: [B, grid^2, D]
 
     def aux_loss(rows: Tensor) -> Tensor:
-        loss = recipe.aux_weight * aux.loss(pooled[-1], targets[rows])
-        pooled.clear()
-        return loss
+        tokens, t = patches[-1], targets[rows]
+        patches.clear()  # (generation during evaluation runs the hook too)
+        cells = dense_targets(torch.from_numpy(labels[rows.numpy()]), t.subjects, grid)  # [B, grid^2, classes]
+        return recipe.aux_weight * (dense.loss(tokens, cells) + aux.loss(tokens.mean(dim=1), t))
 
     generator = torch.Generator().manual_seed(recipe.seed)
     steps_per_epoch = math.ceil(len(images) / recipe.batch_size)
     batches = ([(i, encoded[i]) for i in idx.sort().values.tolist()]  # ascending rows read the memory map in order
                for _ in range(recipe.epochs)
                for idx in torch.randperm(len(images), generator=generator).split(recipe.batch_size))
-    steps = _train(model, [*model.parameters(), *aux.parameters()], images, tokenizer.pad_token_id, batches,
+    steps = _train(model, [*model.parameters(), *aux.parameters(), *dense.parameters()], images,
+                   tokenizer.pad_token_id, batches,
                    recipe.epochs * steps_per_epoch, steps_per_epoch // 2, recipe.lr, recipe.weight_decay,
                    f"pretrain demo base, describe ({recipe.shape})", aux_loss)
     history = []
     for epoch in range(recipe.epochs):
         losses = [next(steps) for _ in range(steps_per_epoch)]
-        record = {"epoch": epoch + 1, "caption_loss": float(np.mean(losses)), **evaluate(model, tokenizer, *val)}
+        record = {"epoch": epoch + 1, "caption_loss": float(np.mean(losses)), **evaluate(model, tokenizer, *val),
+                  "token_reading": token_reading(model, dense, *val)}
+        patches.clear()
         history.append(record)
         tqdm.write(f"pretrain demo base epoch {epoch + 1}: caption loss {record['caption_loss']:.3f}, held-out "
                    f"description accuracy " + " ".join(f"{k} {v:.2f}" for k, v in record["attributes"].items())
-                   + f", distinct {record['distinct']:.2f}")
+                   + f", distinct {record['distinct']:.2f}; tokens read (dense head) "
+                   + " ".join(f"{k} {v:.2f}" for k, v in record["token_reading"].items()))
     steps.close()
     return model, tokenizer, history
 
@@ -273,14 +303,16 @@ def describe_cache(recipe: CaptionerRecipe, n_images: int, corpus_seed: int) -> 
     from stages.synthetic.corpus import GENERATOR_VERSION
 
     key = hashlib.sha256(json.dumps({**recipe.describe_phase(), "n": n_images, "seed": corpus_seed,
-                                     "generator_version": GENERATOR_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
+                                     "generator_version": GENERATOR_VERSION, "phase": DESCRIBE_VERSION},
+                                    sort_keys=True).encode()).hexdigest()[:12]
     return work_dir() / "pretrain" / f"base-describe-{key}"
 
 
-def pretrain_captioner(images: np.ndarray, records: list[dict[str, Any]], val: tuple[np.ndarray, list[dict[str, Any]]],
-                       recipe: CaptionerRecipe, out_dir: Path, corpus_seed: int) -> dict[str, Any]:
-    """Both phases on [N, 224, 224, 3] uint8 images + records (phase 1 from its cache when there); saves a plain
-    InternVL ``-hf`` directory + tokenizer."""
+def pretrain_captioner(images: np.ndarray, labels: np.ndarray, records: list[dict[str, Any]],
+                       val: tuple[np.ndarray, list[dict[str, Any]]], recipe: CaptionerRecipe, out_dir: Path,
+                       corpus_seed: int) -> dict[str, Any]:
+    """Both phases on [N, 224, 224, 3] uint8 images + their [N, 224, 224] subject label maps + records (phase 1 from
+    its cache when there); saves a plain InternVL ``-hf`` directory + tokenizer."""
     from transformers import InternVLForConditionalGeneration
 
     from stages.families.internvl.tokenizer import load_tokenizer
@@ -289,7 +321,7 @@ def pretrain_captioner(images: np.ndarray, records: list[dict[str, Any]], val: t
     start = time.perf_counter()
     cache = describe_cache(recipe, len(images), corpus_seed)
     if not (cache / "describe.json").exists():
-        model, tokenizer, history = _describe_phase(images, records, val, recipe, corpus_seed)
+        model, tokenizer, history = _describe_phase(images, labels, records, val, recipe, corpus_seed)
         save_plain_internvl(model, tokenizer, cache)
         write_json_atomic(cache / "describe.json", {"history": history, "seconds": round(time.perf_counter() - start, 1)})
     describe = json.loads((cache / "describe.json").read_text())

@@ -55,18 +55,20 @@ def register(app: typer.Typer) -> None:
             from stages.pretrain.eat import EatRecipe, pretrain_eat
 
             t0 = time.perf_counter()
-            metrics = pretrain_eat(corpus.images, corpus.records, val, EatRecipe(epochs=eat_epochs), eat_out)
+            metrics = pretrain_eat(corpus.images, corpus.labels, corpus.records, val, EatRecipe(epochs=eat_epochs),
+                                   eat_out)
             write_sidecar(eat_out, {**provenance, **metrics})
             v = metrics["validation"]
             typer.echo(f"pretrain-demo: EAT -> {eat_out} in {time.perf_counter() - t0:.0f} s; held-out SRCC "
-                       f"{v['srcc']:.3f}, mask ratio {v['mask_ratio']:.2f}")
+                       f"{v['srcc']:.3f}, mask ratio {v['mask_ratio']:.2f}, subject preference "
+                       f"{v['subject_preference']:.2f}")
         if what in ("base", "all"):
             from stages.pretrain.captioner import CaptionerRecipe, pretrain_captioner
 
             t0 = time.perf_counter()
             recipe = CaptionerRecipe(epochs=base_epochs, critique_steps=critique_steps)
-            metrics = pretrain_captioner(corpus.images, corpus.records, val, recipe,
-                                         base_out, CORPUS_SEED)
+            metrics = pretrain_captioner(corpus.images, corpus.labels, corpus.records, val, recipe, base_out,
+                                         CORPUS_SEED)
             write_sidecar(base_out / "model.safetensors", {**provenance, **metrics}, base_out / "pretraining.json")
             v = metrics["validation"]
             typer.echo(f"pretrain-demo: base -> {base_out} in {time.perf_counter() - t0:.0f} s; held-out description "

@@ -185,13 +185,13 @@ def build_report(
         for row, name in run_of_row.items():
             if name is not None and row in rows:
                 ids, at = set(candidates[row]), checkpoint if name == run else None
-                choices, _ = run_choices(dataset, name, manifest, split, ids, at)
-                forced = forced_choice_scores(choices, truth.values)
                 # a run without active IASC (no fusion, or zero gates) reads no map: the moved mask changes nothing
-                moved = (run_choices(dataset, name, manifest, split, ids, at, source="moved")[0]
-                         if condition(dataset, name)[1] else choices)
+                sources = (None, "moved") if condition(dataset, name)[1] else (None,)
+                choices, *moved = run_choices(dataset, name, manifest, split, ids, at, sources=sources)[0]
+                forced = forced_choice_scores(choices, truth.values)
+                following = mask_following(moved[0] if moved else choices, choices, entries)
                 rows[row].update(forced_choice=forced["accuracy"], global_forced_choice=forced["global_accuracy"],
-                                 mask_following=mask_following(moved, entries)["rate"])
+                                 mask_following=following["rate"], mask_following_baseline=following["baseline"])
         if CONSTANT_ROW in rows:
             forced = forced_choice_scores({i: truth.majority for i in candidates[CONSTANT_ROW]}, truth.values)
             rows[CONSTANT_ROW].update(forced_choice=forced["accuracy"], global_forced_choice=forced["global_accuracy"])

@@ -1,12 +1,14 @@
 """How much of the aesthetic subject the base's image tokens already hold: the study's ceiling for a map.
 
 The frozen base (the model the study's runs were fine-tuned from, no fusion) turns each image into one tile's grid
-of LLM tokens [N, D]. They are pooled three ways: weighted by the true mask (what a perfect map selects), evenly
-(no map) and over the silhouette of the subject a moved mask marks (``truth.moved_subject``: the wrong subject).
-Per attribute of the aesthetic subject, a multinomial logistic regression (L2, L-BFGS) fit on the train split is
-scored on the test split against the generator's truth; nothing is chosen with it. A linear reader of the
-mask-pooled tokens far above the evenly pooled ones means the base sees the attribute and selection is what the
-map must add; a reader at the majority rate either way means no map can help with it.
+of LLM tokens [N, D]. They are read four ways: pooled by the true mask (what a perfect map selects), evenly pooled
+(no map), pooled over the silhouette of the subject a moved mask marks (``truth.moved_subject``: the wrong subject),
+and all N tokens side by side (what the LLM itself sees, without a map). Per attribute of the aesthetic subject, a
+multinomial logistic regression (scikit-learn's, on standardised features) is fit on the train split with each L2
+strength of ``CS``, the strength reading the validation split best is kept, and that reader is scored on the test
+split against the generator's truth. A linear reader of the mask-pooled tokens far above the others means the base
+sees the attribute and selection is what the map must add; a reader at the majority rate either way means no map
+can help with it.
 """
 from __future__ import annotations
 
@@ -23,7 +25,11 @@ from pipeline.paths import study_dir
 from stages.synthetic.attributes import SUBJECT_ATTRIBUTES
 from storage.atomic import write_json_atomic
 
-POOLINGS = ("true_mask", "even", "other_subject")
+PROBE_VERSION = 2  # of what the probe computes (2: scikit-learn, C chosen on validation, all tokens)
+POOLINGS = ("true_mask", "even", "other_subject")  # weighted means of the tokens; then "all_tokens"
+READERS = (*POOLINGS, "all_tokens")
+CS = (0.01, 0.1, 1.0)  # scikit-learn's inverse L2 strengths, chosen among on the validation split
+SPLITS = ("train", "validation", "test")
 
 
 def pooling_weights(mask: Image.Image, labels: Image.Image, other: int, side: int) -> np.ndarray:
@@ -41,25 +47,21 @@ def pooled(tokens: torch.Tensor, weights: np.ndarray) -> np.ndarray:
     return ((w @ tokens) / w.sum(1, keepdim=True)).numpy()
 
 
-def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, l2: float = 1e-2) -> np.ndarray:
-    """Multinomial logistic regression on standardised features ([n, D] -> labels), L-BFGS; test predictions."""
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    classes, y = np.unique(y_train, return_inverse=True)
-    x = torch.as_tensor((x_train - mean) / std, dtype=torch.float64)
-    target = torch.as_tensor(y)
-    weight = torch.zeros(x.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
-    optimiser = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+def linear_probe(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(test accuracy, chosen C) of a multinomial logistic regression on standardised features, fit on ``x["train"]``
+    with each C of ``CS``, the one best on ``x["validation"]`` kept (ties: the stronger regularisation)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    def loss() -> torch.Tensor:
-        optimiser.zero_grad()
-        value = torch.nn.functional.cross_entropy(x @ weight + bias, target) + l2 * weight.pow(2).sum()
-        value.backward()
-        return value
-
-    optimiser.step(loss)
-    test = torch.as_tensor((x_test - mean) / std, dtype=torch.float64)
-    return classes[(test @ weight + bias).argmax(1).numpy()]
+    best: tuple[float, float, object] | None = None
+    for c in CS:
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000)).fit(x["train"], y["train"])
+        score = model.score(x["validation"], y["validation"])
+        if best is None or score > best[0]:
+            best = (score, c, model)
+    _, c, model = best
+    return float(model.score(x["test"], y["test"])), c
 
 
 def feature_probe(dataset: str, like: str, manifest: Manifest | None) -> dict[str, Any]:
@@ -75,10 +77,10 @@ def feature_probe(dataset: str, like: str, manifest: Manifest | None) -> dict[st
     truth = ground_truth(dataset)
     if truth is None:
         raise ValueError(f"the feature probe needs a synthetic dataset with ground truth; '{dataset}' has none")
-    rows = {split: split_images(dataset, split).to_pylist() for split in ("train", "test")}
+    rows = {split: split_images(dataset, split).to_pylist() for split in SPLITS}
     captioner, _, fingerprint = load_run(dataset, prepare_untrained(dataset, like, manifest).name)
     cache = study_dir(dataset) / "feature_probe.json"
-    key = hashlib.sha256(json.dumps([fingerprint, {s: [r["sha256"] for r in rs] for s, rs in rows.items()}])
+    key = hashlib.sha256(json.dumps([PROBE_VERSION, fingerprint, {s: [r["sha256"] for r in rs] for s, rs in rows.items()}])
                          .encode()).hexdigest()[:16]
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     if cached.get("key") == key:
@@ -86,7 +88,7 @@ def feature_probe(dataset: str, like: str, manifest: Manifest | None) -> dict[st
     root, features = image_root(dataset), {}
     with torch.no_grad():
         for split, split_rows in rows.items():
-            pooled_rows = []
+            pooled_rows, flat_rows = [], []
             for r in split_rows:
                 entry = truth[r["image_id"]]
                 prompt = captioner.prepare(open_rgb(safe_join(root, r["path"])), None)
@@ -98,16 +100,19 @@ def feature_probe(dataset: str, like: str, manifest: Manifest | None) -> dict[st
                 with Image.open(entry["mask"]) as mask, Image.open(entry["subject_labels"]) as labels:
                     weights = pooling_weights(mask, labels, moved_subject(entry), side)
                 pooled_rows.append(pooled(tokens[0], weights))  # [P, D]
-            features[split] = np.stack(pooled_rows)  # [n, P, D]
+                flat_rows.append(tokens[0].flatten().numpy())  # [N * D]
+            features[split] = {**{p: np.stack(pooled_rows)[:, j] for j, p in enumerate(POOLINGS)},
+                               "all_tokens": np.stack(flat_rows)}
     labels = {s: {k: np.array([truth[r["image_id"]]["attributes"][k] for r in rs]) for k in SUBJECT_ATTRIBUTES}
               for s, rs in rows.items()}
-    per_attribute = {p: {k: float((linear_probe(features["train"][:, j], labels["train"][k], features["test"][:, j])
-                                   == labels["test"][k]).mean()) for k in SUBJECT_ATTRIBUTES}
-                     for j, p in enumerate(POOLINGS)}
+    fits = {p: {k: linear_probe({s: features[s][p] for s in SPLITS}, {s: labels[s][k] for s in SPLITS})
+                for k in SUBJECT_ATTRIBUTES} for p in READERS}
     constant = majority_values([truth[r["image_id"]]["attributes"] for r in rows["train"]])
     majority = {k: float((labels["test"][k] == constant[k]).mean()) for k in SUBJECT_ATTRIBUTES}
-    probe = {"per_attribute": per_attribute, "majority": majority,
-             "mean": {p: float(np.mean(list(v.values()))) for p, v in per_attribute.items()},
-             "train_images": len(rows["train"]), "test_images": len(rows["test"])}
+    per_attribute = {p: {k: accuracy for k, (accuracy, _) in v.items()} for p, v in fits.items()}
+    probe = {"per_attribute": per_attribute, "chosen_c": {p: {k: c for k, (_, c) in v.items()} for p, v in fits.items()},
+             "majority": majority, "mean": {p: float(np.mean(list(v.values()))) for p, v in per_attribute.items()},
+             "train_images": len(rows["train"]), "validation_images": len(rows["validation"]),
+             "test_images": len(rows["test"])}
     write_json_atomic(cache, {"key": key, "probe": probe})
     return probe

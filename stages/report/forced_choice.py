@@ -4,15 +4,16 @@ likeliest to say about an image.
 Generated text can dodge an attribute (say nothing of it) or claim one value for every image; a forced choice
 cannot. Every phrasing of every value in the phrase bank is scored as the critique's opening sentence by the
 captioner's mean per-token log-likelihood, given the image and its map. Each phrasing's score is then centred
-on its mean over the images being scored (no labels are used): what the image adds to the model's prior for
-that wording. A value's score is the mean of its phrasings'; the highest is the model's answer. (Uncentred,
+on its mean over the run's validation split (no labels are used; never the images being scored): what the image
+adds to the model's prior for that wording. A value's score is the mean of its phrasings'; the highest is the model's answer. (Uncentred,
 the wording prior decides: the fine-tuned demo runs then give one answer per attribute for every image.)
 Per attribute: accuracy against the generator's truth and Cohen's kappa. ``accuracy`` averages the aesthetic
 subject's attributes (``SUBJECT_ATTRIBUTES``: what the map is for), ``global_accuracy`` the global ones
 (horizon, noise), reported apart; ``chance`` is one over the number of values, averaged like ``accuracy``.
 
 Mask following (:func:`mask_following`): with the true mask moved onto another subject, the share of the
-aesthetic-subject choices that describe that subject, where its value differs from the aesthetic subject's.
+aesthetic-subject choices that describe that subject, where its value differs from the aesthetic subject's, set
+against the same run's own-mask choices scored on the moved subject's values (what ignoring the map scores).
 """
 from __future__ import annotations
 
@@ -81,76 +82,112 @@ def forced_choice_scores(choices: dict[Hashable, dict[str, str]], truth: dict[Ha
             "chance": float(np.mean([1 / len(ATTRIBUTES[k]) for k in subject])), "n": len(choices)}
 
 
-def correct(choices: dict[Hashable, dict[str, str]], truth: dict[Hashable, Truth]) -> dict[Hashable, float]:
-    """image -> share of its aesthetic-subject attributes chosen right (the per-image outcome paired statistics
-    compare)."""
-    return {i: float(np.mean([c[k] == truth[i][k] for k in c if k in SUBJECT_ATTRIBUTES])) for i, c in choices.items()}
+UNPLACED = tuple(k for k in SUBJECT_ATTRIBUTES if k != "placement")  # what a mask's position cannot give away
 
 
-def mask_following(choices: dict[Hashable, dict[str, str]], entries: dict[Hashable, dict]) -> dict[str, Any]:
-    """How often choices made with the mask moved onto another subject (``truth.moved_subject``) describe that
-    subject: over (image, aesthetic-subject attribute) pairs whose moved-to value differs from the aesthetic
-    subject's, the share choosing the moved-to value (``rate``) or the aesthetic one (``stayed``). ``chance``:
-    the rate of a model that describes a subject picked uniformly at random (each subject's true value).
-    ``per_attribute``: the same per attribute. ``entries``: image -> ``truth.ground_truth`` entry."""
+def correct(choices: dict[Hashable, dict[str, str]], truth: dict[Hashable, Truth],
+            keys: tuple[str, ...] = SUBJECT_ATTRIBUTES) -> dict[Hashable, float]:
+    """image -> share of its attributes ``keys`` (default: the aesthetic subject's) chosen right (the per-image
+    outcome paired statistics compare)."""
+    return {i: float(np.mean([c[k] == truth[i][k] for k in keys if k in c])) for i, c in choices.items()}
+
+
+def mask_following(moved: dict[Hashable, dict[str, str]], own: dict[Hashable, dict[str, str]],
+                   entries: dict[Hashable, dict]) -> dict[str, Any]:
+    """How often choices made with the true mask moved onto another subject (``truth.moved_subject``) describe that
+    subject, against the same run's own-mask choices: over (image, aesthetic-subject attribute) pairs whose
+    moved-to value differs from the aesthetic subject's, the share of moved-mask choices naming the moved-to value
+    (``rate``), the share of own-mask choices that happen to name it (``baseline``: what ignoring the map scores),
+    and the share of moved-mask choices still naming the aesthetic subject's value (``stayed``). ``per_attribute``:
+    the same per attribute; ``per_image``: image -> [moved-to values named with the moved mask, with the own mask,
+    pairs counted] (what paired statistics resample). ``entries``: image -> ``truth.ground_truth`` entry."""
     from stages.synthetic.truth import moved_subject
 
-    # attribute -> (followed, stayed, chance) per counted image
-    pairs: dict[str, list[tuple[bool, bool, float]]] = {key: [] for key in SUBJECT_ATTRIBUTES}
-    for i, chosen in choices.items():
+    rows: dict[str, list[tuple[bool, bool, bool]]] = {key: [] for key in SUBJECT_ATTRIBUTES}
+    per_image: dict[Hashable, list[int]] = {}
+    for i, chosen in moved.items():
         entry = entries[i]
         subjects = entry["subjects"]
-        moved, aesthetic = subjects[moved_subject(entry)], subjects[entry["aesthetic"]]
-        for key in SUBJECT_ATTRIBUTES:
-            if key in chosen and moved[key] != aesthetic[key]:
-                pairs[key].append((chosen[key] == moved[key], chosen[key] == aesthetic[key],
-                                   sum(s[key] == moved[key] for s in subjects) / len(subjects)))
+        target, aesthetic = subjects[moved_subject(entry)], subjects[entry["aesthetic"]]
+        counted = [key for key in SUBJECT_ATTRIBUTES if key in chosen and target[key] != aesthetic[key]]
+        for key in counted:
+            rows[key].append((chosen[key] == target[key], own[i][key] == target[key], chosen[key] == aesthetic[key]))
+        if counted:
+            per_image[i] = [sum(chosen[k] == target[k] for k in counted), sum(own[i][k] == target[k] for k in counted),
+                            len(counted)]
 
-    def rates(rows: list[tuple[bool, bool, float]]) -> dict[str, Any]:
-        followed, stayed, chance = np.array(rows, dtype=float).T
-        return {"rate": float(followed.mean()), "stayed": float(stayed.mean()), "chance": float(chance.mean()),
-                "n": len(rows)}
+    def rates(pairs: list[tuple[bool, bool, bool]]) -> dict[str, Any]:
+        followed, baseline, stayed = np.array(pairs, dtype=float).T
+        return {"rate": float(followed.mean()), "baseline": float(baseline.mean()), "stayed": float(stayed.mean()),
+                "n": len(pairs)}
 
-    every = [row for rows in pairs.values() for row in rows]
+    every = [row for pairs in rows.values() for row in pairs]
     if not every:
         raise ValueError("no attribute where the moved-to subject differs from the aesthetic one")
-    return {**rates(every), "per_attribute": {key: rates(rows) for key, rows in pairs.items() if rows}}
+    return {**rates(every), "per_attribute": {key: rates(pairs) for key, pairs in rows.items() if pairs},
+            "per_image": per_image}
 
 
 def image_logprobs(captioner: Any, images: list[tuple[Hashable, Any, Any]], progress: bool = False,
-                   desc: str = "forced choice") -> dict[Hashable, np.ndarray]:
-    """image -> :func:`phrasing_logprobs` for ``(image_id, PIL image, raw map or None)`` triples."""
+                   desc: str = "forced choice", prompts: dict[Hashable, str] | None = None) -> dict[Hashable, np.ndarray]:
+    """image -> :func:`phrasing_logprobs` for ``(image_id, PIL image, raw map or None)`` triples, each after the
+    captioner's aesthetic prompt or, where ``prompts`` has the image, after that prompt text."""
     from tqdm import tqdm
 
     cands = candidates(captioner.tokenizer)
-    return {i: phrasing_logprobs(captioner, captioner.prepare(img, saliency), cands)
+    prompts = prompts or {}
+    return {i: phrasing_logprobs(captioner, captioner.prepare(img, saliency, prompts.get(i)), cands)
             for i, img, saliency in tqdm(images, desc=desc, unit="img", disable=not progress)}
 
 
-def choose_for_images(captioner: Any, images: list[tuple[Hashable, Any, Any]], progress: bool = False,
-                      desc: str = "forced choice") -> dict[Hashable, dict[str, str]]:
-    """image -> attribute -> chosen value for ``(image_id, PIL image, raw map or None)`` triples."""
-    return forced_choices(image_logprobs(captioner, images, progress, desc), candidates(captioner.tokenizer))
+def split_logprobs(captioner: Any, dataset: str, split: str, store: Any | None, ids: set[Hashable] | None = None,
+                   progress: bool = False, desc: str = "forced choice",
+                   prompts: dict[Hashable, str] | None = None) -> dict[Hashable, np.ndarray]:
+    """:func:`image_logprobs` of the ``split`` images in ``ids`` (all when None), each with its map from ``store``
+    (a saliency source; None: uniform)."""
+    from stages.report.generate import split_images
+    from storage.images import open_rgb, safe_join
+    from storage.tables import image_root
+
+    root = image_root(dataset)
+    rows = [r for r in split_images(dataset, split).to_pylist() if ids is None or r["image_id"] in ids]
+    if not rows:
+        raise ValueError(f"dataset '{dataset}' has no {split} images to make forced choices on")
+    images = [(r["image_id"], open_rgb(safe_join(root, r["path"])),
+               store.read(r["sha256"])[0] if store is not None and store.has(r["sha256"]) else None) for r in rows]
+    return image_logprobs(captioner, images, progress, desc, prompts)
+
+
+def prior(logprobs: dict[Hashable, np.ndarray]) -> np.ndarray:
+    """[K] each phrasing's mean score over the images of ``logprobs`` (the centre of :func:`forced_choices`)."""
+    return np.mean(list(logprobs.values()), axis=0)
 
 
 def run_choices(dataset: str, run: str, manifest: Any, split: str, ids: set[Hashable] | None = None,
                 checkpoint: str | None = None, progress: bool = False,
-                source: str | None = None) -> tuple[dict[Hashable, dict[str, str]], str]:
-    """(forced choices, checkpoint fingerprint) of a run on the ``split`` images in ``ids`` (all when None), each
-    with its own saliency map from the run's source (or ``source``: stages/finetune/saliency_source.py), as
-    generation uses them."""
+                sources: tuple[str | None, ...] = (None,)) -> tuple[list[dict[Hashable, dict[str, str]]], str]:
+    """(forced choices per saliency source, checkpoint fingerprint) of a run on the ``split`` images in ``ids``
+    (all when None). A source None is the run's own (stages/finetune/saliency_source.py), as generation uses it;
+    every source's choices are centred on the run's validation split scored with its own maps."""
     from pipeline.paths import runs_dir
-    from stages.report.generate import load_run, run_config, run_saliency, split_images
-    from storage.images import open_rgb, safe_join
-    from storage.tables import image_root
+    from stages.report.generate import load_run, run_config, run_saliency
 
     captioner, _, fingerprint = load_run(dataset, run, checkpoint)
     run_cfg = run_config(runs_dir(dataset) / run)
-    if source is not None:
-        run_cfg = {**run_cfg, "saliency": source}
-    store = run_saliency(dataset, run_cfg, manifest) if captioner.needs_saliency else None
-    root = image_root(dataset)
-    rows = [r for r in split_images(dataset, split).to_pylist() if ids is None or r["image_id"] in ids]
-    images = [(r["image_id"], open_rgb(safe_join(root, r["path"])),
-               store.read(r["sha256"])[0] if store is not None and store.has(r["sha256"]) else None) for r in rows]
-    return choose_for_images(captioner, images, progress, f"forced choice {run}"), fingerprint
+    cands = candidates(captioner.tokenizer)
+
+    def store(source: str | None) -> Any | None:
+        if not captioner.needs_saliency:
+            return None
+        return run_saliency(dataset, run_cfg if source is None else {**run_cfg, "saliency": source}, manifest)
+
+    validation = split_logprobs(captioner, dataset, "validation", store(None), None, progress,
+                                f"forced choice {run} (validation)")
+
+    def scored(source: str | None) -> dict[Hashable, np.ndarray]:
+        if split == "validation" and source is None:
+            return {i: v for i, v in validation.items() if ids is None or i in ids}
+        return split_logprobs(captioner, dataset, split, store(source), ids, progress,
+                              f"forced choice {run}" + (f" ({source} maps)" if source else ""))
+
+    return [forced_choices(scored(source), cands, prior(validation)) for source in sources], fingerprint

@@ -32,7 +32,10 @@ class Contrast:
         return {**asdict(self), "ci95": list(self.ci95)}
 
 
-def paired_contrast(a: np.ndarray, b: np.ndarray, resamples: int = 4000, seed: int = 0) -> Contrast:
+RESAMPLES = 4000  # bootstrap draws and permutations (the permutation p is never below 1 / (RESAMPLES + 1))
+
+
+def paired_contrast(a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> Contrast:
     """Mean paired difference ``a - b`` of two ``[seeds, images]`` score arrays, its CI and permutation p."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2 or min(a.shape) < 1:
@@ -58,7 +61,7 @@ def two_way_bootstrap(d: np.ndarray, resamples: int, seed: int) -> np.ndarray:
     return ((seed_counts @ d) * image_counts).sum(axis=1) / (n_seeds * n_images)  # [R]
 
 
-def share_recovered(eat: np.ndarray, uniform: np.ndarray, truth: np.ndarray, resamples: int = 4000,
+def share_recovered(eat: np.ndarray, uniform: np.ndarray, truth: np.ndarray, resamples: int = RESAMPLES,
                     seed: int = 0) -> tuple[float, tuple[float, float]]:
     """(eat - uniform) / (truth - uniform): the share of the true map's gain that EAT maps recover, with a
     two-way bootstrap 95 % CI (``[seeds, images]`` arrays, resampled together)."""

@@ -152,14 +152,15 @@ def probe_saliency(dataset: str, run: str, manifest: Manifest | None, split: str
     forced: dict[str, dict[str, Any]] = {}
     if truth is not None:
         from stages.report.attributes import attribute_scores
-        from stages.report.forced_choice import candidates, forced_choice_scores, forced_choices, image_logprobs
+        from stages.report.forced_choice import (candidates, forced_choice_scores, forced_choices, image_logprobs,
+                                                 prior, split_logprobs)
 
         scores = {c: attribute_scores(dict(zip(ids, done[c])), truth.values) for c in CONDITIONS}
         logprobs = {c: image_logprobs(captioner, [(i, open_rgb(safe_join(root, r["path"])), m)
                                                   for i, r, m in zip(ids, rows, maps[c])]) for c in CONDITIONS}
-        prior = np.mean(list(logprobs["own"].values()), axis=0)  # every condition centred on the own maps' mean
+        centre = prior(split_logprobs(captioner, dataset, "validation", store))  # the validation split, own maps
         cands = candidates(captioner.tokenizer)
-        choices = {c: forced_choices(logprobs[c], cands, prior) for c in CONDITIONS}
+        choices = {c: forced_choices(logprobs[c], cands, centre) for c in CONDITIONS}
         for c in CONDITIONS:
             forced[c] = forced_choice_scores(choices[c], truth.values)
             forced[c]["changed"] = sum(choices[c][i][k] != choices["own"][i][k] for i in ids for k in choices[c][i])

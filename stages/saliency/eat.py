@@ -313,6 +313,9 @@ VARIANTS: dict[str, dict] = {
     # the fixture's tiny official-architecture model (183,598 parameters)
     "tiny": dict(dims=(8, 16, 32, 64), depths=(2, 2, 4, 2), heads=(1, 2, 4, 8),
                  groups=(-1, -1, 2, 4), stage_spec=_dat_spec(2), drop_path_rate=0.5),
+    # twice tiny's width (688,054 parameters): the demo's EAT, wide enough to learn which subject the score is about
+    "small": dict(dims=(16, 32, 64, 128), depths=(2, 2, 4, 2), heads=(1, 2, 4, 8),
+                  groups=(-1, -1, 2, 4), stage_spec=_dat_spec(2), drop_path_rate=0.1),
     # one block per stage except stage 2 (L, D): fastest, for unit tests
     "nano": dict(dims=(8, 16, 32, 64), depths=(1, 1, 2, 1), heads=(1, 2, 4, 8),
                  groups=(-1, -1, 2, 4), stage_spec=(("L",), ("S",), ("L", "D"), ("D",)), drop_path_rate=0.1),

@@ -22,6 +22,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -178,6 +179,22 @@ def mask_ratio(cam: Tensor, mask: Tensor) -> float:
     if up.sum() <= 0:
         return 1.0  # an all-zero map says nothing: count it as a uniform map
     return float(up[mask].mean() / up.mean())
+
+
+def subject_preference(cam: Tensor, labels: Tensor, aesthetic: int, n_subjects: int) -> float | None:
+    """Mask ratio of a map on the aesthetic subject's labelled silhouette (``labels`` [224, 224]: k + 1 where
+    subject k lies) over the mean of the other subjects' (None where a subject is not visible at 224 px)."""
+    if not all((labels == k + 1).any() for k in range(n_subjects)):
+        return None
+    ratios = [mask_ratio(cam, labels == k + 1) for k in range(n_subjects)]
+    others = [r for k, r in enumerate(ratios) if k != aesthetic]
+    return ratios[aesthetic] / max(sum(others) / len(others), 1e-6)
+
+
+def preference_of(ratios: list[float]) -> float:
+    """Geometric mean of per-image :func:`subject_preference` ratios (each floored at 1e-3: a map with nothing on
+    the aesthetic subject counts as a thousandfold preference for the others, not as minus infinity)."""
+    return float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-3)))))
 
 
 def load_mask(path: Path) -> Tensor:

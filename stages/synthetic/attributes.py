@@ -207,10 +207,12 @@ def _joined(remarks: list[tuple[str, bool]]) -> list[str]:
 
 
 def full_critique(rng: np.random.Generator, attributes: dict[str, str]) -> str:
-    """A critic who remarks on every attribute, in ``ATTRIBUTES`` order, each with a random phrase of the bank,
-    joined as :func:`reference` joins them (the demo base's pretraining critiques)."""
+    """A critic who remarks on every attribute, in a random order (so any of them may open the critique, as in the
+    references), each with a random phrase of the bank, joined as :func:`reference` joins them (the demo base's
+    pretraining critiques)."""
+    keys = [str(k) for k in rng.permutation(list(ATTRIBUTES))]
     return " ".join(_joined([(str(rng.choice(PHRASES[key][attributes[key]])), is_positive(key, attributes[key]))
-                             for key in ATTRIBUTES]))
+                             for key in keys]))
 
 
 def critique_of(attributes: dict[str, str]) -> str:
@@ -244,6 +246,9 @@ def asserted_values(critique: str) -> dict[str, set[str]]:
 
 
 # ---------------------------------------------------------------------------------------------- plain descriptions
+
+DESCRIBE_PROMPT = "Describe this image."  # what the demo base is pretrained to answer with a scene description
+CRITIQUE_PROMPT = "Critique the {} subject."  # a position of POSITIONS: the demo base critiques the subject named
 
 # What a captioner pretrained on scene descriptions says (plain, judgement-free words, unlike the critiques'
 # phrase bank): the demo base model learns these first, then fine-tuning teaches it the critics' language.

@@ -1,6 +1,6 @@
 """Deterministic synthetic demo corpus: photo-like images with known aesthetic attributes.
 
-Generator version 2. Each image is a landscape scene (sky gradient with clouds, textured ground, a horizon
+Generator version 3. Each image is a landscape scene (sky gradient with clouds, textured ground, a horizon
 line) with ``N_SUBJECTS`` textured subjects of comparable size, saturation and texture; one of them is the
 *aesthetic subject*. Six attributes are drawn per image (``ATTRIBUTES``); four belong to the aesthetic subject
 (``SUBJECT_ATTRIBUTES``), the other subjects draw theirs independently (only one subject can be centred), so
@@ -24,11 +24,14 @@ and the global attributes::
                 + noise{clean +0.1, noisy -0.4}
                 + N(0, 0.4)
 
-The aesthetic subject carries one subtle cue: a spot of a tenth of its radius at its centre, which a model
-trained on scores can learn to find. The mask (255 = aesthetically relevant) is the aesthetic subject's
+The aesthetic subject carries one small cue: a crisp spot of 0.12 of its radius at its centre, drawn over the
+subject as it is rendered (after its blur and exposure: near black, near white on an underexposed subject), which a
+model trained on scores can learn to find. (In version 2 the spot was drawn before the blur and grey on dark
+subjects, so on blurred or underexposed aesthetic subjects it all but vanished, and the EAT did not learn it.) The mask (255 = aesthetically relevant) is the aesthetic subject's
 silhouette dilated by a fixed ``MASK_DILATION``: nothing in its shape encodes an attribute value.
 ``subjects/<id>.png`` labels every subject's dilated silhouette (k + 1 for subject k of the annotation's
-"subjects"), so a mask can be moved onto another subject. Five colloquial references per image mention
+"subjects"), so a mask can be moved onto another subject; ``scenes/<id>.json`` (and the annotation's "scene") is what
+``render`` drew: each subject's centre, size, pattern and hues, the sky, ground and horizon. Five colloquial references per image mention
 random subsets of the true attributes (``attributes.PHRASES``) and an overall verdict tied to the score.
 Same (n, seed) gives byte-identical files.
 """
@@ -51,14 +54,14 @@ from tqdm import tqdm
 from stages.synthetic.attributes import ATTRIBUTES, SCORE_WEIGHTS, SUBJECT_ATTRIBUTES, reference
 from storage.atomic import write_bytes_atomic
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 ANNOTATIONS = "annotations.jsonl"
 JPEG_QUALITY = 92
 SPLITS = (("train", 0.7), ("validation", 0.1), ("test", 0.2))
 
 _NOISY_PROB = 0.3  # the other attributes are drawn uniformly
 N_SUBJECTS = 3
-CUE_RADIUS = 0.1  # the aesthetic subject's centre spot, in subject radii
+CUE_RADIUS = 0.12  # the aesthetic subject's centre spot, in subject radii
 MASK_DILATION = 0.02  # masks: each silhouette dilated by this fraction of sqrt(h * w) pixels
 
 SCORE_BASE = 5.5
@@ -288,14 +291,13 @@ def _subject(rng: np.random.Generator, attrs: dict[str, str], centre: tuple[floa
         rgb = rgb * dim
     elif attrs["exposure"] == "blown":
         rgb = rgb * 1.5 + 1.5 * (lit**3)[..., None]  # lit side clips to white
-    if cue:  # a spot of a tenth of the radius, dark on a lit subject, grey on a dark one
-        spot = np.clip((CUE_RADIUS * radius - np.hypot(xx - cx, yy - cy)) / 1.2 + 0.5, 0, 1)[..., None]
-        rgb = rgb * (1 - spot) + spot * (0.55 if attrs["exposure"] == "under" else 0.08)
-
     rgb = rgb * alpha[..., None]
     if sigma > 0:
         stack = _gaussian_blur(np.concatenate([rgb, alpha[..., None]], axis=-1), sigma)
         rgb, alpha = stack[..., :3], stack[..., 3]
+    if cue:  # a crisp spot over whatever the subject looks like: near black on a lit subject, near white on a dark one
+        spot = np.clip((CUE_RADIUS * radius - np.hypot(xx - cx, yy - cy)) / 1.2 + 0.5, 0, 1)[..., None]
+        rgb = rgb * (1 - spot) + spot * alpha[..., None] * (0.9 if attrs["exposure"] == "under" else 0.05)
     drawn = {"x": round(float(cx / w), 4), "y": round(float(cy / h), 4), "size": round(radius / math.sqrt(h * w), 4),
              "pattern": PATTERN_NAMES[kind], "hues": list(hues)}
     return (slice(y0, y1), slice(x0, x1)), rgb, alpha, dist > -dilation, drawn
@@ -350,12 +352,14 @@ def render(ann: dict[str, Any], rng: np.random.Generator,
 # ---------------------------------------------------------------------------------------------- corpus
 
 
-def _encode(array: np.ndarray, fmt: str) -> bytes:
+def _encode(data: Any, fmt: str) -> bytes:
+    if fmt == "JSON":
+        return json.dumps(data, sort_keys=True).encode("utf-8")
     buf = io.BytesIO()
     if fmt == "JPEG":
-        Image.fromarray(array).save(buf, format="JPEG", quality=JPEG_QUALITY)
+        Image.fromarray(data).save(buf, format="JPEG", quality=JPEG_QUALITY)
     else:
-        Image.fromarray(array, mode="L").save(buf, format="PNG")
+        Image.fromarray(data, mode="L").save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -369,6 +373,9 @@ def _recorded_params(path: Path) -> dict[str, Any] | None:
 def _intact(path: Path) -> bool:
     """The file decodes completely (a kill can only leave a temp file behind, but trust nothing)."""
     try:
+        if path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+            return True
         with Image.open(path) as img:
             img.load()
         return True
@@ -376,28 +383,30 @@ def _intact(path: Path) -> bool:
         return False
 
 
-FILES = (("images", "jpg", "JPEG"), ("masks", "png", "PNG"), ("subjects", "png", "PNG"))  # folder, suffix, format
+# folder, suffix, format: the image, its aesthetic mask, its subject labels and what render drew (``scene``)
+FILES = (("images", "jpg", "JPEG"), ("masks", "png", "PNG"), ("subjects", "png", "PNG"), ("scenes", "json", "JSON"))
 
 
-def _make_image(root: Path, seed: int, index: int) -> tuple[int, int, float]:
-    """Render image ``index`` unless intact copies of its image, mask and subject labels exist, writing only the
-    missing ones (a kill between writes leaves finished files untouched); (width, height, mask fraction)."""
+def _make_image(root: Path, seed: int, index: int) -> tuple[int, int, float, dict[str, Any]]:
+    """Render image ``index`` unless intact copies of its image, mask, subject labels and scene exist, writing only
+    the missing ones (a kill between writes leaves finished files untouched); (width, height, mask fraction,
+    scene)."""
     iid = image_id(index)
     paths = [root / f"{folder}/{iid}.{suffix}" for folder, suffix, _ in FILES]
     done = [_intact(path) for path in paths]
     if all(done):
         with Image.open(paths[0]) as img, Image.open(paths[1]) as m:
-            return img.width, img.height, float((np.asarray(m) > 0).mean())
-    arrays = render(annotation(index, seed), rngs(seed, index)[1])
-    for path, finished, array, (_, _, fmt) in zip(paths, done, arrays, FILES):
+            return img.width, img.height, float((np.asarray(m) > 0).mean()), json.loads(paths[3].read_text())
+    scene: dict[str, Any] = {}
+    image, mask, labels = render(annotation(index, seed), rngs(seed, index)[1], scene)
+    for path, finished, data, (_, _, fmt) in zip(paths, done, (image, mask, labels, scene), FILES):
         if not finished:
-            write_bytes_atomic(path, _encode(array, fmt))
-    image, mask = arrays[:2]
-    return image.shape[1], image.shape[0], float((mask > 0).mean())
+            write_bytes_atomic(path, _encode(data, fmt))
+    return image.shape[1], image.shape[0], float((mask > 0).mean()), scene
 
 
 def _generated_files(root: Path) -> list[Path]:
-    """Every image, mask and label file under ``root``."""
+    """Every image, mask, label and scene file under ``root``."""
     return [p for folder, suffix, _ in FILES for p in root.glob(f"{folder}/syn*.{suffix}")]
 
 
@@ -439,15 +448,15 @@ def generate_corpus(root: Path, n: int = 240, seed: int = 0, workers: int | None
             stale.unlink()
     splits = assign_splits(n, seed)
     records = []
-    for i, (width, height, _) in enumerate(made):
+    for i, (width, height, _, scene) in enumerate(made):
         iid = image_id(i)
         records.append({"image_id": iid, "split": splits[i], "file": f"images/{iid}.jpg", "mask": f"masks/{iid}.png",
-                        "subject_labels": f"subjects/{iid}.png", **annotation(i, seed), "width": width,
-                        "height": height, "generator": params})
+                        "subject_labels": f"subjects/{iid}.png", **annotation(i, seed), "scene": scene,
+                        "width": width, "height": height, "generator": params})
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
     write_bytes_atomic(root / ANNOTATIONS, lines.encode("utf-8"))
     counts = {s: splits.count(s) for s, _ in SPLITS}
-    mask_fraction = sum(m for _, _, m in made) / max(1, n)
+    mask_fraction = sum(m for _, _, m, _ in made) / max(1, n)
     tqdm.write(
         f"synthetic corpus: {n} images (train {counts['train']} / validation {counts['validation']} / "
         f"test {counts['test']}, mean mask {mask_fraction:.0%}) -> {root} in {time.perf_counter() - start:.1f} s"

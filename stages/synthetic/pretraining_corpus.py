@@ -6,6 +6,8 @@ corpus's quality and decoded again (the demo models see JPEGs), then resized to 
 ``work/pretrain/corpus-s<seed>-v<generator version>/``:
 
 - ``images.u8`` [N, 224, 224, 3] uint8, a raw memory-mapped array (150 KB per image)
+- ``labels.u8`` [N, 224, 224] uint8, each image's subject label map resized like its image (nearest): k + 1 where
+  subject k lies, 0 elsewhere (the dense pretraining targets read it; 50 KB per image)
 - ``records.jsonl``: per image {index, attributes, subjects, aesthetic, score, scene} (``scene``: what ``render``
   drew)
 - ``done/<chunk>.json``: one ledger entry per finished chunk of ``CHUNK`` images (temp + rename)
@@ -39,6 +41,7 @@ CHUNK = 256
 @dataclass(frozen=True)
 class PretrainCorpus:
     images: np.ndarray  # [N, 224, 224, 3] uint8 (memory-mapped)
+    labels: np.ndarray  # [N, 224, 224] uint8 subject label maps (memory-mapped)
     records: list[dict[str, Any]]  # per image: attributes, subjects, aesthetic, score, scene
 
     def __len__(self) -> int:
@@ -49,8 +52,11 @@ def corpus_dir(seed: int) -> Path:
     return work_dir() / "pretrain" / f"corpus-s{seed}-v{GENERATOR_VERSION}"
 
 
+ARRAYS = {"images.u8": (SIZE, SIZE, 3), "labels.u8": (SIZE, SIZE)}  # file -> shape of one image's entry
+
+
 def _open(path: Path, n: int, mode: str) -> np.memmap:
-    return np.memmap(path, dtype=np.uint8, mode=mode, shape=(n, SIZE, SIZE, 3))
+    return np.memmap(path, dtype=np.uint8, mode=mode, shape=(n, *ARRAYS[path.name]))
 
 
 def render_small(index: int, seed: int, with_mask: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
@@ -80,12 +86,15 @@ def validation_set(seed: int, start: int, n: int) -> tuple[np.ndarray, list[dict
 
 
 def _build_chunk(root: Path, capacity: int, seed: int, chunk: int, n: int, size: int) -> None:
-    images = _open(root / "images.u8", capacity, "r+")
+    images, labels = (_open(root / name, capacity, "r+") for name in ARRAYS)
     records = []
     for index in range(chunk * size, min(n, (chunk + 1) * size)):
-        images[index], record = render_small(index, seed)
+        images[index], record = render_small(index, seed, with_mask=True)
+        labels[index] = record.pop("labels")
+        del record["mask"]
         records.append(record)
     images.flush()
+    labels.flush()
     write_json_atomic(root / "done" / f"{chunk:05d}.json", records)
 
 
@@ -95,13 +104,14 @@ def build_corpus(n: int, seed: int = 1, workers: int = 2, chunk_size: int = CHUN
     ``chunk_size`` must stay the same across the builds of one corpus (the ledger is per chunk)."""
     root = corpus_dir(seed)
     (root / "done").mkdir(parents=True, exist_ok=True)
-    capacity = -(-n // chunk_size) * chunk_size
-    path = root / "images.u8"
-    have = path.stat().st_size // (SIZE * SIZE * 3) if path.exists() else 0
-    if have < capacity:  # grow the array; finished chunks keep their bytes
-        with open(path, "ab") as fh:
-            fh.truncate(capacity * SIZE * SIZE * 3)
-    capacity = max(capacity, have)
+    per_image = {name: int(np.prod(shape)) for name, shape in ARRAYS.items()}
+    have = {name: (root / name).stat().st_size // size if (root / name).exists() else 0
+            for name, size in per_image.items()}
+    capacity = max(-(-n // chunk_size) * chunk_size, *have.values())
+    for name, size in per_image.items():  # grow the arrays; finished chunks keep their bytes
+        if have[name] < capacity:
+            with open(root / name, "ab") as fh:
+                fh.truncate(capacity * size)
     chunks = range(-(-n // chunk_size))
     todo = [c for c in chunks if not _chunk_done(root, c, n, chunk_size)]
     start = time.perf_counter()
@@ -113,7 +123,8 @@ def build_corpus(n: int, seed: int = 1, workers: int = 2, chunk_size: int = CHUN
         tqdm.write(f"pretraining corpus: {len(todo)} chunks of {chunk_size} rendered in {time.perf_counter() - start:.0f} s "
                    f"-> {root}")
     records = [r for c in chunks for r in json.loads((root / "done" / f"{c:05d}.json").read_text())][:n]
-    return PretrainCorpus(_open(path, capacity, "r")[:n], records)
+    images, labels = (_open(root / name, capacity, "r")[:n] for name in ARRAYS)
+    return PretrainCorpus(images, labels, records)
 
 
 def _chunk_done(root: Path, chunk: int, n: int, size: int) -> bool:

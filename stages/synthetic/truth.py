@@ -10,8 +10,8 @@ from storage.tables import read_meta
 
 def ground_truth(dataset: str) -> dict[str, dict] | None:
     """image_id -> {"attributes", "score", "mask" (absolute path), "subjects" (each subject's attributes),
-    "aesthetic" (the aesthetic subject's index), "subject_labels" (absolute path of the label map)} of an
-    ingested synthetic dataset, else None.
+    "aesthetic" (the aesthetic subject's index), "subject_labels" (absolute path of the label map), "scene" (what
+    was drawn: ``corpus.render``)} of an ingested synthetic dataset, else None.
 
     The generator knows what it drew; real datasets have no such truth (None).
     """
@@ -27,7 +27,7 @@ def ground_truth(dataset: str) -> dict[str, dict] | None:
             truth[str(rec["image_id"])] = {"attributes": rec["attributes"], "score": rec["score"],
                                            "mask": str(root / rec["mask"]), "subjects": rec["subjects"],
                                            "aesthetic": rec["aesthetic"],
-                                           "subject_labels": str(root / rec["subject_labels"])}
+                                           "subject_labels": str(root / rec["subject_labels"]), "scene": rec.get("scene")}
     return truth
 
 

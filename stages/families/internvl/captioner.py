@@ -34,13 +34,13 @@ class InternVLCaptioner(Captioner):
         t = self.spec
         return plan_tiles(width, height, t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail).num_tiles
 
-    def prepare(self, img: Image.Image, saliency_map: np.ndarray | None) -> Prompt:
-        """Tiles, raw saliency map (None or constant: uniform) + tile grid and prompt ids of one image; the model
-        cuts the map into saliency tiles on its device, as in training."""
+    def prepare(self, img: Image.Image, saliency_map: np.ndarray | None, prompt: str | None = None) -> Prompt:
+        """Tiles, raw saliency map (None or constant: uniform) + tile grid and prompt ids of one image (the aesthetic
+        question, or ``prompt``); the model cuts the map into saliency tiles on its device, as in training."""
         t = self.spec
         tiling = plan_tiles(img.width, img.height, t.tile_size, t.min_tiles, t.max_tiles, t.use_thumbnail)
         pixel_values = tile_image(img, tiling, t.tile_size)  # [T, 3, S, S]
-        ids = prompt_ids(self.tokenizer, t.tokens_per_tile * tiling.num_tiles)
+        ids = prompt_ids(self.tokenizer, t.tokens_per_tile * tiling.num_tiles, *([prompt] if prompt else []))
         return Prompt(ids, pixel_values, saliency_map if self.needs_saliency else None, tiling.tile_grid)
 
     def image_inputs(self, prompts: list[Prompt], input_ids: torch.Tensor,

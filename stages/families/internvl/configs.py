@@ -20,8 +20,10 @@ TINY_CONFIGS: dict[str, tuple[dict[str, Any], Any]] = {
     # 2 layers x 64, 224 px tiles of 16x16 patches -> 64 LLM tokens per tile
     "tiny": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                   image_size=224, patch_size=14), _qwen2_tiny),
-    # the demo's model (`make demo`): the tiny vision tower, a 3 x 128 LLM that can learn the critiques' language
-    "demo": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    # the demo's model (`make demo`): a 4 x 128 vision tower that reads every subject's colour and focus from its own
+    # tokens (a 2 x 64 one, trained the same way on 6,000 renders, read held-out colours at 0.85, this one at 0.96),
+    # a 3 x 128 LLM that can learn the critiques' language
+    "demo": (dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=8, intermediate_size=256,
                   image_size=224, patch_size=14), _qwen2_demo),
     # InternViT-300M's shape (24 x 1024, 16 heads, MLP 4096, qkv bias, 448 px, patch 14), tiny LLM
     "internvit300m-shape": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,

@@ -43,11 +43,11 @@ class QwenCaptioner(Captioner):
         except ImageError:
             return 0
 
-    def prepare(self, img: Image.Image, saliency_map: np.ndarray | None) -> QwenPrompt:
+    def prepare(self, img: Image.Image, saliency_map: np.ndarray | None, prompt: str | None = None) -> QwenPrompt:
         self.spec.image_tokens(img.width, img.height)  # an image the processor refuses: ImageError, a failed row
         features = self.processor(images=[img.convert("RGB")], return_tensors="pt")
         grid = features["image_grid_thw"]  # [1, 3]
-        ids = prompt_ids(self.tokenizer, int(grid.prod()) // self.spec.merge_size**2)
+        ids = prompt_ids(self.tokenizer, int(grid.prod()) // self.spec.merge_size**2, *([prompt] if prompt else []))
         saliency = torch.as_tensor(saliency_map, dtype=torch.float32) if saliency_map is not None else None
         return QwenPrompt(ids, features["pixel_values"], grid, saliency)
 
