@@ -240,6 +240,22 @@ class _ProgressBar(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
 
 
+INPUT_TOKENS = "input_tokens"  # the batch entry counting its non-padding tokens on the host (TokenCounting)
+
+
+@dataclass
+class TokenCounting:
+    """A family's collator whose batches also count their non-padding input tokens, on the host (in the loader's
+    worker): the Trainer's own count reads a device tensor and gathers it on every micro-batch."""
+
+    collator: Any
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        batch[INPUT_TOKENS] = int(batch["attention_mask"].sum())
+        return batch
+
+
 class CritiqueTrainer(Trainer):
     """The HF Trainer, plus an optional per-rank log of the sample ids each step trained on.
 
@@ -254,14 +270,16 @@ class CritiqueTrainer(Trainer):
         self.sample_log = sample_log
         self.cross_attention_lr = cross_attention_lr
         self._last_log: tuple[float, int, int] | None = None  # (time, global step, input tokens) of the last log
+        self._input_tokens = 0  # non-padding input tokens of this rank's micro-batches (host counts: input_tokens)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs also carry the gates' magnitudes and the throughput since the previous log. Added here,
         before any callback runs: callbacks given to the Trainer see a log after its reporting integrations
-        (TensorBoard, W&B) have written it. Every rank calls ``log`` (sharded gates are gathered)."""
+        (TensorBoard, W&B) have written it. Every rank calls ``log`` (sharded gates are gathered, the ranks' token
+        counts summed: the only reads from the device, at logging steps)."""
         if "loss" in logs:
             logs.update(gate_magnitudes(self.model))
-            now, last = (time.time(), self.state.global_step, self.state.num_input_tokens_seen), self._last_log
+            now, last = (time.time(), self.state.global_step, self._tokens_all_ranks()), self._last_log
             if last is not None and now[1] > last[1] and now[0] > last[0]:
                 seconds, a = now[0] - last[0], self.args
                 samples = (now[1] - last[1]) * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
@@ -269,6 +287,11 @@ class CritiqueTrainer(Trainer):
                 logs["tokens_per_second"] = (now[2] - last[2]) / seconds  # non-padding input tokens, all ranks
             self._last_log = now
         super().log(logs, start_time)
+
+    def _tokens_all_ranks(self) -> int:
+        """Non-padding input tokens this run has trained on so far, summed over the ranks."""
+        mine = torch.tensor([self._input_tokens], device=self.args.device)
+        return int(self.accelerator.gather(mine).sum()) if self.args.world_size > 1 else self._input_tokens
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
@@ -284,10 +307,12 @@ class CritiqueTrainer(Trainer):
         fsdp_mixed_precision(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        """The model's loss; first the batch's host-side entries (counted tokens, sample ids) are taken out."""
+        self._input_tokens += inputs.pop(INPUT_TOKENS, 0)
         ids = inputs.pop("sample_ids", None)
         if ids is not None and self.sample_log is not None:
             with open(self.sample_log, "a") as fh:
-                fh.write(" ".join(str(i) for i in ids.tolist()) + "\n")
+                fh.write(" ".join(str(i) for i in ids) + "\n")
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -430,7 +455,8 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, config: Any = None) -> T
         remove_unused_columns=False,
         report_to=cfg.report_to,
         run_name=f"{cfg.dataset}/{cfg.run}",
-        include_num_input_tokens_seen="non_padding",  # tokens/s in the logs
+        include_num_input_tokens_seen="no",  # counted on the host instead (TokenCounting): no read per micro-batch
+        logging_nan_inf_filter=False,  # its isnan test reads every micro-batch's loss back from the device
         ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
@@ -536,7 +562,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
         sample_log = run_dir / "samples" / f"rank{args.process_index}.txt"
     trainer = CritiqueTrainer(
         model=model, args=args, train_dataset=data,
-        data_collator=base_family.collator(tokenizer, cfg.log_sample_ids),
+        data_collator=TokenCounting(base_family.collator(tokenizer, cfg.log_sample_ids)),
         callbacks=[_MetricsLog(run_dir / "metrics.jsonl"), *callbacks], sample_log=sample_log,
         cross_attention_lr=cfg.cross_attention_lr if cfg.fusion != "none" else None,
     )
