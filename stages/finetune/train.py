@@ -4,6 +4,7 @@ Run dir ``runs/<dataset>/<run>/``: ``run_config.json`` (resolved config), ``toke
 BPE), ``checkpoint-N/`` (HF Trainer: safetensors weights, optimizer, RNG, trainer_state.json; under FSDP
 the weights and optimizer as per-rank distributed-checkpoint shards), ``metrics.jsonl`` (every Trainer log),
 ``tensorboard/`` (the same curves, ``--report-to``), ``final/`` (weights + tokenizer, written via temp + rename).
+Under ZeRO-3 a checkpoint holds DeepSpeed's per-rank shards (``global_stepN/``); ``final/`` alone the full weights.
 Every training log carries loss, lr, the cross-attention gates' magnitudes and the throughput since the previous
 log.
 Rerunning the same command resumes from the newest *complete* checkpoint: the Trainer writes
@@ -139,25 +140,33 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 FSDP_SHARDS = "pytorch_model_fsdp_0"  # accelerate's distributed-checkpoint folder of the model (SHARDED_STATE_DICT)
+ZERO_LATEST = "latest"  # DeepSpeed's pointer to its checkpoint folder (global_stepN/: per-rank model and optimizer shards)
+
+
+def shard_files(ckpt: Path) -> list[Path]:
+    """A sharded checkpoint's per-rank weight files: FSDP's distributed-checkpoint shards or DeepSpeed ZeRO-3's
+    model states (one per rank each)."""
+    return [*(ckpt / FSDP_SHARDS).glob("*.distcp"), *ckpt.glob("global_step*/zero_pp_rank_*_model_states.pt")]
 
 
 def is_complete(ckpt: Path) -> bool:
-    """The Trainer writes trainer_state.json last (after every rank's shards under FSDP); a readable one
+    """The Trainer writes trainer_state.json last (after every rank's shards under FSDP and ZeRO-3); a readable one
     marks a finished checkpoint, once every rank of a sharded one has also written its RNG state."""
     try:
         json.loads((ckpt / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    ranks = len(list((ckpt / FSDP_SHARDS).glob("*.distcp")))  # one shard file per rank
+    ranks = len(shard_files(ckpt))  # one shard file per rank
     if ranks > 1 and not all((ckpt / f"rng_state_{r}.pth").exists() for r in range(ranks)):
         return False  # rank 0 wrote its state while another rank was still saving its RNG state
     return any((ckpt / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
-                                             "adapter_model.safetensors", f"{FSDP_SHARDS}/.metadata"))
+                                             "adapter_model.safetensors", f"{FSDP_SHARDS}/.metadata", ZERO_LATEST))
 
 
 def is_sharded(ckpt: Path) -> bool:
-    """An FSDP checkpoint: per-rank distributed-checkpoint shards, no full model to load in one process."""
-    return (ckpt / FSDP_SHARDS / ".metadata").exists()
+    """An FSDP or ZeRO-3 checkpoint: per-rank shards, no full model to load in one process."""
+    return (ckpt / FSDP_SHARDS / ".metadata").exists() or (
+        (ckpt / ZERO_LATEST).exists() and not (ckpt / "config.json").exists())
 
 
 def last_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Path | None:
@@ -316,14 +325,18 @@ class CritiqueTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Under FSDP a checkpoint's model is the sharded state the Trainer writes beside the optimizer's
-        (nothing here); an explicit save (``final/``) gathers the full weights, which rank 0 writes as
-        safetensors. Every rank must call it."""
-        if not self.is_fsdp_enabled:
+        """Under FSDP and ZeRO-3 a checkpoint's model is the sharded state the Trainer writes beside the optimizer's
+        (nothing here); an explicit save (``final/``) gathers the full weights, which rank 0 writes as safetensors.
+        Every rank must call it."""
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if not (self.is_fsdp_enabled or zero3):
             return super().save_model(output_dir, _internal_call)
         if _internal_call:
             return None
-        state_dict = self.accelerator.get_state_dict(self.model)  # collective; the full weights on rank 0 (CPU)
+        if zero3:  # the engine's own gather (configs/zero3.yaml gathers nothing at checkpoints)
+            state_dict = self.model_wrapped._zero3_consolidated_16bit_state_dict()  # collective; full weights on rank 0
+        else:
+            state_dict = self.accelerator.get_state_dict(self.model)  # collective; the full weights on rank 0 (CPU)
         if self.args.should_save:
             self._save(output_dir, state_dict=state_dict)
         return None

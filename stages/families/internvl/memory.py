@@ -17,7 +17,7 @@ def plan_shapes(config: Any, setting: Any) -> Shapes:
     text = text_shapes(config, setting)
     return Shapes(tiles=tiles, vision_tokens=grid * grid + 1, d=v.hidden_size, vision_mlp=v.intermediate_size,
                   vision_layers=v.num_hidden_layers, image_tokens=image_tokens,
-                  seq=image_tokens + setting.text_tokens, pixel_bytes=tiles * 4 * v.image_size[0] ** 2 * 4,
+                  seq=image_tokens + setting.text_tokens, pixel_bytes=tiles * 3 * v.image_size[0] ** 2,  # uint8 tiles
                   images=f"{setting.max_tiles} tiles", attention_span=grid * grid + 1, vision_mlp_matrices=2,
                   projector_macs=4 * v.hidden_size * text["h"] + text["h"] ** 2, projector_hidden=2 * text["h"],
                   **text)
