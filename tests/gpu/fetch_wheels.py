@@ -27,7 +27,8 @@ def pinned(python: str, listing: Path = HERE / "wheels.txt") -> list[Requirement
     """The pinned requirements of ``listing`` that apply to Python ``python`` (e.g. "3.12")."""
     env = {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
            "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython"}
-    reqs = [Requirement(line) for line in listing.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    lines = (line.split("#")[0].strip() for line in listing.read_text().splitlines())
+    reqs = [Requirement(line) for line in lines if line]
     bad = [str(r) for r in reqs if len(r.specifier) != 1 or next(iter(r.specifier)).operator != "=="]
     if bad:
         raise SystemExit(f"{listing}: every line must pin one version (name==version), not {bad}")

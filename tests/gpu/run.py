@@ -370,10 +370,11 @@ def run_boxed(name: str, argv: list[str], budget: float, result_file: Path, log:
             killed = True
     box = {"budget_s": round(budget, 1), "wall_s": round(time.perf_counter() - start, 1)}
     found = json.loads(result_file.read_text()) if result_file.exists() else {}
-    if proc.returncode == 0 and "error" not in found:
+    if proc.returncode == 0 and found and "error" not in found:
         return {**found, **box, "status": "done"}
     tail = log.read_text(errors="replace")[-600:] if log.exists() else ""
-    why = f"killed at its {budget:.0f} s box" if killed else f"failed (exit {proc.returncode})"
+    why = (f"killed at its {budget:.0f} s box" if killed else f"failed (exit {proc.returncode})" if proc.returncode
+           else "failed" if found else "failed: it wrote no result")
     return {**found, **box, "status": why, "error": found.get("error") or tail.strip() or None}
 
 

@@ -15,13 +15,13 @@ fi
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/ase-gpu-check.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-wheels=(tests/gpu/wheels/*.whl)
+wheels=("${ASE_GPU_WHEELS:-tests/gpu/wheels}"/*.whl)
 if [ -e "${wheels[0]}" ]; then
   if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$scratch/site" "${wheels[@]}" \
       > "$scratch/pip.log" 2>&1; then
     export PYTHONPATH="$scratch/site:$PYTHONPATH" ASE_GPU_CHECK_SITE="${#wheels[@]} carried wheels"
   else
-    echo "gpu check: installing tests/gpu/wheels failed (the preflight says what is missing):" >&2
+    echo "gpu check: installing the carried wheels failed (the preflight says what is missing):" >&2
     tail -n 5 "$scratch/pip.log" >&2
   fi
 fi
