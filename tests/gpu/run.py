@@ -45,6 +45,7 @@ MIN_VERSIONS = {"torch": "2.11", "transformers": "5.24"}
 # what the phases import, third-party first (tests/test_gpu_script.py checks every module a phase loads is here)
 PREFLIGHT = ["numpy", "PIL", "psutil", "yaml", "pyarrow", "safetensors", "tokenizers", "torch", "transformers",
              "accelerate", "dask", "distributed", "zarr", "numcodecs", "google_crc32c", "dask.distributed",
+             "dateutil",  # loaded while the phases run (by pyarrow's and torch's helpers)
              "pipeline.manifest", "storage.saliency_store", "stages.saliency.job", "stages.finetune.train",
              "stages.finetune.plan", "stages.families.internvl.model", "stages.report.generate", "saliency_job"]
 
