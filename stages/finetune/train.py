@@ -315,6 +315,16 @@ class CritiqueTrainer(Trainer):
         enable_fsdp_on_cpu(self)
         fsdp_mixed_precision(self)
 
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The Trainer's move to the device, except that raw saliency maps keep their fp32: under DeepSpeed it casts
+        every floating input to the engine's dtype (bf16), which would round the maps before their min-max
+        normalisation."""
+        maps = inputs.pop("saliency_maps", None)
+        inputs = super()._prepare_inputs(inputs)
+        if maps is not None:
+            inputs["saliency_maps"] = maps.to(self.args.device)
+        return inputs
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         """The model's loss; first the batch's host-side entries (counted tokens, sample ids) are taken out."""
         self._input_tokens += inputs.pop(INPUT_TOKENS, 0)
