@@ -375,7 +375,12 @@ def test_plan_is_within_10_percent_of_measured_bf16_sharded_peak_memory(case: di
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install '.[zero3]')")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29571",
+    import socket
+
+    with socket.socket() as sock:  # a free port: fixed ones collide with other runs of the suite on the machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port),
                            str(REPO / "tests" / "memory_probe.py"), json.dumps(case), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
