@@ -86,7 +86,7 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyP
     budgets = result["budgets_s"]  # every phase boxed, the boxes within the 5 minutes of run.sh
     assert set(budgets) == {"preflight", "prepare", "stage1", "stage2", "generation"}
     assert sum(budgets.values()) + gpu_check.MARGIN_S <= gpu_check.TOTAL_S == 300
-    assert all(result[p]["status"] == "done" and result[p]["wall_s"] <= budgets[p] + 1 for p in budgets)
+    assert all(result[p]["status"] == "done" and result[p]["wall_s"] <= result[p]["budget_s"] + 1 for p in budgets)
     assert result["total_s"] <= 300
 
     # each timed sample's FLOPs: its own tiles and tokens, against what torch counts for that very example
