@@ -6,7 +6,7 @@ CLI := $(VENV)/bin/ase-mllm
 DATASET ?=
 DS := $(or $(DATASET),demo)
 RUN ?=
-RUN_ARG := $(if $(RUN),--run $(RUN),)
+RUN_ARG := $(if $(RUN),--run-name $(RUN),)
 
 .PHONY: setup demo study test bench ingest saliency finetune report status clean
 

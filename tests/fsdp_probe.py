@@ -2,9 +2,10 @@
 
 Usage: torchrun --nproc_per_node 2 tests/fsdp_probe.py '<json: manifest, out, train config, fsdp overrides>'.
 Writes ``out/rank<r>.json``: every gradient reduce-scatter FSDP issued (its input dtype) between the Trainer's
-micro-batch events, and this rank's peak resident memory until training begins (model built, loaded and
-sharded) above its resident memory before ``finetune`` (``loaded``).
-The reduce-scatter is observed by a wrapper that calls torch's own collective unchanged.
+micro-batch events, the dtype of the saliency maps as they reached the model's saliency cut (``saliency``), and
+this rank's peak resident memory until training begins (model built, loaded and sharded) above its resident
+memory before ``finetune`` (``loaded``).
+The reduce-scatter and the saliency cut are observed by wrappers that call the real functions unchanged.
 """
 from __future__ import annotations
 
@@ -25,13 +26,20 @@ from stages.finetune import train  # noqa: E402, F401
 
 EVENTS: list[list[str]] = []
 LOADED: list[int] = []
+SALIENCY: list[str] = []
 _reduce_scatter = dist.reduce_scatter_single
+_saliency_tiles = _model.IASInternVLModel.saliency_tiles
 
 
 def _recording_reduce_scatter(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
     tensor = kwargs.get("input", args[1] if len(args) > 1 else None)
     EVENTS.append(["reduce", str(tensor.dtype).removeprefix("torch.")])
     return _reduce_scatter(*args, **kwargs)
+
+
+def _recording_saliency_tiles(pixel_values, saliency_maps, *args):  # noqa: ANN001, ANN202
+    SALIENCY.append(str(saliency_maps.dtype).removeprefix("torch."))
+    return _saliency_tiles(pixel_values, saliency_maps, *args)
 
 
 class MicroBatches(TrainerCallback):
@@ -49,6 +57,7 @@ class MicroBatches(TrainerCallback):
 
 def main(spec: dict) -> None:
     dist.reduce_scatter_single = _recording_reduce_scatter
+    _model.IASInternVLModel.saliency_tiles = staticmethod(_recording_saliency_tiles)
     cfg = train.TrainConfig(**spec["config"])
     if spec.get("fsdp"):  # overrides of configs/fsdp.yaml for this run
         from stages.finetune.sharding import strategy
@@ -61,7 +70,8 @@ def main(spec: dict) -> None:
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", "0"))  # torchrun's; finetune has closed the process group by now
-    (out / f"rank{rank}.json").write_text(json.dumps({"events": EVENTS, "loaded": LOADED[0] - base}))
+    (out / f"rank{rank}.json").write_text(json.dumps({"events": EVENTS, "loaded": LOADED[0] - base,
+                                                            "saliency": sorted(set(SALIENCY))}))
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def batch_qwen(config, case: dict) -> dict:
 
 
 def batch(config, case: dict) -> dict:
-    from stages.families.internvl.collate import saliency_inputs
+    from stages.families.internvl.collate import label_index, saliency_inputs
     from stages.families.internvl.model import tokens_per_tile
 
     if case.get("family") == "qwen2_5_vl":
@@ -88,8 +88,9 @@ def batch(config, case: dict) -> dict:
     labels = torch.full_like(ids, -100)
     labels[:, -labelled:] = ids[:, -labelled:]
     s = config.vision_config.image_size[0]
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-                pixel_values=torch.randn(b * tiles, 3, s, s, generator=g),
+    positions, targets = label_index(labels)  # as the collator makes them
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, label_positions=positions,
+                label_targets=targets, pixel_values=torch.randint(0, 256, (b * tiles, 3, s, s), generator=g, dtype=torch.uint8),
                 **saliency_inputs([torch.rand(14, 14, generator=g) for _ in range(b)], [(tiles, 1, 0)] * b))
 
 
@@ -157,9 +158,21 @@ def measure_trainer(case: dict, out: Path) -> None:
 
     trainer = CritiqueTrainer(model=model, args=args, train_dataset=[{}] * (8 * cfg.global_batch_size),
                               data_collator=lambda _: dict(inputs), callbacks=[FromFirstStep()])
+    seen: set[str] = set()  # the saliency maps' dtype where the model cuts them: fp32 under every policy
+    if case.get("family") != "qwen2_5_vl":
+        from stages.families.internvl.model import IASInternVLModel
+
+        cut = IASInternVLModel.saliency_tiles
+
+        def recording_cut(pixel_values, maps, *rest):  # noqa: ANN001, ANN202
+            seen.add(str(maps.dtype).removeprefix("torch."))
+            return cut(pixel_values, maps, *rest)
+
+        IASInternVLModel.saliency_tiles = staticmethod(recording_cut)
     trainer.train()
     peak = rss("VmHWM") - base
-    (out / f"rank{args.process_index}.json").write_text(json.dumps({"name": case["name"], "peak": peak}))
+    (out / f"rank{args.process_index}.json").write_text(json.dumps({"name": case["name"], "peak": peak,
+                                                                     "saliency": sorted(seen)}))
 
 
 if __name__ == "__main__":

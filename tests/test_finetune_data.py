@@ -213,16 +213,22 @@ def test_collator_pads_and_keeps_tile_order(toy, tok) -> None:
     ctx = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
     assert int((batch["input_ids"] == ctx).sum()) == batch["pixel_values"].shape[0] * 4  # InternVL's invariant
     torch.testing.assert_close(batch["pixel_values"], torch.cat([e["pixel_values"] for e in items]))
-    assert batch["tile_grids"].tolist() == [list(e["tile_grid"]) for e in items]
+    assert batch["pixel_values"].dtype == torch.uint8  # tiles travel as bytes; the model normalises them
+    assert batch["tile_grids"] == [tuple(e["tile_grid"]) for e in items]  # host lists: they fix shapes
     for b, e in enumerate(items):  # each map in the top-left corner of its zero-padded slot
-        h, w = batch["saliency_map_sizes"][b].tolist()
+        h, w = batch["saliency_map_sizes"][b]
         assert torch.equal(batch["saliency_maps"][b, :h, :w], e["saliency_map"])
         assert not batch["saliency_maps"][b, h:].any() and not batch["saliency_maps"][b, :, w:].any()
     for row, e in enumerate(items):
         k = len(e["input_ids"])
         assert batch["input_ids"][row, :k].tolist() == e["input_ids"]
         assert batch["attention_mask"][row].sum() == k and (batch["labels"][row, k:] == -100).all()
-    assert batch["sample_ids"].tolist() == [0, 3, 6]
+    assert batch["sample_ids"] == [0, 3, 6]
+    # the loss's positions, made on the host: every position whose next token is labelled, and that token
+    flat_labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:].reshape(-1)
+    expected = [i for i, t in enumerate(flat_labels.tolist()) if t != -100]
+    assert batch["label_positions"].tolist() == expected
+    assert batch["label_targets"].tolist() == [flat_labels[i].item() for i in expected]
 
 
 def test_loader_workers_and_rank_shares_are_disjoint(toy, tok) -> None:
@@ -236,6 +242,6 @@ def test_loader_workers_and_rank_shares_are_disjoint(toy, tok) -> None:
         sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=3)
         loader = DataLoader(data, batch_size=2, sampler=sampler, num_workers=2,
                             collate_fn=Collator(tok.pad_token_id, keep_sample_ids=True))
-        seen.append([i for b in loader for i in b["sample_ids"].tolist()])
+        seen.append([i for b in loader for i in b["sample_ids"]])
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(len(data)))

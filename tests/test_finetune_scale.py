@@ -335,7 +335,7 @@ MEMORY_CASES = [  # vision-heavy, the same with checkpointing, LLM-heavy
 
 
 @pytest.mark.slow
-def test_plan_is_within_25_percent_of_measured_peak_memory() -> None:
+def test_plan_is_within_10_percent_of_measured_peak_memory() -> None:
     """Peak resident memory of two real fp32 training steps on CPU (tests/memory_probe.py) vs the plan."""
     from memory_probe import build
     from stages.finetune.plan import Setting, plan
@@ -352,7 +352,7 @@ def test_plan_is_within_25_percent_of_measured_peak_memory() -> None:
                           gradient_checkpointing=case["gradient_checkpointing"], trainable=TRAINABLE,
                           text_tokens=case["text_tokens"], labelled_tokens=case["labelled_tokens"], compute="fp32")
         ratios[case["name"]] = plan(config, setting).total / m["peak"]
-    assert all(0.75 <= r <= 1.25 for r in ratios.values()), ratios
+    assert all(0.9 <= r <= 1.1 for r in ratios.values()), ratios
 
 
 BF16_CASES = [  # the LLM-heavy shape, bf16 autocast, 2 gloo ranks, through the Trainer; FSDP with 2 accumulation steps
@@ -365,7 +365,7 @@ BF16_CASES = [  # the LLM-heavy shape, bf16 autocast, 2 gloo ranks, through the 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", BF16_CASES, ids=[c["name"] for c in BF16_CASES])
-def test_plan_is_within_25_percent_of_measured_bf16_sharded_peak_memory(case: dict, tmp_path: Path) -> None:
+def test_plan_is_within_10_percent_of_measured_bf16_sharded_peak_memory(case: dict, tmp_path: Path) -> None:
     """Peak resident memory per rank of 2 real bf16-autocast Trainer steps on 2 gloo ranks (tests/memory_probe.py:
     the engine's own sharding, precision and gradient reduction) vs the plan of the same setting."""
     from memory_probe import build
@@ -375,7 +375,12 @@ def test_plan_is_within_25_percent_of_measured_bf16_sharded_peak_memory(case: di
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install '.[zero3]')")
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29571",
+    import socket
+
+    with socket.socket() as sock:  # a free port: fixed ones collide with other runs of the suite on the machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(port),
                            str(REPO / "tests" / "memory_probe.py"), json.dumps(case), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -385,8 +390,10 @@ def test_plan_is_within_25_percent_of_measured_bf16_sharded_peak_memory(case: di
                       text_tokens=case["text_tokens"], labelled_tokens=case["labelled_tokens"], compute="bf16",
                       accumulation=case["accumulation"])
     planned = plan(config, setting).total
-    ratios = [planned / json.loads((tmp_path / f"rank{r}.json").read_text())["peak"] for r in range(2)]
-    assert all(0.75 <= r <= 1.25 for r in ratios), ratios
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ratios = [planned / rank["peak"] for rank in ranks]
+    assert all(0.9 <= r <= 1.1 for r in ratios), ratios
+    assert all(rank["saliency"] == ["float32"] for rank in ranks), ranks  # raw maps reach the cut in fp32
 
 
 # ---------------------------------------------------------------- sharded training (2 gloo processes)
@@ -432,14 +439,19 @@ SHARDED_ATOL = 2e-5  # 2 AdamW steps at lr 1e-3 move a weight ~2e-3; reduction o
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 def test_sharded_two_ranks_equal_one_process(strategy: str, toy_run: Path, tmp_path: Path) -> None:
     """2 gloo ranks x per-device 2 vs one process x 2 accumulation steps: the same 4 examples per
-    step, so the weights after 2 steps agree up to reduction-order noise."""
+    step, so the weights after 2 steps agree up to reduction-order noise. ZeRO-3 saves after every step: its
+    checkpoints hold the engine's per-rank shards and no gathered model, and a rerun that lost checkpoint-2 and
+    final/ resumes from checkpoint-1's shards to the same weights."""
+    import shutil
+
     if strategy == "zero3":
         pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install '.[zero3]')")
     base = save_base(tmp_path / "base", torch.float32)
     runs = Path(os.environ["ASE_WORK"]) / "runs" / "toy"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    steps = ["--max-steps", "2", "--save-steps", "100", "--log-sample-ids"]  # 2 full steps of the 10-pair epoch
-    for run, ranks, extra in (("single", 1, []), (strategy, 2, ["--strategy", strategy])):
+    steps = ["--max-steps", "2", "--log-sample-ids"]  # 2 full steps of the 10-pair epoch
+    saves = ["--save-steps", "1" if strategy == "zero3" else "100"]
+    for run, ranks, extra in (("single", 1, ["--save-steps", "100"]), (strategy, 2, ["--strategy", strategy, *saves])):
         proc = subprocess.run(_launch(toy_run, run, base, *steps, *extra, ranks=ranks), cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -451,6 +463,29 @@ def test_sharded_two_ranks_equal_one_process(strategy: str, toy_run: Path, tmp_p
         assert sorted(single[2 * step] + single[2 * step + 1]) == sorted(rank0[step] + rank1[step])
     _assert_same_weights(_final(runs / strategy), _final(runs / "single"), SHARDED_ATOL)
     assert json.loads((runs / strategy / "run_config.json").read_text())["strategy"] == strategy
+    if strategy == "zero3":
+        for ckpt in (runs / "zero3" / "checkpoint-1", runs / "zero3" / "checkpoint-2"):
+            _assert_zero3_checkpoint(ckpt, ranks=2)
+        first = _final(runs / "zero3")
+        shutil.rmtree(runs / "zero3" / "checkpoint-2")
+        shutil.rmtree(runs / "zero3" / "final")
+        proc = subprocess.run(_launch(toy_run, "zero3", base, *steps, "--strategy", "zero3", *saves, ranks=2),
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "resumed from checkpoint-1" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+        _assert_same_weights(_final(runs / "zero3"), first, 1e-6)
+
+
+def _assert_zero3_checkpoint(ckpt: Path, ranks: int) -> None:
+    """DeepSpeed's layout alone: every rank's model and optimizer shard, no gathered model anywhere in it."""
+    from stages.finetune.train import is_complete, is_sharded
+
+    tag = (ckpt / "latest").read_text().strip()
+    assert sorted(p.name for p in (ckpt / tag).glob("*_model_states.pt")) == [
+        f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(ranks)]
+    assert len(list((ckpt / tag).glob("*_optim_states.pt"))) == ranks
+    full = [p.name for p in ckpt.glob("*") if p.suffix in (".safetensors", ".bin")]
+    assert not full, full
+    assert is_complete(ckpt) and is_sharded(ckpt)
 
 
 @pytest.mark.slow
@@ -533,6 +568,6 @@ def test_zero3_config_is_accepted_by_deepspeed_and_the_trainer() -> None:
 
     settings = strategy("zero3").config()
     zero = DeepSpeedZeroConfig(**settings["zero_optimization"])
-    assert zero.stage == 3 and zero.gather_16bit_weights_on_model_save
+    assert zero.stage == 3 and not zero.gather_16bit_weights_on_model_save  # checkpoints hold the engine's shards
     hf = HfTrainerDeepSpeedConfig(settings)
     assert hf.is_zero3() and hf.get_value("zero_optimization.stage3_max_live_parameters") == 1e9

@@ -97,7 +97,7 @@ def test_sharded_fsdp_checkpoints_count_as_complete_but_are_no_model_to_report(t
             (shards.parent / "trainer_state.json").write_text("{}")
     assert last_checkpoint(tmp_path, remove_incomplete=True) == tmp_path / "checkpoint-2"
     assert not (tmp_path / "checkpoint-4").exists() and not (tmp_path / "checkpoint-6").exists()
-    with pytest.raises(FileNotFoundError, match="FSDP shards.*rerun the same `finetune`"):
+    with pytest.raises(FileNotFoundError, match="FSDP / ZeRO-3 shards.*rerun the same `finetune`"):
         find_checkpoint(tmp_path)
 
     # the report's ablation rows take a finished run of a condition, never an unfinished FSDP one

@@ -50,7 +50,8 @@ def _micro_batches(events: list[list[str]]) -> list[list[str]]:
 @pytest.mark.slow
 def test_bf16_fsdp_reduces_fp32_gradients_on_every_micro_batch(toy_run: Path, tmp_path: Path) -> None:
     """bf16 autocast, 2 ranks x per-device 1 x 2 accumulation steps: every micro-batch reduce-scatters its
-    gradients (none stay unsharded until the last one), always in fp32."""
+    gradients (none stay unsharded until the last one), always in fp32; the raw saliency maps reach the model's
+    saliency cut in fp32 (FSDP's root casts no forward input to bf16 before their min-max normalisation)."""
     base = save_base(tmp_path / "base", torch.float32)
     ranks = _probe(toy_run, tmp_path / "probe", 29551, base=str(base), run="bf16", precision="bf16",
                    global_batch_size=4, per_device_batch_size=1, max_steps=2)
@@ -62,6 +63,7 @@ def test_bf16_fsdp_reduces_fp32_gradients_on_every_micro_batch(toy_run: Path, tm
         assert all(batches), f"a micro-batch kept its gradients unsharded: {batches}"
         assert {d for b in batches for d in b} == {"float32"}, batches
         assert len({len(b) for b in batches}) == 1  # every micro-batch reduces every wrapped group
+        assert rank["saliency"] == ["float32"], rank["saliency"]
 
 
 def _save_heavy_base(directory: Path) -> int:

@@ -12,7 +12,8 @@ from transformers.models.got_ocr2.image_processing_got_ocr2 import GotOcr2ImageP
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from stages.families.internvl.collate import saliency_inputs
-from stages.families.internvl.tiling import IMAGENET_MEAN, IMAGENET_STD, Tiling, expand_saliency, plan_tiles, tile_image
+from stages.families.internvl.tiling import (IMAGENET_MEAN, IMAGENET_STD, Tiling, expand_saliency, normalise_tiles,
+                                             plan_tiles, tile_image)
 
 # odd sizes and aspect ratios x (tile size, min tiles, max tiles), including max_tiles = 40
 CASES = [
@@ -67,7 +68,9 @@ def test_tiles_equal_gotocr2_pil_processor(size: tuple[int, int], setting: tuple
     img = _image(*size)
     ref = GotOcr2ImageProcessorPil(**_processor_kwargs(tile, lo, hi))(img, return_tensors="pt")["pixel_values"]
     tiling = plan_tiles(*size, tile_size=tile, min_tiles=lo, max_tiles=hi)
-    ours = tile_image(img, tiling, tile)
+    tiles = tile_image(img, tiling, tile)  # what the loader ships: bytes
+    assert tiles.dtype == torch.uint8
+    ours = normalise_tiles(tiles, torch.float32)  # what the model makes of them on its device
     assert ours.shape == ref.shape == (tiling.num_tiles, 3, tile, tile)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
@@ -78,7 +81,8 @@ def test_tiles_match_gotocr2_torchvision_processor(size: tuple[int, int], settin
     tile, lo, hi = setting
     img = _image(*size, seed=1)
     ref = GotOcr2ImageProcessor(**_processor_kwargs(tile, lo, hi))(img, return_tensors="pt")["pixel_values"]
-    ours = tile_image(img, plan_tiles(*size, tile_size=tile, min_tiles=lo, max_tiles=hi), tile)
+    ours = normalise_tiles(tile_image(img, plan_tiles(*size, tile_size=tile, min_tiles=lo, max_tiles=hi), tile),
+                           torch.float32)
     assert ours.shape == ref.shape
     assert (ours - ref).abs().mean() < 2e-3
 
@@ -115,7 +119,7 @@ def test_saliency_hot_spot_lands_where_image_hot_spot_is(size: tuple[int, int], 
     tiling = plan_tiles(w, h, tile, 1, 12, use_thumbnail=False)
     assert tiling.num_tiles > 1
 
-    bright = tile_image(img, tiling, tile).mean(1)  # [T, S, S]
+    bright = tile_image(img, tiling, tile).float().mean(1)  # [T, S, S]
     maps = saliency_tiles(sal, tiling, tile)  # [T, 1, S, S]
     assert maps.shape == (tiling.num_tiles, 1, tile, tile)
     assert maps.min() >= 0 and maps.max() <= 1

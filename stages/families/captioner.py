@@ -58,14 +58,19 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """Generation's dtype on ``device``: bf16 on GPUs that support it, else fp32."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
 class Captioner:
     """A loaded ASE-MLLM + tokenizer + the family's image spec: (image, saliency map) -> critique, in batches.
     A prompt (the family's) carries at least ``input_ids`` (list of ints)."""
 
     def __init__(self, model: Any, tokenizer: Any, spec: Any, device: torch.device | None = None) -> None:
         self.device = device or default_device()
-        dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        self.model = model.to(self.device, dtype=dtype).eval().requires_grad_(False)
+        # a model loaded by report's load_run is already there in this dtype (no copy); another one is moved and cast
+        self.model = model.to(self.device, dtype=compute_dtype(self.device)).eval().requires_grad_(False)
         self.tokenizer, self.spec = tokenizer, spec
         self.needs_saliency = getattr(model.config, "ias_fusion", "none") == "cross_attention"
 

@@ -158,6 +158,6 @@ def pad_tokens(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, t
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def sample_ids(examples: list[dict[str, Any]]) -> torch.Tensor:
-    """The examples' ``sample_id`` [B] (the trainer logs and drops them)."""
-    return torch.tensor([e["sample_id"] for e in examples], dtype=torch.long)
+def sample_ids(examples: list[dict[str, Any]]) -> list[int]:
+    """The examples' ``sample_id`` as a host list (the trainer logs and drops them without touching the device)."""
+    return [int(e["sample_id"]) for e in examples]

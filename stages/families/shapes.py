@@ -24,7 +24,7 @@ class Shapes:
     mlp: int
     layers: int
     vocab: int
-    pixel_bytes: int  # model inputs per sample: pixels (+ saliency tiles for InternVL), fp32
+    pixel_bytes: int  # model inputs per sample on the device (InternVL: uint8 tiles, normalised copy, saliency tile)
     images: str  # the image side of the setting, for people: "12 tiles", "1.00 MP images"
     attention_span: float  # keys per vision query, averaged over the layers (window attention sees fewer)
     vision_mlp_matrices: int  # 2 (GELU MLP) or 3 (SwiGLU: gate, up, down)

@@ -84,8 +84,10 @@ class Counts:
     persistent: int  # parameters in tensors under ZeRO-3's persistence threshold
     llm_layer_trainable: int = 0  # trainable parameters of one decoder layer
     vision_layer_trainable: int = 0  # of one IAS-ViT layer (its cross-attention when the ViT base is frozen)
-    head: int = 0  # the output embedding (lm_head): an FSDP group of its own, kept gathered from forward to backward
+    head: int = 0  # the output embedding (lm_head)
     head_trainable: int = 0
+    root: int = 0  # parameters outside the wrapped layers (embeddings, projector, lm_head, norms): FSDP's root group
+    root_trainable: int = 0
 
 
 def count_parameters(config: Any, setting: Setting, persistence_threshold: float = 1e7) -> Counts:
@@ -124,7 +126,10 @@ def count_parameters(config: Any, setting: Setting, persistence_threshold: float
     vision_layer = layer_trainable(vision_layers[0])
     head = model.get_output_embeddings().weight.numel()
     head_trainable = head if "llm" in lora_parts else 0
-    return Counts(total, trainable, by_part, largest, persistent, llm_layer, vision_layer, head, head_trainable)
+    in_layers = sum(p.numel() for layer in layers for p in layer.parameters())
+    layers_trainable = len(llm_layers) * llm_layer + len(vision_layers) * vision_layer
+    return Counts(total, trainable, by_part, largest, persistent, llm_layer, vision_layer, head, head_trainable,
+                  total - in_layers, trainable - layers_trainable)
 
 
 # ---------------------------------------------------------------- activations
@@ -254,20 +259,24 @@ class Plan:
 
 def _backward_peak(counts: Counts, setting: Setting, acts: Activations, grads: float) -> float:
     """Peak of activations + gradients over one step: backward frees each layer's activations as its
-    gradients appear (LLM top-down, then the vision tower); with accumulation the gradients stay."""
-    b, g = setting.per_device, setting.gpus if sharding.strategy(setting.strategy).shards_state else 1
+    gradients appear (LLM top-down, then the vision tower); with accumulation the gradients stay. The strategy's
+    backward buffers (sharding.Strategy.backward_bytes) ride on top: some from the start of backward, some while a
+    layer is reduced, some at its end."""
+    engine = sharding.strategy(setting.strategy)
+    b, g = setting.per_device, setting.gpus if engine.shards_state else 1
+    held, transient, end = engine.backward_bytes(counts, setting)
     if setting.accumulation > 1:
-        return grads + b * acts.total + acts.peak_extra
-    live = b * acts.total
+        return max(grads + b * acts.total + acts.peak_extra + held + transient, grads + end)
+    live = b * acts.total + held
     layer_grads = 4 * (acts.llm_layers * counts.llm_layer_trainable + acts.vision_layers * counts.vision_layer_trainable) / g
     live += grads - layer_grads  # lm_head, embeddings, projector: counted up front
-    peak = live
+    peak = live + transient
     for layers, kept, trainable in ((acts.llm_layers, acts.llm_layer, counts.llm_layer_trainable),
                                     (acts.vision_layers, acts.vision_layer, counts.vision_layer_trainable)):
         for _ in range(layers):
             live += 4 * trainable / g - b * kept
-            peak = max(peak, live)
-    return max(peak + acts.peak_extra, grads)
+            peak = max(peak, live + transient)
+    return max(peak + acts.peak_extra, live - held + end, grads)
 
 
 def plan(config: Any, setting: Setting, gpu_memory_gb: float | None = None, name: str = "") -> Plan:

@@ -62,6 +62,11 @@ class Strategy:
         """(weights, gradients, optimizer, engine buffers) per GPU."""
         raise NotImplementedError
 
+    def backward_bytes(self, counts: Any, setting: Any) -> tuple[float, float, float]:
+        """What the engine adds during backward, per GPU: (held from its start to its end, transient while one
+        wrapped layer's gradients are reduced, held at its end when the activations are gone)."""
+        return 0.0, 0.0, 0.0
+
 
 class DDP(Strategy):
     """Replicated: weights T*4 + (P-T)*frozen bytes; grads T*4 (+ T*4 DDP buckets when G > 1); AdamW T*8."""
@@ -75,9 +80,12 @@ class DDP(Strategy):
 
 
 class FSDP(Strategy):
-    """FSDP2: (P*4 + T*4 + T*8) / G, plus two gathered layers and the output embedding in the compute dtype and one
-    group's unsharded gradients + their fp32 reduce-scatter input (gradients are reduced on every micro-batch, so
-    only the sharded fp32 gradients stay across accumulation steps)."""
+    """FSDP2: (P*4 + T*4 + T*8) / G, plus two gathered layers and the root group gathered in the compute dtype.
+    The root group is everything outside the wrapped layers (embeddings, projector, lm_head, final norms):
+    FSDP2 keeps it gathered from forward to the end of backward, with its unsharded gradients (lm_head's from
+    the start of backward) and, at the end, their fp32 reduce-scatter input. Each wrapped layer's unsharded
+    gradients and their fp32 reduce input exist while that layer is reduced (every micro-batch: only the sharded
+    fp32 gradients stay across accumulation steps)."""
 
     name = "fsdp"
     shards_state = True
@@ -98,13 +106,18 @@ class FSDP(Strategy):
 
     def state_bytes(self, counts: Any, setting: Any) -> tuple[float, float, float, float]:
         p, t, g, a = counts.total, counts.trainable, setting.gpus, DTYPE_BYTES[setting.compute]
-        group = max(counts.llm_layer_trainable, counts.vision_layer_trainable, counts.head_trainable)
-        return 4 * p / g, 4 * t / g, 8 * t / g, a * (2 * counts.largest_layer + counts.head) + (a + 4) * group
+        return 4 * p / g, 4 * t / g, 8 * t / g, a * (2 * counts.largest_layer + counts.root)
+
+    def backward_bytes(self, counts: Any, setting: Any) -> tuple[float, float, float]:
+        a = DTYPE_BYTES[setting.compute]
+        layer = max(counts.llm_layer_trainable, counts.vision_layer_trainable)
+        return a * counts.head_trainable, (a + 4) * layer, (a + 4) * counts.root_trainable
 
 
 class ZeRO3(Strategy):
-    """DeepSpeed ZeRO-3: (P*2 + T*4 master + T*4 + T*8) / G, parameters under the persistence threshold replicated,
-    plus the reduce bucket and the live-parameter budget of configs/zero3.yaml. DeepSpeed's own mixed precision:
+    """DeepSpeed ZeRO-3: (P*2 + T*4 master + T*(2+4) + T*8) / G, parameters under the persistence threshold
+    replicated, plus the reduce bucket and the live-parameter budget of configs/zero3.yaml. Gradients: the bf16
+    partition it accumulates into and, at the optimizer step, its fp32 copy. DeepSpeed's own mixed precision:
     with bf16 on, every weight, trainable and frozen, is held in bf16 (precision.py)."""
 
     name = "zero3"
@@ -122,7 +135,7 @@ class ZeRO3(Strategy):
         p, t, g, a = counts.total, counts.trainable, setting.gpus, DTYPE_BYTES[setting.compute]
         live = min(1e9, p) * a  # stage3_max_live_parameters
         bucket = min(1e9, t) * a  # reduce_bucket_size
-        return a * (p - counts.persistent) / g + a * counts.persistent + 4 * t / g, 4 * t / g, 8 * t / g, live + bucket
+        return a * (p - counts.persistent) / g + a * counts.persistent + 4 * t / g, (a + 4) * t / g, 8 * t / g, live + bucket
 
 
 STRATEGY_CLASSES: dict[str, type[Strategy]] = {cls.name: cls for cls in (DDP, FSDP, ZeRO3)}
@@ -167,14 +180,19 @@ def enable_fsdp_on_cpu(trainer: Any) -> None:
 
 def fsdp_mixed_precision(trainer: Any) -> None:
     """Gather parameters in the compute dtype but reduce-scatter gradients in fp32 (accelerate reduces in the
-    compute dtype: bf16 sums of 8 ranks' gradients lose their low bits). Set before the model is wrapped."""
+    compute dtype: bf16 sums of 8 ranks' gradients lose their low bits). Set before the model is wrapped.
+
+    Forward inputs are not cast (``cast_forward_inputs`` off): the root's cast would turn the raw saliency maps
+    into bf16 before their min-max normalisation. Nothing needs it: tiles arrive as uint8 and are normalised into
+    the gathered weights' dtype, and every wrapped layer's inputs come out of gathered (compute-dtype) layers."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if plugin is None or not trainer.is_fsdp_enabled:
         return
     compute = torch.bfloat16 if trainer.args.bf16 else torch.float16 if trainer.args.fp16 else None
-    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32,
+                                                         cast_forward_inputs=False)
 
 
 def builds_on_meta(args: Any) -> bool:

@@ -4,6 +4,7 @@ Run dir ``runs/<dataset>/<run>/``: ``run_config.json`` (resolved config), ``toke
 BPE), ``checkpoint-N/`` (HF Trainer: safetensors weights, optimizer, RNG, trainer_state.json; under FSDP
 the weights and optimizer as per-rank distributed-checkpoint shards), ``metrics.jsonl`` (every Trainer log),
 ``tensorboard/`` (the same curves, ``--report-to``), ``final/`` (weights + tokenizer, written via temp + rename).
+Under ZeRO-3 a checkpoint holds DeepSpeed's per-rank shards (``global_stepN/``); ``final/`` alone the full weights.
 Every training log carries loss, lr, the cross-attention gates' magnitudes and the throughput since the previous
 log.
 Rerunning the same command resumes from the newest *complete* checkpoint: the Trainer writes
@@ -139,25 +140,33 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 FSDP_SHARDS = "pytorch_model_fsdp_0"  # accelerate's distributed-checkpoint folder of the model (SHARDED_STATE_DICT)
+ZERO_LATEST = "latest"  # DeepSpeed's pointer to its checkpoint folder (global_stepN/: per-rank model and optimizer shards)
+
+
+def shard_files(ckpt: Path) -> list[Path]:
+    """A sharded checkpoint's per-rank weight files: FSDP's distributed-checkpoint shards or DeepSpeed ZeRO-3's
+    model states (one per rank each)."""
+    return [*(ckpt / FSDP_SHARDS).glob("*.distcp"), *ckpt.glob("global_step*/zero_pp_rank_*_model_states.pt")]
 
 
 def is_complete(ckpt: Path) -> bool:
-    """The Trainer writes trainer_state.json last (after every rank's shards under FSDP); a readable one
+    """The Trainer writes trainer_state.json last (after every rank's shards under FSDP and ZeRO-3); a readable one
     marks a finished checkpoint, once every rank of a sharded one has also written its RNG state."""
     try:
         json.loads((ckpt / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    ranks = len(list((ckpt / FSDP_SHARDS).glob("*.distcp")))  # one shard file per rank
+    ranks = len(shard_files(ckpt))  # one shard file per rank
     if ranks > 1 and not all((ckpt / f"rng_state_{r}.pth").exists() for r in range(ranks)):
         return False  # rank 0 wrote its state while another rank was still saving its RNG state
     return any((ckpt / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
-                                             "adapter_model.safetensors", f"{FSDP_SHARDS}/.metadata"))
+                                             "adapter_model.safetensors", f"{FSDP_SHARDS}/.metadata", ZERO_LATEST))
 
 
 def is_sharded(ckpt: Path) -> bool:
-    """An FSDP checkpoint: per-rank distributed-checkpoint shards, no full model to load in one process."""
-    return (ckpt / FSDP_SHARDS / ".metadata").exists()
+    """An FSDP or ZeRO-3 checkpoint: per-rank shards, no full model to load in one process."""
+    return (ckpt / FSDP_SHARDS / ".metadata").exists() or (
+        (ckpt / ZERO_LATEST).exists() and not (ckpt / "config.json").exists())
 
 
 def last_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Path | None:
@@ -240,6 +249,22 @@ class _ProgressBar(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
 
 
+INPUT_TOKENS = "input_tokens"  # the batch entry counting its non-padding tokens on the host (TokenCounting)
+
+
+@dataclass
+class TokenCounting:
+    """A family's collator whose batches also count their non-padding input tokens, on the host (in the loader's
+    worker): the Trainer's own count reads a device tensor and gathers it on every micro-batch."""
+
+    collator: Any
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        batch[INPUT_TOKENS] = int(batch["attention_mask"].sum())
+        return batch
+
+
 class CritiqueTrainer(Trainer):
     """The HF Trainer, plus an optional per-rank log of the sample ids each step trained on.
 
@@ -254,14 +279,16 @@ class CritiqueTrainer(Trainer):
         self.sample_log = sample_log
         self.cross_attention_lr = cross_attention_lr
         self._last_log: tuple[float, int, int] | None = None  # (time, global step, input tokens) of the last log
+        self._input_tokens = 0  # non-padding input tokens of this rank's micro-batches (host counts: input_tokens)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Training logs also carry the gates' magnitudes and the throughput since the previous log. Added here,
         before any callback runs: callbacks given to the Trainer see a log after its reporting integrations
-        (TensorBoard, W&B) have written it. Every rank calls ``log`` (sharded gates are gathered)."""
+        (TensorBoard, W&B) have written it. Every rank calls ``log`` (sharded gates are gathered, the ranks' token
+        counts summed: the only reads from the device, at logging steps)."""
         if "loss" in logs:
             logs.update(gate_magnitudes(self.model))
-            now, last = (time.time(), self.state.global_step, self.state.num_input_tokens_seen), self._last_log
+            now, last = (time.time(), self.state.global_step, self._tokens_all_ranks()), self._last_log
             if last is not None and now[1] > last[1] and now[0] > last[0]:
                 seconds, a = now[0] - last[0], self.args
                 samples = (now[1] - last[1]) * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
@@ -269,6 +296,11 @@ class CritiqueTrainer(Trainer):
                 logs["tokens_per_second"] = (now[2] - last[2]) / seconds  # non-padding input tokens, all ranks
             self._last_log = now
         super().log(logs, start_time)
+
+    def _tokens_all_ranks(self) -> int:
+        """Non-padding input tokens this run has trained on so far, summed over the ranks."""
+        mine = torch.tensor([self._input_tokens], device=self.args.device)
+        return int(self.accelerator.gather(mine).sum()) if self.args.world_size > 1 else self._input_tokens
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
@@ -283,22 +315,38 @@ class CritiqueTrainer(Trainer):
         enable_fsdp_on_cpu(self)
         fsdp_mixed_precision(self)
 
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The Trainer's move to the device, except that raw saliency maps keep their fp32: under DeepSpeed it casts
+        every floating input to the engine's dtype (bf16), which would round the maps before their min-max
+        normalisation."""
+        maps = inputs.pop("saliency_maps", None)
+        inputs = super()._prepare_inputs(inputs)
+        if maps is not None:
+            inputs["saliency_maps"] = maps.to(self.args.device)
+        return inputs
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        """The model's loss; first the batch's host-side entries (counted tokens, sample ids) are taken out."""
+        self._input_tokens += inputs.pop(INPUT_TOKENS, 0)
         ids = inputs.pop("sample_ids", None)
         if ids is not None and self.sample_log is not None:
             with open(self.sample_log, "a") as fh:
-                fh.write(" ".join(str(i) for i in ids.tolist()) + "\n")
+                fh.write(" ".join(str(i) for i in ids) + "\n")
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Under FSDP a checkpoint's model is the sharded state the Trainer writes beside the optimizer's
-        (nothing here); an explicit save (``final/``) gathers the full weights, which rank 0 writes as
-        safetensors. Every rank must call it."""
-        if not self.is_fsdp_enabled:
+        """Under FSDP and ZeRO-3 a checkpoint's model is the sharded state the Trainer writes beside the optimizer's
+        (nothing here); an explicit save (``final/``) gathers the full weights, which rank 0 writes as safetensors.
+        Every rank must call it."""
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if not (self.is_fsdp_enabled or zero3):
             return super().save_model(output_dir, _internal_call)
         if _internal_call:
             return None
-        state_dict = self.accelerator.get_state_dict(self.model)  # collective; the full weights on rank 0 (CPU)
+        if zero3:  # the engine's own gather (configs/zero3.yaml gathers nothing at checkpoints)
+            state_dict = self.model_wrapped._zero3_consolidated_16bit_state_dict()  # collective; full weights on rank 0
+        else:
+            state_dict = self.accelerator.get_state_dict(self.model)  # collective; the full weights on rank 0 (CPU)
         if self.args.should_save:
             self._save(output_dir, state_dict=state_dict)
         return None
@@ -430,7 +478,8 @@ def training_arguments(cfg: TrainConfig, run_dir: Path, config: Any = None) -> T
         remove_unused_columns=False,
         report_to=cfg.report_to,
         run_name=f"{cfg.dataset}/{cfg.run}",
-        include_num_input_tokens_seen="non_padding",  # tokens/s in the logs
+        include_num_input_tokens_seen="no",  # counted on the host instead (TokenCounting): no read per micro-batch
+        logging_nan_inf_filter=False,  # its isnan test reads every micro-batch's loss back from the device
         ddp_backend="gloo" if world > 1 and not torch.cuda.is_available() else None,
         ddp_find_unused_parameters=False,
         use_cpu=not torch.cuda.is_available(),
@@ -536,7 +585,7 @@ def finetune(cfg: TrainConfig, manifest: Manifest | None, callbacks: tuple[Train
         sample_log = run_dir / "samples" / f"rank{args.process_index}.txt"
     trainer = CritiqueTrainer(
         model=model, args=args, train_dataset=data,
-        data_collator=base_family.collator(tokenizer, cfg.log_sample_ids),
+        data_collator=TokenCounting(base_family.collator(tokenizer, cfg.log_sample_ids)),
         callbacks=[_MetricsLog(run_dir / "metrics.jsonl"), *callbacks], sample_log=sample_log,
         cross_attention_lr=cfg.cross_attention_lr if cfg.fusion != "none" else None,
     )

@@ -71,7 +71,7 @@ def find_checkpoint(run_dir: Path, checkpoint: str | None = None) -> Path:
             raise FileNotFoundError(f"no checkpoint in {run_dir}: run `ase-mllm finetune --dataset "
                                     f"{run_dir.parent.name} --run {run_dir.name}` first")
     if is_sharded(path):
-        raise FileNotFoundError(f"{path} holds per-rank FSDP shards, not a model: rerun the same `finetune` "
+        raise FileNotFoundError(f"{path} holds per-rank FSDP / ZeRO-3 shards, not a model: rerun the same `finetune` "
                                 "command to finish the run (it resumes there) and write final/")
     return path
 
@@ -93,21 +93,31 @@ def _tokenizer_for(ckpt: Path, run_dir: Path, cfg: dict[str, Any]) -> Any:
     raise FileNotFoundError(f"no tokenizer for {ckpt} (looked in the checkpoint, {run_dir / 'tokenizer'} and the base)")
 
 
+def placement(device: torch.device | None) -> tuple[torch.device, dict[str, Any]]:
+    """(device, from_pretrained arguments): weights load in generation's dtype straight onto the device (a GPU:
+    this rank's), so no rank holds an fp32 copy of the model in host memory on the way."""
+    from stages.families import captioner as shared
+
+    device = device or shared.default_device()
+    return device, {"dtype": shared.compute_dtype(device), "device_map": device}
+
+
 def load_checkpoint(run_dir: Path, ckpt: Path, device: torch.device | None = None) -> Captioner:
     """A run's checkpoint as a :class:`Captioner` (full weights, or LoRA adapters on the run's base)."""
     from stages import families
 
     cfg = run_config(run_dir)
     base_family = families.of_run(cfg)
+    device, where = placement(device)
     if (ckpt / "config.json").exists():
-        model = base_family.model_class().from_pretrained(str(ckpt))
+        model = base_family.model_class().from_pretrained(str(ckpt), **where)
     elif (ckpt / "adapter_config.json").exists():
         if not cfg.get("base"):
             raise ValueError(f"{ckpt} holds LoRA adapters on a randomly initialised demo model: they cannot be "
                              "reloaded without their base; train the demo without --lora")
         from peft import PeftModel
 
-        base, _ = base_family.load_base(cfg["base"], fusion=cfg.get("fusion", "cross_attention"))
+        base, _ = base_family.load_base(cfg["base"], fusion=cfg.get("fusion", "cross_attention"), **where)
         model = PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload()
     else:
         raise FileNotFoundError(f"{ckpt} holds no model (config.json or adapter_config.json)")
@@ -159,7 +169,8 @@ def load_run(dataset: str, run: str, checkpoint: str | None = None,
     cfg = run_config(run_dir)
     if is_untrained(run) and cfg.get("base") and checkpoint is None:
         base, base_family = Path(cfg["base"]), families.of_run(cfg)
-        model, _ = base_family.load_base(base, fusion=cfg.get("fusion", "cross_attention"))
+        device, where = placement(device)
+        model, _ = base_family.load_base(base, fusion=cfg.get("fusion", "cross_attention"), **where)
         captioner = base_family.captioner(model, base_family.load_tokenizer(base),
                                           base_family.spec_from_run(model.config, cfg), device)
         return captioner, "base", checkpoint_fingerprint(base)

@@ -6,7 +6,9 @@ tiles on its device) / samples/s without (no map, no store read; aim >= 0.9) at 
 in shuffled order, every store read fetching its one map as in a large shuffled store: no shard
 cache), two rounds, and (2) samples/s
 of one loader worker against the tiny model's training step (saliency tiles made in the step), i.e.
-how many DataLoader workers keep that model fed. Run: ``.venv/bin/python tests/bench/loader.py``.
+how many DataLoader workers keep that model fed, and (3) the bytes one 41-tile sample (448 px, 8 x 5 + thumbnail)
+sends from a loader worker through shared memory: uint8 tiles now, float32 pixel values before (the model
+normalises the tiles on its device). Run: ``.venv/bin/python tests/bench/loader.py``.
 """
 from __future__ import annotations
 
@@ -128,6 +130,13 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     step = float(np.median(times[1:]))
     model_rate = 4 / step
+    from stages.families.internvl.tiling import plan_tiles, tile_image
+
+    forty = plan_tiles(1600, 1000, 448, 1, 40)
+    tiles = tile_image(Image.fromarray(np.zeros((1000, 1600, 3), np.uint8)), forty, 448)  # what a worker ships
+    before = tiles.numel() * torch.finfo(torch.float32).bits // 8  # the same tiles as float32 pixel values
+    print(f"one {forty.num_tiles}-tile sample (448 px) through a loader worker: {tiles.nbytes / 1e6:.1f} MB of "
+          f"{tiles.dtype} tiles, before {before / 1e6:.1f} MB of float32 pixel values ({before / tiles.nbytes:.0f}x)")
     print(f"tiny model train step (batch 4, {batch['pixel_values'].shape[0]} tiles, CPU 1 thread): {step * 1000:.0f} ms "
           f"= {model_rate:.1f} samples/s; one loader worker: {per_worker:.1f} samples/s "
           f"-> {max(1, int(np.ceil(model_rate / per_worker)))} worker(s) keep it fed")

@@ -2,9 +2,10 @@
 
 Prints time(forward + our LayerCAM) / time(forward)  (aim <= 2.5; ~1.1 measured on this CPU class)
 and    time(pytorch-grad-cam LayerCAM) / time(ours)  (aim >= 1.3), with the raw timings.
-Each timing is the median of ``--repeats`` runs after one warm-up; wall-clock and process CPU
-time are both reported (CPU time is the steadier one on a shared machine).
-Usage: python tests/bench/saliency_layercam.py [--batch 8] [--repeats 3] [--variant dat_base]
+After one warm-up, the three are timed in ``--pairs`` rounds, each round in a rotated order, and every ratio is
+taken within its round: the median ratio is printed with its spread (min-max over the rounds), for wall-clock and
+process CPU time (the steadier one on a shared machine).
+Usage: python tests/bench/saliency_layercam.py [--batch 8] [--pairs 5] [--variant dat_base]
 """
 from __future__ import annotations
 
@@ -24,23 +25,32 @@ from stages.saliency.eat import build_eat, target_layer  # noqa: E402
 from stages.saliency.layercam import layercam  # noqa: E402
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median (wall seconds, process CPU seconds) of ``repeats`` calls after a warm-up."""
-    fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - w)
-        cpu.append(time.process_time() - c)
-    return statistics.median(wall), statistics.median(cpu)
+def rounds(fns: dict[str, Callable[[], object]], n: int) -> list[dict[str, tuple[float, float]]]:
+    """(wall, process CPU) seconds of every function, ``n`` rounds after one warm-up each, the order rotated per round."""
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    out = []
+    for r in range(n):
+        timing = {}
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            w, c = time.perf_counter(), time.process_time()
+            fns[name]()
+            timing[name] = (time.perf_counter() - w, time.process_time() - c)
+        out.append(timing)
+    return out
+
+
+def spread(values: list[float]) -> str:
+    """Median and min-max of a ratio over the rounds."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="dat_base")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=5, help="rounds of the three timings")
     args = parser.parse_args()
     try:
         from pytorch_grad_cam import LayerCAM
@@ -66,13 +76,15 @@ def main() -> None:
         cam(input_tensor=x, targets=None)  # argmax class per image, as ours
         model.zero_grad(set_to_none=True)
 
-    results = {name: timed(fn, args.repeats) for name, fn in
-               (("forward", forward), ("ours", ours), ("gradcam", gradcam))}
-    print(f"EAT-{args.variant} batch {args.batch}, {torch.get_num_threads()} threads")
+    timings = rounds({"forward": forward, "ours": ours, "gradcam": gradcam}, args.pairs)
+    print(f"EAT-{args.variant} batch {args.batch}, {torch.get_num_threads()} threads, {args.pairs} rounds "
+          f"(median, min-max)")
     for i, clock in enumerate(("wall", "cpu")):
-        f, o, g = (results[k][i] for k in ("forward", "ours", "gradcam"))
-        print(f"[{clock}] forward {f:.2f} s, forward+LayerCAM (ours) {o:.2f} s, pytorch-grad-cam {g:.2f} s | "
-              f"ours/forward = {o / f:.2f} (aim <= 2.5), grad-cam/ours = {g / o:.2f} (aim >= 1.3)")
+        f, o, g = ([t[k][i] for t in timings] for k in ("forward", "ours", "gradcam"))
+        print(f"[{clock}] forward {statistics.median(f):.2f} s, forward+LayerCAM (ours) {statistics.median(o):.2f} s, "
+              f"pytorch-grad-cam {statistics.median(g):.2f} s | ours/forward = "
+              f"{spread([b / a for a, b in zip(f, o)])} (aim <= 2.5), grad-cam/ours = "
+              f"{spread([c / b for b, c in zip(o, g)])} (aim >= 1.3)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ class Prompt:
     """One image ready for the model."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor  # [T, 3, S, S]
+    pixel_values: torch.Tensor  # [T, 3, S, S] uint8 (normalised by the model on its device)
     saliency_map: np.ndarray | None  # raw map [h, w]; None: uniform (no map, or a model without saliency fusion)
     tile_grid: tuple[int, int, int]  # (cols, rows, thumbnail) of pixel_values
 
@@ -45,9 +45,8 @@ class InternVLCaptioner(Captioner):
 
     def image_inputs(self, prompts: list[Prompt], input_ids: torch.Tensor,
                      attention_mask: torch.Tensor) -> dict[str, Any]:
-        dtype = next(self.model.parameters()).dtype
-        pixel_values = torch.cat([p.pixel_values for p in prompts]).to(self.device, dtype)  # [sum T, 3, S, S]
-        saliency = ({k: v.to(self.device) for k, v in  # maps [B, h, w] float32, sizes [B, 2], grids [B, 3]
+        pixel_values = torch.cat([p.pixel_values for p in prompts]).to(self.device)  # [sum T, 3, S, S] uint8
+        saliency = ({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in  # maps [B, h, w]; host lists
                      saliency_inputs([p.saliency_map for p in prompts], [p.tile_grid for p in prompts]).items()}
                     if self.needs_saliency else {})
         image = self.model.get_image_features(pixel_values, **saliency, return_dict=True)

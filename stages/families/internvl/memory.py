@@ -15,9 +15,12 @@ def plan_shapes(config: Any, setting: Any) -> Shapes:
     grid = v.image_size[0] // v.patch_size[0]
     image_tokens = tiles * tokens_per_tile(config)
     text = text_shapes(config, setting)
+    a = 2 if setting.compute in ("bf16", "fp16") else 4
+    # per pixel: the batch's uint8 tiles, their normalised copy in the compute dtype and the fp32 saliency tile
+    pixel = 3 + 3 * a + 4
     return Shapes(tiles=tiles, vision_tokens=grid * grid + 1, d=v.hidden_size, vision_mlp=v.intermediate_size,
                   vision_layers=v.num_hidden_layers, image_tokens=image_tokens,
-                  seq=image_tokens + setting.text_tokens, pixel_bytes=tiles * 4 * v.image_size[0] ** 2 * 4,
+                  seq=image_tokens + setting.text_tokens, pixel_bytes=tiles * pixel * v.image_size[0] ** 2,
                   images=f"{setting.max_tiles} tiles", attention_span=grid * grid + 1, vision_mlp_matrices=2,
                   projector_macs=4 * v.hidden_size * text["h"] + text["h"] ** 2, projector_hidden=2 * text["h"],
                   **text)

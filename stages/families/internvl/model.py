@@ -3,17 +3,21 @@
 IAS-ViT (stages/families/internvl/ias_vit.py) -> pixel shuffle (1/4 tokens) -> projector (LayerNorm, Linear,
 GELU, Linear) -> LLM, exactly as ``InternVLForConditionalGeneration``; the only additions are the
 saliency inputs (per image: its raw map and its tile grid, ``collate.saliency_inputs``; cut into
-saliency tiles aligned with ``pixel_values`` on the model's device by ``tiling.expand_saliency``)
-and the config field ``ias_fusion`` ("cross_attention" | "none": the "w/o IASC" ablation).
+saliency tiles aligned with ``pixel_values`` on the model's device by ``tiling.expand_saliency``),
+uint8 tiles normalised on the device (``tiling.normalise_tiles``), and the config field ``ias_fusion``
+("cross_attention" | "none": the "w/o IASC" ablation).
+
+A training step reads nothing back from the device: map sizes and tile grids arrive as host lists, the
+labelled positions as an index the collator built (``collate.label_index``), and the image-token count
+is fixed by how prompts are built (tiles x tokens per tile), so it is not counted again on the device.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Qwen2Config
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -30,7 +34,8 @@ from transformers.models.internvl.modeling_internvl import (
 from stages.families.fusion import check_fusion, with_fusion
 from stages.families.internvl.configs import NAMED_CONFIGS, TINY_CONFIGS
 from stages.families.internvl.ias_vit import IASVisionModel
-from stages.families.internvl.tiling import expand_saliency
+from stages.families.internvl.collate import label_index
+from stages.families.internvl.tiling import expand_saliency, normalise_tiles
 
 IGNORE_INDEX = -100  # label of positions without loss (prompting.IGNORE)
 
@@ -63,17 +68,22 @@ class IASInternVLModel(InternVLModel):
         self,
         pixel_values: torch.Tensor,
         saliency_maps: torch.Tensor | None = None,
-        saliency_map_sizes: torch.Tensor | None = None,
-        tile_grids: torch.Tensor | None = None,
+        saliency_map_sizes: Sequence[tuple[int, int]] | None = None,
+        tile_grids: Sequence[tuple[int, int, int]] | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         **kwargs: Any,
     ):
         """IAS-ViT -> pixel shuffle -> projector; ``pooler_output`` is [T, tokens per tile, D_text].
 
-        pixel_values [T, 3, S, S]; saliency_maps [B, H, W], saliency_map_sizes [B, 2], tile_grids [B, 3] for the B
-        images whose tiles make up ``pixel_values`` (``collate.saliency_inputs``; not needed without fusion).
+        pixel_values [T, 3, S, S] (uint8 tiles, normalised here into the patch embedding's dtype, or pixel values
+        already normalised); saliency_maps [B, H, W], saliency_map_sizes [(h, w)] and tile_grids [(cols, rows,
+        thumbnail)] for the B images whose tiles make up ``pixel_values`` (``collate.saliency_inputs``; not needed
+        without fusion).
         """
+        if pixel_values.dtype == torch.uint8:
+            weight = self.vision_tower.embeddings.patch_embeddings.projection.weight
+            pixel_values = normalise_tiles(pixel_values, weight.dtype)
         saliency_values = None
         if self.config.ias_fusion == "cross_attention":
             saliency_values = self.saliency_tiles(pixel_values, saliency_maps, saliency_map_sizes, tile_grids)
@@ -87,24 +97,34 @@ class IASInternVLModel(InternVLModel):
 
     @staticmethod
     def saliency_tiles(pixel_values: torch.Tensor, saliency_maps: torch.Tensor | None,
-                       saliency_map_sizes: torch.Tensor | None, tile_grids: torch.Tensor | None) -> torch.Tensor:
+                       saliency_map_sizes: Sequence[tuple[int, int]] | None,
+                       tile_grids: Sequence[tuple[int, int, int]] | None) -> torch.Tensor:
         """The saliency tile of every tile of ``pixel_values``, made on its device: [T, 1, S, S]."""
         if saliency_maps is None or saliency_map_sizes is None or tile_grids is None:
             raise ValueError("IAS-ViT with cross-attention fusion needs saliency_maps, saliency_map_sizes and "
                              "tile_grids (stages/families/internvl/collate.py saliency_inputs)")
-        maps = saliency_maps.to(pixel_values.device)
-        tiles = expand_saliency(maps, saliency_map_sizes.to(maps.device), tile_grids, pixel_values.shape[-1])
+        tiles = expand_saliency(saliency_maps.to(pixel_values.device), saliency_map_sizes, tile_grids,
+                                pixel_values.shape[-1])
         if tiles.shape[0] != pixel_values.shape[0]:
             raise ValueError(f"tile_grids describe {tiles.shape[0]} tiles but pixel_values holds {pixel_values.shape[0]}")
         return tiles  # [T, 1, S, S]
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor,
+                             image_features: torch.Tensor) -> torch.Tensor:
+        """Where the image features go: [B, L, 1]. transformers also counts the image tokens against the features,
+        which reads the count back from the device on every forward; here every prompt is built with tiles x tokens
+        per tile image tokens (``prompting.encode_example`` / ``prompt_ids``), so the mask is all that is made."""
+        if input_ids is None:
+            return super().get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+        return (input_ids == self.config.image_token_id).unsqueeze(-1).to(inputs_embeds.device)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         saliency_maps: torch.Tensor | None = None,
-        saliency_map_sizes: torch.Tensor | None = None,
-        tile_grids: torch.Tensor | None = None,
+        saliency_map_sizes: Sequence[tuple[int, int]] | None = None,
+        tile_grids: Sequence[tuple[int, int, int]] | None = None,
         mm_encoder_outputs: dict | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
@@ -147,19 +167,25 @@ class IASInternVLForConditionalGeneration(InternVLForConditionalGeneration):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         saliency_maps: torch.Tensor | None = None,
-        saliency_map_sizes: torch.Tensor | None = None,
-        tile_grids: torch.Tensor | None = None,
+        saliency_map_sizes: Sequence[tuple[int, int]] | None = None,
+        tile_grids: Sequence[tuple[int, int, int]] | None = None,
         labels: torch.LongTensor | None = None,
+        label_positions: torch.LongTensor | None = None,
+        label_targets: torch.LongTensor | None = None,
         mm_encoder_outputs: dict | None = None,
         **kwargs: Any,
     ) -> InternVLCausalLMOutputWithPast:
         """pixel_values [T_total, 3, S, S]; per image its raw saliency map, the map's size and its tile grid
-        (saliency_maps [B_img, H, W], saliency_map_sizes [B_img, 2], tile_grids [B_img, 3]: collate.saliency_inputs);
+        (saliency_maps [B_img, H, W], host lists saliency_map_sizes and tile_grids: collate.saliency_inputs);
         input_ids hold ``image_token_id`` x (tokens per tile x T_total); labels -100 are ignored by the loss.
 
         With labels, logits are computed only where a label is predicted (the critique tokens; not the
         thousands of image tokens): ``logits`` is then [N_labelled, V] and the loss is the causal-LM
-        loss over exactly those positions, as transformers computes it over the full [B, L, V].
+        loss over exactly those positions, as transformers computes it over the full [B, L, V]. The collator
+        passes those positions (label_positions [N] into the flattened [B * L], label_targets [N]:
+        ``collate.label_index``) with a right-padded batch, whose attention mask is then not needed (causal
+        attention never reaches a later pad) and is not handed on: transformers would read it on the host to
+        see whether it can be skipped. Without them they are made from ``labels`` here (a read from the device).
         """
         saliency = dict(saliency_maps=saliency_maps, saliency_map_sizes=saliency_map_sizes, tile_grids=tile_grids)
         if labels is None or "logits_to_keep" in kwargs:
@@ -172,20 +198,24 @@ class IASInternVLForConditionalGeneration(InternVLForConditionalGeneration):
                 **saliency,  # through **kwargs to IASInternVLModel.forward
                 **kwargs,
             )
-        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # [B, L]: the token each position predicts
-        keep = shift_labels != IGNORE_INDEX  # [B, L]
-        out = super().forward(
+        if label_positions is None or label_targets is None:
+            label_positions, label_targets = (t.to(labels.device) for t in label_index(labels.cpu()))
+        else:
+            attention_mask = None  # a collated (right-padded) batch
+        out = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             mm_encoder_outputs=mm_encoder_outputs,
             **saliency,
-            logits_to_keep=keep,
             **kwargs,
-        )  # logits [N_labelled, V]
-        out.loss = self.loss_function(logits=out.logits, labels=None, shift_labels=shift_labels[keep],
-                                      vocab_size=self.config.text_config.vocab_size, **kwargs)
-        return out
+        )
+        hidden = out.last_hidden_state.flatten(0, 1).index_select(0, label_positions)  # [N_labelled, D]
+        logits = self.lm_head(hidden)  # [N_labelled, V]
+        loss = self.loss_function(logits=logits, labels=None, shift_labels=label_targets,
+                                  vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return InternVLCausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+                                              attentions=out.attentions, image_outputs=out.image_outputs)
 
 
 # same on-disk key layout as InternVL -hf checkpoints (transformers renames InternVL keys on load / save)

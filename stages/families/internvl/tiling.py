@@ -7,13 +7,15 @@ image resized to ``S x S``) is appended when there is more than one tile.
 
 Saliency maps live in normalised full-image coordinates, so each tile's saliency tile is the map
 sampled bilinearly over exactly that tile's region (``Tiling.boxes``) at the tile's resolution. The
-data loader ships each image's small raw map and its tile grid; :func:`expand_saliency` cuts the maps
-into saliency tiles on the model's device. "No saliency information" (no map, or a constant map) has
-one meaning everywhere: every pixel equally salient, all ones.
+data loader ships each image's tiles as uint8, its small raw map and its tile grid; on the model's device
+:func:`normalise_tiles` makes the pixel values and :func:`expand_saliency` cuts the maps into saliency
+tiles. "No saliency information" (no map, or a constant map) has one meaning everywhere: every pixel
+equally salient, all ones.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -63,21 +65,13 @@ def plan_tiles(
     return Tiling(grid=(cols, rows), boxes=boxes)
 
 
-def _normalise(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W], rescaled to [0, 1] and standardised."""
-    x = torch.from_numpy(pixels.astype(np.float64) / 255.0).float()
-    x = (x - torch.tensor(mean)) / torch.tensor(std)
-    return x.movedim(-1, -3).contiguous()
+def tile_image(img: Image.Image, tiling: Tiling, tile_size: int) -> torch.Tensor:
+    """The image's tiles as the InternVL / GotOcr2 processor cuts them, before normalisation: [T, 3, S, S] uint8.
 
-
-def tile_image(
-    img: Image.Image,
-    tiling: Tiling,
-    tile_size: int,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-) -> torch.Tensor:
-    """The image's tiles as the InternVL / GotOcr2 processor makes them: [T, 3, S, S] float32."""
+    Tiles travel from the loader as bytes (a quarter of float32: ~25 MB for a 41-tile sample at 448 px instead of
+    ~99 MB through a worker's shared memory); :func:`normalise_tiles` makes the processor's ``pixel_values`` where
+    the model runs.
+    """
     img = img.convert("RGB")
     cols, rows = tiling.grid
     s = tile_size
@@ -86,36 +80,39 @@ def tile_image(
     if tiling.num_tiles > rows * cols:  # thumbnail
         thumb = np.asarray(img.resize((s, s), Image.Resampling.BICUBIC))
         tiles = np.concatenate([tiles, thumb[None]], axis=0)  # [T, S, S, 3]
-    return _normalise(tiles, mean, std)
+    return torch.from_numpy(np.ascontiguousarray(tiles.transpose(0, 3, 1, 2)))  # [T, 3, S, S] uint8
 
 
-def expand_saliency(maps: torch.Tensor, sizes: torch.Tensor, grids: torch.Tensor, tile_size: int) -> torch.Tensor:
+def normalise_tiles(tiles: torch.Tensor, dtype: torch.dtype, mean: tuple[float, ...] = IMAGENET_MEAN,
+                    std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 tiles [T, 3, S, S] -> the processor's ``pixel_values`` in ``dtype``, computed where ``tiles`` lives:
+    rescaled to [0, 1] and standardised per channel in float32, then cast. The constants stay Python numbers (a
+    tensor made from them would be a host-to-device copy, which waits for the GPU)."""
+    x = tiles.float() / 255.0  # [T, 3, S, S]
+    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(mean, std))], dim=1).to(dtype)
+
+
+def expand_saliency(maps: torch.Tensor, sizes: Sequence[tuple[int, int]], grids: Sequence[tuple[int, int, int]],
+                    tile_size: int) -> torch.Tensor:
     """Every image's saliency tiles, computed where ``maps`` lives: [sum T, 1, S, S] float32 in [0, 1].
 
     maps [B, H, W]: image b's raw map (any scale, normalised full-image coordinates) in ``maps[b, :h, :w]``,
-    zero padded; sizes [B, 2]: its (h, w), (0, 0) for an image without a map; grids [B, 3]: its
-    ``Tiling.tile_grid`` (cols, rows, thumbnail). Each map is min-max normalised, resized bilinearly once over
-    its image's ``rows*S x cols*S`` canvas and cut row-major like the image; the thumbnail is the whole map at
-    ``S x S``. No map, a constant map and a map with a non-finite value all give all-ones tiles. Sizes and grids
-    are read on the host (they fix the shapes); the rest runs without host synchronisation.
+    zero padded; sizes: its (h, w), (0, 0) for an image without a map; grids: its ``Tiling.tile_grid`` (cols,
+    rows, thumbnail). Sizes and grids are host lists (``collate.saliency_inputs``): they fix the shapes, so nothing
+    here reads the device. Each map is min-max normalised, resized bilinearly once over its image's
+    ``rows*S x cols*S`` canvas and cut row-major like the image; the thumbnail is the whole map at ``S x S``. No map,
+    a constant map and a map with a non-finite value all give all-ones tiles.
     """
-    sizes_host, grids_host = sizes.tolist(), grids.tolist()
     s = tile_size
-    if maps.numel() == 0:  # no image of the batch has a map
-        return torch.ones(sum(cols * rows + thumb for cols, rows, thumb in grids_host), 1, s, s, device=maps.device)
-    m = maps.float()  # [B, H, W]
-    inside = ((torch.arange(m.shape[1], device=m.device)[None, :, None] < sizes[:, :1, None])
-              & (torch.arange(m.shape[2], device=m.device)[None, None, :] < sizes[:, None, 1:]))  # [B, H, W]
-    lo = m.masked_fill(~inside, float("inf")).amin((1, 2))  # [B]; NaN propagates
-    hi = m.masked_fill(~inside, float("-inf")).amax((1, 2))  # [B]
-    informative = torch.isfinite(lo) & torch.isfinite(hi) & (hi > lo)  # [B]
-    m = (m - lo[:, None, None]) / torch.where(informative, hi - lo, 1.0)[:, None, None]  # [B, H, W], [0, 1] inside
     tiles = []
-    for b, ((h, w), (cols, rows, thumb)) in enumerate(zip(sizes_host, grids_host)):
+    for b, ((h, w), (cols, rows, thumb)) in enumerate(zip(sizes, grids)):
         if h * w == 0:
-            tiles.append(torch.ones(cols * rows + thumb, 1, s, s, device=m.device))
+            tiles.append(torch.ones(cols * rows + thumb, 1, s, s, device=maps.device))
             continue
-        one = m[b, :h, :w].contiguous()[None, None]  # [1, 1, h, w]
+        one = maps[b, :h, :w].float()  # [h, w]
+        lo, hi = one.amin(), one.amax()  # NaN propagates
+        informative = torch.isfinite(lo) & torch.isfinite(hi) & (hi > lo)  # 0-d, stays on the device
+        one = ((one - lo) / torch.where(informative, hi - lo, 1.0))[None, None]  # [1, 1, h, w], [0, 1]
         # The grid tiles partition the image, so sampling each box at its pixel centres is one bilinear resize of
         # the map to the whole canvas (align_corners=False: output pixel k samples (k+0.5)/size), then a cut.
         canvas = F.interpolate(one, size=(rows * s, cols * s), mode="bilinear", align_corners=False)[0, 0]
@@ -123,5 +120,5 @@ def expand_saliency(maps: torch.Tensor, sizes: torch.Tensor, grids: torch.Tensor
         cut = cut.permute(0, 2, 1, 3).reshape(rows * cols, 1, s, s)  # [rows*cols, 1, S, S], row-major
         if thumb:  # the whole map at tile size
             cut = torch.cat([cut, F.interpolate(one, size=(s, s), mode="bilinear", align_corners=False)])
-        tiles.append(torch.where(informative[b], cut.clamp_(0.0, 1.0), 1.0))  # [T_b, 1, S, S]
+        tiles.append(torch.where(informative, cut.clamp_(0.0, 1.0), 1.0))  # [T_b, 1, S, S]
     return torch.cat(tiles)
