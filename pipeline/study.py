@@ -26,6 +26,10 @@ def register(app: typer.Typer) -> None:
         seeds: int = typer.Option(5, "--seeds", min=1, help="Seeds per arm."),
         arm: list[str] = typer.Option(None, "--arm", help="Only these arms (default: truth, eat, uniform, shuffled, "
                                                           "none)."),
+        steps: int = typer.Option(STEPS, "--steps", min=1, help="Every run's schedule (optimizer steps)."),
+        curve_every: int = typer.Option(CURVE_EVERY, "--curve-every", min=1,
+                                        help="A checkpoint, and a point of the validation learning curve, every N "
+                                             "steps."),
     ) -> None:
         """Fine-tune every arm (IASC on true masks, EAT maps, uniform maps, another image's mask; no IASC) x seeds;
         write summary.json, the table, the contrasts and the plot into reports/<dataset>/study/ and an HTML report of
@@ -48,7 +52,9 @@ def register(app: typer.Typer) -> None:
         run_step(app, "train-eat", "--dataset", DATASET, "--variant", manifest.eat.variant, *EAT_ARGS)
         run_step(app, "ingest", dataset)
         run_step(app, "saliency", "--dataset", dataset)
-        args = study_args(FINETUNE_ARGS)
+        if steps % curve_every:
+            raise typer.BadParameter(f"--steps {steps} is not a multiple of --curve-every {curve_every}")
+        args = study_args(FINETUNE_ARGS, steps, curve_every)
         seed_list = list(range(seeds))
 
         def train(a, seed: int) -> str:  # noqa: ANN001
@@ -57,7 +63,7 @@ def register(app: typer.Typer) -> None:
                      a.saliency, "--seed", str(seed), *args)
             return run
 
-        curve = learning_curve(dataset, {a.name: train(a, 0) for a in chosen_arms}, manifest)
+        curve = learning_curve(dataset, {a.name: train(a, 0) for a in chosen_arms}, manifest, steps, curve_every)
         step = choose_step(curve)
         typer.echo("study: validation forced choice per checkpoint (mean over arms): "
                    + ", ".join(f"step {s}: {statistics.fmean(c[s] for c in curve.values()):.3f}" for s in steps_of(curve))
@@ -71,7 +77,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"study {run} (step {step}): forced choice {r['forced_choice']:.3f}, attribute P "
                            f"{r['macro_precision']:.3f}, distinct {r['distinct']:.2f}")
         chosen = {"step": step, "learning_curve": curve, "by": "the mean over the arms of the seed-0 runs' forced "
-                  "choice on the validation split at each checkpoint", "schedule": f"{STEPS} steps"}
+                  "choice on the validation split at each checkpoint", "schedule": f"{steps} steps"}
         like = run_name(chosen_arms[0], 0)
         probe = feature_probe(dataset, like, manifest)
         rungs = ladder(dataset, like, manifest)
@@ -84,20 +90,21 @@ def register(app: typer.Typer) -> None:
                    f"{reports_dir(dataset) / shown / 'index.html'}")
 
 
-def study_args(finetune_args: list[str]) -> list[str]:
-    """The demo's fine-tuning arguments with the study's schedule and checkpoints."""
+def study_args(finetune_args: list[str], steps: int = STEPS, curve_every: int = CURVE_EVERY) -> list[str]:
+    """The demo's fine-tuning arguments with the study's schedule, its checkpoints, all of them kept."""
     args = list(finetune_args)
-    for flag, value in (("--max-steps", str(STEPS)), ("--save-steps", str(CURVE_EVERY))):
+    for flag, value in (("--max-steps", str(steps)), ("--save-steps", str(curve_every))):
         args[args.index(flag) + 1] = value
-    return [*args, "--keep-checkpoints", str(STEPS // CURVE_EVERY)]
+    return [*args, "--keep-checkpoints", str(steps // curve_every)]
 
 
-def learning_curve(dataset: str, runs: dict[str, str], manifest) -> dict[str, dict[int, float]]:  # noqa: ANN001
+def learning_curve(dataset: str, runs: dict[str, str], manifest, steps: int = STEPS,  # noqa: ANN001
+                   curve_every: int = CURVE_EVERY) -> dict[str, dict[int, float]]:
     """arm -> checkpoint step -> forced-choice accuracy of that arm's run on the validation split."""
     from stages.report.study import validation_accuracy
 
     return {arm: {step: validation_accuracy(dataset, run, manifest, f"checkpoint-{step}")
-                  for step in range(CURVE_EVERY, STEPS + 1, CURVE_EVERY)} for arm, run in runs.items()}
+                  for step in range(curve_every, steps + 1, curve_every)} for arm, run in runs.items()}
 
 
 def steps_of(curve: dict[str, dict[int, float]]) -> list[int]:

@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
     def pretrain_demo(
         what: str = typer.Option("all", "--what", help="eat, base or all."),
         images: int = typer.Option(12_000, "--images", min=64, help="Pretraining corpus size (seed 1)."),
-        eat_epochs: int = typer.Option(6, "--eat-epochs", min=1),
+        eat_epochs: int = typer.Option(10, "--eat-epochs", min=1),
         base_epochs: int = typer.Option(6, "--base-epochs", min=1, help="Base phase 1 (descriptions) epochs."),
         critique_steps: int = typer.Option(600, "--critique-steps", min=1,
                                            help="Base phase 2 steps (critiques mixed with descriptions)."),

@@ -8,7 +8,7 @@ from typing import Any
 from storage.atomic import write_json_atomic
 
 _PACKAGE = Path(__file__).resolve().parents[1]
-SHIPPED_EAT = _PACKAGE / "saliency" / "data" / "eat_tiny_demo.safetensors"  # EAT-tiny, official key layout
+SHIPPED_EAT = _PACKAGE / "saliency" / "data" / "eat_small_demo.safetensors"  # EAT-small, official key layout
 SHIPPED_BASE = _PACKAGE / "finetune" / "data" / "demo_base"  # a plain InternVL -hf directory + tokenizer
 
 

@@ -139,7 +139,7 @@ def eat_subject_preference(dataset: str, manifest: Manifest, split: str = "test"
             continue
         entry = truth[r["image_id"]]
         with Image.open(entry["subject_labels"]) as labels:
-            small = np.asarray(labels.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.NEAREST))
+            small = np.array(labels.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.NEAREST))
         ratio = subject_preference(torch.as_tensor(store.read(r["sha256"])[0]), torch.from_numpy(small),
                                    entry["aesthetic"], len(entry["subjects"]))
         if ratio is not None:
