@@ -44,7 +44,7 @@ EAT_INPUT_SIZE = 224
 
 @dataclass(frozen=True)
 class EatSpec:
-    variant: str = "tiny"
+    variant: str = "small"
     checkpoint: Path | None = None  # None: the pipeline-trained model under work/models
     target_layer: str = "stages.2"
     num_classes: int = 10
@@ -189,7 +189,7 @@ def load_manifest(path: str | Path) -> Manifest:
     eat_raw = r.mapping(models.get("eat") or {}, "models.eat")
     num_classes = r.integer(eat_raw, "num_classes", "models.eat") or 10
     eat = EatSpec(
-        variant=r.string(eat_raw, "variant", "models.eat", "tiny") or "tiny",
+        variant=r.string(eat_raw, "variant", "models.eat", "small") or "small",
         checkpoint=r.path_of(r.string(eat_raw, "checkpoint", "models.eat")),
         target_layer=r.string(eat_raw, "target_layer", "models.eat", "stages.2") or "stages.2",
         num_classes=num_classes,

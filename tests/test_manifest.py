@@ -37,7 +37,7 @@ def test_variable_expansion_and_relative_roots(tmp_path: Path, monkeypatch: pyte
     assert m.dataset("a").root == Path("/data/x")
     assert m.dataset("b").root == tmp_path / "rel/dir"
     assert m.dataset("c").root == Path("/data/x/sub")
-    assert m.eat.checkpoint is None and m.eat.variant == "tiny"
+    assert m.eat.checkpoint is None and m.eat.variant == "small"  # the demo's EAT
 
 
 def test_link_and_comment_settings_default_off_and_parse(tmp_path: Path) -> None:

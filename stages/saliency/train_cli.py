@@ -11,7 +11,8 @@ def register(app: typer.Typer) -> None:
     @app.command("train-eat")
     def train_eat_command(
         dataset: str = typer.Option(..., "--dataset", help="Ingested dataset with a score column (e.g. the demo corpus)."),
-        variant: str = typer.Option("tiny", "--variant", help="EAT variant: tiny, nano or dat_base."),
+        variant: str = typer.Option("small", "--variant", help="EAT variant: small (the demo's), tiny, nano or "
+                                                               "dat_base."),
         epochs: int = typer.Option(40, "--epochs", min=0, help="Training epochs (0 with --init: evaluate the weights as they are)."),
         lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
         init: Optional[Path] = typer.Option(None, "--init", exists=True, dir_okay=False,
