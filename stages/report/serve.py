@@ -8,8 +8,9 @@ map's critique are marked. A ``--fusion none`` sibling run's critique is shown b
 
 Local and offline: bound to 127.0.0.1 unless told otherwise, Gradio's analytics off, its own bundled fonts and
 scripts only. One copy of each model serves every user; requests that use them queue one at a time. Uploads
-and outputs live in one temporary folder, a session's uploads are deleted when it ends, the folder when the
-server stops; nothing else is written.
+and outputs live in one temporary folder: a page session's uploads are deleted when it ends, whatever else is
+there (outputs, programs' uploads, which identical concurrent requests share) after EXPIRE_S, and the folder
+when the server stops; nothing else is written.
 """
 # No `from __future__ import annotations` here: Gradio finds a handler's gr.Request parameter by its evaluated
 # annotation.
@@ -39,7 +40,7 @@ DISPLAY_SIDE = 512  # px: photos are shown (and painted on) at most this large
 PAINT_GRID = 56  # a painted map is area-averaged to this grid (as the true masks are)
 EXAMPLES = 8  # test images of the run's dataset offered as examples
 MAX_FILE_SIZE = "64mb"  # larger uploads are refused by the server before they reach us
-EXPIRE_S = 3600  # outputs older than this are deleted (checked every EXPIRE_S / 4 s)
+EXPIRE_S = 600  # files the server keeps (outputs, programs' uploads) are deleted after this (checked every minute)
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                "DO_NOT_TRACK": "1"}
 
@@ -111,19 +112,18 @@ def read_map(path: str) -> np.ndarray:
     return grey
 
 
-def display(photo: Photo) -> Image.Image:
-    """The photo at most DISPLAY_SIDE on its longer side."""
-    image = photo.image.copy()
-    image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
-    return image
+def display(image: Image.Image) -> Image.Image:
+    """A copy of ``image`` at most DISPLAY_SIDE on its longer side."""
+    shown = image.copy()
+    shown.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
+    return shown
 
 
 def overlay_of(photo: Photo, saliency_map: np.ndarray | None) -> Image.Image:
     """The map over the displayed photo (uniform: an even tint)."""
     from stages.saliency.overlay import overlay
 
-    shown = display(photo)
-    return overlay(shown, np.ones((2, 2)) if saliency_map is None else saliency_map)
+    return overlay(display(photo.image), np.ones((2, 2)) if saliency_map is None else saliency_map)
 
 
 class App:
@@ -209,7 +209,7 @@ def build(app: App) -> Any:
     import gradio as gr
 
     with gr.Blocks(title=f"ASE-MLLM critique: {app.critic.run}", analytics_enabled=False,
-                   delete_cache=(EXPIRE_S // 4, EXPIRE_S)) as blocks:
+                   delete_cache=(60, EXPIRE_S)) as blocks:
         session = gr.State(Session())
         gr.Markdown(f"## ASE-MLLM critique · run `{app.critic.run}` ({app.critic.checkpoint})"
                     + (f" beside `{app.sibling.run}` (w/o IASC)" if app.sibling else "")
@@ -307,7 +307,7 @@ def build(app: App) -> Any:
 
 def background(shown: Shown | None) -> Any:
     """The image editor's value: the displayed photo to paint on, no strokes."""
-    return None if shown is None else {"background": np.asarray(display(shown.photo)), "layers": [], "composite": None}
+    return None if shown is None else {"background": np.asarray(display(shown.photo.image)), "layers": [], "composite": None}
 
 
 def guarded(work: Callable[[], Any]) -> Any:
@@ -342,13 +342,8 @@ def api(app: App, gr: Any, model: dict[str, Any]) -> None:
 
 
 def _api_critique(app: App, photo_path: str, map_path: str | None) -> tuple[float, dict[str, Any], Image.Image, str]:
-    try:
-        photo = read_photo(Path(photo_path))
-        given = read_map(map_path) if map_path else None
-    finally:  # a program's uploads are not kept
-        for path in (photo_path, map_path):
-            if path:
-                Path(path).unlink(missing_ok=True)
+    photo = read_photo(Path(photo_path))
+    given = read_map(map_path) if map_path else None
     result = app.critic.critique([photo], None if given is None else [given])[0]
     used = result.used_map
     values = {"shape": list(used.shape), "values": used.astype(float).tolist(),
