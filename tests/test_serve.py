@@ -377,12 +377,14 @@ def test_api_through_gradio_client(in_world: World, server: Server, oracle, tmp_
     assert used["source"] == "computed" and score == pytest.approx(stage_one_score, abs=1e-4)
     np.testing.assert_allclose(np.asarray(used["values"]), stage_one, rtol=1e-4, atol=1e-6)
 
-    given = np.zeros((30, 40), np.uint8)
-    given[5:20, 25:35] = 255
+    given = np.zeros((112, 112), np.uint8)  # 2 x 2 px per cell of the 56 x 56 map grid
+    given[20:40, 60:100] = 255
     Image.fromarray(given).save(tmp_path / "map.png")
     _, used, _, text = critique(path, tmp_path / "map.png")
-    assert used["source"] == "given" and np.array_equal(np.asarray(used["values"]), given / 255.0)
-    assert text == oracle("ias", image, given.astype(np.float32) / 255)
+    expected = np.zeros((56, 56), np.float32)
+    expected[10:20, 30:50] = 1.0
+    assert used["source"] == "given" and np.array_equal(np.asarray(used["values"], np.float32), expected)
+    assert text == oracle("ias", image, expected)
 
     bad = _bad_inputs(path, tmp_path)
     for name, reason in [("text.jpg", "not an image"), ("half.jpg", "truncated"), ("bomb.png", "decompression bomb"),

@@ -138,10 +138,11 @@ def register(app: typer.Typer) -> None:
         from pipeline.context import manifest
         from stages.report.caption import resolve_run
         from stages.report.critique import Critic, EatSaliency
+        from stages.report.serve import require_port, sibling_run
         from stages.report.serve import serve as serve_app
-        from stages.report.serve import sibling_run
 
         decode = _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed, no_repeat)
+        require_port(host, port)
         try:
             if run is None:
                 ds, name = dataset or "demo", "demo-ias"

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import traceback
@@ -29,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import PipelineError
 from stages.report.critique import Critic, Critique, Photo, read_photo
 from stages.report.known_truth import KnownTruth
 from storage.images import ImageError
@@ -37,7 +39,7 @@ MAPS = ("EAT map", "uniform", "painted", "true mask")  # the map choices, in the
 MAP_NAMES = {"EAT map": "the EAT map", "uniform": "the uniform map", "painted": "the painted map",
              "true mask": "the true mask"}
 DISPLAY_SIDE = 512  # px: photos are shown (and painted on) at most this large
-PAINT_GRID = 56  # a painted map is area-averaged to this grid (as the true masks are)
+MAP_GRID = 56  # painted and given maps are area-averaged to this grid, as the true masks are (TRUTH_MAP_SIZE)
 EXAMPLES = 8  # test images of the run's dataset offered as examples
 MAX_FILE_SIZE = "64mb"  # larger uploads are refused by the server before they reach us
 EXPIRE_S = 600  # files the server keeps (outputs, programs' uploads) are deleted after this (checked every minute)
@@ -89,27 +91,31 @@ def unique(name: str, taken: set[str]) -> str:
 
 
 def painted_map(editor: dict | None) -> np.ndarray:
-    """The painted strokes of an image editor's layers as a map [PAINT_GRID, PAINT_GRID] in [0, 1] (share of each
-    cell painted); a :class:`UserError` when nothing is painted."""
+    """The painted strokes of an image editor's layers as a map (:func:`on_grid`); a :class:`UserError` when nothing
+    is painted."""
     layers = [np.asarray(layer) for layer in (editor or {}).get("layers") or [] if layer is not None]
     alpha = [layer[..., 3] for layer in layers if layer.ndim == 3 and layer.shape[2] == 4]  # [H, W] each
     if not alpha or max(int(a.max()) for a in alpha) == 0:
         raise UserError("The painted map is empty: paint over the part of the photo that matters (in \"Paint a "
                         "map\"), then choose \"painted\" again.")
-    painted = (np.max(np.stack(alpha), axis=0) > 0).astype(np.uint8) * 255  # [H, W]
-    small = Image.fromarray(painted).resize((PAINT_GRID, PAINT_GRID), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.float32) / 255.0
+    return on_grid((np.max(np.stack(alpha), axis=0) > 0).astype(np.float32))
 
 
 def read_map(path: str) -> np.ndarray:
-    """A map given as an image file (grey levels; white: salient), in [0, 1]; refused when empty (all black)."""
+    """A map given as an image file (grey levels; white: salient) on the map grid; refused when empty (all black)."""
     from storage.images import open_rgb
 
     grey = np.asarray(open_rgb(Path(path)).convert("L"), dtype=np.float32) / 255.0  # [H, W]
     if grey.max() == 0:
         raise UserError("The map is empty (all black): white marks what matters; a constant grey or white map is "
                         "the uniform map.")
-    return grey
+    return on_grid(grey)
+
+
+def on_grid(full: np.ndarray) -> np.ndarray:
+    """A map [H, W] in [0, 1] over the whole photo, area-averaged to [MAP_GRID, MAP_GRID] (the true masks' grid)."""
+    small = Image.fromarray(full.astype(np.float32), mode="F").resize((MAP_GRID, MAP_GRID), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32)
 
 
 def display(image: Image.Image) -> Image.Image:
@@ -160,6 +166,16 @@ class App:
         """Delete a finished session's uploads."""
         for path in self.session_files.pop(session_hash, set()):
             path.unlink(missing_ok=True)
+
+    def critique_file(self, photo_path: str, map_path: str | None) -> tuple[float, dict[str, Any], Image.Image, str]:
+        """What ``/critique`` answers: (EAT score, the map used {"shape", "values", "source"}, overlay, critique)."""
+        photo = read_photo(Path(photo_path))
+        given = read_map(map_path) if map_path else None
+        result = self.critic.critique([photo], None if given is None else [given])[0]
+        used = result.used_map
+        values = {"shape": list(used.shape), "values": used.astype(float).tolist(),
+                  "source": result.map_source if given is None else "given"}
+        return result.score, values, overlay_of(photo, used), result.text
 
     # ---- what a photo shows
     def map_for(self, shown: Shown, choice: str, editor: dict | None) -> np.ndarray | None:
@@ -330,7 +346,7 @@ def api(app: App, gr: Any, model: dict[str, Any]) -> None:
     def critique(photo: str, saliency: str | None) -> tuple[float, dict[str, Any], Image.Image, str]:
         """Photo file and optional map image (white: salient; default: the photo's EAT map) -> (EAT score, the map
         used {"shape", "values", "source"}, overlay, critique)."""
-        outcome = guarded(lambda: _api_critique(app, photo, saliency))
+        outcome = guarded(lambda: app.critique_file(photo, saliency))
         if isinstance(outcome, str):
             raise gr.Error(outcome)
         return outcome
@@ -339,16 +355,6 @@ def api(app: App, gr: Any, model: dict[str, Any]) -> None:
     outputs = [gr.Number(label="score", visible=False), gr.JSON(label="map", visible=False),
                gr.Image(label="overlay", visible=False, format="png"), gr.Textbox(label="critique", visible=False)]
     gr.Button(visible=False).click(critique, [photo_in, map_in], outputs, api_name="critique", **model)
-
-
-def _api_critique(app: App, photo_path: str, map_path: str | None) -> tuple[float, dict[str, Any], Image.Image, str]:
-    photo = read_photo(Path(photo_path))
-    given = read_map(map_path) if map_path else None
-    result = app.critic.critique([photo], None if given is None else [given])[0]
-    used = result.used_map
-    values = {"shape": list(used.shape), "values": used.astype(float).tolist(),
-              "source": result.map_source if given is None else "given"}
-    return result.score, values, overlay_of(photo, used), result.text
 
 
 # ---------------------------------------------------------------- the server
@@ -393,6 +399,16 @@ def example_images(dataset: str, into: Path) -> list[Path]:
         if source.is_file():
             copies.append(Path(shutil.copyfile(source, into / source.name)))
     return copies
+
+
+def require_port(host: str, port: int) -> None:
+    """A :class:`PipelineError` unless ``host:port`` can be listened on (checked before anything is loaded)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise PipelineError(f"cannot listen on {host}:{port} ({e.strerror or e}): pass another --port") from None
 
 
 def serve(critic: Critic, sibling: Critic | None, host: str, port: int,
