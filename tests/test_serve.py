@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from pipeline.manifest import load_manifest
-from stages.report.serve import UserError, marked, painted_map, sibling_run
+from stages.report.app import UserError, display, marked, painted_map
+from stages.report.serve import sibling_run
 from storage.images import open_rgb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -265,7 +266,6 @@ def test_page_in_headless_chromium(in_world: World, server: Server, oracle) -> N
         pytest.skip("needs Debian's chromium at /usr/bin/chromium (`apt-get install -y chromium`; .ci/run does)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install -e '.[dev]')")
     from stages.report.forced_choice import run_choices
-    from stages.report.serve import display
     from stages.synthetic.truth import ground_truth
 
     world = in_world
@@ -400,6 +400,7 @@ def test_api_through_gradio_client(in_world: World, server: Server, oracle, tmp_
 
     jobs = [client.submit(handle_file(str(path)), None, api_name="/critique") for _ in range(3)]  # queued
     assert {job.result()[3] for job in jobs} == {oracle("ias", image, world.maps[row["sha256"]])}
+    client.close()
 
 
 def _bad_inputs(photo: Path, tmp: Path) -> dict[str, Path]:

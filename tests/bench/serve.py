@@ -69,11 +69,11 @@ def main() -> None:
     args = parser.parse_args()
     from pipeline.context import manifest
     from pipeline.paths import runs_dir
+    from stages.report.app import App
     from stages.report.caption import write_captions
     from stages.report.critique import Critic, EatSaliency
     from stages.report.generate import split_images
     from stages.report.known_truth import KnownTruth
-    from stages.report.serve import App
     from storage.images import safe_join
     from storage.tables import image_root
 
@@ -86,7 +86,7 @@ def main() -> None:
     app = App(critic, None, KnownTruth(dataset), [])
     with tempfile.TemporaryDirectory(prefix="ase-bench-serve-") as out:
         def entry() -> str:
-            return app.critique_file(str(photo), None)[3]
+            return app.critique_file(photo, None)[3]
 
         def caption() -> str:
             return write_captions(critic, [photo], Path(out), progress=False).rows[0].critique
@@ -105,6 +105,7 @@ def main() -> None:
         request = lambda: client.predict(handle_file(str(photo)), None, api_name="/critique")  # noqa: E731
         assert request()[3] == entry(), "the served app and its entry disagree"
         over_http = statistics.median(timed(request) for _ in range(args.repeats))
+        client.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
