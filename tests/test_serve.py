@@ -265,6 +265,7 @@ def test_page_in_headless_chromium(in_world: World, server: Server, oracle) -> N
     if not CHROMIUM.exists():
         pytest.skip("needs Debian's chromium at /usr/bin/chromium (`apt-get install -y chromium`; .ci/run does)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install -e '.[dev]')")
+    from stages.finetune.saliency_source import TruthMaps
     from stages.report.forced_choice import run_choices
     from stages.synthetic.truth import ground_truth
 
@@ -307,6 +308,10 @@ def test_page_in_headless_chromium(in_world: World, server: Server, oracle) -> N
         eat_sentences = {" ".join(s.split()) for s in eat_text.replace(". ", ".\n").splitlines()}
         assert any(changed for _, changed in tokens)
         assert all(" ".join(t.split()) in eat_sentences for t, changed in tokens if not changed)
+
+        page.get_by_label("true mask").check()  # offered: the photo is one of the synthetic dataset's
+        _wait_text(page, "status", "true mask")
+        assert _shown(page) == " ".join(oracle("ias", image, TruthMaps("syn").read(row["sha256"])[0]).split())
 
         page.click("#paint-panel .label-wrap")
         box = page.locator("#paint canvas").first.bounding_box()

@@ -99,6 +99,11 @@ def build(app: App) -> Any:
                     sibling: shown.sibling, status: view["status"],
                     forced: gr.update(value=view["forced"], visible=view["forced"] is not None)}
 
+        def map_options(shown: Shown | None) -> Any:
+            """Back to the EAT map; the true mask offered only for a photo of the synthetic dataset."""
+            known = shown is not None and app.truth.knows(shown.photo)
+            return gr.update(choices=[m for m in MAPS if known or m != "true mask"], value=MAPS[0])
+
         def on_upload(paths: list[str] | None, request: gr.Request) -> None:
             app.remember(request.session_hash, paths)
 
@@ -115,7 +120,7 @@ def build(app: App) -> Any:
             first_shown = {**show(None), **show(first)}  # cleared, then the first photo (or why it cannot be shown)
             problems += [first_shown.pop(message)] if first_shown.get(message) else []
             return {**first_shown, session: state, message: "\n\n".join(problems), table: rows or None,
-                    pick: gr.update(choices=names, value=names[0] if names else None), choice: MAPS[0],
+                    pick: gr.update(choices=names, value=names[0] if names else None), choice: map_options(first),
                     paint: background(first)}
 
         def on_map(state: Session, name: str | None, map_choice: str, editor: dict | None) -> dict:
@@ -124,7 +129,7 @@ def build(app: App) -> Any:
 
         def on_pick(state: Session, name: str | None) -> dict:
             shown = state.named(name)
-            return {**show(shown), choice: MAPS[0], paint: background(shown)}
+            return {**show(shown), choice: map_options(shown), paint: background(shown)}
 
         def on_unload(request: gr.Request) -> None:
             app.forget(request.session_hash)

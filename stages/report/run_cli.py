@@ -147,8 +147,8 @@ def register(app: typer.Typer) -> None:
             if run is None:
                 ds, name = dataset or "demo", "demo-ias"
                 if not (runs_dir(ds) / name).is_dir():
-                    fail(f"no run {ds}/{name} under {runs_dir(ds).parent}: run `make demo` first, or name a run with "
-                         "--run-name")
+                    fail(f"no run {ds}/{name} under {runs_dir(ds).parent}: " + ("run `make demo` first, or name a "
+                         "run with --run-name" if ds == "demo" else "name a run with --run-name"))
             else:
                 ds, name = resolve_run(f"{dataset}/{run}" if dataset and "/" not in run else run)
             saliency = EatSaliency(manifest())
