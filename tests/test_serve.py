@@ -174,12 +174,13 @@ class Server:
             d.mkdir()
         self.work_before = _files(world.work)
         self.log = world.tmp / "server.log"
+        self._log = self.log.open("w")
         env = {**os.environ, "ASE_WORK": str(world.work), "HOME": str(self.dirs["home"]),
                "TMPDIR": str(self.dirs["tmpdir"])}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "--manifest", str(world.manifest), "serve", "--dataset", "syn",
              "--run-name", "ias", "--port", str(self.port), "--max-new-tokens", str(NEW_TOKENS)],
-            cwd=self.dirs["cwd"], env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+            cwd=self.dirs["cwd"], env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.started = time.perf_counter()
         self.ready_s = self.wait_ready()
 
@@ -199,9 +200,11 @@ class Server:
         pytest.fail(f"server did not answer within {timeout} s: {self.log.read_text()}")
 
     def stop(self) -> int:
+        """``kill`` (SIGTERM, which it handles as Ctrl+C; a background job may have SIGINT ignored)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # Ctrl+C
+            self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=60)
+        self._log.close()
         return self.proc.returncode
 
 
@@ -432,7 +435,7 @@ def _bad_inputs(photo: Path, tmp: Path) -> dict[str, Path]:
 
 
 def test_server_started_in_time_and_stops_leaving_nothing(world: World, server: Server) -> None:
-    """Answered within 60 s; Ctrl+C ends it; its temporary folder is gone and nothing else was written."""
+    """Answered within 60 s; `kill` ends it; its temporary folder is gone and nothing else was written."""
     assert server.ready_s < 60, server.ready_s
     assert server.stop() == 0, server.log.read_text()
     assert "at http://127.0.0.1:" in server.log.read_text()

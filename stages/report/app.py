@@ -159,6 +159,7 @@ class App:
 
     # ---- what a photo shows
     def map_for(self, shown: Shown, choice: str, editor: dict | None) -> np.ndarray | None:
+        """The raw map of ``choice`` for one photo (None: uniform); ``editor``: the painting canvas's value."""
         if choice == "EAT map":
             return shown.eat.eat_map
         if choice == "uniform":
@@ -183,7 +184,7 @@ class App:
             status += f": {changed} of {len(critique)} sentence(s) differ from the EAT map's critique"
         status += "." if self.critic.follows_map else f". This run ({self.critic.run}) reads no map."
         forced = None
-        if self.truth.knows(shown.photo) and self.critic.follows_map:
+        if self.truth.knows(shown.photo):
             chosen = self.truth.forced_choice(self.critic, shown.photo, saliency_map)
             true = self.truth.attributes(shown.photo)
             forced = [[key, value, true[key], "yes" if value == true[key] else "no"] for key, value in chosen.items()]
