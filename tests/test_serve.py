@@ -78,18 +78,19 @@ def test_read_photo_refuses_tiny_files_and_says_what_it_converted(tmp_path: Path
     assert photo.image.getpixel((0, 0)) == (255, 255, 255) and "16-bit" in photo.note
 
 
-def test_sibling_is_the_most_alike_no_iasc_run_of_the_family() -> None:
+def test_sibling_is_the_most_alike_finished_no_iasc_run_of_the_family() -> None:
     from pipeline.paths import runs_dir
 
-    for run, fusion in [("study-eat-s0", "cross_attention"), ("study-none-s0", "none"), ("study-none-s1", "none"),
-                        ("untrained", "none"), ("qwen-noiasc", "none")]:
+    for run, fusion, family in [("study-eat-s0", "cross_attention", "internvl"), ("study-none-s0", "none", "qwen2_5_vl"),
+                                ("study-none-s1", "none", "internvl"), ("study-none-s2", "none", "internvl"),
+                                ("untrained", "none", "internvl")]:
         (runs_dir("d") / run / "final").mkdir(parents=True)
         (runs_dir("d") / run / "final" / "config.json").write_text("{}")
-        family = "qwen2.5-vl" if run.startswith("qwen") else "internvl"
         (runs_dir("d") / run / "run_config.json").write_text(json.dumps({"fusion": fusion, "family": family}))
-    assert sibling_run("d", "study-eat-s0") == "study-none-s0"
-    (runs_dir("d") / "study-none-s0" / "final" / "config.json").unlink()  # unfinished: not a sibling
-    assert sibling_run("d", "study-eat-s0") == "study-none-s1"
+    assert sibling_run("d", "study-eat-s0") == "study-none-s1"  # s0 is another family's; s1 and s2 alike: by name
+    (runs_dir("d") / "study-none-s1" / "final" / "config.json").unlink()  # unfinished: not a sibling
+    assert sibling_run("d", "study-eat-s0") == "study-none-s2"
+    assert sibling_run("d", "study-none-s2") is None  # the untrained base is no sibling
 
 
 # ---------------------------------------------------------------- the app as a server

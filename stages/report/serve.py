@@ -30,24 +30,25 @@ OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_H
 
 
 def sibling_run(dataset: str, run: str) -> str | None:
-    """The dataset's ``--fusion none`` run of the same family whose name is most like ``run`` (demo-ias ->
+    """The dataset's finished ``--fusion none`` run of the same family whose name is most like ``run`` (demo-ias ->
     demo-noiasc), if any."""
     from pipeline.paths import runs_dir
+    from stages import families
     from stages.report.generate import find_checkpoint, is_untrained, run_config
 
-    mine = run_config(runs_dir(dataset) / run)
+    family = families.of_run(run_config(runs_dir(dataset) / run))
     found = []
     for other in sorted(runs_dir(dataset).iterdir()) if runs_dir(dataset).is_dir() else []:
         cfg = run_config(other)
         if (other.name == run or is_untrained(other.name) or cfg.get("fusion") != "none"
-                or cfg.get("family", "internvl") != mine.get("family", "internvl")):
+                or families.of_run(cfg) is not family):
             continue
         try:
             find_checkpoint(other)
         except FileNotFoundError:
             continue
-        found.append((difflib.SequenceMatcher(a=run, b=other.name).ratio(), other.name))
-    return max(found)[1] if found else None
+        found.append((-difflib.SequenceMatcher(a=run, b=other.name).ratio(), other.name))
+    return min(found)[1] if found else None  # the most alike; of equals, the first by name
 
 
 def example_images(dataset: str, into: Path) -> list[Path]:
