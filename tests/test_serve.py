@@ -183,7 +183,11 @@ class Server:
              "--run-name", "ias", "--port", str(self.port), "--max-new-tokens", str(NEW_TOKENS)],
             cwd=self.dirs["cwd"], env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.started = time.perf_counter()
-        self.ready_s = self.wait_ready()
+        try:
+            self.ready_s = self.wait_ready()
+        except BaseException:
+            self.stop()  # a server that never answered is not left behind
+            raise
 
     def answers(self) -> bool:
         try:
@@ -192,7 +196,7 @@ class Server:
         except OSError:
             return False
 
-    def wait_ready(self, timeout: float = 120) -> float:
+    def wait_ready(self, timeout: float = 300) -> float:
         while time.perf_counter() - self.started < timeout:
             assert self.proc.poll() is None, f"server exited: {self.log.read_text()}"
             if self.answers():
@@ -204,7 +208,11 @@ class Server:
         """``kill`` (SIGTERM, which it handles as Ctrl+C; a background job may have SIGINT ignored)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=60)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self._log.close()
         return self.proc.returncode
 
