@@ -8,7 +8,7 @@ DS := $(or $(DATASET),demo)
 RUN ?=
 RUN_ARG := $(if $(RUN),--run-name $(RUN),)
 
-.PHONY: setup demo study test bench ingest saliency finetune report status clean
+.PHONY: setup demo study test bench ingest saliency finetune report serve status clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,9 @@ finetune: $(STAMP)
 
 report: $(STAMP)
 	$(CLI) report --dataset $(DS) $(RUN_ARG)
+
+serve: $(STAMP)
+	$(CLI) serve $(if $(DATASET),--dataset $(DATASET),) $(RUN_ARG) $(if $(PORT),--port $(PORT),)
 
 status: $(STAMP)
 	$(CLI) status

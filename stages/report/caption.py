@@ -1,9 +1,10 @@
 """``ase-mllm caption PATH...``: aesthetic critiques of your own photos.
 
 Files and folders are expanded (folders by :func:`storage.image_files.find_images`, the rule ingest
-uses: recursive, image suffixes, hidden names skipped), deduplicated and sorted. Each
-image gets its saliency map from the store when the store has its sha256, else computed on the
-fly with the manifest's EAT + LayerCAM; then tiling + generation with a fine-tuned run. Writes
+uses: recursive, image suffixes, hidden names skipped), deduplicated and sorted. Each image goes
+through the one inference entry, :class:`stages.report.critique.Critic` (as in ``ase-mllm serve``):
+its saliency map and score from the store when the store has its sha256, else computed on the fly
+with the manifest's EAT + LayerCAM; then tiling + generation with a fine-tuned run, in batches. Writes
 ``captions.jsonl`` / ``captions.csv`` (path, critique, aesthetic score, heatmap path, error),
 heatmap overlays under ``heatmaps/`` and an ``index.html`` gallery. An unreadable file, or one whose
 name is not valid UTF-8 (``bad_filename``), becomes a row with its error; the others proceed.
@@ -18,13 +19,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.manifest import Manifest
 from pipeline.paths import runs_dir
-from stages.report.generate import DecodeConfig, is_untrained, load_run
+from stages.report.generate import DecodeConfig, is_untrained
 from storage.atomic import atomic_path, write_bytes_atomic
 from storage.image_files import find_images, is_utf8, printable
+from storage.images import ImageError
 
 CSV_FIELDS = ("path", "critique", "aesthetic_score", "heatmap", "saliency", "error")
 
@@ -110,29 +110,6 @@ def resolve_run(run: str | None) -> tuple[str, str]:
     return dataset, name
 
 
-class Saliency:
-    """Maps by sha256 from the store, else computed with the manifest's EAT (loaded on first need)."""
-
-    def __init__(self, manifest: Manifest) -> None:
-        from storage.saliency_store import find_store
-
-        self.manifest = manifest
-        self.store, _ = find_store(manifest)
-        self._eat: tuple[Any, Any, Any] | None = None
-
-    def __call__(self, sha: str, img: Any) -> tuple[np.ndarray, float, str]:
-        """(map [h, w], aesthetic score, "store" | "computed")."""
-        if self.store is not None and self.store.has(sha):
-            sal, _category, score = self.store.read(sha)
-            return sal, score, "store"
-        from stages.saliency.job import compute_map, load_manifest_model
-
-        if self._eat is None:
-            self._eat = load_manifest_model(self.manifest)
-        sal, _category, score = compute_map(self._eat, img)
-        return sal, score, "computed"
-
-
 def caption_files(
     paths: list[Path],
     manifest: Manifest,
@@ -144,42 +121,47 @@ def caption_files(
     progress: bool = True,
 ) -> CaptionSummary:
     """Critique every image under ``paths`` with a fine-tuned run; write the outputs under ``out``."""
-    from tqdm import tqdm
-
-    from stages.report.html import GalleryItem, render_report
-    from stages.saliency.overlay import overlay
-    from storage.images import ImageError, open_rgb, sha256_file
+    from stages.report.critique import Critic, EatSaliency
 
     start = time.perf_counter()
-    files, rows = expand_paths(paths)
     dataset, name = resolve_run(run)
-    captioner, ckpt, _ = load_run(dataset, name, checkpoint)
-    saliency = Saliency(manifest)
+    critic = Critic.load(EatSaliency(manifest), dataset, name, checkpoint, decode)
+    return write_captions(critic, paths, out, batch_size, progress, start)
+
+
+def write_captions(critic: Any, paths: list[Path], out: Path, batch_size: int = 4, progress: bool = True,
+                   start: float | None = None) -> CaptionSummary:
+    """Critique every image under ``paths`` with a loaded :class:`~stages.report.critique.Critic`; write the
+    outputs under ``out``."""
+    from tqdm import tqdm
+
+    from stages.report.critique import read_photo
+    from stages.report.html import GalleryItem, render_report
+    from stages.saliency.overlay import overlay
+
+    start = time.perf_counter() if start is None else start
+    files, rows = expand_paths(paths)
     out.mkdir(parents=True, exist_ok=True)
     batch: list[tuple[CaptionRow, Any]] = []
 
     def flush() -> None:
-        if batch:
-            for (row, _), text in zip(batch, captioner.generate([p for _, p in batch], decode)):
-                row.critique = text
-            batch.clear()
+        for (row, photo), result in zip(batch, critic.critique([p for _, p in batch])):
+            row.critique, row.aesthetic_score, row.saliency = result.text, result.score, result.map_source
+            heatmap = Path("heatmaps") / f"{Path(row.path).stem}-{photo.sha256[:12]}.png"
+            if not (out / heatmap).exists():
+                with atomic_path(out / heatmap) as tmp:
+                    overlay(photo.image, result.eat_map).save(tmp, format="PNG")
+            row.heatmap = str(heatmap)
+        batch.clear()
 
-    for path in tqdm(files, desc=f"caption ({dataset}/{name}/{ckpt})", unit="img", disable=not progress):
+    for path in tqdm(files, desc=f"caption ({critic.name})", unit="img", disable=not progress):
         row = CaptionRow(str(path))
         rows.append(row)
         try:
-            img = open_rgb(path)
-            sha = sha256_file(path)
+            batch.append((row, read_photo(path)))
         except (ImageError, OSError) as e:
             row.error = f"{e.reason}: {e.detail}" if isinstance(e, ImageError) else f"unreadable_image: {e}"
             continue
-        sal, row.aesthetic_score, row.saliency = saliency(sha, img)
-        heatmap = Path("heatmaps") / f"{path.stem}-{sha[:12]}.png"
-        if not (out / heatmap).exists():
-            with atomic_path(out / heatmap) as tmp:
-                overlay(img, sal).save(tmp, format="PNG")
-        row.heatmap = str(heatmap)
-        batch.append((row, captioner.prepare(img, sal)))
         if len(batch) == batch_size:
             flush()
     flush()
@@ -187,8 +169,8 @@ def caption_files(
     _write_outputs(out, rows)
     items = [GalleryItem(Path(r.path), out / r.heatmap, r.critique or "", [], r.aesthetic_score, None, Path(r.path).name)
              for r in rows if not r.error]
-    render_report(out, f"ASE-MLLM critiques ({dataset}/{name}, {ckpt})", _error_table(rows), items)
-    return CaptionSummary(out, rows, f"{dataset}/{name}/{ckpt}", time.perf_counter() - start)
+    render_report(out, f"ASE-MLLM critiques ({critic.run}, {critic.checkpoint})", _error_table(rows), items)
+    return CaptionSummary(out, rows, critic.name, time.perf_counter() - start)
 
 
 def _write_outputs(out: Path, rows: list[CaptionRow]) -> None:

@@ -1,4 +1,4 @@
-"""CLI: ``ase-mllm generate``, ``ase-mllm report`` and ``ase-mllm caption`` (heavy imports inside)."""
+"""CLI: ``ase-mllm generate``, ``report``, ``caption`` and ``serve`` (heavy imports inside)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from pipeline.errors import fail
+from pipeline.paths import runs_dir
 
 _CHECKPOINT = typer.Option(None, "--checkpoint", help="checkpoint-N / final / a path (default: final, else newest).")
 _BATCH = typer.Option(8, "--batch-size", help="Images per generate() call.")
@@ -120,3 +121,40 @@ def register(app: typer.Typer) -> None:
             if row.error:
                 typer.secho(f"error: {row.path}: {row.error}", fg=typer.colors.RED, err=True)
         typer.echo(s.line())
+
+    @app.command()
+    def serve(
+        run: Optional[str] = typer.Option(None, "--run-name", "--run",
+                                          help="RUN or DATASET/RUN (default: the demo's IASC run, demo/demo-ias)."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="The run's dataset (default: demo)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every network the "
+                                                             "machine is on; the app has no login)."),
+        port: int = typer.Option(7860, "--port", help="Port to listen on."),
+        checkpoint: Optional[str] = _CHECKPOINT,
+        max_new_tokens: int = _MAX_NEW, num_beams: int = _BEAMS, do_sample: bool = _SAMPLE,
+        temperature: float = _TEMP, top_p: float = _TOP_P, seed: int = _SEED, no_repeat: int = _NO_REPEAT,
+    ) -> None:
+        """A local web app: drop photos, see each one's EAT score, saliency overlay and critique, and change the map."""
+        from pipeline.context import manifest
+        from stages.report.caption import resolve_run
+        from stages.report.critique import Critic, EatSaliency
+        from stages.report.serve import require_port, sibling_run
+        from stages.report.serve import serve as serve_app
+
+        decode = _decode(max_new_tokens, num_beams, do_sample, temperature, top_p, seed, no_repeat)
+        require_port(host, port)
+        try:
+            if run is None:
+                ds, name = dataset or "demo", "demo-ias"
+                if not (runs_dir(ds) / name).is_dir():
+                    fail(f"no run {ds}/{name} under {runs_dir(ds).parent}: " + ("run `make demo` first, or name a "
+                         "run with --run-name" if ds == "demo" else "name a run with --run-name"))
+            else:
+                ds, name = resolve_run(f"{dataset}/{run}" if dataset and "/" not in run else run)
+            saliency = EatSaliency(manifest())
+            critic = Critic.load(saliency, ds, name, checkpoint, decode)
+            other = sibling_run(ds, name)
+            sibling = Critic.load(saliency, ds, other, None, decode) if other else None
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        serve_app(critic, sibling, host, port, typer.echo)
