@@ -101,9 +101,11 @@ def test_rows_ablation_runs_and_incremental_rescoring(toy_runs: Path, monkeypatc
     from stages.report.study import write_study  # a study of this dataset joins the next build's page
     row = {"Bleu_1": 0.4, "CIDEr": 0.3, "macro_precision": 0.7, "macro_recall": 0.4, "distinct": 0.5,
            "forced_choice": 0.6, "global_forced_choice": 0.5, "forced_per_attribute": {"focus": 0.6},
-           "forced_correct": {"i0": 0.5, "i1": 0.7}, "mask_following": None}
-    write_study("toy", {"eat": [row, row], "none": [row, row]}, [0, 1], 2,
-                {"by": "the eat arm, seed 0", "validation_forced_choice": {"1e-3": 0.6}, "what": "The rate was"})
+           "forced_correct": {"i0": 0.5, "i1": 0.7}, "forced_correct_unplaced": {"i0": 0.3, "i1": 0.7},
+           "mask_following": None}
+    write_study("toy", {"eat": [row, row], "none": [row, row]}, [0, 1], 3,
+                {"step": 100, "learning_curve": {"eat": {100: 0.6}, "none": {100: 0.5}}, "by": "the mean over the arms",
+                 "schedule": "100 steps"})
     html = (_build(manifest).directory / "index.html").read_text()
     assert "IASC + EAT maps (eat)" in html and "eat vs none" in html and 'src="images/study.png"' in html
     assert (second.directory / "images" / "study.png").read_bytes() == (study_dir("toy") / "study.png").read_bytes()

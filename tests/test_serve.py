@@ -324,7 +324,7 @@ def test_page_in_headless_chromium(in_world: World, server: Server, oracle) -> N
         cells = cells[cells.index("right") + 1:]  # below the header row
         forced = [cells[i:i + 4] for i in range(0, len(cells), 4)]  # attribute, forced choice, truth, right
         truth = ground_truth("syn")[row["image_id"]]["attributes"]
-        report, _ = run_choices("syn", "ias", load_manifest(world.manifest), "test")
+        (report,), _ = run_choices("syn", "ias", load_manifest(world.manifest), "test")
         assert {r[0]: r[1] for r in forced} == report[row["image_id"]]  # the report's own forced choice
         assert {r[0]: r[2] for r in forced} == truth
 

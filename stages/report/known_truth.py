@@ -2,8 +2,8 @@
 run's forced choice per attribute beside them (``stages/report/forced_choice.py``), for ``ase-mllm serve``.
 
 A photo is recognised by the sha256 of its bytes among the dataset's images. Forced choices are centred as the
-report centres them: on the mean over the dataset's test split, each test image with its EAT map (computed once,
-on the first synthetic photo), so a test image shown with its EAT map gets the report's choice.
+report centres them: on the mean over the dataset's validation split, each validation image with its EAT map
+(computed once, on the first synthetic photo), so a test image shown with its EAT map gets the report's choice.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class KnownTruth:
         cands = candidates(critic.captioner.tokenizer)
         if self._prior is None:
             self._prior = np.mean([self._logprobs(critic, p, critic.saliency(p)[0], cands)
-                                   for p in self._test_photos()], axis=0)  # [K]
+                                   for p in self._validation_photos()], axis=0)  # [K]
         own = self._logprobs(critic, photo, saliency_map, cands)
         return forced_choices({0: own}, cands, self._prior)[0]
 
@@ -64,11 +64,11 @@ class KnownTruth:
         with critic.lock:
             return phrasing_logprobs(critic.captioner, critic.captioner.prepare(photo.image, saliency_map), cands)
 
-    def _test_photos(self) -> list[Photo]:
+    def _validation_photos(self) -> list[Photo]:
         from stages.report.critique import read_photo
         from storage.images import safe_join
         from storage.tables import image_root
 
         root = image_root(self.dataset)
-        rows = sorted((r for r in self.rows.values() if r["split"] == "test"), key=lambda r: r["image_id"])
+        rows = sorted((r for r in self.rows.values() if r["split"] == "validation"), key=lambda r: r["image_id"])
         return [read_photo(safe_join(root, r["path"])) for r in rows]
