@@ -24,7 +24,7 @@ study: $(STAMP)
 	$(CLI) study --dataset $(or $(DATASET),demo-study)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(CLI) bench

@@ -24,6 +24,11 @@ from pipeline.manifest import load_manifest  # noqa: E402
 from stages.families.internvl import model as _model  # noqa: E402, F401  (imported before the baseline)
 from stages.finetune import train  # noqa: E402, F401
 
+try:  # pyarrow's tables import pandas when it is installed (gradio brings it): loaded before the baseline too
+    import pandas  # noqa: F401
+except ImportError:
+    pass
+
 EVENTS: list[list[str]] = []
 LOADED: list[int] = []
 SALIENCY: list[str] = []

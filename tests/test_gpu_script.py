@@ -33,10 +33,14 @@ def _env(out: Path, **extra: str) -> dict[str, str]:
 
 
 def _optional_modules() -> set[str]:
-    """What DeepSpeed brings when installed (transformers and accelerate import it if present; the check never needs
-    it): the top-level modules ``import deepspeed`` loads in a fresh interpreter."""
-    code = ("import sys, deepspeed; print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - "
-            "set(sys.stdlib_module_names))))")
+    """What optional packages bring when installed, which the check never needs: DeepSpeed (transformers and
+    accelerate import it if present) and pandas (pyarrow's ``Table.from_pylist`` imports it if present; gradio
+    installs it here): the top-level modules their import loads in a fresh interpreter."""
+    code = ("import sys, importlib\n"
+            "for name in ('deepspeed', 'pandas'):\n"
+            "    try: importlib.import_module(name)\n"
+            "    except ImportError: pass\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return set(done.stdout.split()) if done.returncode == 0 else set()
 

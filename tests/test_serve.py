@@ -28,12 +28,10 @@ from PIL import Image
 
 from pipeline.manifest import load_manifest
 from stages.report.app import UserError, display, marked, painted_map
+from stages.pretrain.shipped import SHIPPED_BASE, SHIPPED_EAT
 from stages.report.serve import sibling_run
 from storage.images import open_rgb
 
-REPO = Path(__file__).resolve().parents[1]
-BASE = REPO / "stages" / "finetune" / "data" / "demo_base"
-EAT = REPO / "stages" / "saliency" / "data" / "eat_tiny_demo.safetensors"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--no-first-run"]
@@ -116,16 +114,16 @@ def _gated_run(name: str, fusion: str, gate: float) -> None:
     from stages.families.internvl.model import load_base
     from stages.families.internvl.tokenizer import load_tokenizer
 
-    model, _ = load_base(BASE, fusion=fusion)
+    model, _ = load_base(SHIPPED_BASE, fusion=fusion)
     with torch.no_grad():
         for key, p in model.named_parameters():
             if key.endswith(".gate"):
                 p.fill_(gate)
     run_dir = runs_dir("syn") / name
     model.save_pretrained(str(run_dir / "final"))
-    load_tokenizer(BASE).save_pretrained(str(run_dir / "final"))
+    load_tokenizer(SHIPPED_BASE).save_pretrained(str(run_dir / "final"))
     tiles = {"tile_size": 224, "max_tiles": 1, "tokens_per_tile": 64}  # the demo's `--max-tiles 1`
-    (run_dir / "run_config.json").write_text(json.dumps({"fusion": fusion, "base": str(BASE), "tiles": tiles}))
+    (run_dir / "run_config.json").write_text(json.dumps({"fusion": fusion, "base": str(SHIPPED_BASE), "tiles": tiles}))
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +136,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     tmp = tmp_path_factory.mktemp("serve")
     manifest = tmp / "manifest.yaml"
     manifest.write_text(f"datasets:\n  syn:\n    format: synthetic\n    root: {tmp / 'corpus'}\n"
-                        f"    options: {{n: 12, seed: 4}}\nmodels:\n  eat:\n    variant: tiny\n    checkpoint: {EAT}\n")
+                        f"    options: {{n: 12, seed: 4}}\nmodels:\n  eat:\n    variant: small\n    checkpoint: {SHIPPED_EAT}\n")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("ASE_WORK", str(tmp / "work"))
         ingest_dataset(load_manifest(manifest).datasets["syn"], echo=lambda _: None)

@@ -28,20 +28,20 @@ def test_sidecars_name_the_command_and_match_the_weights() -> None:
         info = json.loads(sidecar.read_text())
         assert info["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest(), weights
         assert info["command"].startswith("ase-mllm pretrain-demo") and info["corpus_seed"] == CORPUS_SEED
-        assert info["generator_version"] >= 1 and info["validation"] and weights.stat().st_size < 8 * 2**20
+        assert info["generator_version"] >= 1 and info["validation"] and weights.stat().st_size <= 20 * 2**20
 
 
 def test_shipped_eat_scores_and_looks_where_the_aesthetics_are(renders) -> None:
-    """Held-out renders: predicted scores rank like the true ones and the LayerCAM maps concentrate inside the
-    true aesthetic subject's mask (mask ratio 1 = a uniform map). (They do so on every subject alike: the
-    subject preference, README "The demo's pretrained models", is about 1.)"""
+    """Held-out renders: predicted scores rank like the true ones, the LayerCAM maps concentrate inside the true
+    aesthetic subject's mask (mask ratio 1 = a uniform map) and fall on the aesthetic subject far more than on the
+    other two (subject preference 1 = none): it has learned to find the subject that matters."""
     from stages.pretrain.eat import evaluate
     from stages.saliency.eat import build_eat, load_eat_weights
 
-    model = build_eat("tiny")
+    model = build_eat("small")
     load_eat_weights(model, SHIPPED_EAT)
     result = evaluate(model, *renders)
-    assert result["srcc"] > 0.25 and result["mask_ratio"] > 2.0, result
+    assert result["srcc"] > 0.6 and result["mask_ratio"] > 4.0 and result["subject_preference"] > 3.0, result
 
 
 def test_shipped_base_describes_and_critiques_unseen_images(renders) -> None:

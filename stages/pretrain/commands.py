@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
     def pretrain_demo(
         what: str = typer.Option("all", "--what", help="eat, base or all."),
         images: int = typer.Option(12_000, "--images", min=64, help="Pretraining corpus size (seed 1)."),
-        eat_epochs: int = typer.Option(10, "--eat-epochs", min=1),
+        eat_epochs: int = typer.Option(8, "--eat-epochs", min=1),
         base_epochs: int = typer.Option(6, "--base-epochs", min=1, help="Base phase 1 (descriptions) epochs."),
         critique_steps: int = typer.Option(600, "--critique-steps", min=1,
                                            help="Base phase 2 steps (critiques mixed with descriptions)."),
@@ -47,7 +47,8 @@ def register(app: typer.Typer) -> None:
         corpus = build_corpus(images, CORPUS_SEED, workers)
         val = validation_set(CORPUS_SEED, VALIDATION_START, VALIDATION_IMAGES)
         provenance = {"command": f"ase-mllm pretrain-demo --what {what} --images {images} --eat-epochs {eat_epochs} "
-                                 f"--base-epochs {base_epochs} --critique-steps {critique_steps}",
+                                 f"--base-epochs {base_epochs} --critique-steps {critique_steps}"
+                                 + (f" --threads {threads}" if threads else ""),  # results depend on it
                       "generator_version": GENERATOR_VERSION, "corpus_seed": CORPUS_SEED, "corpus_images": images,
                       "validation": f"images {VALIDATION_START}..{VALIDATION_START + VALIDATION_IMAGES - 1} of seed "
                                     f"{CORPUS_SEED}"}
