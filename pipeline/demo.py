@@ -19,11 +19,9 @@ from stages.pretrain.shipped import SHIPPED_BASE, SHIPPED_EAT, require
 DATASET = "demo"
 RUNS = {"demo-ias": "cross_attention", "demo-noiasc": "none"}  # run name -> fusion
 EAT_ARGS = ["--init", str(SHIPPED_EAT), "--epochs", "4", "--lr", "3e-4"]
-# One 224 px tile per image (the base was pretrained so). World v2 (three subjects, one that matters) needs a firmer
-# schedule than v1's 5e-5 x 100 steps, which left the fine-tuned runs at chance on the aesthetic subject (forced
-# choice 0.43 on the demo). Exploratory runs on the validation split of the study's former corpus (seed 1; one seed,
-# 400 steps, lr 2e-4, cross-attention lr 1e-2): true masks 0.496, uniform maps 0.426. The study chooses rate, steps and lr on its
-# validation split (pipeline/study.py SEARCH); the demo uses the search's starting point.
+# One 224 px tile per image (the base was pretrained so). The rates are v2's exploratory choice (one seed of the
+# study's former corpus, 400 steps: true masks 0.496, uniform maps 0.426 on validation); the study runs this recipe
+# for longer and chooses the checkpoint on its validation learning curve (pipeline/study.py).
 FINETUNE_ARGS = ["--base", str(SHIPPED_BASE), "--max-tiles", "1", "--lr", "2e-4", "--cross-attention-lr", "1e-2",
                  "--batch-size", "8", "--per-device", "8", "--max-steps", "200", "--save-steps", "100",
                  "--logging-steps", "10", "--workers", "1"]
@@ -49,7 +47,7 @@ def register(app: typer.Typer) -> None:
         tiny_model: str = typer.Option("demo", "--tiny-model", help="demo: InternVL from the shipped pretrained base; "
                                                                     "demo-qwen: the Qwen2.5-VL family (Table III layout)."),
     ) -> None:
-        """Run all stages on the synthetic demo corpus (CPU, about 2.5 minutes on 2 cores) and print the results."""
+        """Run all stages on the synthetic demo corpus (CPU, about 4.5 minutes on 2 cores) and print the results."""
         from pipeline import context
 
         if tiny_model not in ("demo", "demo-qwen"):

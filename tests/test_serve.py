@@ -143,8 +143,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         rows = sorted(read_table("syn", "images").to_pylist(), key=lambda r: r["image_id"])
         focused = np.zeros((14, 14), np.float32)
         focused[1:6, 1:6] = 5.0  # an EAT-like raw map with one hot region, upper left
-        test = [r["sha256"] for r in rows if r["split"] == "test"]
-        maps = make_store(load_manifest(manifest), test, maps={sha: focused for sha in test})
+        # test and validation images (the forced choice is centred on validation, as stage 1 would map it)
+        scored = [r["sha256"] for r in rows if r["split"] in ("test", "validation")]
+        maps = make_store(load_manifest(manifest), scored, maps={sha: focused for sha in scored})
         _gated_run("ias", "cross_attention", GATE)
         _gated_run("noiasc", "none", 0.0)
     return World(tmp, tmp / "work", manifest, rows, maps)
