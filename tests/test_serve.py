@@ -27,8 +27,8 @@ import torch
 from PIL import Image
 
 from pipeline.manifest import load_manifest
-from stages.report.app import UserError, display, marked, painted_map
 from stages.pretrain.shipped import SHIPPED_BASE, SHIPPED_EAT
+from stages.report.app import UserError, display, marked, painted_map
 from stages.report.serve import sibling_run
 from storage.images import open_rgb
 
