@@ -86,9 +86,27 @@ def test_the_shipped_base_reads_the_subjects_and_the_named_rung_is_measured(syn:
         assert reading[key] > 1 / len(ATTRIBUTES[key]) + margin, reading
     named = named_oracle("syn", "r", manifest)
     assert named["images"] == 12 and set(named["per_attribute"]) == set(SUBJECT_ATTRIBUTES), named
+    assert set(named["other_subjects"]) == set(SUBJECT_ATTRIBUTES), named
     entry = next(iter(syn.values()))
     assert named_prompt(entry) in {CRITIQUE_PROMPT.format(p) for p in ("left", "middle", "right")}
     assert base_reading("syn", "r", manifest) == reading  # cached in reports/syn/ladder.json
+
+
+def test_other_subjects_tells_reading_the_named_subject_from_reading_another() -> None:
+    """Choices that copy the aesthetic subject's values match the others only where they share a value; choices
+    that copy another subject's match it (oracle: the generator's truth)."""
+    from stages.report.ladder import other_subjects
+    from stages.synthetic.attributes import SUBJECT_ATTRIBUTES
+    from stages.synthetic.corpus import annotation
+
+    truth = {str(n): annotation(n, seed=4) for n in range(200)}
+    named = {i: dict(e["subjects"][e["aesthetic"]]) for i, e in truth.items()}
+    other = {i: dict(e["subjects"][(e["aesthetic"] + 1) % 3]) for i, e in truth.items()}
+    shared = {k: np.mean([e["subjects"][j][k] == e["subjects"][e["aesthetic"]][k] for e in truth.values()
+                          for j in range(3) if j != e["aesthetic"]]) for k in SUBJECT_ATTRIBUTES}
+    assert other_subjects(named, truth) == pytest.approx(shared)
+    for key, value in other_subjects(other, truth).items():
+        assert value >= 0.5 and value > shared[key] + 0.1, (key, value, shared[key])
 
 
 READ_MARGINS = {"placement": 0.3, "exposure": 0.3, "colour": 0.1}  # over chance, on 12 held-out images x 3 subjects

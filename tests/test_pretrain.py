@@ -129,6 +129,9 @@ def test_pretraining_runs_save_what_the_pipeline_loads(small: pc.PretrainCorpus,
     assert 0 <= metrics["validation"]["mean_accuracy"] <= 1 and len(metrics["critique_history"]) == 1
     assert set(metrics["history"][0]["token_reading"]) == {"placement", "exposure", "colour", "focus"}
     assert 0 <= metrics["validation"]["critique"]["macro_precision"] <= 1
+    named = metrics["validation"]["critique"]["named_choice"]  # the naming rung on held-out renders
+    assert set(named) == {"placement", "exposure", "colour", "focus", "mean"}
+    assert all(0 <= v <= 1 for v in named.values())
 
     # phase 2 alone reruns from phase 1's cache (a new critique recipe keeps the same phase 1)
     cache = describe_cache(recipe, len(images), 9)

@@ -153,6 +153,34 @@ def evaluate_critiques(model: nn.Module, tokenizer: Any, images: np.ndarray,
             "distinct": len(set(texts.values())) / len(texts), "example": texts[0]}
 
 
+def evaluate_named_choice(model: nn.Module, tokenizer: Any, images: np.ndarray,
+                          records: list[dict[str, Any]]) -> dict[str, float]:
+    """The ladder's naming rung on held-out renders: forced choices (stages/report/forced_choice.py) on image i's
+    (i mod 3)-th subject from the left, the prompt naming it, centred on the first half of the images and scored
+    on the second against that subject's truth: {attribute: accuracy, "mean"}."""
+    import copy
+
+    from PIL import Image
+
+    from stages.families.internvl.captioner import InternVLCaptioner
+    from stages.families.internvl.dataset import TileSpec
+    from stages.families.internvl.model import tile_size, tokens_per_tile
+    from stages.report.forced_choice import candidates, forced_choices, phrasing_logprobs
+
+    spec = TileSpec(tile_size=tile_size(model.config), tokens_per_tile=tokens_per_tile(model.config))
+    captioner = InternVLCaptioner(copy.deepcopy(model), tokenizer, spec, torch.device("cpu"))  # (it freezes its model)
+    cands = candidates(tokenizer, SUBJECT_ATTRIBUTES)
+    logprobs = {i: phrasing_logprobs(captioner, captioner.prepare(
+        Image.fromarray(image), None, CRITIQUE_PROMPT.format(POSITIONS[i % len(POSITIONS)])), cands)
+        for i, image in enumerate(images)}
+    half = len(images) // 2
+    centre = np.mean([logprobs[i] for i in range(half)], axis=0)
+    choices = forced_choices({i: logprobs[i] for i in range(half, len(images))}, cands, centre)
+    truth = {i: subject_truth(records[i], i % len(POSITIONS)) for i in choices}
+    accuracy = {k: float(np.mean([c[k] == truth[i][k] for i, c in choices.items()])) for k in SUBJECT_ATTRIBUTES}
+    return {**accuracy, "mean": float(np.mean(list(accuracy.values())))}
+
+
 def _train(model: nn.Module, params: list[nn.Parameter], images: np.ndarray, pad_id: int,
            batches: Iterator[list[tuple[int, Encoded]]], total: int, warmup: int, lr: float,
            weight_decay: float, desc: str, extra_loss: Callable[[Tensor], Tensor] | None = None) -> Iterator[float]:
@@ -263,7 +291,7 @@ def _critique_phase(model: nn.Module, tokenizer: Any, images: np.ndarray, record
     """Phase 2: ``critique_steps`` batches, each example with probability ``critique_share`` a critique of a random
     subject of its image remarking on each of its and the global attributes (``CRITIQUE_PROMPT`` naming the
     subject's position), else its description (``DESCRIBE_PROMPT``); held-out critiques are scored every
-    ``critique_eval_every`` steps."""
+    ``critique_eval_every`` steps, greedy and by forced choice on the named subject (:func:`evaluate_named_choice`)."""
     from stages.families.internvl.model import tokens_per_tile
     from stages.families.internvl.prompting import encode_example
 
@@ -289,9 +317,11 @@ def _critique_phase(model: nn.Module, tokenizer: Any, images: np.ndarray, record
         losses.append(loss)
         if len(losses) % recipe.critique_eval_every == 0 or len(losses) == recipe.critique_steps:
             history.append({"step": len(losses), "caption_loss": float(np.mean(losses[-recipe.critique_eval_every:])),
-                            **evaluate_critiques(model, tokenizer, *val)})
+                            **evaluate_critiques(model, tokenizer, *val),
+                            "named_choice": evaluate_named_choice(model, tokenizer, *val)})
             tqdm.write(f"pretrain demo base, critique step {len(losses)}: loss {history[-1]['caption_loss']:.3f}, "
-                       f"held-out macro precision {history[-1]['macro_precision']:.2f}, "
+                       f"held-out named-subject forced choice {history[-1]['named_choice']['mean']:.2f}, "
+                       f"macro precision {history[-1]['macro_precision']:.2f}, "
                        f"distinct {history[-1]['distinct']:.2f}: {history[-1]['example']}")
     return losses, history
 

@@ -94,10 +94,25 @@ def named_prompt(entry: dict[str, Any]) -> str:
     return CRITIQUE_PROMPT.format(POSITIONS[left_to_right(entry["scene"]).index(entry["aesthetic"])])
 
 
+def other_subjects(choices: dict[str, dict[str, str]], truth: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """{attribute: how often the choices made about each image's aesthetic subject match the values of its other
+    subjects} (mean over them): near the named accuracy, the critique reads no subject in particular; above it,
+    the critique reads another subject than the one named."""
+    hits: dict[str, list[bool]] = {k: [] for k in SUBJECT_ATTRIBUTES}
+    for i, chosen in choices.items():
+        entry = truth[i]
+        for k, subject in enumerate(entry["subjects"]):
+            if k != entry["aesthetic"]:
+                for key in SUBJECT_ATTRIBUTES:
+                    hits[key].append(chosen[key] == subject[key])
+    return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
 def named_oracle(dataset: str, like: str, manifest: Manifest | None, split: str = "test") -> dict[str, Any]:
     """R2: forced-choice scores (stages/report/forced_choice.py) of the base of run ``like`` on the aesthetic
     subject's attributes when each prompt names that subject (:func:`named_prompt`), centred on the validation
-    split asked the same way. Maps are uniform (the base reads none)."""
+    split asked the same way, and the same choices against the other subjects (:func:`other_subjects`). Maps are
+    uniform (the base reads none)."""
     from stages.report.attributes import attribute_truth
     from stages.report.forced_choice import candidates, forced_choice_scores, forced_choices, prior, split_logprobs
     from stages.synthetic.truth import ground_truth
@@ -112,7 +127,8 @@ def named_oracle(dataset: str, like: str, manifest: Manifest | None, split: str 
                                  candidates(captioner.tokenizer), centre)
         scores = forced_choice_scores(choices, attribute_truth(dataset, split).values)
         return {"accuracy": scores["accuracy"], "per_attribute": {k: v for k, v in scores["per_attribute"].items()
-                                                                  if k in SUBJECT_ATTRIBUTES}, "images": len(rows)}
+                                                                  if k in SUBJECT_ATTRIBUTES},
+                "other_subjects": other_subjects(choices, truth), "images": len(rows)}
 
     validation = [r["sha256"] for r in _rows(dataset, "validation")]
     return _cached(dataset, "named_oracle", [fingerprint, split, [r["sha256"] for r in rows], validation], compute)
