@@ -132,6 +132,15 @@ def test_pretraining_runs_save_what_the_pipeline_loads(small: pc.PretrainCorpus,
     named = metrics["validation"]["critique"]["named_choice"]  # the naming rung on held-out renders
     assert set(named) == {"placement", "exposure", "colour", "focus", "mean"}
     assert all(0 <= v <= 1 for v in named.values())
+    # its scores from the plain transformers model equal those of our model (which normalises uint8 tiles itself)
+    from transformers import InternVLForConditionalGeneration
+
+    from stages.pretrain.captioner import named_logprobs
+
+    tokenizer = load_tokenizer(tmp_path / "base")
+    plain = named_logprobs(InternVLForConditionalGeneration.from_pretrained(tmp_path / "base"), tokenizer, val_images)
+    ours = named_logprobs(load_base(tmp_path / "base", fusion="none")[0], tokenizer, val_images)
+    assert all(np.allclose(plain[i], ours[i], atol=1e-4) for i in plain)
 
     # phase 2 alone reruns from phase 1's cache (a new critique recipe keeps the same phase 1)
     cache = describe_cache(recipe, len(images), 9)
