@@ -154,46 +154,39 @@ def evaluate_critiques(model: nn.Module, tokenizer: Any, images: np.ndarray,
 
 
 def named_logprobs(model: nn.Module, tokenizer: Any, images: np.ndarray) -> dict[int, np.ndarray]:
-    """image i -> the forced choice's phrasing scores (stages/report/forced_choice.py, subject attributes) after the
-    prompt that names its (i mod 3)-th subject from the left, for a plain transformers InternVL (tiles normalised
-    here: it takes no uint8 tiles) or ours."""
-    import copy
-    import dataclasses
-
+    """image i -> its forced-choice phrasing scores (``forced_choice.image_logprobs``) after the prompt that names its
+    (i mod 3)-th subject from the left, for a plain transformers InternVL or ours (scored on a copy in our class,
+    which normalises the captioner's uint8 tiles; a plain one would read them raw)."""
     from PIL import Image
 
     from stages.families.internvl.captioner import InternVLCaptioner
     from stages.families.internvl.dataset import TileSpec
-    from stages.families.internvl.model import tile_size, tokens_per_tile
-    from stages.families.internvl.tiling import normalise_tiles
-    from stages.report.forced_choice import candidates, phrasing_logprobs
+    from stages.families.internvl.model import (IASInternVLForConditionalGeneration, ias_config, tile_size,
+                                                tokens_per_tile)
+    from stages.report.forced_choice import image_logprobs
 
+    ours = IASInternVLForConditionalGeneration(ias_config(model.config, fusion="none"))
+    ours.load_state_dict(model.state_dict())  # strict: the same weights, nothing new
     spec = TileSpec(tile_size=tile_size(model.config), tokens_per_tile=tokens_per_tile(model.config))
-    captioner = InternVLCaptioner(copy.deepcopy(model), tokenizer, spec, torch.device("cpu"))  # (it freezes its model)
-    cands = candidates(tokenizer, SUBJECT_ATTRIBUTES)
-
-    def prompt(i: int, image: np.ndarray) -> Any:
-        p = captioner.prepare(Image.fromarray(image), None, CRITIQUE_PROMPT.format(POSITIONS[i % len(POSITIONS)]))
-        return dataclasses.replace(p, pixel_values=normalise_tiles(p.pixel_values, torch.float32))
-
-    return {i: phrasing_logprobs(captioner, prompt(i, image), cands) for i, image in enumerate(images)}
+    captioner = InternVLCaptioner(ours, tokenizer, spec, torch.device("cpu"))
+    prompts = {i: CRITIQUE_PROMPT.format(POSITIONS[i % len(POSITIONS)]) for i in range(len(images))}
+    return image_logprobs(captioner, [(i, Image.fromarray(image), None) for i, image in enumerate(images)],
+                          prompts=prompts)
 
 
 def evaluate_named_choice(model: nn.Module, tokenizer: Any, images: np.ndarray,
                           records: list[dict[str, Any]]) -> dict[str, float]:
     """The ladder's naming rung on held-out renders: forced choices on image i's (i mod 3)-th subject from the left,
     the prompt naming it (:func:`named_logprobs`), centred on the first half of the images and scored on the second
-    against that subject's truth: {attribute: accuracy, "mean"}."""
-    from stages.report.forced_choice import candidates, forced_choices
+    against that subject's truth: {subject attribute: accuracy, "mean"}."""
+    from stages.report.forced_choice import candidates, forced_choice_scores, forced_choices, prior
 
     logprobs = named_logprobs(model, tokenizer, images)
     half = len(images) // 2
-    centre = np.mean([logprobs[i] for i in range(half)], axis=0)
-    choices = forced_choices({i: logprobs[i] for i in range(half, len(images))},
-                             candidates(tokenizer, SUBJECT_ATTRIBUTES), centre)
-    truth = {i: subject_truth(records[i], i % len(POSITIONS)) for i in choices}
-    accuracy = {k: float(np.mean([c[k] == truth[i][k] for i, c in choices.items()])) for k in SUBJECT_ATTRIBUTES}
-    return {**accuracy, "mean": float(np.mean(list(accuracy.values())))}
+    choices = forced_choices({i: logprobs[i] for i in range(half, len(images))}, candidates(tokenizer),
+                             prior({i: logprobs[i] for i in range(half)}))
+    scores = forced_choice_scores(choices, {i: subject_truth(records[i], i % len(POSITIONS)) for i in choices})
+    return {**{k: scores["per_attribute"][k] for k in SUBJECT_ATTRIBUTES}, "mean": scores["accuracy"]}
 
 
 def _train(model: nn.Module, params: list[nn.Parameter], images: np.ndarray, pad_id: int,
