@@ -24,7 +24,7 @@ study: $(STAMP)
 	$(CLI) study --dataset $(or $(DATASET),demo-study)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=15
+	$(VENV)/bin/python -m pytest -q --durations=15 -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(CLI) bench
